@@ -1,0 +1,44 @@
+# `make test` and `make demo` each build .venv from nothing with the pinned set in constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PIN    := -c constraints.txt
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: test test-all demo bench lock clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip==25.3
+
+# torch first, as the CPU build, so nothing below pulls a CUDA torch.
+$(VENV)/.test-deps: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(PIN) -e '.[test]'
+	touch $@
+
+$(VENV)/.demo-deps: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q $(PIN) -e '.[demo]'
+	touch $@
+
+test: $(VENV)/.test-deps
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.test-deps
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.demo-deps
+	$(PY) -m train.demo
+
+bench: $(VENV)/.test-deps
+	$(PY) bench/bench_lora_step.py
+
+# Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).
+lock: $(VENV)/.test-deps
+	{ echo "# Exact versions CI and \`make\` install with (pip install -c constraints.txt ...)."; \
+	  echo "# Resolved on Python 3.11 (x86_64, CPU). Regenerate: make lock"; \
+	  $(PIP) freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' | sort; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,43 @@
+"""lorax_variants: the LoRA family for JAX, as pure parameter-tree transforms.
+
+    spec = AdapterSpec(targets=r".*/(q_proj|v_proj)/kernel", r=8, alpha=16)
+    adapted = adapt(params, spec, key)            # same tree, targets now adapter nodes
+    trainable, frozen = split(adapted)            # optimize `trainable` only
+    y = dense(x, combine(trainable, frozen)[...]) # factored apply inside our models
+    loss = merged(model.apply)(adapted, x)        # any JAX model, exact for every variant
+"""
+
+from lorax_variants.adapt import Target, adapt, register_variant, variants
+from lorax_variants.nodes import AdapterNode, LoraNode, Node
+from lorax_variants.ops import dense, merge, merged
+from lorax_variants.per_call import with_dropout, without_dropout
+from lorax_variants.spec import AdapterSpec
+from lorax_variants.stats import ParamCount, count_params, tree_bytes
+from lorax_variants.tree import combine, leaves_with_paths, map_with_paths, path_str, split, trainable_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSpec",
+    "adapt",
+    "split",
+    "combine",
+    "merge",
+    "merged",
+    "dense",
+    "count_params",
+    "tree_bytes",
+    "ParamCount",
+    "with_dropout",
+    "without_dropout",
+    "trainable_mask",
+    "leaves_with_paths",
+    "map_with_paths",
+    "path_str",
+    "Node",
+    "AdapterNode",
+    "LoraNode",
+    "Target",
+    "register_variant",
+    "variants",
+]

@@ -1,0 +1,6 @@
+"""Adapter and weight nodes, one file per variant."""
+
+from lorax_variants.nodes.base import AdapterNode, Node, frozen, node, param, static, weight_of
+from lorax_variants.nodes.lora import LoraNode
+
+__all__ = ["Node", "AdapterNode", "LoraNode", "node", "param", "frozen", "static", "weight_of"]

@@ -1,0 +1,116 @@
+"""Nodes: registered pytree dataclasses that stand where a weight leaf stood.
+
+Every node represents one weight ``W`` of shape ``[..., in, out]`` (leading axes: stacked
+layers). It knows three things:
+
+- ``apply(x)``: ``x @ W`` computed in its own factored form (never forming a d x k delta),
+- ``merge()``: the dense weight it stands for,
+- which of its fields train: field metadata ``trainable=True`` marks them; an instance can
+  freeze more by name (``freeze``: LoRA-FA freezes ``lora_a``).
+
+Fields marked ``static`` are pytree metadata (Python values, part of the tree structure), all
+others are children, so ``jax.tree`` maps, ``jit``, ``scan`` and ``eval_shape`` see straight
+through a node. A node's frozen weight may itself be a node (a quantized weight under a LoRA
+node), so variants compose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypeVar
+
+import jax
+import numpy as np
+
+__all__ = ["Node", "AdapterNode", "node", "param", "frozen", "static", "weight_of", "weight_shape"]
+
+T = TypeVar("T")
+
+
+def param(**kwargs: Any) -> Any:
+    """A trainable child field."""
+    return dataclasses.field(metadata={"trainable": True}, **kwargs)
+
+
+def frozen(**kwargs: Any) -> Any:
+    """A child field that never receives gradients (frozen weights, random projections, keys)."""
+    return dataclasses.field(metadata={"trainable": False}, **kwargs)
+
+
+def static(**kwargs: Any) -> Any:
+    """A metadata field: a hashable Python value that is part of the tree structure."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+def node(cls: type[T]) -> type[T]:
+    """Class decorator: a frozen, keyword-only dataclass registered as a pytree node."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True, eq=False)(cls)
+    fields = dataclasses.fields(cls)
+    data = [f.name for f in fields if not f.metadata.get("static")]
+    meta = [f.name for f in fields if f.metadata.get("static")]
+    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+
+
+class Node:
+    """Base of all nodes. Subclasses are declared with ``@node``."""
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def merge(self) -> jax.Array:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> Any:
+        raise NotImplementedError
+
+    def trainable_fields(self) -> tuple[str, ...]:
+        frozen_names = set(getattr(self, "freeze", ()))
+        return tuple(
+            f.name
+            for f in dataclasses.fields(self)
+            if f.metadata.get("trainable") and f.name not in frozen_names
+        )
+
+    def trainable_mask(self) -> "Node":
+        """This node with every leaf replaced by whether it trains."""
+        train = set(self.trainable_fields())
+        children = {
+            f.name: jax.tree.map(lambda _, t=(f.name in train): t, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("static")
+        }
+        return dataclasses.replace(self, **children)
+
+    def check_can_train(self, field_path: str, full_path: str) -> None:
+        """Raise if the caller asks to train a leaf that cannot train (e.g. quantized codes)."""
+
+    def replace(self, **changes: Any) -> "Node":
+        return dataclasses.replace(self, **changes)
+
+
+class AdapterNode(Node):
+    """A node holding a frozen ``weight`` plus the variant's own leaves."""
+
+    variant: ClassVar[str] = "adapter"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return weight_shape(self.weight)  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> Any:
+        return self.weight.dtype  # type: ignore[attr-defined]
+
+
+def weight_of(w: Any) -> jax.Array:
+    """The dense array a weight leaf or node stands for."""
+    return w.merge() if isinstance(w, Node) else w
+
+
+def weight_shape(w: Any) -> tuple[int, ...]:
+    return tuple(w.shape) if not isinstance(w, np.ndarray) else w.shape

@@ -1,0 +1,140 @@
+"""``AdapterSpec``: which leaves to adapt, with which variant, rank, scale and initialization.
+
+The spec is a frozen, hashable dataclass (usable as a static ``jit`` argument) that
+round-trips through JSON (``to_dict``/``from_dict``), so it travels with every checkpoint
+and export. Invalid values are refused at construction with the field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+from lorax_variants.tree import compile_patterns
+
+__all__ = ["AdapterSpec", "INITS"]
+
+INITS = ("kaiming", "gaussian", "pissa")
+
+
+def _pairs(value: Any, field: str, kind: type) -> tuple[tuple[str, Any], ...]:
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for item in items:
+        try:
+            pattern, v = item
+        except (TypeError, ValueError):
+            raise TypeError(f"AdapterSpec.{field} must map path regex -> {kind.__name__}, got {item!r}") from None
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"AdapterSpec.{field}[{pattern!r}] must be a positive integer, got {v!r}")
+        if kind is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"AdapterSpec.{field}[{pattern!r}] must be a positive number, got {v!r}")
+            v = float(v)
+        out.append((pattern, v))
+    compile_patterns([p for p, _ in out], what=f"AdapterSpec.{field} key")
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """What to adapt and how.
+
+    Attributes:
+      targets: regex (or list of regexes) matched against whole leaf paths, e.g.
+        ``r".*/(q_proj|v_proj)/kernel"``.
+      variant: ``"lora"`` or ``"lora_fa"`` (A frozen at init); later variants register more.
+      r: rank. alpha: scale numerator (s = alpha / r, or alpha / sqrt(r) with ``rslora``).
+      rank_pattern / alpha_pattern: per-path overrides ``{regex: value}``, first match wins
+        (PEFT's ``rank_pattern``/``alpha_pattern``; layer-wise budgets). Each key must match
+        at least one target.
+      init: ``"kaiming"`` (loralib: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0), ``"gaussian"``
+        (A ~ N(0, 1/r), B = 0, as PEFT) or ``"pissa"`` (arXiv 2404.02948: A, B from the top-r
+        singular triplets of W, the base weight replaced by the residual).
+      rslora: rank-stabilized scaling alpha / sqrt(r) (arXiv 2312.03732).
+      dropout: dropout rate on the adapter input (applied when keys are set by
+        ``with_dropout``).
+      stacked: regex of paths whose leaves carry one leading layer axis ``[L, in, out]``
+        (layers stacked for ``scan``); each layer gets its own A, B.
+      dtype: dtype of the adapter leaves (float32 by default, whatever the base dtype).
+
+    Leaves to train besides the adapters (biases, a head) are named at ``split(tree,
+    extra=...)``; everything else is frozen by default.
+    """
+
+    targets: str | tuple[str, ...]
+    variant: str = "lora"
+    r: int = 8
+    alpha: float = 8.0
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    init: str = "kaiming"
+    rslora: bool = False
+    dropout: float = 0.0
+    stacked: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        targets = self.targets
+        if isinstance(targets, (list, tuple)):
+            if not targets:
+                raise ValueError("AdapterSpec.targets is empty: name at least one path regex")
+            set_("targets", tuple(targets))
+        elif not isinstance(targets, str) or not targets:
+            raise ValueError(f"AdapterSpec.targets must be a regex or a list of regexes, got {targets!r}")
+        compile_patterns(self.targets, what="AdapterSpec.targets")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"AdapterSpec.r must be a positive integer, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+            math.isfinite(self.alpha) and self.alpha > 0
+        ):
+            raise ValueError(f"AdapterSpec.alpha must be a positive number, got {self.alpha!r}")
+        set_("alpha", float(self.alpha))
+        set_("rank_pattern", _pairs(self.rank_pattern, "rank_pattern", int))
+        set_("alpha_pattern", _pairs(self.alpha_pattern, "alpha_pattern", float))
+        if self.init not in INITS:
+            raise ValueError(f"AdapterSpec.init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        set_("dropout", float(self.dropout))
+        if not isinstance(self.rslora, bool):
+            raise TypeError(f"AdapterSpec.rslora must be true or false, got {self.rslora!r}")
+        if self.stacked is not None:
+            compile_patterns(self.stacked, what="AdapterSpec.stacked")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"AdapterSpec.dtype must be a float dtype name, got {self.dtype!r}")
+
+    def rank_for(self, path: str) -> int:
+        return next((v for p, v in self.rank_pattern if _fullmatch(p, path)), self.r)
+
+    def alpha_for(self, path: str) -> float:
+        return next((v for p, v in self.alpha_pattern if _fullmatch(p, path)), self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        r, alpha = self.rank_for(path), self.alpha_for(path)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
+        d["rank_pattern"] = dict(self.rank_pattern)
+        d["alpha_pattern"] = dict(self.alpha_pattern)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AdapterSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterSpec field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**d)
+
+
+def _fullmatch(pattern: str, path: str) -> bool:
+    return re.fullmatch(pattern, path) is not None
+
