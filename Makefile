@@ -4,7 +4,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: test test-all demo bench lock clean
 
