@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lorax_variants.nodes.base import Node
 
-__all__ = ["dense", "merge", "merged"]
+__all__ = ["dense", "dense_t", "embed", "merge", "merged"]
 
 
 def dense(x: jax.Array, w: Any) -> jax.Array:
@@ -36,6 +36,28 @@ def dense(x: jax.Array, w: Any) -> jax.Array:
             "layers are applied one layer at a time (jax.lax.scan over the layer axis)"
         )
     return jnp.matmul(x, w.astype(x.dtype))
+
+
+def embed(ids: jax.Array, w: Any) -> jax.Array:
+    """Rows ``w[ids]`` of an embedding table ``w [vocab, d]`` of any kind.
+
+    A node with a ``lookup`` method gathers in factored form (LoRA: ``W[ids] + s·A[ids] B``);
+    any other node is merged first (exact).
+    """
+    if isinstance(w, Node):
+        if hasattr(w, "lookup"):
+            return w.lookup(ids)
+        return jnp.take(w.merge(), ids, axis=0)
+    return jnp.take(w, ids, axis=0)
+
+
+def dense_t(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ wᵀ`` for ``w [out, in]``: a tied output head that reuses the embedding table."""
+    if isinstance(w, Node):
+        if hasattr(w, "apply_t"):
+            return w.apply_t(x)
+        w = w.merge()
+    return jnp.matmul(x, w.astype(x.dtype).T)
 
 
 def merge(tree: Any) -> Any:

@@ -1,0 +1,139 @@
+"""``from_pretrained(path)`` and ``from_config(hf_config)``: HF model directories -> our JAX models.
+
+``from_pretrained`` reads ``config.json`` (through transformers' config classes, so defaults
+match transformers; never ``trust_remote_code``) and safetensors with numpy (no torch), and
+returns ``(model, params)``. ``from_config`` builds the model object from a config alone:
+``jax.eval_shape(model.init, key)`` plans a 70B model's parameters without allocating them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_variants.hf.convert import params_from_hf, to_hf
+from lorax_variants.hf.safetensors_io import Checkpoint, write_safetensors
+from lorax_variants.models.bert import Bert, BertConfig
+from lorax_variants.models.gpt2 import GPT2, GPT2Config
+from lorax_variants.models.llama import Llama, LlamaConfig
+
+__all__ = ["from_pretrained", "from_config", "save_pretrained", "SUPPORTED", "load_hf_config"]
+
+SUPPORTED = ("bert", "gpt2", "llama", "mistral", "qwen2", "roberta")
+_CAUSAL_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}
+
+
+def _task_of(hf: Any, task: str | None) -> str:
+    mt = hf.model_type
+    archs = list(getattr(hf, "architectures", None) or [])
+    if mt in ("bert", "roberta"):
+        if task is not None:
+            return task
+        arch = archs[0] if archs else ""
+        if arch.endswith("ForMaskedLM"):
+            return "masked_lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence_classification"
+        if arch in ("", f"{'Bert' if mt == 'bert' else 'Roberta'}Model"):
+            return "base"
+        raise ValueError(f"{mt} architecture {arch!r} is not supported; supported heads: base model, "
+                         "ForMaskedLM, ForSequenceClassification (pass task= to choose)")
+    if task not in (None, "causal_lm"):
+        raise ValueError(f"{mt} models support task 'causal_lm' only, got {task!r}")
+    for arch in archs:
+        if not arch.endswith(("ForCausalLM", "LMHeadModel", "Model")):
+            raise ValueError(f"{mt} architecture {arch!r} is not supported; supported: {_CAUSAL_ARCHS[mt]}")
+    return "causal_lm"
+
+
+def from_config(hf_config: Any, *, task: str | None = None, remat: str = "none", scan: bool = True) -> Any:
+    """Our model for a transformers config object (no weights)."""
+    mt = getattr(hf_config, "model_type", None)
+    if mt not in SUPPORTED:
+        raise ValueError(f"model_type {mt!r} is not supported; supported: {list(SUPPORTED)}")
+    task = _task_of(hf_config, task)
+    if mt in ("llama", "mistral", "qwen2"):
+        model = Llama(LlamaConfig.from_hf(hf_config), remat=remat, scan=scan)
+    elif mt == "gpt2":
+        model = GPT2(GPT2Config.from_hf(hf_config), remat=remat, scan=scan)
+    else:
+        model = Bert(BertConfig.from_hf(hf_config), task=task, remat=remat, scan=scan)
+    model.hf_config = hf_config
+    model.task = task
+    return model
+
+
+def load_hf_config(path: str | os.PathLike) -> Any:
+    """``config.json`` of a model directory as a transformers config (supported types only)."""
+    import transformers
+
+    cfg = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not cfg.exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    try:
+        raw = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    mt = raw.get("model_type")
+    if mt not in SUPPORTED:
+        raise ValueError(f"{cfg}: model_type {mt!r} is not supported; supported: {list(SUPPORTED)}")
+    if raw.get("auto_map"):
+        raise ValueError(f"{cfg}: custom code (auto_map) is never run; only built-in transformers configs load")
+    return transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    dtype: Any = None,
+    *,
+    task: str | None = None,
+    remat: str = "none",
+    scan: bool = True,
+    leaf_fn: Callable[[str, np.ndarray], Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """``(model, params)`` from an HF model directory (config.json + safetensors)."""
+    model = from_config(load_hf_config(path), task=task, remat=remat, scan=scan)
+    np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    params = params_from_hf(model, Checkpoint(path), np_dtype, leaf_fn or (lambda _, a: jnp.asarray(a)))
+    return model, params
+
+
+def save_pretrained(out_dir: str | os.PathLike, model: Any, params: Any, *, overwrite: bool = False) -> Path:
+    """Write config.json + model.safetensors that transformers loads (atomic: temp dir, rename)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    tensors = to_hf(model, params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        config = model.hf_config.to_dict()
+        config["architectures"] = [_architecture(model)]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _architecture(model: Any) -> str:
+    mt = model.config.model_type
+    if mt in _CAUSAL_ARCHS:
+        return _CAUSAL_ARCHS[mt]
+    stem = "Bert" if mt == "bert" else "Roberta"
+    return {"base": f"{stem}Model", "masked_lm": f"{stem}ForMaskedLM",
+            "sequence_classification": f"{stem}ForSequenceClassification"}[model.task]

@@ -1,0 +1,122 @@
+"""Tensors of an HF checkpoint -> our params tree, and the exact inverse (``to_hf``).
+
+Stacked leaves are filled layer by layer into one preallocated array, so peak host memory is
+the params plus one tensor. Every mismatch is an error naming the tensor: missing tensors,
+unexpected tensors, wrong shapes, tied copies that differ from the weight they should equal.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from lorax_variants.hf import names
+from lorax_variants.nodes.base import Node
+from lorax_variants.tree import leaves_with_paths
+
+__all__ = ["params_from_hf", "to_hf"]
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[last] = value
+
+
+def params_from_hf(
+    model: Any,
+    tensors: Mapping[str, np.ndarray],
+    dtype: Any = None,
+    leaf_fn: Callable[[str, np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
+    """Build ``model``'s params from HF-named tensors (numpy, torch layout).
+
+    ``dtype``: cast every tensor (None keeps the checkpoint's). ``leaf_fn(path, array)``
+    transforms each finished leaf (e.g. ``jnp.asarray`` or quantization) before the next is
+    read.
+    """
+    available = list(tensors)
+    prefix = names.prefix_of(model, available)
+    tab = names.table(model, prefix)
+    want = dict(_shape_items(model.shapes()))
+    needed = {}
+    for path, (template, _) in tab.items():
+        layers = want[path][0] if "{i}" in template else None
+        needed[path] = [template.format(i=i) for i in range(layers)] if layers is not None else [template]
+    missing = [n for ns in needed.values() for n in ns if n not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint for {model.config.model_type} is missing {len(missing)} tensor(s): {missing[:8]}")
+    used = {n for ns in needed.values() for n in ns}
+    tied = names.tied(model)
+    ignore = names.ignorable(model, prefix)
+    unexpected = [n for n in available if n not in used and n not in tied and not any(p.fullmatch(n) for p in ignore)]
+    if unexpected:
+        raise ValueError(
+            f"checkpoint for {model.config.model_type} (task {getattr(model, 'task', 'causal_lm')!r}) has "
+            f"{len(unexpected)} unexpected tensor(s): {unexpected[:8]}"
+        )
+    params: dict[str, Any] = {}
+    for path, (template, kind) in tab.items():
+        shape = want[path]
+        out = None
+        for i, name in enumerate(needed[path]):
+            t = np.asarray(tensors[name])
+            t = t.T if kind == "linear" else t
+            got = ((len(needed[path]),) + t.shape) if "{i}" in template else t.shape
+            if got != tuple(shape):
+                layout = " (torch stores Linear weights [out, in]; ours are [in, out])" if kind == "linear" else ""
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(tensors[name].shape)}, which does not fit {path} "
+                    f"of shape {tuple(shape)}{layout}"
+                )
+            target = np.dtype(dtype) if dtype is not None else t.dtype
+            if "{i}" not in template:
+                out = t.astype(target)
+                break
+            if out is None:
+                out = np.empty(shape, target)
+            out[i] = t
+        _set_path(params, path, leaf_fn(path, out) if leaf_fn else out)
+    for name, path in tied.items():
+        if name in tensors:
+            ours = dict(_leaf_items(params))[path]
+            if np.asarray(tensors[name]).shape != np.asarray(ours).shape or not np.array_equal(
+                np.asarray(tensors[name], np.float32), np.asarray(ours, np.float32)
+            ):
+                raise ValueError(f"tensor {name!r} should be tied to {path} but differs from it: untied heads are not "
+                                 f"supported for this config (set tie_word_embeddings=False where the model allows)")
+    return params
+
+
+def _shape_items(shapes: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    return [("/".join(str(k.key) for k in kp), s) for kp, s in flat]
+
+
+def _leaf_items(params: Any) -> list[tuple[str, Any]]:
+    return leaves_with_paths(params)
+
+
+def to_hf(model: Any, params: Any) -> dict[str, np.ndarray]:
+    """Our params -> ``{hf_name: numpy array}`` in torch layout, as transformers names them."""
+    nodes = [p for p, x in leaves_with_paths(params, nodes_are_leaves=True) if isinstance(x, Node)]
+    if nodes:
+        raise ValueError(f"to_hf needs plain params; these are adapter/quantized nodes: {nodes[:5]} "
+                         "(merge them first with lorax_variants.merge)")
+    tab = names.table(model, names.default_prefix(model))
+    leaves = dict(_leaf_items(params))
+    missing = sorted(set(tab) - set(leaves))
+    if missing:
+        raise ValueError(f"params lack {missing[:8]} for {model.config.model_type}")
+    out: dict[str, np.ndarray] = {}
+    for path, (template, kind) in tab.items():
+        arr = np.asarray(leaves[path])
+        if "{i}" in template:
+            for i in range(arr.shape[0]):
+                out[template.format(i=i)] = np.ascontiguousarray(arr[i].T if kind == "linear" else arr[i])
+        else:
+            out[template] = np.ascontiguousarray(arr.T if kind == "linear" else arr)
+    return out

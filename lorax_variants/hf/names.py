@@ -1,0 +1,152 @@
+"""Our param paths <-> transformers' tensor names, per architecture.
+
+Each table maps a path of ``model.shapes()`` to ``(hf_name, kind)``: ``{i}`` in a name is the
+layer index of a stacked leaf; kind ``linear`` is a torch ``nn.Linear`` weight stored
+``[out, in]`` (transposed to our ``[in, out]``), ``plain`` is stored as is (embeddings, norms,
+biases, GPT-2's Conv1D kernels, which are already ``[in, out]``).
+
+``ignorable(model)`` lists buffers that checkpoints may carry and that hold no parameters;
+``tied(model)`` lists tensors that must equal one of ours when present (tied heads).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+
+__all__ = ["table", "ignorable", "tied", "prefix_of"]
+
+
+def _paths(shapes: dict[str, Any]) -> list[str]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    return ["/".join(str(k.key) for k in kp) for kp, _ in flat]
+
+
+def _module(name: str) -> tuple[str, str]:
+    """``q_proj`` -> (``q_proj``, ``weight``); ``q_proj_bias`` -> (``q_proj``, ``bias``)."""
+    return (name[: -len("_bias")], "bias") if name.endswith("_bias") else (name, "weight")
+
+
+def _llama(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+    L = prefix + "layers.{i}."
+    out = {
+        "embed": (prefix + "embed_tokens.weight", "plain"),
+        "final_norm": (prefix + "norm.weight", "plain"),
+        "lm_head": ("lm_head.weight", "linear"),
+        "layers/attn_norm": (L + "input_layernorm.weight", "plain"),
+        "layers/mlp_norm": (L + "post_attention_layernorm.weight", "plain"),
+    }
+    for path in _paths(model.shapes()):
+        parts = path.split("/")
+        if parts[0] == "layers" and len(parts) == 3:
+            mod, kind = _module(parts[2])
+            block = "self_attn" if parts[1] == "attn" else "mlp"
+            out[path] = (f"{L}{block}.{mod}.{kind}", "linear" if kind == "weight" else "plain")
+    return out
+
+
+def _gpt2(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+    L = prefix + "h.{i}."
+    out = {
+        "embed": (prefix + "wte.weight", "plain"),
+        "pos": (prefix + "wpe.weight", "plain"),
+        "final_norm_scale": (prefix + "ln_f.weight", "plain"),
+        "final_norm_bias": (prefix + "ln_f.bias", "plain"),
+        "lm_head": ("lm_head.weight", "linear"),
+    }
+    for n in ("ln_1", "ln_2"):
+        out[f"layers/{n}_scale"] = (f"{L}{n}.weight", "plain")
+        out[f"layers/{n}_bias"] = (f"{L}{n}.bias", "plain")
+    for path in _paths(model.shapes()):
+        parts = path.split("/")
+        if parts[0] == "layers" and len(parts) == 3:
+            mod, kind = _module(parts[2])
+            out[path] = (f"{L}{parts[1]}.{mod}.{kind}", "plain")  # Conv1D: [in, out] already
+    return out
+
+
+_BERT_LAYER = {
+    "attn/query": "attention.self.query", "attn/key": "attention.self.key", "attn/value": "attention.self.value",
+    "attn/out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "mlp/intermediate": "intermediate.dense", "mlp/output": "output.dense", "mlp_norm": "output.LayerNorm",
+}
+
+
+def _bert(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+    E, L = prefix + "embeddings.", prefix + "encoder.layer.{i}."
+    out = {
+        "embed": (E + "word_embeddings.weight", "plain"),
+        "pos": (E + "position_embeddings.weight", "plain"),
+        "token_type": (E + "token_type_embeddings.weight", "plain"),
+        "embed_norm_scale": (E + "LayerNorm.weight", "plain"),
+        "embed_norm_bias": (E + "LayerNorm.bias", "plain"),
+    }
+    for ours, theirs in _BERT_LAYER.items():
+        if ours.endswith("norm"):
+            out[f"layers/{ours}_scale"] = (f"{L}{theirs}.weight", "plain")
+            out[f"layers/{ours}_bias"] = (f"{L}{theirs}.bias", "plain")
+        else:
+            out[f"layers/{ours}"] = (f"{L}{theirs}.weight", "linear")
+            out[f"layers/{ours}_bias"] = (f"{L}{theirs}.bias", "plain")
+    roberta = model.config.model_type == "roberta"
+    if model.task == "masked_lm":
+        h = "lm_head." if roberta else "cls.predictions."
+        dense, norm = ("dense", "layer_norm") if roberta else ("transform.dense", "transform.LayerNorm")
+        out |= {
+            "head/transform": (f"{h}{dense}.weight", "linear"), "head/transform_bias": (f"{h}{dense}.bias", "plain"),
+            "head/norm_scale": (f"{h}{norm}.weight", "plain"), "head/norm_bias": (f"{h}{norm}.bias", "plain"),
+            "head/bias": (f"{h}bias", "plain"),
+        }
+    elif model.task == "sequence_classification":
+        pairs = {"dense": "classifier.dense", "out_proj": "classifier.out_proj"} if roberta else {
+            "pooler": prefix + "pooler.dense", "classifier": "classifier"}
+        for ours, theirs in pairs.items():
+            out[f"head/{ours}"] = (f"{theirs}.weight", "linear")
+            out[f"head/{ours}_bias"] = (f"{theirs}.bias", "plain")
+    return out
+
+
+_TABLES = {"llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert, "roberta": _bert}
+
+
+def prefix_of(model: Any, names: list[str]) -> str:
+    """The base-model prefix the checkpoint uses (``model.``, ``transformer.``, ``bert.``, ...)."""
+    mt = model.config.model_type
+    options = {"llama": ["model."], "mistral": ["model."], "qwen2": ["model."], "gpt2": ["transformer.", ""],
+               "bert": ["bert.", ""], "roberta": ["roberta.", ""]}[mt]
+    probe = {"llama": "embed_tokens.weight", "mistral": "embed_tokens.weight", "qwen2": "embed_tokens.weight",
+             "gpt2": "wte.weight", "bert": "embeddings.word_embeddings.weight", "roberta": "embeddings.word_embeddings.weight"}[mt]
+    for p in options:
+        if p + probe in names:
+            return p
+    return options[0]
+
+
+def default_prefix(model: Any) -> str:
+    mt = model.config.model_type
+    if mt in ("bert", "roberta"):
+        return "" if model.task == "base" else mt + "."
+    return {"gpt2": "transformer."}.get(mt, "model.")
+
+
+def table(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+    full = _TABLES[model.config.model_type](model, prefix)
+    return {p: full[p] for p in _paths(model.shapes())}
+
+
+def ignorable(model: Any, prefix: str) -> list[re.Pattern]:
+    pats = [r".*rotary_emb\.inv_freq", r".*\.attn\.(masked_)?bias", r".*position_ids", r"cls\.seq_relationship\..*"]
+    if model.config.model_type in ("bert", "roberta") and model.task != "sequence_classification":
+        pats.append(re.escape(prefix) + r"pooler\..*")
+    return [re.compile(p) for p in pats]
+
+
+def tied(model: Any) -> dict[str, str]:
+    """HF names of tied copies -> our path they must equal."""
+    mt = model.config.model_type
+    if mt in ("bert", "roberta"):
+        h = "lm_head." if mt == "roberta" else "cls.predictions."
+        return {h + "decoder.weight": "embed", h + "decoder.bias": "head/bias"} if model.task == "masked_lm" else {}
+    return {"lm_head.weight": "embed"} if model.config.tie_word_embeddings else {}

@@ -1,0 +1,187 @@
+"""Building blocks shared by the model zoo: norms, rotary embeddings, attention, layer scan.
+
+All are pure functions; weights enter only through ``dense`` (projections) or as plain
+vectors (norm scales, biases). Numerics follow transformers: norms and softmax in float32,
+RoPE tables in float32, masked scores set to the dtype's minimum (not -inf, so a fully masked
+row gives a uniform row instead of NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.ops import dense
+
+__all__ = [
+    "rms_norm",
+    "layer_norm",
+    "activation",
+    "rope_inv_freq",
+    "rope_tables",
+    "apply_rope",
+    "attention_mask",
+    "attention",
+    "project",
+    "run_layers",
+    "init_from_shapes",
+    "REMAT_POLICIES",
+]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Llama's RMSNorm: ``scale * (x / sqrt(mean(x²) + eps))`` computed in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str, where: str = "hidden_act") -> Callable[[jax.Array], jax.Array]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported {where} {name!r}; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def rope_inv_freq(head_dim: int, rope: dict[str, Any]) -> jax.Array:
+    """Inverse frequencies for ``rope_type`` default, linear or llama3 (transformers' formulas)."""
+    base = float(rope["rope_theta"])
+    inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(rope["factor"])
+    if kind == "llama3":
+        factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old = float(rope["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return jnp.where(medium, smoothed, scaled)
+    raise AssertionError(kind)  # configs are validated before reaching here
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, head_dim] for integer positions [B, T] (halves layout, as transformers)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]: x·cos + rotate_half(x)·sin, rotate_half(x) = [-x₂, x₁]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]
+    return out.astype(x.dtype)
+
+
+def attention_mask(
+    padding: jax.Array | None, q_len: int, *, causal: bool, window: int | None = None
+) -> jax.Array | None:
+    """Boolean [B or 1, T, S]: True where query t may attend key s.
+
+    ``padding`` [B, S] is 1 for real tokens; ``window`` keeps only keys with t - s < window
+    (Mistral's sliding window).
+    """
+    mask = None
+    if causal:
+        t = jnp.arange(q_len)[:, None]
+        s = jnp.arange(q_len)[None, :]
+        mask = s <= t
+        if window is not None:
+            mask &= (t - s) < window
+        mask = mask[None]
+    if padding is not None:
+        keys = padding.astype(bool)[:, None, :]
+        mask = keys if mask is None else (mask & keys)
+    return mask
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    q [B, T, H, D], k and v [B, S, Hkv, D] with H a multiple of Hkv (GQA; Hkv = H is plain
+    multi-head): each group of H / Hkv query heads shares one key/value head, without copying
+    k or v. Returns [B, T, H·D].
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * v.shape[-1])
+
+
+def project(x: jax.Array, params: dict[str, Any], name: str) -> jax.Array:
+    """``dense(x, params[name])`` plus ``params[name + '_bias']`` when the model has one."""
+    y = dense(x, params[name])
+    bias = params.get(name + "_bias")
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_layers(
+    layer: Callable[[jax.Array, Any], jax.Array], x: jax.Array, stacked: Any, n_layers: int, *, scan: bool, remat: str
+) -> jax.Array:
+    """Apply ``layer(x, params_i)`` for each slice of the stacked params (scan or unrolled)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+    if scan:
+        x, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), x, stacked)
+        return x
+    for i in range(n_layers):
+        x = layer(x, jax.tree.map(lambda leaf: leaf[i], stacked))
+    return x
+
+
+def init_from_shapes(shapes: dict[str, Any], key: jax.Array, std: float, dtype: Any) -> dict[str, Any]:
+    """Weights ~ N(0, std²); norm scales 1; biases 0 (by name)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (kp, shape), k in zip(flat, keys):
+        name = str(kp[-1].key)
+        if name.endswith("bias"):
+            leaves.append(jnp.zeros(shape, dtype))
+        elif "norm" in name or name.endswith("scale"):
+            leaves.append(jnp.ones(shape, dtype))
+        else:
+            leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,199 @@
+"""The Llama family as pure JAX functions: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2.
+
+    h = x + W_o Attn(RoPE(W_q n(x)), RoPE(W_k n(x)), W_v n(x))     n = RMSNorm
+    x' = h + W_down (act(W_gate n(h)) ⊙ W_up n(h))                   (SwiGLU)
+
+Grouped-query attention (``num_key_value_heads`` < heads), optional q/k/v biases (Qwen2,
+``attention_bias``), optional MLP biases, per-layer sliding windows (Mistral, Qwen2's
+``layer_types``), tied or untied output head. Params (layer axis inside each leaf):
+
+    embed [V, d]; layers/attn_norm [L, d]; layers/attn/{q,k,v,o}_proj [L, in, out]
+    (+ {name}_bias [L, out]); layers/mlp_norm; layers/mlp/{gate,up,down}_proj;
+    final_norm [d]; lm_head [d, V] (absent when tied: logits = h · embedᵀ)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.models.generate import generate
+from lorax_variants.models.layers import (
+    activation,
+    apply_rope,
+    attention,
+    attention_mask,
+    init_from_shapes,
+    project,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+    run_layers,
+)
+from lorax_variants.ops import dense, dense_t, embed
+
+__all__ = ["LlamaConfig", "Llama"]
+
+ROPE_TYPES = ("default", "linear", "llama3")
+_NO_WINDOW = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    rope: tuple[tuple[str, Any], ...]
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    windows: tuple[int | None, ...]
+    max_position_embeddings: int
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "LlamaConfig":
+        mt = hf.model_type
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        if not rope:
+            rope = {"rope_type": "default", "rope_theta": getattr(hf, "rope_theta", 10000.0)}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"{mt} config: rope_parameters.rope_type {kind!r} is not supported; supported: {ROPE_TYPES}")
+        rope["rope_type"] = kind
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(f"{mt} config: rope_parameters.partial_rotary_factor != 1 is not supported")
+        if kind == "llama3":
+            rope.setdefault("original_max_position_embeddings", hf.max_position_embeddings)
+        heads = hf.num_attention_heads
+        kv = getattr(hf, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        if heads % kv:
+            raise ValueError(f"{mt} config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        n = hf.num_hidden_layers
+        if mt == "qwen2":
+            types = getattr(hf, "layer_types", None) or ["full_attention"] * n
+            window = getattr(hf, "sliding_window", None)
+            windows = tuple(window if t == "sliding_attention" else None for t in types)
+        elif mt == "mistral":
+            windows = (getattr(hf, "sliding_window", None),) * n
+        else:
+            windows = (None,) * n
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_hidden_layers=n,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            hidden_act=hf.hidden_act,
+            rope=tuple(sorted(rope.items())),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=mt == "qwen2" or attention_bias,
+            o_bias=attention_bias and mt != "qwen2",
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            windows=windows,
+            max_position_embeddings=hf.max_position_embeddings,
+            initializer_range=float(getattr(hf, "initializer_range", 0.02)),
+        )
+
+
+class Llama:
+    """``init(key) -> params``; ``apply(params, input_ids, attention_mask=None) -> logits``."""
+
+    causal = True
+    stacked = r"layers/.*"
+
+    def __init__(self, config: LlamaConfig, *, remat: str = "none", scan: bool = True):
+        activation(config.hidden_act)
+        self.config, self.remat, self.scan = config, remat, scan
+
+    def shapes(self) -> dict[str, Any]:
+        c = self.config
+        L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        attn = {"q_proj": (L, d, q), "k_proj": (L, d, kv), "v_proj": (L, d, kv), "o_proj": (L, q, d)}
+        if c.qkv_bias:
+            attn |= {"q_proj_bias": (L, q), "k_proj_bias": (L, kv), "v_proj_bias": (L, kv)}
+        if c.o_bias:
+            attn["o_proj_bias"] = (L, d)
+        mlp = {"gate_proj": (L, d, f), "up_proj": (L, d, f), "down_proj": (L, f, d)}
+        if c.mlp_bias:
+            mlp |= {"gate_proj_bias": (L, f), "up_proj_bias": (L, f), "down_proj_bias": (L, d)}
+        shapes = {
+            "embed": (c.vocab_size, d),
+            "layers": {"attn_norm": (L, d), "attn": attn, "mlp_norm": (L, d), "mlp": mlp},
+            "final_norm": (d,),
+        }
+        if not c.tie_word_embeddings:
+            shapes["lm_head"] = (d, c.vocab_size)
+        return shapes
+
+    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
+
+    def _layer(self, x: jax.Array, layer: tuple[Any, jax.Array], base_mask: jax.Array, rope: tuple) -> jax.Array:
+        c = self.config
+        p, window = layer
+        b, t, _ = x.shape
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        a = p["attn"]
+        q = project(h, a, "q_proj").reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = project(h, a, "k_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = project(h, a, "v_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        pos = jnp.arange(t)
+        mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
+        x = x + project(attention(q, k, v, mask, 1.0 / math.sqrt(c.head_dim)), a, "o_proj")
+        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        m = p["mlp"]
+        act = activation(c.hidden_act)
+        return x + project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
+
+    def hidden(
+        self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        c = self.config
+        b, t = input_ids.shape
+        x = embed(input_ids, params["embed"])
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        rope = rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(c.rope)))
+        base_mask = attention_mask_or_causal(attention_mask, t)
+        windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
+        layer = lambda h, lp: self._layer(h, lp, base_mask, rope)  # noqa: E731
+        x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
+        return rms_norm(x, params["final_norm"], c.rms_norm_eps)
+
+    def apply(
+        self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        h = self.hidden(params, input_ids, attention_mask, position_ids)
+        if self.config.tie_word_embeddings:
+            return dense_t(h, params["embed"])
+        return dense(h, params["lm_head"])
+
+    def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
+        return generate(self, params, input_ids, **kwargs)
+
+
+def attention_mask_or_causal(padding: jax.Array | None, t: int) -> jax.Array:
+    return attention_mask(padding, t, causal=True)

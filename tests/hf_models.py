@@ -1,0 +1,66 @@
+"""Tiny random transformers models, saved locally, and their torch outputs (test references)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers as T
+
+SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+CONFIGS = {
+    "llama_gqa_untied": lambda: (T.LlamaForCausalLM, T.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama3_rope_tied_bias": lambda: (T.LlamaForCausalLM, T.LlamaConfig(
+        **SMALL, num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama_linear_rope": lambda: (T.LlamaForCausalLM, T.LlamaConfig(
+        **SMALL, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral_window": lambda: (T.MistralForCausalLM, T.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=4)),
+    "qwen2_bias": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+    "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                     bos_token_id=0, eos_token_id=0)),
+    "gpt2_untied": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                            bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)),
+    "bert_mlm": lambda: (T.BertForMaskedLM, T.BertConfig(**SMALL, max_position_embeddings=64)),
+    "bert_cls": lambda: (T.BertForSequenceClassification, T.BertConfig(**SMALL, max_position_embeddings=64, num_labels=3)),
+    "bert_base": lambda: (T.BertModel, T.BertConfig(**SMALL, max_position_embeddings=64)),
+    "roberta_mlm": lambda: (T.RobertaForMaskedLM, T.RobertaConfig(**SMALL, max_position_embeddings=64, pad_token_id=1)),
+    "roberta_cls": lambda: (T.RobertaForSequenceClassification, T.RobertaConfig(**SMALL, max_position_embeddings=64,
+                                                                                 pad_token_id=1, num_labels=2)),
+}
+
+
+def build(name: str, directory, seed: int = 0):
+    """Save a random tiny model (non-trivial norms and biases) to ``directory``; return it."""
+    cls, config = CONFIGS[name]()
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname.lower() or pname.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))  # so a wrong norm/bias mapping shows
+    model.save_pretrained(directory)
+    return model
+
+
+def torch_out(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                    attention_mask=None if mask is None else torch.as_tensor(mask, dtype=torch.long))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+def inputs(vocab: int, pad_id: int, batch: int = 3, seq: int = 12, seed: int = 0, left: bool = False):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab, (batch, seq))
+    lengths = [seq, seq - 5, seq - 2][:batch]
+    mask = np.zeros((batch, seq), np.int64)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, seq - n:] = 1
+        else:
+            mask[b, :n] = 1
+    ids = np.where(mask == 1, ids, pad_id)
+    return ids, mask
