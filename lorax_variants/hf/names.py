@@ -138,8 +138,12 @@ def table(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
 
 def ignorable(model: Any, prefix: str) -> list[re.Pattern]:
     pats = [r".*rotary_emb\.inv_freq", r".*\.attn\.(masked_)?bias", r".*position_ids", r"cls\.seq_relationship\..*"]
-    if model.config.model_type in ("bert", "roberta") and model.task != "sequence_classification":
-        pats.append(re.escape(prefix) + r"pooler\..*")
+    if model.config.model_type in ("bert", "roberta"):
+        # Heads of the other tasks (loading an MLM checkpoint's encoder as task="base", say).
+        if model.task != "sequence_classification":
+            pats += [re.escape(prefix) + r"pooler\..*", r"classifier\..*"]
+        if model.task != "masked_lm":
+            pats += [r"cls\.predictions\..*", r"lm_head\..*"]
     return [re.compile(p) for p in pats]
 
 

@@ -1,0 +1,48 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as T
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from lorax_variants.models.layers import attention, attention_mask, rope_inv_freq, run_layers
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_frequencies_equal_transformers(rope):
+    config = T.LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512, rope_parameters=rope)
+    ref, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    np.testing.assert_allclose(rope_inv_freq(128, rope), ref.numpy(), rtol=1e-6)
+
+
+def test_gqa_attention_equals_repeated_kv_heads():
+    q = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in (1, 2))
+    mask = attention_mask(jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), 5, causal=True)
+    grouped = attention(q, k, v, mask, 0.5)
+    full = attention(q, jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2), mask, 0.5)
+    np.testing.assert_allclose(grouped, full, atol=1e-6)
+
+
+def test_sliding_window_mask():
+    m = np.asarray(attention_mask(None, 6, causal=True, window=2)[0])
+    assert m[5].tolist() == [False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
+def test_scan_unrolled_and_remat_give_the_same_gradients(remat):
+    w = jax.random.normal(jax.random.key(0), (4, 8, 8)) * 0.3
+    x = jax.random.normal(jax.random.key(1), (3, 8))
+    layer = lambda h, p: jnp.tanh(h @ p)  # noqa: E731
+
+    def loss(w, scan, remat):
+        return jnp.sum(run_layers(layer, x, w, 4, scan=scan, remat=remat) ** 2)
+
+    ref = jax.grad(loss)(w, False, "none")
+    np.testing.assert_allclose(jax.grad(loss, )(w, True, remat), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+        loss(w, True, "some")

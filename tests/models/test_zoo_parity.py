@@ -1,0 +1,89 @@
+"""Every architecture against transformers (torch CPU) on tiny random models saved locally."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import lorax_variants as lv
+from lorax_variants import hf
+from tests import hf_models as H
+
+NAMES = list(H.CONFIGS)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def saved(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    torch_model = H.build(request.param, d)
+    model, params = hf.from_pretrained(d)
+    return request.param, d, torch_model, model, params
+
+
+def _compare(torch_model, model, params, ids, mask):
+    ref = H.torch_out(torch_model, ids, mask)
+    ours = np.asarray(model.apply(params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
+    assert ours.shape == ref.shape
+    if mask is not None and ref.ndim == 3:  # outputs at padding positions are unspecified
+        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def _pad_id(torch_model):
+    return torch_model.config.pad_token_id if torch_model.config.pad_token_id is not None else 0
+
+
+def test_logits_equal_transformers_with_and_without_padding(saved):
+    name, _, torch_model, model, params = saved
+    ids, mask = H.inputs(torch_model.config.vocab_size, _pad_id(torch_model))
+    _compare(torch_model, model, params, ids, None)
+    _compare(torch_model, model, params, ids, mask)
+    if model.causal:
+        ids, mask = H.inputs(torch_model.config.vocab_size, _pad_id(torch_model), left=True)
+        _compare(torch_model, model, params, ids, mask)
+
+
+def test_round_trip_through_to_hf_loads_in_transformers(saved, tmp_path):
+    name, _, torch_model, model, params = saved
+    out = hf.save_pretrained(tmp_path / "export", model, params)
+    cls = type(torch_model)
+    reloaded = cls.from_pretrained(out).eval()
+    ids, mask = H.inputs(torch_model.config.vocab_size, _pad_id(torch_model), seed=1)
+    np.testing.assert_allclose(H.torch_out(reloaded, ids, mask), H.torch_out(torch_model, ids, mask), atol=1e-6)
+    # And our reader gives back the same params.
+    _, again = hf.from_pretrained(out)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adapted_model_at_init_equals_base(saved):
+    name, _, torch_model, model, params = saved
+    targets = r"layers/(attn|mlp)/\w+" + r"(?<!_bias)"
+    spec = lv.AdapterSpec(targets=targets, stacked=model.stacked, r=2)
+    adapted = lv.adapt(params, spec, 0)
+    assert lv.count_params(adapted).trainable > 0
+    ids, mask = H.inputs(torch_model.config.vocab_size, _pad_id(torch_model))
+    # B = 0: equal up to XLA compiling the two graphs differently (fusion order), far below 1e-6.
+    np.testing.assert_allclose(model.apply(adapted, jnp.asarray(ids), jnp.asarray(mask)),
+                               model.apply(params, jnp.asarray(ids), jnp.asarray(mask)), atol=1e-6, rtol=1e-6)
+    # With non-zero adapters: factored (per-layer A, B under scan) equals the merged weights.
+    moved = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05) if isinstance(n, lv.LoraNode) else n,
+                         adapted, is_leaf=lambda n: isinstance(n, lv.LoraNode))
+    np.testing.assert_allclose(model.apply(moved, jnp.asarray(ids)), model.apply(lv.merge(moved), jnp.asarray(ids)),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "gpt2"])
+def test_greedy_generate_equals_transformers(name, tmp_path):
+    torch_model = H.build(name, tmp_path)
+    model, params = hf.from_pretrained(tmp_path)
+    ids, mask = H.inputs(torch_model.config.vocab_size, 0, batch=2, seq=6, left=True)
+    with torch.no_grad():
+        ref = torch_model.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=8,
+                                   do_sample=False, pad_token_id=0).numpy()
+    ours = np.asarray(model.generate(params, ids, attention_mask=mask, max_new_tokens=8))
+    np.testing.assert_array_equal(ours, ref)
+    sampled = model.generate(params, ids, attention_mask=mask, max_new_tokens=4, temperature=1.0, key=jax.random.key(0))
+    assert sampled.shape == (2, 10) and np.array_equal(np.asarray(sampled[:, :6]), ids)
