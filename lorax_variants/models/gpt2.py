@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from lorax_variants.models.generate import generate
-from lorax_variants.models.layers import activation, attention, attention_mask, init_from_shapes, layer_norm, project, run_layers
+from lorax_variants.models.layers import activation, attention, init_from_shapes, layer_norm, project, run_layers
+from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.ops import dense, dense_t, embed
 
 __all__ = ["GPT2Config", "GPT2"]
@@ -120,7 +121,7 @@ class GPT2:
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = embed(input_ids, params["embed"]) + embed(position_ids, params["pos"])
-        mask = attention_mask_causal(attention_mask, t)
+        mask = make_mask(attention_mask, t, causal=True)
         layer = lambda h, p: self._layer(h, p, mask)  # noqa: E731
         x = run_layers(layer, x, params["layers"], c.n_layer, scan=self.scan, remat=self.remat)
         x = layer_norm(x, params["final_norm_scale"], params["final_norm_bias"], c.layer_norm_epsilon)
@@ -131,6 +132,3 @@ class GPT2:
     def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
         return generate(self, params, input_ids, **kwargs)
 
-
-def attention_mask_causal(padding: jax.Array | None, t: int) -> jax.Array:
-    return attention_mask(padding, t, causal=True)

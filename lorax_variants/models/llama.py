@@ -26,7 +26,6 @@ from lorax_variants.models.layers import (
     activation,
     apply_rope,
     attention,
-    attention_mask,
     init_from_shapes,
     project,
     rms_norm,
@@ -34,6 +33,7 @@ from lorax_variants.models.layers import (
     rope_tables,
     run_layers,
 )
+from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.ops import dense, dense_t, embed
 
 __all__ = ["LlamaConfig", "Llama"]
@@ -176,7 +176,7 @@ class Llama:
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
         rope = rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(c.rope)))
-        base_mask = attention_mask_or_causal(attention_mask, t)
+        base_mask = make_mask(attention_mask, t, causal=True)
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         layer = lambda h, lp: self._layer(h, lp, base_mask, rope)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
@@ -194,6 +194,3 @@ class Llama:
     def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
         return generate(self, params, input_ids, **kwargs)
 
-
-def attention_mask_or_causal(padding: jax.Array | None, t: int) -> jax.Array:
-    return attention_mask(padding, t, causal=True)
