@@ -19,6 +19,8 @@ CONFIGS = {
         **SMALL, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
     "mistral_window": lambda: (T.MistralForCausalLM, T.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=4)),
     "qwen2_bias": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_layer_windows": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(
+        **SMALL, num_key_value_heads=4, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                      bos_token_id=0, eos_token_id=0)),
     "gpt2_untied": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
