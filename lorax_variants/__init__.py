@@ -9,7 +9,9 @@
 
 from lorax_variants.adapt import Target, adapt, register_variant, variants
 from lorax_variants.nodes import AdapterNode, LoraNode, Node
+from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.ops import dense, merge, merged
+from lorax_variants.quant import QuantSpec, dequantize, quantize
 from lorax_variants.per_call import with_dropout, without_dropout
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.stats import ParamCount, count_params, tree_bytes
@@ -37,6 +39,10 @@ __all__ = [
     "Node",
     "AdapterNode",
     "LoraNode",
+    "QuantizedNode",
+    "QuantSpec",
+    "quantize",
+    "dequantize",
     "Target",
     "register_variant",
     "variants",

@@ -56,7 +56,17 @@ def _unique(leaves: list[Any]) -> list[Any]:
 
 
 def count_params(tree: Any, *, extra: Patterns = None) -> ParamCount:
-    """Number of trainable and frozen parameters (array elements; keys excluded)."""
+    """Number of trainable and frozen parameters (array elements; keys excluded).
+
+    A quantized weight counts as the weights it represents (``in x out``), not its packed bytes.
+    """
+    from lorax_variants.nodes.quantized import QuantizedNode
+
+    tree = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, QuantizedNode) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, QuantizedNode),
+    )
     mask = trainable_mask(tree, extra)
     pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(mask))
     counts = {True: 0, False: 0}

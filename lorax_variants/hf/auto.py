@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,6 +24,9 @@ from lorax_variants.hf.safetensors_io import Checkpoint, write_safetensors
 from lorax_variants.models.bert import Bert, BertConfig
 from lorax_variants.models.gpt2 import GPT2, GPT2Config
 from lorax_variants.models.llama import Llama, LlamaConfig
+
+if TYPE_CHECKING:
+    from lorax_variants.quant import QuantSpec
 
 __all__ = ["from_pretrained", "from_config", "save_pretrained", "SUPPORTED", "load_hf_config"]
 
@@ -99,13 +103,36 @@ def from_pretrained(
     task: str | None = None,
     remat: str = "none",
     scan: bool = True,
-    leaf_fn: Callable[[str, np.ndarray], Any] | None = None,
+    quantize: "QuantSpec | None" = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """``(model, params)`` from an HF model directory (config.json + safetensors)."""
+    """``(model, params)`` from an HF model directory (config.json + safetensors).
+
+    ``quantize``: a ``QuantSpec``; matching weights are quantized tensor by tensor as they are
+    read (layers of a stacked leaf one at a time), so host memory peaks near the quantized
+    size plus one full-precision tensor. ``dtype`` is the dtype the weights are cast to first
+    (and the dtype a quantized weight dequantizes to).
+    """
     model = from_config(load_hf_config(path), task=task, remat=remat, scan=scan)
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    params = params_from_hf(model, Checkpoint(path), np_dtype, leaf_fn or (lambda _, a: jnp.asarray(a)))
+    per_tensor = None
+    if quantize is not None:
+        from lorax_variants.quant import quantize_array
+        from lorax_variants.tree import compile_patterns, matches
+
+        targets = compile_patterns(quantize.targets, what="QuantSpec.targets")
+        quantize_one = jax.jit(lambda w, p: quantize_array(w, quantize, p), static_argnums=1)
+        chosen = [p for p in _leaf_paths(model) if matches(p, targets)]
+        if not chosen:
+            raise ValueError(f"QuantSpec.targets {quantize.targets!r} matched no weight of {model.config.model_type}; "
+                             f"its paths: {_leaf_paths(model)[:12]}")
+        per_tensor = lambda p: (lambda w: quantize_one(jnp.asarray(w), p)) if p in chosen else None  # noqa: E731
+    params = params_from_hf(model, Checkpoint(path), np_dtype, lambda _, a: jnp.asarray(a), per_tensor)
     return model, params
+
+
+def _leaf_paths(model: Any) -> list[str]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(model.shapes(), is_leaf=lambda s: isinstance(s, tuple))
+    return ["/".join(str(k.key) for k in kp) for kp, _ in flat]
 
 
 def save_pretrained(out_dir: str | os.PathLike, model: Any, params: Any, *, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lorax_variants.hf import names
@@ -31,12 +32,15 @@ def params_from_hf(
     tensors: Mapping[str, np.ndarray],
     dtype: Any = None,
     leaf_fn: Callable[[str, np.ndarray], Any] | None = None,
+    per_tensor: Callable[[str], Callable[[np.ndarray], Any] | None] | None = None,
 ) -> dict[str, Any]:
     """Build ``model``'s params from HF-named tensors (numpy, torch layout).
 
     ``dtype``: cast every tensor (None keeps the checkpoint's). ``leaf_fn(path, array)``
-    transforms each finished leaf (e.g. ``jnp.asarray`` or quantization) before the next is
-    read.
+    transforms each finished leaf (e.g. ``jnp.asarray``) before the next is read.
+    ``per_tensor(path)`` may return a function applied to each 2-D tensor of that leaf as it is
+    read (one layer at a time, e.g. quantization), whose results are stacked over layers: peak
+    host memory is then the transformed params plus one full-precision tensor.
     """
     available = list(tensors)
     prefix = names.prefix_of(model, available)
@@ -61,7 +65,9 @@ def params_from_hf(
     params: dict[str, Any] = {}
     for path, (template, kind) in tab.items():
         shape = want[path]
+        fn = per_tensor(path) if per_tensor else None
         out = None
+        done = []
         for i, name in enumerate(needed[path]):
             t = np.asarray(tensors[name])
             t = t.T if kind == "linear" else t
@@ -73,16 +79,24 @@ def params_from_hf(
                     f"of shape {tuple(shape)}{layout}"
                 )
             target = np.dtype(dtype) if dtype is not None else t.dtype
+            if fn is not None:
+                done.append(fn(t.astype(target)))
+                continue
             if "{i}" not in template:
                 out = t.astype(target)
                 break
             if out is None:
                 out = np.empty(shape, target)
             out[i] = t
+        if fn is not None:
+            leaf = done[0] if "{i}" not in template else jax.tree.map(lambda *xs: jnp.stack(xs), *done)
+            _set_path(params, path, leaf)
+            continue
         _set_path(params, path, leaf_fn(path, out) if leaf_fn else out)
     for name, path in tied.items():
         if name in tensors:
-            ours = dict(_leaf_items(params))[path]
+            ours = dict(leaves_with_paths(params, nodes_are_leaves=True))[path]
+            ours = ours.merge() if isinstance(ours, Node) else ours
             if np.asarray(tensors[name]).shape != np.asarray(ours).shape or not np.array_equal(
                 np.asarray(tensors[name], np.float32), np.asarray(ours, np.float32)
             ):

@@ -1,0 +1,218 @@
+"""Blockwise 4/8-bit quantization of frozen weights: NF4 (QLoRA, arXiv 2305.14314) exactly as
+bitsandbytes, symmetric int4 and int8, each with optional double quantization.
+
+For a weight W [in, out] (our layout; torch's is [out, in]), blocks of ``block_size`` run
+along the input axis of each output unit, which is bitsandbytes' order over torch's
+row-major [out, in] tensor:
+
+    absmax_b = max |w| over block b
+    NF4:   q = #{midpoints m_j of the sorted NF4 code : m_j < clip(w · (1/absmax_b), -1, 1)}
+           (nearest code, a tie goes to the lower one, as ``torch.bucketize``)
+    int4:  q = round(w / (absmax_b / 7)) ∈ [-7, 7];  int8: q = round(w / (absmax_b / 127))
+
+Double quantization (QLoRA §3): c = mean(absmax); absmax - c is quantized to 8 bits with
+bitsandbytes' signed dynamic code in blocks of 256 (in bitsandbytes' flat order), with one
+fp32 scale per block, rounding to the nearest code as bitsandbytes' CPU kernel does;
+dequantized absmax = code8[q8] · scale + c.
+
+Storage keeps the weight's 2-D layout, so the weight's sharding applies unchanged:
+4-bit codes ``[in/2, out]`` uint8 (rows 2i and 2i+1 in the high and low nibble), int8 codes
+``[in, out]``, absmax (or its 8-bit codes) ``[in/block, out]``; the second-level scales
+``[n/256]`` and the offset are tiny and replicated. NF4 with double quantization costs
+4 + 8/64 + 32/(64·256) ≈ 4.127 bits per weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_variants.nodes.base import AdapterNode, Node
+from lorax_variants.nodes.quantized import QuantizedNode
+from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_paths, map_with_paths, matches
+
+__all__ = ["QuantSpec", "quantize", "quantize_array", "dequantize", "NF4_CODE", "DYNAMIC_CODE", "KINDS"]
+
+KINDS = ("nf4", "int4", "int8")
+
+# The NF4 code (bitsandbytes' table, float32).
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], np.float32)
+
+# bitsandbytes' signed 8-bit dynamic code (``create_dynamic_map(signed=True)``), as float32 bits.
+_DYNAMIC_HEX = (
+    "bf7e3333bf7a999abf770000bf736666bf6fcccdbf6c3333bf68999abf650000bf616666bf5dcccdbf5a3333bf56999a"
+    "bf530000bf4f6666bf4bcccdbf483333bf44999abf410000bf3d6666bf39cccdbf363334bf32999abf2f0000bf2b6666"
+    "bf27cccdbf243334bf20999abf1d0000bf196666bf15cccdbf123334bf0e999abf0b0000bf076666bf03ccccbf003333"
+    "bef93332bef20000beeaccccbee3999abedc6666bed53333bece0000bec6ccccbebf999abeb86666beb13333beaa0000"
+    "bea2ccccbe9b999abe946666be8d3334be860000be7d9999be6f3333be60cccdbe526666be440000be35999abe273333"
+    "be18cccdbe0a6666bdf80000bddb3334bdc9eb85bdc428f7bdbe6667bdb8a3d7bdb2e148bdad1eb8bda75c2abda1999a"
+    "bd9bd70abd96147bbd9051ebbd8a8f5dbd84cccdbd7e147bbd728f5dbd670a3dbd5b851fbd500000bd447ae1bd38f5c3"
+    "bd2d70a3bd21eb85bd166667bd0ae148bcfeb852bce7ae15bcd0a3d7bcb9999abca28f5dbc8b851fbc68f5c3bc3ae148"
+    "bc1f3b64bc160418bc0ccccdbc039581bbf4bc6abbe24dd3bbcfdf3bbbbd70a4bbab020dbb989374bb8624ddbb676c8a"
+    "bb428f5cbb1db22dbaf1a9fcbaa7ef9dba7765ffba59e83eba3c6a80ba1eecc1ba016f01b9c7e283b98ce705b923d70b"
+    "b8ba1f4bb88aefb3b8378034b7b24206b70205ffb65a1a94b513a3b7000000003513a3b7365a1a94370205ff37b24206"
+    "38378034388aefb338ba1f4b3923d70b398ce70539c7e2833a016f013a1eecc13a3c6a803a59e83e3a7765ff3aa7ef9d"
+    "3af1a9fc3b1db22d3b428f5c3b676c8a3b8624dd3b9893743bab020d3bbd70a43bcfdf3b3be24dd33bf4bc6a3c039581"
+    "3c0ccccd3c1604183c1f3b643c3ae1483c68f5c33c8b851f3ca28f5d3cb9999a3cd0a3d73ce7ae153cfeb8523d0ae148"
+    "3d1666673d21eb853d2d70a33d38f5c33d447ae13d5000003d5b851f3d670a3d3d728f5d3d7e147b3d84cccd3d8a8f5d"
+    "3d9051eb3d96147b3d9bd70a3da1999a3da75c2a3dad1eb83db2e1483db8a3d73dbe66673dc428f73dc9eb853ddb3334"
+    "3df800003e0a66663e18cccd3e2733333e35999a3e4400003e5266663e60cccd3e6f33333e7d99993e8600003e8d3334"
+    "3e9466663e9b999a3ea2cccc3eaa00003eb133333eb866663ebf999a3ec6cccc3ece00003ed533333edc66663ee3999a"
+    "3eeacccc3ef200003ef933323f0033333f03cccc3f0766663f0b00003f0e999a3f1233343f15cccd3f1966663f1d0000"
+    "3f20999a3f2433343f27cccd3f2b66663f2f00003f32999a3f3633343f39cccd3f3d66663f4100003f44999a3f483333"
+    "3f4bcccd3f4f66663f5300003f56999a3f5a33333f5dcccd3f6166663f6500003f68999a3f6c33333f6fcccd3f736666"
+    "3f7700003f7a999a3f7e33333f800000"
+)
+DYNAMIC_CODE = np.frombuffer(bytes.fromhex("".join(_DYNAMIC_HEX)), ">u4").astype(np.uint32).view(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Which leaves to quantize and how (``kind`` nf4 | int4 | int8)."""
+
+    targets: str | tuple[str, ...]
+    kind: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    block_size2: int = 256
+    stacked: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        compile_patterns(self.targets, what="QuantSpec.targets")
+        if self.kind not in KINDS:
+            raise ValueError(f"QuantSpec.kind must be one of {KINDS}, got {self.kind!r}")
+        for field in ("block_size", "block_size2"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:
+                raise ValueError(f"QuantSpec.{field} must be an even integer >= 2, got {v!r}")
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"QuantSpec.double_quant must be true or false, got {self.double_quant!r}")
+        if self.stacked is not None:
+            compile_patterns(self.stacked, what="QuantSpec.stacked")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
+        return d
+
+
+def _blockwise(x: jax.Array, code: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [n_blocks, block] -> (nearest code index uint8, absmax [n_blocks]) as bitsandbytes."""
+    absmax = jnp.max(jnp.abs(x), axis=-1)
+    scaled = jnp.clip(x * (1.0 / jnp.maximum(absmax, 1e-38))[:, None], -1.0, 1.0)
+    bounds = (code[:-1] + code[1:]) / 2
+    return jnp.searchsorted(bounds, scaled, side="left").astype(jnp.uint8), absmax
+
+
+def _blockwise_nearest(x: jax.Array, code: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """8-bit blockwise as bitsandbytes' CPU kernel (``quantize_block``): v = x / absmax; the code
+    at or left of v by binary search (with code[0] taken as -1), moved right when strictly nearer."""
+    absmax = jnp.max(jnp.abs(x), axis=-1)
+    v = x / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+    search = code.at[0].set(-1.0)
+    left = jnp.clip(jnp.searchsorted(search, v, side="right") - 1, 0, code.shape[0] - 1)
+    right = jnp.minimum(left + 1, code.shape[0] - 1)
+    nearer = jnp.abs(v - search[right]) < jnp.abs(v - search[left])
+    return jnp.where(nearer & (left < code.shape[0] - 1), right, left).astype(jnp.uint8), absmax
+
+
+def _double_quant(absmax: jax.Array, block2: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """absmax [nb, out] -> (codes uint8 [nb, out], scales [ceil(n / block2)], offset [])."""
+    flat = absmax.T.reshape(-1)  # bitsandbytes' order: output-major
+    offset = jnp.mean(flat)
+    n = flat.shape[0]
+    padded = jnp.pad(flat - offset, (0, -n % block2)).reshape(-1, block2)
+    q, scale = _blockwise_nearest(padded, jnp.asarray(DYNAMIC_CODE))
+    return q.reshape(-1)[:n].reshape(absmax.shape[::-1]).T, scale, offset
+
+
+def _quantize_2d(w: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
+    d_in, d_out = w.shape
+    bs = spec.block_size
+    blocks = w.astype(jnp.float32).T.reshape(d_out * d_in // bs, bs)
+    if spec.kind == "nf4":
+        q, absmax = _blockwise(blocks, jnp.asarray(NF4_CODE))
+    else:
+        qmax = 7.0 if spec.kind == "int4" else 127.0
+        absmax = jnp.max(jnp.abs(blocks), axis=-1)
+        scale = jnp.maximum(absmax, 1e-38) / qmax
+        q = jnp.clip(jnp.round(blocks / scale[:, None]), -qmax, qmax).astype(jnp.int8)
+        if spec.kind == "int4":
+            q = (q + 8).astype(jnp.uint8)
+    q = q.reshape(d_out, d_in)
+    if spec.kind == "int8":
+        codes = q.T
+    else:
+        codes = ((q[:, 0::2] << 4) | q[:, 1::2]).T  # [in/2, out]
+    absmax = absmax.reshape(d_out, d_in // bs).T  # [in/bs, out]
+    out = {"codes": codes}
+    if spec.double_quant:
+        out["qabsmax"], out["absmax2"], out["offset"] = _double_quant(absmax, spec.block_size2)
+    else:
+        out["absmax"] = absmax
+    return out
+
+
+def quantize_array(w: jax.Array, spec: QuantSpec, path: str = "weight") -> QuantizedNode:
+    """Quantize one weight ``[..., in, out]`` (leading axes: stacked layers, each its own scales)."""
+    if w.ndim < 2:
+        raise ValueError(f"{path}: only weights [in, out] can be quantized, got shape {tuple(w.shape)}")
+    d_in = w.shape[-2]
+    if d_in % spec.block_size:
+        raise ValueError(f"{path}: input dimension {d_in} is not a multiple of QuantSpec.block_size={spec.block_size}")
+    fn = lambda m: _quantize_2d(m, spec)  # noqa: E731
+    for _ in w.shape[:-2]:
+        fn = jax.vmap(fn)
+    fields = fn(w)
+    return QuantizedNode(
+        **fields, kind=spec.kind, block_size=spec.block_size, block_size2=spec.block_size2,
+        in_out=tuple(w.shape[-2:]), orig_dtype=jnp.dtype(w.dtype).name,
+    )
+
+
+def dequantize(node: QuantizedNode, dtype: Any = None) -> jax.Array:
+    """The dense weight ``[..., in, out]`` a quantized node stands for (float32 math, then ``dtype``)."""
+    return node.dequantize(dtype)
+
+
+def quantize(params: Any, spec: QuantSpec) -> Any:
+    """Replace every leaf matching ``spec.targets`` by a ``QuantizedNode``.
+
+    A target that is an adapter node has its frozen ``weight`` quantized (e.g. PiSSA's residual,
+    then QLoRA on top). Errors name the path: a pattern matching nothing, a leaf already
+    quantized, a non-2-D weight (3-D under ``spec.stacked``), an input dim not divisible by the block.
+    """
+    targets = compile_patterns(spec.targets, what="QuantSpec.targets")
+    stacked = compile_patterns(spec.stacked, what="QuantSpec.stacked")
+    leaves = leaves_with_paths(params, nodes_are_leaves=True)
+    chosen = {p for p, _ in leaves if matches(p, targets)}
+    if not chosen:
+        shown = spec.targets if isinstance(spec.targets, str) else "|".join(spec.targets)
+        raise ValueError(f"QuantSpec.targets {spec.targets!r} matched no leaf. Closest paths: "
+                         f"{closest_paths(shown, [p for p, _ in leaves])}")
+
+    def one(path: str, leaf: Any) -> Any:
+        if path not in chosen:
+            return leaf
+        if isinstance(leaf, AdapterNode):
+            return leaf.replace(weight=one(path, leaf.weight))
+        if isinstance(leaf, Node):
+            raise ValueError(f"{path} is already a {type(leaf).__name__}; quantize a plain weight once")
+        want = 3 if matches(path, stacked) else 2
+        if len(leaf.shape) != want:
+            raise ValueError(f"{path}: quantization targets must be {want}-D weights, got shape {tuple(leaf.shape)}"
+                             + (" (set QuantSpec.stacked for stacked layers)" if len(leaf.shape) == 3 else ""))
+        return quantize_array(leaf, spec, path)
+
+    return map_with_paths(one, params, nodes_are_leaves=True)
