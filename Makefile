@@ -33,6 +33,7 @@ demo: $(VENV)/.demo-deps
 bench: $(VENV)/.test-deps
 	$(PY) bench/bench_lora_step.py
 	$(PY) bench/bench_zoo.py
+	$(PY) bench/bench_qlora.py
 
 # Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).
 lock: $(VENV)/.test-deps

@@ -72,3 +72,25 @@ def test_qlora_trains_only_adapters_and_merges_to_dequantized_base_plus_delta(ll
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 and x.ndim > 1 else x, base)
     logits = model.apply(lv.adapt(bf16, spec, 0), ids)
     assert logits.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_quantize_on_load_peak_host_memory_is_about_one_tensor(tmp_path):
+    """numpy allocations (tracked by tracemalloc) peak near one fp32 tensor, not the model."""
+    import tracemalloc
+
+    import torch
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=12,
+                           num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    qspec = lv.QuantSpec(targets=r"layers/(attn|mlp)/\w+_proj", stacked=r"layers/.*")
+    hf.from_pretrained(tmp_path, quantize=qspec)  # compile the per-tensor quantizer outside the measurement
+    full_bytes = 12 * (4 * 128 * 128 + 3 * 128 * 512) * 4
+    one_tensor = 128 * 512 * 4
+    tracemalloc.start()
+    hf.from_pretrained(tmp_path, quantize=qspec)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 0.25 * full_bytes, (peak, full_bytes, one_tensor)
