@@ -9,7 +9,14 @@
 
 from lorax_variants.adapt import Target, adapt, register_variant, variants
 from lorax_variants.nodes import AdapterNode, LoraNode, Node
+from lorax_variants.nodes.adalora import AdaLoraNode, orthogonal_penalty
+from lorax_variants.nodes.dora import DoraNode
+from lorax_variants.nodes.dylora import DyLoraNode, sample_rank, truncate, with_rank
+from lorax_variants.nodes.multitask import BASE, MultiTaskNode, route, select, stack
 from lorax_variants.nodes.quantized import QuantizedNode
+from lorax_variants.nodes.sora import SoraNode, prune
+from lorax_variants.nodes.vera import VeraNode
+from lorax_variants.shared import Shared, resolve_shared, share_adapters
 from lorax_variants.ops import dense, merge, merged
 from lorax_variants.quant import QuantSpec, dequantize, quantize
 from lorax_variants.per_call import with_dropout, without_dropout
@@ -40,6 +47,24 @@ __all__ = [
     "AdapterNode",
     "LoraNode",
     "QuantizedNode",
+    "DoraNode",
+    "VeraNode",
+    "AdaLoraNode",
+    "DyLoraNode",
+    "SoraNode",
+    "MultiTaskNode",
+    "orthogonal_penalty",
+    "with_rank",
+    "sample_rank",
+    "truncate",
+    "prune",
+    "route",
+    "select",
+    "stack",
+    "BASE",
+    "Shared",
+    "resolve_shared",
+    "share_adapters",
     "QuantSpec",
     "quantize",
     "dequantize",

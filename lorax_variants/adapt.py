@@ -58,12 +58,20 @@ class Target:
         return self.shape[:-2]
 
 
-_VARIANTS: dict[str, Callable[[Target], Node]] = {}
+_VARIANTS: dict[str, Callable[..., Node]] = {}
+_PREPARE: dict[str, Callable[[list[Target]], Any]] = {}
 
 
-def register_variant(name: str) -> Callable[[Callable[[Target], Node]], Callable[[Target], Node]]:
-    def deco(builder: Callable[[Target], Node]) -> Callable[[Target], Node]:
+def register_variant(
+    name: str, prepare: Callable[[list[Target]], Any] | None = None
+) -> Callable[[Callable[..., Node]], Callable[..., Node]]:
+    """Register ``builder(target) -> node``; with ``prepare``, ``builder(target, context)`` where
+    ``context = prepare(all_targets)`` (e.g. VeRA sizes its shared projections to the largest layer)."""
+
+    def deco(builder: Callable[..., Node]) -> Callable[..., Node]:
         _VARIANTS[name] = builder
+        if prepare is not None:
+            _PREPARE[name] = prepare
         return builder
 
     return deco
@@ -142,41 +150,42 @@ def adapt(params: Any, spec: AdapterSpec, key: Any) -> Any:
                     f"AdapterSpec.{field} key {pattern!r} matches none of the {len(chosen)} targets "
                     f"(e.g. {chosen[:3]})"
                 )
-    chosen_set = set(chosen)
+    by_path = dict(leaves)
+    targets_list = [_target(p, by_path[p], spec, stacked, key) for p in chosen]
+    context = _PREPARE[spec.variant](targets_list) if spec.variant in _PREPARE else None
+    built = {t.path: (_VARIANTS[spec.variant](t, context) if spec.variant in _PREPARE else _VARIANTS[spec.variant](t))
+             for t in targets_list}
+    return map_with_paths(lambda p, leaf: built.get(p, leaf), params, nodes_are_leaves=True)
 
-    def build(path: str, leaf: Any) -> Any:
-        if path not in chosen_set:
-            return leaf
-        if isinstance(leaf, AdapterNode):
-            raise ValueError(f"{path} is already adapted ({type(leaf).__name__}); adapt a tree once")
-        shape = getattr(leaf, "shape", None)
-        if shape is None:
-            raise ValueError(f"{path} matches AdapterSpec.targets but is a {type(leaf).__name__}, not a weight")
-        want = 3 if matches(path, stacked) else 2
-        if len(shape) != want:
-            hint = (
-                "its leading axis is stacked layers only if AdapterSpec.stacked matches it"
-                if len(shape) == 3 and want == 2
-                else "reshape it to [in, out] or leave it out of the targets"
-            )
-            raise ValueError(
-                f"{path}: adapter targets must be {want}-D weights "
-                f"{'[L, in, out]' if want == 3 else '[in, out]'}, got shape {tuple(shape)} ({hint})"
-            )
-        r = spec.rank_for(path)
-        if r > min(shape[-2:]):
-            raise ValueError(
-                f"{path}: rank {r} exceeds min(in, out) = {min(shape[-2:])} of its weight {tuple(shape)}"
-            )
-        target = Target(
-            path=path,
-            weight=leaf,
-            spec=spec,
-            r=r,
-            alpha=spec.alpha_for(path),
-            scale=spec.scale_for(path),
-            key=path_key(key, path),
+
+def _target(path: str, leaf: Any, spec: AdapterSpec, stacked: list, key: jax.Array) -> Target:
+    if isinstance(leaf, AdapterNode):
+        raise ValueError(f"{path} is already adapted ({type(leaf).__name__}); adapt a tree once")
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+        raise ValueError(f"{path} matches AdapterSpec.targets but is a {type(leaf).__name__}, not a weight")
+    want = 3 if matches(path, stacked) else 2
+    if len(shape) != want:
+        hint = (
+            "its leading axis is stacked layers only if AdapterSpec.stacked matches it"
+            if len(shape) == 3 and want == 2
+            else "reshape it to [in, out] or leave it out of the targets"
         )
-        return _VARIANTS[spec.variant](target)
-
-    return map_with_paths(build, params, nodes_are_leaves=True)
+        raise ValueError(
+            f"{path}: adapter targets must be {want}-D weights "
+            f"{'[L, in, out]' if want == 3 else '[in, out]'}, got shape {tuple(shape)} ({hint})"
+        )
+    r = spec.rank_for(path)
+    if r > min(shape[-2:]):
+        raise ValueError(
+            f"{path}: rank {r} exceeds min(in, out) = {min(shape[-2:])} of its weight {tuple(shape)}"
+        )
+    return Target(
+        path=path,
+        weight=leaf,
+        spec=spec,
+        r=r,
+        alpha=spec.alpha_for(path),
+        scale=spec.scale_for(path),
+        key=path_key(key, path),
+    )

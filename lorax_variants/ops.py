@@ -62,6 +62,9 @@ def dense_t(x: jax.Array, w: Any) -> jax.Array:
 
 def merge(tree: Any) -> Any:
     """The same tree with every node replaced by its dense weight (``node.merge()``)."""
+    from lorax_variants.shared import resolve_shared
+
+    tree = resolve_shared(tree)
     return jax.tree.map(
         lambda x: x.merge() if isinstance(x, Node) else x,
         tree,

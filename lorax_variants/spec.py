@@ -61,6 +61,8 @@ class AdapterSpec:
       stacked: regex of paths whose leaves carry one leading layer axis ``[L, in, out]``
         (layers stacked for ``scan``); each layer gets its own A, B.
       dtype: dtype of the adapter leaves (float32 by default, whatever the base dtype).
+      r_min: DyLoRA's smallest rank (ranks r_min..r are trained). n_tasks: adapters stacked per
+        target for multi-task routing. d_initial: VeRA's initial λ_d.
 
     Leaves to train besides the adapters (biases, a head) are named at ``split(tree,
     extra=...)``; everything else is frozen by default.
@@ -77,6 +79,9 @@ class AdapterSpec:
     dropout: float = 0.0
     stacked: str | None = None
     dtype: str = "float32"
+    r_min: int = 1
+    n_tasks: int = 1
+    d_initial: float = 0.1
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -102,6 +107,15 @@ class AdapterSpec:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterSpec.dropout must be in [0, 1), got {self.dropout!r}")
         set_("dropout", float(self.dropout))
+        for field in ("r_min", "n_tasks"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"AdapterSpec.{field} must be a positive integer, got {v!r}")
+        if self.r_min > self.r:
+            raise ValueError(f"AdapterSpec.r_min={self.r_min} exceeds AdapterSpec.r={self.r}")
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
+            raise ValueError(f"AdapterSpec.d_initial must be a number, got {self.d_initial!r}")
+        set_("d_initial", float(self.d_initial))
         if not isinstance(self.rslora, bool):
             raise TypeError(f"AdapterSpec.rslora must be true or false, got {self.rslora!r}")
         if self.stacked is not None:

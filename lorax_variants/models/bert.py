@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from lorax_variants.models.layers import activation, attention, init_from_shapes, layer_norm, project, run_layers
 from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense_t, embed
 
 __all__ = ["BertConfig", "Bert", "TASKS"]
@@ -139,6 +140,7 @@ class Bert:
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
         if position_ids is None:
@@ -159,6 +161,7 @@ class Bert:
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        params = resolve_shared(params)
         x = self.hidden(params, input_ids, attention_mask, token_type_ids, position_ids)
         c, head = self.config, params.get("head")
         if self.task == "masked_lm":

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from lorax_variants.models.generate import generate
 from lorax_variants.models.layers import activation, attention, init_from_shapes, layer_norm, project, run_layers
 from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
 
 __all__ = ["GPT2Config", "GPT2"]
@@ -114,6 +115,7 @@ class GPT2:
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
         if t > c.n_positions:

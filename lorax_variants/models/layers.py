@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from lorax_variants.ops import dense
+from lorax_variants.shared import is_shared
+from lorax_variants.tree import combine
 
 __all__ = [
     "rms_norm",
@@ -168,11 +170,15 @@ def run_layers(
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+    # Shared values (VeRA's projections, ...) are used by every layer: broadcast, not sliced.
+    per_layer = jax.tree.map(lambda x: None if is_shared(x) else x, stacked, is_leaf=is_shared)
+    common = jax.tree.map(lambda x: x if is_shared(x) else None, stacked, is_leaf=is_shared)
+    join = lambda p: combine(p, common)  # noqa: E731
     if scan:
-        x, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), x, stacked)
+        x, _ = jax.lax.scan(lambda h, p: (layer(h, join(p)), None), x, per_layer)
         return x
     for i in range(n_layers):
-        x = layer(x, jax.tree.map(lambda leaf: leaf[i], stacked))
+        x = layer(x, join(jax.tree.map(lambda leaf: leaf[i], per_layer)))
     return x
 
 

@@ -34,6 +34,7 @@ from lorax_variants.models.layers import (
     run_layers,
 )
 from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
 
 __all__ = ["LlamaConfig", "Llama"]
@@ -170,6 +171,7 @@ class Llama:
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
         x = embed(input_ids, params["embed"])
@@ -186,6 +188,7 @@ class Llama:
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        params = resolve_shared(params)
         h = self.hidden(params, input_ids, attention_mask, position_ids)
         if self.config.tie_word_embeddings:
             return dense_t(h, params["embed"])

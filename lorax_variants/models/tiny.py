@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.models.layers import run_layers
 from lorax_variants.ops import dense
+from lorax_variants.shared import resolve_shared
 
 __all__ = ["TinyConfig", "TinyTransformer", "STACKED"]
 
@@ -94,16 +96,12 @@ class TinyTransformer:
 
     def apply(self, params: dict[str, Any], ids: jax.Array, *, scan: bool = True) -> jax.Array:
         c = self.config
+        params = resolve_shared(params)
         t = ids.shape[1]
         if t > c.max_len:
             raise ValueError(f"sequence length {t} exceeds TinyConfig.max_len={c.max_len}")
         x = jnp.take(params["embed"], ids, axis=0) + params["pos"][:t]
-        layer = jax.checkpoint(self._layer) if c.remat else self._layer
-        if scan:
-            x, _ = jax.lax.scan(lambda h, p: (layer(h, p), None), x, params["layers"])
-        else:
-            for i in range(c.n_layers):
-                x = layer(x, jax.tree.map(lambda leaf: leaf[i], params["layers"]))
+        x = run_layers(self._layer, x, params["layers"], c.n_layers, scan=scan, remat="full" if c.remat else "none")
         return dense(_rms_norm(x, params["final_norm"]), params["lm_head"])
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
 from lorax_variants.ops import dense, dense_t, embed
+from lorax_variants.shared import value_of
 
 __all__ = ["LoraNode", "adapter_dropout"]
 
@@ -49,29 +50,29 @@ class LoraNode(AdapterNode):
 
     @property
     def rank(self) -> int:
-        return self.lora_a.shape[-1]
+        return value_of(self.lora_a).shape[-1]
 
     def apply(self, x: jax.Array) -> jax.Array:
         y = dense(x, self.weight)
         xa = adapter_dropout(x, self.dropout, self.dropout_key)
-        h = jnp.matmul(xa, self.lora_a.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
-        return y + jnp.matmul(h, self.lora_b.astype(x.dtype))
+        h = jnp.matmul(xa, value_of(self.lora_a).astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        return y + jnp.matmul(h, value_of(self.lora_b).astype(x.dtype))
 
     def lookup(self, ids: jax.Array) -> jax.Array:
         """Embedding rows of ``W + s·A B`` (W [vocab, d]): ``W[ids] + s·A[ids] B``."""
         rows = embed(ids, self.weight)
-        a = jnp.take(self.lora_a, ids, axis=0).astype(rows.dtype)
-        return rows + jnp.matmul(a * jnp.asarray(self.scale, rows.dtype), self.lora_b.astype(rows.dtype))
+        a = jnp.take(value_of(self.lora_a), ids, axis=0).astype(rows.dtype)
+        return rows + jnp.matmul(a * jnp.asarray(self.scale, rows.dtype), value_of(self.lora_b).astype(rows.dtype))
 
     def apply_t(self, x: jax.Array) -> jax.Array:
         """``x (W + s·A B)ᵀ = x Wᵀ + s·(x Bᵀ) Aᵀ`` (a tied head over an adapted embedding)."""
-        h = jnp.matmul(x, self.lora_b.astype(x.dtype).T) * jnp.asarray(self.scale, x.dtype)
-        return dense_t(x, self.weight) + jnp.matmul(h, self.lora_a.astype(x.dtype).T)
+        h = jnp.matmul(x, value_of(self.lora_b).astype(x.dtype).T) * jnp.asarray(self.scale, x.dtype)
+        return dense_t(x, self.weight) + jnp.matmul(h, value_of(self.lora_a).astype(x.dtype).T)
 
     def delta(self) -> jax.Array:
         """``s·A B`` in float32 (the d x k update; for merge and export only)."""
-        a = self.lora_a.astype(jnp.float32)
-        b = self.lora_b.astype(jnp.float32)
+        a = value_of(self.lora_a).astype(jnp.float32)
+        b = value_of(self.lora_b).astype(jnp.float32)
         return self.scale * jnp.matmul(a, b)
 
     def merge(self) -> jax.Array:

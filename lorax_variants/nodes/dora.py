@@ -1,0 +1,81 @@
+"""DoRA, weight-decomposed low-rank adaptation (arXiv 2402.09353).
+
+    W' = m ⊙ (W + s·A B) / ‖W + s·A B‖_c          (‖·‖_c: norm over the input axis, per output unit)
+
+m [out] is trained (PEFT's ``lora_magnitude_vector``), initialised to ‖W + s·A B‖_c (= ‖W‖_c
+when B = 0). As in the paper (§4.3) and PEFT, the norm is a constant in the backward pass.
+It is computed without forming W + s·A B (the DESIGN's identity, per output unit o):
+
+    ‖W_o + s (AB)_o‖² = ‖W_o‖² + 2s ⟨W_o, (AB)_o⟩ + s² ‖(AB)_o‖²,
+    ⟨W_o, (AB)_o⟩ = Σ_r (Wᵀ A)_{o r} B_{r o},   ‖(AB)_o‖² = B_oᵀ (AᵀA) B_o
+
+with ‖W‖² stored at adaptation (W is frozen). Forward, exactly PEFT's ``use_dora``:
+
+    y = x W + (m/n - 1) ⊙ (x_d W) + (m/n) ⊙ s (x_d A) B        (x_d: dropped-out x; bias outside)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
+from lorax_variants.nodes.lora import adapter_dropout
+from lorax_variants.ops import dense
+
+__all__ = ["DoraNode"]
+
+
+@node
+class DoraNode(AdapterNode):
+    variant: ClassVar[str] = "dora"
+
+    weight: Any = frozen()
+    lora_a: jax.Array = param()
+    lora_b: jax.Array = param()
+    magnitude: jax.Array = param()
+    weight_sq_norm: jax.Array = frozen()  # ‖W‖² per output unit, [..., out]
+    dropout_key: jax.Array | None = frozen(default=None)
+    scale: float = static()
+    dropout: float = static(default=0.0)
+    freeze: tuple[str, ...] = static(default=())
+
+    def norm(self) -> jax.Array:
+        """‖W + s·A B‖ per output unit in float32, without the d x k sum (no gradient)."""
+        a = self.lora_a.astype(jnp.float32)
+        b = self.lora_b.astype(jnp.float32)
+        w = weight_of(self.weight).astype(jnp.float32)
+        cross = jnp.einsum("...io,...ir,...ro->...o", w, a, b)
+        gram = jnp.einsum("...ir,...is->...rs", a, a)
+        ab_sq = jnp.einsum("...ro,...rs,...so->...o", b, gram, b)
+        sq = self.weight_sq_norm + 2 * self.scale * cross + self.scale**2 * ab_sq
+        return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(sq, 0.0)))
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        ratio = (self.magnitude.astype(jnp.float32) / self.norm()).astype(x.dtype)
+        y = dense(x, self.weight)
+        xd = adapter_dropout(x, self.dropout, self.dropout_key)
+        low = jnp.matmul(jnp.matmul(xd, self.lora_a.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype),
+                         self.lora_b.astype(x.dtype))
+        base_d = y if xd is x else dense(xd, self.weight)
+        return y + (ratio - 1) * base_d + ratio * low
+
+    def merge(self) -> jax.Array:
+        w = weight_of(self.weight)
+        full = w.astype(jnp.float32) + self.scale * jnp.matmul(self.lora_a.astype(jnp.float32), self.lora_b.astype(jnp.float32))
+        n = jnp.linalg.norm(full, axis=-2)
+        return (full * (self.magnitude / n)[..., None, :]).astype(w.dtype)
+
+
+@register_variant("dora")
+def build_dora(t: Target) -> DoraNode:
+    weight, a, b = _lora_factors(t)
+    w = weight_of(weight).astype(jnp.float32)
+    sq = jnp.sum(w * w, axis=-2)
+    full = w + t.scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+    magnitude = jnp.linalg.norm(full, axis=-2).astype(a.dtype)
+    return DoraNode(weight=weight, lora_a=a, lora_b=b, magnitude=magnitude, weight_sq_norm=sq,
+                    scale=t.scale, dropout=t.spec.dropout)

@@ -1,0 +1,109 @@
+"""DyLoRA, dynamic search-free low-rank adaptation (arXiv 2210.07558).
+
+One node holds A [in, r_max], B [r_max, out]; each step a rank b ∈ [r_min, r_max] is sampled
+and the adapter is truncated to its first b ranks with scale alpha / b:
+
+    y = x W + (alpha / b) · (x_d A_{:, :b}) B_{:b, :}
+
+Under jit the shapes stay static: ranks ≥ b are masked, not sliced. With ``frozen_lower``
+(the paper's "frozen" mode) only the b-th column of A / row of B receives gradient. The rank is
+per-call state set on the tree (``with_rank`` / ``sample_rank``); without one the node serves
+r_max. After training, ``truncate(node, b)`` is a plain LoRA of rank b (export, serving).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.nodes.base import AdapterNode, Node, frozen, node, param, static, weight_of
+from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+from lorax_variants.ops import dense
+from lorax_variants.tree import map_with_paths
+
+__all__ = ["DyLoraNode", "with_rank", "sample_rank", "truncate"]
+
+
+@node
+class DyLoraNode(AdapterNode):
+    variant: ClassVar[str] = "dylora"
+
+    weight: Any = frozen()
+    lora_a: jax.Array = param()
+    lora_b: jax.Array = param()
+    rank: jax.Array | None = frozen(default=None)  # int32 [...], per call
+    dropout_key: jax.Array | None = frozen(default=None)
+    alpha: float = static()
+    r_min: int = static(default=1)
+    frozen_lower: bool = static(default=False)
+    dropout: float = static(default=0.0)
+    freeze: tuple[str, ...] = static(default=())
+
+    @property
+    def r_max(self) -> int:
+        return self.lora_a.shape[-1]
+
+    def _factors(self, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b = jnp.asarray(self.r_max if self.rank is None else self.rank, jnp.int32)
+        idx = jnp.arange(self.r_max)
+        keep = (idx < b[..., None]).astype(dtype)
+        a, bm = self.lora_a.astype(dtype), self.lora_b.astype(dtype)
+        if self.frozen_lower:
+            new = idx == (b[..., None] - 1)
+            a = jnp.where(new[..., None, :], a, jax.lax.stop_gradient(a))
+            bm = jnp.where(new[..., :, None], bm, jax.lax.stop_gradient(bm))
+        scale = (self.alpha / b.astype(jnp.float32)).astype(dtype)
+        return a * keep[..., None, :], bm * keep[..., :, None], scale
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        a, b, scale = self._factors(x.dtype)
+        xd = adapter_dropout(x, self.dropout, self.dropout_key)
+        return dense(x, self.weight) + jnp.matmul(jnp.matmul(xd, a) * scale, b)
+
+    def merge(self) -> jax.Array:
+        a, b, scale = self._factors(jnp.float32)
+        w = weight_of(self.weight)
+        return (w.astype(jnp.float32) + scale[..., None, None] * jnp.matmul(a, b)).astype(w.dtype)
+
+
+@register_variant("dylora")
+def build_dylora(t: Target) -> DyLoraNode:
+    weight, a, b = _lora_factors(t)
+    return DyLoraNode(weight=weight, lora_a=a, lora_b=b, alpha=t.alpha, r_min=t.spec.r_min, dropout=t.spec.dropout)
+
+
+def _set(tree: Any, fn) -> Any:
+    return map_with_paths(lambda p, x: fn(x) if isinstance(x, DyLoraNode) else x, tree, nodes_are_leaves=True)
+
+
+def with_rank(tree: Any, b: int | jax.Array) -> Any:
+    """Every DyLoRA node serves rank ``b`` (an int or a traced scalar), broadcast over stacked layers."""
+    def set_rank(n: DyLoraNode) -> DyLoraNode:
+        if isinstance(b, int) and not n.r_min <= b <= n.r_max:
+            raise ValueError(f"DyLoRA rank {b} outside the trained range [{n.r_min}, {n.r_max}]")
+        return n.replace(rank=jnp.broadcast_to(jnp.asarray(b, jnp.int32), n.shape[:-2]))
+
+    return _set(tree, set_rank)
+
+
+def sample_rank(tree: Any, key: jax.Array) -> Any:
+    """One rank b ~ U{r_min..r_max} for the whole tree this step (the paper's training rule)."""
+    nodes = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Node)) if isinstance(x, DyLoraNode)]
+    if not nodes:
+        raise ValueError("sample_rank: the tree has no DyLoRA nodes")
+    lo, hi = nodes[0].r_min, nodes[0].r_max
+    return with_rank(tree, jax.random.randint(key, (), lo, hi + 1))
+
+
+def truncate(tree: Any, b: int) -> Any:
+    """Every DyLoRA node as a plain ``LoraNode`` of rank ``b`` (scale alpha / b)."""
+    def cut(n: DyLoraNode) -> LoraNode:
+        if not n.r_min <= b <= n.r_max:
+            raise ValueError(f"DyLoRA rank {b} outside the trained range [{n.r_min}, {n.r_max}]")
+        return LoraNode(weight=n.weight, lora_a=n.lora_a[..., :b], lora_b=n.lora_b[..., :b, :],
+                        scale=n.alpha / b, dropout=n.dropout)
+
+    return _set(tree, cut)

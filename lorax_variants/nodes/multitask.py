@@ -1,0 +1,135 @@
+"""Multi-task adapters with per-example routing (the batched-gather idea of Punica / S-LoRA).
+
+n LoRA adapters stacked per target, A [n, in, r], B [n, r, out]; each example of a batch uses
+its own adapter, chosen by an index set on the tree with ``route(tree, task_ids)`` (per-call
+state; ``BASE`` = -1 runs the base model only):
+
+    y_e = x_e W + s · (x_e A[t_e]) B[t_e]          for example e with task t_e ≥ 0
+
+The forward gathers each example's A and B (r-wide, no d x k) and equals running each example
+alone with its own adapter. ``stack([lora_tree, ...])`` builds a stack from separately trained
+LoRA trees; ``select(tree, k)`` is adapter k as plain LoRA (merge, export).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
+from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+from lorax_variants.ops import dense
+from lorax_variants.tree import leaves_with_paths, map_with_paths
+
+__all__ = ["MultiTaskNode", "route", "select", "stack", "BASE"]
+
+BASE = -1
+
+
+@node
+class MultiTaskNode(AdapterNode):
+    variant: ClassVar[str] = "multitask"
+
+    weight: Any = frozen()
+    lora_a: jax.Array = param()  # [..., n, in, r]
+    lora_b: jax.Array = param()  # [..., n, r, out]
+    task_ids: jax.Array | None = frozen(default=None)  # int32 [..., batch], per call
+    dropout_key: jax.Array | None = frozen(default=None)
+    scale: float = static()
+    dropout: float = static(default=0.0)
+    freeze: tuple[str, ...] = static(default=())
+
+    @property
+    def n_tasks(self) -> int:
+        return self.lora_a.shape[-3]
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        if self.task_ids is None:
+            raise ValueError("multi-task adapter without routing: call route(tree, task_ids) before the forward")
+        ids = self.task_ids
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(f"route() gave {ids.shape[0]} task ids for a batch of {x.shape[0]}")
+        use = jnp.clip(ids, 0, self.n_tasks - 1)
+        a = jnp.take(self.lora_a, use, axis=0).astype(x.dtype)  # [batch, in, r]
+        b = jnp.take(self.lora_b, use, axis=0).astype(x.dtype)  # [batch, r, out]
+        xd = adapter_dropout(x, self.dropout, self.dropout_key)
+        x3 = xd.reshape(x.shape[0], -1, x.shape[-1])
+        h = jnp.einsum("bti,bir->btr", x3, a) * jnp.asarray(self.scale, x.dtype)
+        low = jnp.einsum("btr,bro->bto", h, b) * (ids >= 0).astype(x.dtype)[:, None, None]
+        y = dense(x, self.weight)
+        return y + low.reshape(y.shape)
+
+    def merge(self) -> jax.Array:
+        raise ValueError(f"a multi-task adapter ({self.n_tasks} tasks) has no single merged weight: "
+                         "merge(select(tree, task)) merges one of them")
+
+
+@register_variant("multitask")
+def build_multitask(t: Target) -> MultiTaskNode:
+    n = t.spec.n_tasks
+    keys = jax.random.split(t.key, n)
+    factors = [_lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
+    if t.spec.init == "pissa":
+        raise ValueError(f"{t.path}: PiSSA rewrites the base weight; it cannot be shared by {n} task adapters")
+    lead = len(t.lead)
+    a = jnp.stack([f[1] for f in factors], axis=lead)
+    b = jnp.stack([f[2] for f in factors], axis=lead)
+    return MultiTaskNode(weight=t.weight, lora_a=a, lora_b=b, scale=t.scale, dropout=t.spec.dropout)
+
+
+def _nodes(tree: Any) -> list[tuple[str, MultiTaskNode]]:
+    return [(p, x) for p, x in leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(x, MultiTaskNode)]
+
+
+def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
+    """Set each example's adapter index (``BASE`` = -1: base model only) on every multi-task node."""
+    ids = jnp.asarray(task_ids, jnp.int32)
+    if ids.ndim != 1:
+        raise ValueError(f"route() takes one task id per example (shape [batch]), got shape {ids.shape}")
+
+    def set_ids(n: MultiTaskNode) -> MultiTaskNode:
+        if not isinstance(task_ids, jax.core.Tracer):
+            bad = [int(i) for i in jnp.asarray(task_ids).reshape(-1) if not BASE <= int(i) < n.n_tasks]
+            if bad:
+                raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_tasks})")
+        return n.replace(task_ids=jnp.broadcast_to(ids, n.shape[:-2] + ids.shape))
+
+    return map_with_paths(lambda p, x: set_ids(x) if isinstance(x, MultiTaskNode) else x, tree, nodes_are_leaves=True)
+
+
+def select(tree: Any, task: int) -> Any:
+    """Adapter ``task`` of every multi-task node as a plain ``LoraNode``."""
+    def pick(n: MultiTaskNode) -> LoraNode:
+        if not 0 <= task < n.n_tasks:
+            raise ValueError(f"task {task} out of range [0, {n.n_tasks})")
+        lead = len(n.shape) - 2
+        take = lambda m: jnp.take(m, task, axis=lead)  # noqa: E731
+        return LoraNode(weight=n.weight, lora_a=take(n.lora_a), lora_b=take(n.lora_b), scale=n.scale, dropout=n.dropout)
+
+    if not _nodes(tree):
+        raise ValueError("select: the tree has no multi-task nodes")
+    return map_with_paths(lambda p, x: pick(x) if isinstance(x, MultiTaskNode) else x, tree, nodes_are_leaves=True)
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Separately trained LoRA trees over the same base -> one tree of multi-task nodes."""
+    if len(trees) < 2:
+        raise ValueError("stack needs at least two LoRA trees")
+    others = [dict(leaves_with_paths(t, nodes_are_leaves=True)) for t in trees[1:]]
+
+    def join(path: str, x: Any) -> Any:
+        if not isinstance(x, LoraNode):
+            return x
+        nodes = [x] + [o.get(path) for o in others]
+        for i, n in enumerate(nodes):
+            if not isinstance(n, LoraNode) or n.lora_a.shape != x.lora_a.shape or n.scale != x.scale:
+                raise ValueError(f"{path}: tree {i} has no LoRA adapter of the same rank and scale to stack")
+        lead = len(x.shape) - 2
+        return MultiTaskNode(weight=x.weight, lora_a=jnp.stack([n.lora_a for n in nodes], axis=lead),
+                             lora_b=jnp.stack([n.lora_b for n in nodes], axis=lead), scale=x.scale, dropout=x.dropout)
+
+    return map_with_paths(join, trees[0], nodes_are_leaves=True)
+

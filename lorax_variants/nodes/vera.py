@@ -1,0 +1,85 @@
+"""VeRA, vector-based random matrix adaptation (arXiv 2310.11454).
+
+    h = x W + ((x_d A_[:in]) ⊙ λ_d) B_[:, :out] ⊙ λ_b
+
+One pair of frozen random matrices, A [max_in, r] and B [r, max_out], is shared by every adapted
+layer (sized to the largest layer and sliced, as PEFT's vera_A (r, max_in) / vera_B (max_out, r)),
+stored once (``Shared``: the first adapted path owns it). Kaiming-uniform with a = 0 as PEFT
+(bound sqrt(6 / fan_in) on the torch layouts: fan_in = max_in for A, r for B). Trained per layer:
+λ_d [r] (initialised to ``d_initial``, 0.1) and λ_b [out] (initialised to 0). No alpha/r scale.
+Parameters per layer: r + out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.adapt import Target, register_variant
+from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
+from lorax_variants.nodes.lora import adapter_dropout
+from lorax_variants.ops import dense
+from lorax_variants.shared import Shared, value_of
+
+__all__ = ["VeraNode"]
+
+
+@node
+class VeraNode(AdapterNode):
+    variant: ClassVar[str] = "vera"
+
+    weight: Any = frozen()
+    vera_a: Shared = frozen()  # [max_in, r]
+    vera_b: Shared = frozen()  # [r, max_out]
+    lambda_d: jax.Array = param()  # [..., r]
+    lambda_b: jax.Array = param()  # [..., out]
+    dropout_key: jax.Array | None = frozen(default=None)
+    dropout: float = static(default=0.0)
+    freeze: tuple[str, ...] = static(default=())
+
+    def _ab(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        d_in, d_out = self.shape[-2:]
+        return value_of(self.vera_a)[:d_in].astype(dtype), value_of(self.vera_b)[:, :d_out].astype(dtype)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        a, b = self._ab(x.dtype)
+        xd = adapter_dropout(x, self.dropout, self.dropout_key)
+        h = jnp.matmul(xd, a) * self.lambda_d.astype(x.dtype)
+        return dense(x, self.weight) + jnp.matmul(h, b) * self.lambda_b.astype(x.dtype)
+
+    def merge(self) -> jax.Array:
+        a, b = self._ab(jnp.float32)
+        w = weight_of(self.weight)
+        delta = jnp.matmul(a * self.lambda_d[..., None, :], b) * self.lambda_b[..., None, :]
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def _prepare(targets: list[Target]) -> dict[str, Any]:
+    ranks = {t.r for t in targets}
+    if len(ranks) != 1:
+        raise ValueError(f"VeRA shares one pair of projections: all targets need one rank, got {sorted(ranks)} "
+                         "(remove rank_pattern)")
+    r = ranks.pop()
+    spec = targets[0].spec
+    max_in, max_out = max(t.d_in for t in targets), max(t.d_out for t in targets)
+    ka, kb = jax.random.split(jax.random.fold_in(targets[0].key, 0x7E8A))
+    dtype = jnp.dtype(spec.dtype)
+    a = jax.random.uniform(ka, (max_in, r), jnp.float32, -1, 1) * jnp.sqrt(6.0 / max_in)
+    b = jax.random.uniform(kb, (r, max_out), jnp.float32, -1, 1) * jnp.sqrt(6.0 / r)
+    return {"owner": targets[0].path, "a": a.astype(dtype), "b": b.astype(dtype)}
+
+
+@register_variant("vera", prepare=_prepare)
+def build_vera(t: Target, ctx: dict[str, Any]) -> VeraNode:
+    own = t.path == ctx["owner"]
+    dtype = jnp.dtype(t.spec.dtype)
+    return VeraNode(
+        weight=t.weight,
+        vera_a=Shared("vera_a", ctx["a"] if own else None),
+        vera_b=Shared("vera_b", ctx["b"] if own else None),
+        lambda_d=jnp.full(t.lead + (t.r,), t.spec.d_initial, dtype),
+        lambda_b=jnp.zeros(t.lead + (t.d_out,), dtype),
+        dropout=t.spec.dropout,
+    )

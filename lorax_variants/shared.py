@@ -1,0 +1,103 @@
+"""Leaves shared by several nodes (VeRA's projections, LoRA-drop's shared adapter set).
+
+A ``Shared`` wrapper stands in a node's field. Exactly one occurrence of a name, the *owner*,
+holds the value; every other occurrence holds ``None`` (no leaf), so the value is stored once
+in memory, in the trainable/frozen trees and on disk. ``resolve_shared(tree)`` fills every
+occurrence with the owner's value; done inside the differentiated function, the gradient of
+the owner's leaf is the sum over all uses, so a shared trainable set trains as one.
+
+Our models resolve at the start of ``apply`` and ``merge``/``merged`` resolve before merging.
+``run_layers`` broadcasts ``Shared`` values across stacked layers instead of slicing them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+__all__ = ["Shared", "resolve_shared", "is_shared", "value_of", "share_adapters"]
+
+
+@jax.tree_util.register_pytree_node_class
+class Shared:
+    """A named value used by several nodes; ``value is None`` marks a reference to the owner."""
+
+    def __init__(self, name: str, value: Any = None):
+        self.name, self.value = name, value
+
+    def tree_flatten(self):
+        return (self.value,), self.name
+
+    @classmethod
+    def tree_unflatten(cls, name, children):
+        return cls(name, children[0])
+
+    def __repr__(self) -> str:
+        return f"Shared({self.name!r}, {'ref' if self.value is None else getattr(self.value, 'shape', self.value)})"
+
+
+def is_shared(x: Any) -> bool:
+    return isinstance(x, Shared)
+
+
+def value_of(x: Any) -> Any:
+    """The array behind a field that may be ``Shared`` (resolved first, or this raises)."""
+    if not isinstance(x, Shared):
+        return x
+    if x.value is None:
+        raise ValueError(f"shared leaf {x.name!r} is unresolved: call resolve_shared(tree) before apply/merge")
+    return x.value
+
+
+def resolve_shared(tree: Any) -> Any:
+    """Every ``Shared`` reference gets its owner's value (pure; gradients sum over uses)."""
+    owners: dict[str, Any] = {}
+    for x in jax.tree.leaves(tree, is_leaf=is_shared):
+        if is_shared(x) and x.value is not None:
+            if x.name in owners and owners[x.name] is not x.value:
+                raise ValueError(f"shared leaf {x.name!r} has more than one owner")
+            owners[x.name] = x.value
+    if not owners:
+        return tree
+
+    def fill(x: Any) -> Any:
+        if not is_shared(x) or x.value is not None:
+            return x
+        if x.name not in owners:
+            raise ValueError(f"shared leaf {x.name!r} has no owner in this tree (was it split off? combine first)")
+        return Shared(x.name, owners[x.name])
+
+    return jax.tree.map(fill, tree, is_leaf=is_shared)
+
+
+def share_adapters(tree: Any, paths: list[str], name: str = "shared") -> Any:
+    """Make the LoRA nodes at ``paths`` use one adapter set (A, B): the first path's, stored once.
+
+    The others keep their own frozen weights and scales; after training, the owner's A and B hold
+    gradients summed over every use (LoRA-drop shares one set among its unselected layers).
+    """
+    from lorax_variants.nodes.lora import LoraNode
+    from lorax_variants.tree import leaves_with_paths, map_with_paths
+
+    nodes = dict(leaves_with_paths(tree, nodes_are_leaves=True))
+    missing = [p for p in paths if not isinstance(nodes.get(p), LoraNode)]
+    if missing:
+        raise ValueError(f"share_adapters: {missing} are not LoRA nodes of this tree")
+    owner = nodes[paths[0]]
+    a, b = value_of(owner.lora_a), value_of(owner.lora_b)
+    for p in paths[1:]:
+        n = nodes[p]
+        if value_of(n.lora_a).shape != a.shape or value_of(n.lora_b).shape != b.shape:
+            raise ValueError(f"share_adapters: {p} has A {value_of(n.lora_a).shape}, B {value_of(n.lora_b).shape}; "
+                             f"{paths[0]} has A {a.shape}, B {b.shape}")
+    wanted = {p: i for i, p in enumerate(paths)}
+
+    def wrap(path: str, x: Any) -> Any:
+        if path not in wanted:
+            return x
+        own = wanted[path] == 0
+        return x.replace(lora_a=Shared(f"{name}/lora_a", a if own else None),
+                         lora_b=Shared(f"{name}/lora_b", b if own else None))
+
+    return map_with_paths(wrap, tree, nodes_are_leaves=True)

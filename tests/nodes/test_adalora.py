@@ -1,0 +1,55 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import torch
+
+import lorax_variants as lv
+from tests import peft_refs as R
+
+
+def _pair():
+    torch.manual_seed(0)
+    cfg = peft.AdaLoraConfig(init_r=6, target_r=2, lora_alpha=12, target_modules=["up", "down"], total_step=100)
+    model = peft.get_peft_model(R.TwoLinear(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_()
+    ours = lv.adapt(R.weights_of(model), lv.AdapterSpec(targets=r"(up|down)/kernel", r=6, alpha=12, variant="adalora"), 0)
+    for name in ("up", "down"):
+        layer = getattr(model.base_model.model, name)
+        ours[name]["kernel"] = ours[name]["kernel"].replace(
+            lora_a=jnp.asarray(layer.lora_A["default"].detach().numpy().T),
+            lora_e=jnp.asarray(layer.lora_E["default"].detach().numpy()[:, 0]),
+            lora_b=jnp.asarray(layer.lora_B["default"].detach().numpy().T))
+    return model, ours
+
+
+def test_forward_equals_peft_adalora():
+    model, ours = _pair()
+    x = torch.randn(5, 24)
+    np.testing.assert_allclose(R.apply(ours, jnp.asarray(x.numpy())), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_orthogonal_penalty_equals_peft():
+    model, ours = _pair()
+    total, n = 0.0, 0
+    for name, p in model.named_parameters():  # PEFT's AdaLoraModel.forward regulariser
+        if "lora_A" in name or "lora_B" in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            total += torch.norm(cov - torch.eye(*cov.size()), p="fro").item()
+            n += 1
+    np.testing.assert_allclose(lv.orthogonal_penalty(ours), total / n, rtol=1e-5)
+
+
+def test_init_scale_and_rank_mask():
+    node = lv.adapt({"w": jnp.ones((64, 48))}, lv.AdapterSpec(targets="w", r=8, alpha=16, variant="adalora"), 0)["w"]
+    assert not np.asarray(node.lora_e).any() and abs(float(np.std(node.lora_a)) - 0.02) < 0.004
+    assert node.scale == 16 / (8 + 1e-5)
+    node = node.replace(lora_e=jnp.arange(1.0, 9.0), rank_mask=jnp.array([1, 1, 0, 1, 0, 0, 0, 1.0]))
+    x = jax.random.normal(jax.random.key(0), (3, 64))
+    e = np.arange(1.0, 9.0) * np.array([1, 1, 0, 1, 0, 0, 0, 1.0])
+    expect = np.asarray(x) @ (np.ones((64, 48)) + node.scale * (np.asarray(node.lora_a) * e) @ np.asarray(node.lora_b))
+    np.testing.assert_allclose(lv.dense(x, node), expect, rtol=1e-4, atol=1e-4)
+    assert int(node.ranks()) == 4

@@ -1,0 +1,39 @@
+"""Small torch models wrapped by PEFT, for forward-parity tests."""
+
+import torch
+
+
+class TwoLinear(torch.nn.Module):
+    """Two projections of different shapes (VeRA slices its shared matrices per layer)."""
+
+    def __init__(self, d_in=24, d_mid=40, d_out=16):
+        super().__init__()
+        self.up = torch.nn.Linear(d_in, d_mid)
+        self.down = torch.nn.Linear(d_mid, d_out)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def weights_of(model):
+    """Our params tree ([in, out] kernels + biases) for the base of a (PEFT-wrapped) TwoLinear."""
+    import jax.numpy as jnp
+
+    base = model.base_model.model if hasattr(model, "base_model") else model
+    out = {}
+    for name in ("up", "down"):
+        layer = getattr(base, name)
+        layer = getattr(layer, "base_layer", layer)
+        out[name] = {"kernel": jnp.asarray(layer.weight.detach().numpy().T), "bias": jnp.asarray(layer.bias.detach().numpy())}
+    return out
+
+
+def apply(tree, x):
+    """Our forward of TwoLinear over an adapted tree."""
+    import jax
+
+    import lorax_variants as lv
+
+    tree = lv.resolve_shared(tree)
+    h = jax.nn.relu(lv.dense(x, tree["up"]["kernel"]) + tree["up"]["bias"])
+    return lv.dense(h, tree["down"]["kernel"]) + tree["down"]["bias"]
