@@ -53,20 +53,21 @@ def value_of(x: Any) -> Any:
 def resolve_shared(tree: Any) -> Any:
     """Every ``Shared`` reference gets its owner's value (pure; gradients sum over uses)."""
     owners: dict[str, Any] = {}
+    found = False
     for x in jax.tree.leaves(tree, is_leaf=is_shared):
-        if is_shared(x) and x.value is not None:
-            if x.name in owners and owners[x.name] is not x.value:
-                raise ValueError(f"shared leaf {x.name!r} has more than one owner")
-            owners[x.name] = x.value
-    if not owners:
+        if is_shared(x):
+            found = True
+            if x.value is not None:
+                owners.setdefault(x.name, x.value)  # an already-resolved tree: the first use wins
+    if not found:
         return tree
 
     def fill(x: Any) -> Any:
-        if not is_shared(x) or x.value is not None:
+        if not is_shared(x):
             return x
         if x.name not in owners:
             raise ValueError(f"shared leaf {x.name!r} has no owner in this tree (was it split off? combine first)")
-        return Shared(x.name, owners[x.name])
+        return Shared(x.name, owners[x.name])  # every use reads the owner's value
 
     return jax.tree.map(fill, tree, is_leaf=is_shared)
 

@@ -1,0 +1,54 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax_variants as lv
+from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = TinyTransformer(TinyConfig(d_model=32, n_heads=2, d_ff=64, n_layers=2))
+    params = model.init(jax.random.key(0))
+    spec = lv.AdapterSpec(targets=r"layers/(attn|mlp)/\w+_proj", stacked=STACKED, r=4, variant="multitask", n_tasks=3)
+    tree = lv.adapt(params, spec, 1)
+    tree = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05 * jnp.arange(1, 4.0)[None, :, None, None])
+                        if isinstance(n, lv.MultiTaskNode) else n, tree, is_leaf=lambda n: isinstance(n, lv.MultiTaskNode))
+    ids = jax.random.randint(jax.random.key(2), (4, 8), 0, 256)
+    return model, params, tree, ids
+
+
+def test_routed_batch_equals_each_example_alone(setup):
+    model, params, tree, ids = setup
+    tasks = [2, 0, lv.BASE, 1]
+    batch = model.apply(lv.route(tree, tasks), ids)
+    for e, t in enumerate(tasks):
+        alone = model.apply(params if t == lv.BASE else lv.select(tree, t), ids[e:e + 1])
+        np.testing.assert_allclose(batch[e:e + 1], alone, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(batch[0], batch[1])  # tasks really differ
+
+
+def test_stack_of_separate_adapters_and_merge_of_one(setup):
+    model, params, tree, ids = setup
+    singles = [lv.select(tree, k) for k in range(3)]
+    restacked = lv.stack(singles)
+    np.testing.assert_array_equal(model.apply(lv.route(restacked, [0, 1, 2, 1]), ids),
+                                  model.apply(lv.route(tree, [0, 1, 2, 1]), ids))
+    np.testing.assert_allclose(model.apply(lv.merge(lv.select(tree, 2)), ids[:1]),
+                               model.apply(lv.route(tree, [2]), ids[:1]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="merge\\(select\\(tree, task\\)\\)"):
+        lv.merge(tree)
+    with pytest.raises(ValueError, match="route\\(tree, task_ids\\)"):
+        model.apply(tree, ids)
+    with pytest.raises(ValueError, match=r"task ids \[3\] out of range"):
+        lv.route(tree, [0, 3])
+
+
+def test_training_one_task_leaves_the_others_unchanged(setup):
+    model, params, tree, ids = setup
+    t, f = lv.split(tree)
+    g = jax.grad(lambda t: jnp.sum(model.apply(lv.route(lv.combine(t, f), [1, 1, 1, 1]), ids) ** 2))(t)
+    q = g["layers"]["attn"]["q_proj"]
+    assert np.abs(np.asarray(q.lora_b[:, 1])).max() > 0
+    assert not np.asarray(q.lora_b[:, 0]).any() and not np.asarray(q.lora_b[:, 2]).any()
