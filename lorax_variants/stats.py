@@ -56,7 +56,7 @@ def _unique(leaves: list[Any]) -> list[Any]:
 
 
 def count_params(tree: Any, *, extra: Patterns = None) -> ParamCount:
-    """Number of trainable and frozen parameters (array elements; keys excluded).
+    """Number of trainable and frozen parameters (floating-point array elements).
 
     A quantized weight counts as the weights it represents (``in x out``), not its packed bytes.
     """
@@ -75,8 +75,8 @@ def count_params(tree: Any, *, extra: Patterns = None) -> ParamCount:
         if id(x) in seen or getattr(x, "dtype", None) is None:
             continue
         seen.add(id(x))
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            continue
+        if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            continue  # keys, ranks, task ids, masks: state, not parameters
         counts[bool(m)] += _size(x)
     return ParamCount(trainable=counts[True], frozen=counts[False])
 

@@ -32,14 +32,14 @@ class AdaLoraNode(AdapterNode):
     lora_a: jax.Array = param()  # Qᵀ [..., in, r]
     lora_e: jax.Array = param()  # Λ [..., r]
     lora_b: jax.Array = param()  # Pᵀ [..., r, out]
-    rank_mask: jax.Array = frozen()  # [..., r], 1 kept / 0 pruned
+    rank_mask: jax.Array = frozen()  # bool [..., r]: True kept, False pruned
     dropout_key: jax.Array | None = frozen(default=None)
     scale: float = static()
     dropout: float = static(default=0.0)
     freeze: tuple[str, ...] = static(default=())
 
     def _e(self, dtype: Any) -> jax.Array:
-        return (self.lora_e * self.rank_mask).astype(dtype)
+        return (self.lora_e * self.rank_mask.astype(self.lora_e.dtype)).astype(dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
@@ -53,7 +53,7 @@ class AdaLoraNode(AdapterNode):
 
     def ranks(self) -> jax.Array:
         """Ranks in use (per stacked layer)."""
-        return jnp.sum(self.rank_mask > 0, axis=-1)
+        return jnp.sum(self.rank_mask, axis=-1)
 
 
 @register_variant("adalora")
@@ -65,7 +65,7 @@ def build_adalora(t: Target) -> AdaLoraNode:
         lora_a=(0.02 * jax.random.normal(ka, t.lead + (t.d_in, t.r))).astype(dtype),
         lora_e=jnp.zeros(t.lead + (t.r,), dtype),
         lora_b=(0.02 * jax.random.normal(kb, t.lead + (t.r, t.d_out))).astype(dtype),
-        rank_mask=jnp.ones(t.lead + (t.r,), jnp.float32),
+        rank_mask=jnp.ones(t.lead + (t.r,), bool),
         scale=t.alpha / (t.r + 1e-5),
         dropout=t.spec.dropout,
     )

@@ -47,7 +47,7 @@ def test_init_scale_and_rank_mask():
     node = lv.adapt({"w": jnp.ones((64, 48))}, lv.AdapterSpec(targets="w", r=8, alpha=16, variant="adalora"), 0)["w"]
     assert not np.asarray(node.lora_e).any() and abs(float(np.std(node.lora_a)) - 0.02) < 0.004
     assert node.scale == 16 / (8 + 1e-5)
-    node = node.replace(lora_e=jnp.arange(1.0, 9.0), rank_mask=jnp.array([1, 1, 0, 1, 0, 0, 0, 1.0]))
+    node = node.replace(lora_e=jnp.arange(1.0, 9.0), rank_mask=jnp.array([1, 1, 0, 1, 0, 0, 0, 1], bool))
     x = jax.random.normal(jax.random.key(0), (3, 64))
     e = np.arange(1.0, 9.0) * np.array([1, 1, 0, 1, 0, 0, 0, 1.0])
     expect = np.asarray(x) @ (np.ones((64, 48)) + node.scale * (np.asarray(node.lora_a) * e) @ np.asarray(node.lora_b))

@@ -1,0 +1,70 @@
+"""Claims every variant makes: factored without d x k, composes over a quantized base, counts."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax_variants as lv
+
+D_IN, D_OUT = 128, 80
+VARIANTS = [v for v in lv.variants()]
+
+
+def _adapted(variant, quantized=False):
+    w = jax.random.normal(jax.random.key(0), (D_IN, D_OUT))
+    tree = {"w": w}
+    if quantized:
+        tree = lv.quantize(tree, lv.QuantSpec(targets="w"))
+    spec = lv.AdapterSpec(targets="w", r=4, variant=variant, n_tasks=2, r_min=2)
+    trainable, frozen = lv.split(lv.adapt(tree, spec, 0))
+    tree = lv.combine(jax.tree.map(lambda x: x + 0.05, trainable), frozen)  # move every trainable leaf off init
+    if variant == "multitask":
+        tree = lv.route(tree, [0, 1, 1])
+    if variant == "dylora":
+        tree = lv.with_rank(tree, 3)
+    return tree
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_and_backward_never_form_a_weight_sized_intermediate(variant):
+    tree = _adapted(variant)
+    trainable, frozen = lv.split(tree)
+    x = jax.random.normal(jax.random.key(1), (3, 5, D_IN))
+    loss = lambda t, f: jnp.sum(jnp.tanh(lv.dense(x, lv.resolve_shared(lv.combine(t, f))["w"])))  # noqa: E731
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen).compile().as_text()
+    producers = re.findall(rf"= f32\[(?:{D_IN},{D_OUT}|{D_OUT},{D_IN})\]\S* ([\w-]+)\(", hlo)
+    assert set(producers) <= {"parameter"}, producers
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "multitask"])
+def test_over_a_quantized_base_factored_equals_merged(variant):
+    tree = _adapted(variant, quantized=True)
+    node = lv.resolve_shared(tree)["w"]
+    assert isinstance(node.weight, lv.QuantizedNode)
+    x = jax.random.normal(jax.random.key(1), (3, D_IN))
+    np.testing.assert_allclose(lv.dense(x, node), x @ lv.merge(tree)["w"], rtol=1e-4, atol=1e-4)
+    assert lv.count_params(tree) == lv.count_params(_adapted(variant))  # a quantized base counts as its weights
+    t, _ = lv.split(tree)
+    assert all(not isinstance(x, lv.QuantizedNode) for x in jax.tree.leaves(t, is_leaf=lambda n: isinstance(n, lv.Node)))
+
+
+def test_multitask_over_a_quantized_base_equals_each_adapter():
+    tree = _adapted("multitask", quantized=True)
+    x = jax.random.normal(jax.random.key(1), (3, D_IN))
+    out = lv.dense(x, tree["w"])
+    for e, k in enumerate([0, 1, 1]):
+        np.testing.assert_allclose(out[e], x[e] @ lv.merge(lv.select(tree, k))["w"], rtol=1e-4, atol=1e-4)
+
+
+def test_parameter_counts_follow_each_formula():
+    r, n = 4, D_IN * D_OUT
+    expect = {"lora": r * (D_IN + D_OUT), "lora_fa": r * D_OUT, "dora": r * (D_IN + D_OUT) + D_OUT,
+              "vera": r + D_OUT, "adalora": r * (D_IN + D_OUT) + r, "dylora": r * (D_IN + D_OUT),
+              "sora": r * (D_IN + D_OUT) + r, "multitask": 2 * r * (D_IN + D_OUT)}
+    frozen_extra = {"lora_fa": D_IN * r, "vera": D_IN * r + r * D_OUT, "dora": D_OUT}  # A; projections; ‖W‖²
+    assert set(expect) == set(VARIANTS)
+    for v, k in expect.items():
+        assert lv.count_params(_adapted(v)) == lv.ParamCount(trainable=k, frozen=n + frozen_extra.get(v, 0)), v
