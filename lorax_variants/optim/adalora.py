@@ -1,0 +1,142 @@
+"""AdaLoRA's rank allocator (arXiv 2303.10512) as an Optax transformation around a base optimizer.
+
+After each base update (params p' = p + u, gradient g of this step), for every AdaLoRA leaf:
+
+    I = |p' · g|,   Ī ← β₁ Ī + (1 − β₁) I,   Ū ← β₂ Ū + (1 − β₂) |I − Ī|,   s = Ī · Ū
+    S_i = s(Λ_i) + mean_j s(Q_{i j}) + mean_j s(P_{j i})      (triplet i of each matrix)
+
+and a global budget b(t) over all triplets of all layers (b₀ = Σ r_init, b_T = target_r · #matrices):
+b₀ until t_init; b_T after T − t_final; between, b(t) = b_T + (b₀ − b_T)(1 − (t − t_init)/(T −
+t_final − t_init))³, masking every ΔT steps. Masking zeroes Λ_i for the b₀ − b(t) lowest S_i
+(S at or below the k-th smallest); at T − t_final the final pattern is fixed and applied every
+step after. This is PEFT's ``RankAllocator.update_and_allocate`` step for step (t counts from 0
+at the first update). k is clamped to [0, b₀]. The allocator cannot be skipped: it wraps the
+optimizer. Add ``orth_weight · orthogonal_penalty(tree)`` to the loss (PEFT: 0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorax_variants.nodes.adalora import AdaLoraNode
+from lorax_variants.nodes.base import Node
+
+__all__ = ["adalora_allocator", "AllocatorState", "budget_schedule", "rank_pattern", "with_rank_pattern"]
+
+
+class AllocatorState(NamedTuple):
+    count: jax.Array
+    ema_ipt: Any  # trees shaped like the trainable tree (AdaLoRA fields)
+    ema_unc: Any
+    keep: Any  # per AdaLoRA node: bool [..., r], the current rank pattern
+    base: Any
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, Node)
+
+
+def _ada_nodes(tree: Any) -> list[AdaLoraNode]:
+    return [n for n in jax.tree.leaves(tree, is_leaf=_is_node) if isinstance(n, AdaLoraNode)]
+
+
+def budget_schedule(t: jax.Array, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int,
+                    delta_t: int) -> tuple[jax.Array, jax.Array]:
+    """(budget, mask now?) at step t, as PEFT's ``budget_schedule``."""
+    span = max(total_step - tfinal - tinit, 1)
+    mul = 1.0 - (t - tinit) / span
+    mid = jnp.floor((init_bgt - target_bgt) * mul**3 + target_bgt).astype(jnp.int32)
+    budget = jnp.where(t <= tinit, init_bgt, jnp.where(t > total_step - tfinal, target_bgt, mid))
+    mask = jnp.where(t <= tinit, False, jnp.where(t > total_step - tfinal, True, t % delta_t == 0))
+    return budget, mask
+
+
+def adalora_allocator(
+    base: optax.GradientTransformation, *, target_r: int, total_step: int, tinit: int = 0, tfinal: int = 0,
+    delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85,
+) -> optax.GradientTransformation:
+    if not (0 < beta1 < 1 and 0 < beta2 < 1):
+        raise ValueError(f"beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
+    if total_step <= tinit + tfinal:
+        raise ValueError(f"total_step={total_step} must exceed tinit + tfinal = {tinit + tfinal}")
+
+    def init(params: Any) -> AllocatorState:
+        nodes = _ada_nodes(params)
+        if not nodes:
+            raise ValueError("adalora_allocator: the trainable tree has no AdaLoRA nodes")
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        keep = [jnp.ones(n.lora_e.shape, bool) for n in nodes]
+        return AllocatorState(jnp.zeros((), jnp.int32), zeros, zeros, keep, base.init(params))
+
+    def update(grads: Any, state: AllocatorState, params: Any = None) -> tuple[Any, AllocatorState]:
+        if params is None:
+            raise ValueError("adalora_allocator needs params: call tx.update(grads, state, params)")
+        t = state.count
+        updates, base_state = base.update(grads, state.base, params)
+        new_params = optax.apply_updates(params, updates)
+        nodes = _ada_nodes(new_params)
+        init_bgt = sum(int(n.lora_e.size) for n in nodes)
+        n_mat = sum(int(n.lora_e.size) // n.lora_e.shape[-1] for n in nodes)
+        final_t = total_step - tfinal
+
+        # Importance EMAs (only before the final phase, as PEFT).
+        ipt = jax.tree.map(lambda p, g: jnp.abs(p * g), new_params, grads)
+        ema_i = jax.tree.map(lambda e, i: beta1 * e + (1 - beta1) * i, state.ema_ipt, ipt)
+        ema_u = jax.tree.map(lambda u, i, e: beta2 * u + (1 - beta2) * jnp.abs(i - e), state.ema_unc, ipt, ema_i)
+        learning = t < final_t
+        ema_i = jax.tree.map(lambda a, b: jnp.where(learning, a, b), ema_i, state.ema_ipt)
+        ema_u = jax.tree.map(lambda a, b: jnp.where(learning, a, b), ema_u, state.ema_unc)
+
+        # Triplet scores, one vector per node, then one global threshold.
+        scores = []
+        for ni, nu in zip(_ada_nodes(ema_i), _ada_nodes(ema_u)):
+            s = lambda f: getattr(ni, f) * getattr(nu, f)  # noqa: E731
+            scores.append(s("lora_e") + jnp.mean(s("lora_a"), axis=-2) + jnp.mean(s("lora_b"), axis=-1))
+        flat = jnp.concatenate([x.reshape(-1) for x in scores])
+        budget, mask_now = budget_schedule(t, init_bgt, target_r * n_mat, tinit, tfinal, total_step, delta_t)
+        k = jnp.clip(init_bgt - budget, 0, init_bgt)
+        threshold = jnp.where(k > 0, jnp.sort(flat)[jnp.maximum(k - 1, 0)], -jnp.inf)
+        fresh = [x > threshold for x in scores]
+        at_final = t == final_t
+        after = t > final_t
+        keep = [jnp.where((mask_now & ~after) | at_final, f, old) for f, old in zip(fresh, state.keep)]
+        apply_mask = mask_now | at_final | after
+
+        it = iter(keep)
+
+        def mask_e(n: Any) -> Any:
+            if not isinstance(n, AdaLoraNode):
+                return n
+            kept = next(it)
+            return n.replace(lora_e=jnp.where(apply_mask & ~kept, 0.0, n.lora_e).astype(n.lora_e.dtype))
+
+        masked = jax.tree.map(mask_e, new_params, is_leaf=_is_node)
+        # Reset EMAs at the final allocation (PEFT's reset_ipt).
+        ema_i = jax.tree.map(lambda e: jnp.where(at_final, 0.0, e).astype(e.dtype), ema_i)
+        ema_u = jax.tree.map(lambda e: jnp.where(at_final, 0.0, e).astype(e.dtype), ema_u)
+        new_updates = jax.tree.map(lambda m, p: m - p, masked, params)
+        return new_updates, AllocatorState(t + 1, ema_i, ema_u, keep, base_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def rank_pattern(state: AllocatorState) -> list[jax.Array]:
+    """The kept ranks of each AdaLoRA node (tree order), bool [..., r]: the final rank pattern."""
+    return list(state.keep)
+
+
+def with_rank_pattern(tree: Any, state: AllocatorState) -> Any:
+    """The tree with each AdaLoRA node's ``rank_mask`` set to the allocator's pattern (for export)."""
+    it = iter(state.keep)
+
+    def set_mask(n: Any) -> Any:
+        return n.replace(rank_mask=next(it)) if isinstance(n, AdaLoraNode) else n
+
+    out = jax.tree.map(set_mask, tree, is_leaf=_is_node)
+    if next(it, None) is not None:
+        raise ValueError("with_rank_pattern: the tree has fewer AdaLoRA nodes than the allocator state")
+    return out
