@@ -12,6 +12,7 @@ from lorax_variants.nodes import AdapterNode, LoraNode, Node
 from lorax_variants.nodes.adalora import AdaLoraNode, orthogonal_penalty
 from lorax_variants.nodes.dora import DoraNode
 from lorax_variants.nodes.dylora import DyLoraNode, sample_rank, truncate, with_rank
+from lorax_variants.nodes.lora_drop import LoraDropNode
 from lorax_variants.nodes.multitask import BASE, MultiTaskNode, route, select, stack
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode, prune
@@ -53,6 +54,7 @@ __all__ = [
     "DyLoraNode",
     "SoraNode",
     "MultiTaskNode",
+    "LoraDropNode",
     "orthogonal_penalty",
     "with_rank",
     "sample_rank",

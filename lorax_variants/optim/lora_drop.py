@@ -1,0 +1,132 @@
+"""LoRA-drop (arXiv 2402.07721): keep adapters where their output matters, share one set elsewhere.
+
+1. Train LoRA briefly on a sample (any loop).
+2. ``importance(apply, tree, batches)``: for every adapted weight (each stacked layer apart),
+   I_i = Σ_x ‖ΔW_i x_i‖² over the sample (x_i: that layer's input), normalised to sum to 1.
+3. ``select(tree, importance, threshold=0.9)``: layers sorted by I_i descending are kept until
+   their cumulative share reaches ``threshold``; kept layers keep their own adapters, the others
+   share one adapter set (one per weight shape), stored once.
+4. Train on.
+
+The per-layer inputs are read without side channels: each LoRA node gets a zero probe leaf and
+adds ``tap(probe, ‖ΔW x‖²)``, which is 0 in the forward pass and whose backward pass returns the
+statistic as the probe's gradient; one ``jax.grad`` over the probes returns every layer's
+importance, through ``scan`` and ``jit`` alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
+from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.nodes.lora_drop import LoraDropNode
+from lorax_variants.shared import Shared
+from lorax_variants.tree import leaves_with_paths, map_with_paths
+
+__all__ = ["importance", "select"]
+
+
+@jax.custom_vjp
+def _tap(probe: jax.Array, value: jax.Array) -> jax.Array:
+    return jnp.zeros((), value.dtype)
+
+
+def _tap_fwd(probe, value):
+    return _tap(probe, value), value
+
+
+def _tap_bwd(value, g):
+    return value.astype(jnp.float32), jnp.zeros_like(value)
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+@node
+class _Probed(AdapterNode):
+    inner: Any = frozen()
+    probe: jax.Array = param()
+    dummy: int = static(default=0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inner.shape
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        n = self.inner
+        low = jnp.matmul(jnp.matmul(x, n.lora_a.astype(x.dtype)) * jnp.asarray(n.scale, x.dtype), n.lora_b.astype(x.dtype))
+        stat = jnp.sum(jax.lax.stop_gradient(low).astype(jnp.float32) ** 2)
+        return n.apply(x) + _tap(self.probe, stat).astype(x.dtype)
+
+    def merge(self) -> jax.Array:
+        return self.inner.merge()
+
+
+def importance(apply: Callable[[Any, Any], jax.Array], tree: Any, batches: Iterable[Any],
+               stacked: str | None = None) -> dict[str, np.ndarray]:
+    """Normalised I_i per LoRA path (an array over stacked layers), from ``apply(tree, batch)``."""
+    from lorax_variants.tree import compile_patterns, matches
+
+    st = compile_patterns(stacked)
+    lora = {p: n for p, n in leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(n, LoraNode)}
+    if not lora:
+        raise ValueError("lora_drop.importance: the tree has no LoRA nodes")
+    for p, n in lora.items():
+        if len(n.shape) > 2 and not matches(p, st):
+            raise ValueError(f"{p}: stacked LoRA node; pass stacked= (the model's stacked pattern)")
+    probes = {p: jnp.zeros(n.shape[:-2], jnp.float32) for p, n in lora.items()}
+
+    def with_probes(pr: dict[str, jax.Array]) -> Any:
+        return map_with_paths(lambda p, x: _Probed(inner=x, probe=pr[p]) if p in pr else x, tree, nodes_are_leaves=True)
+
+    grad = jax.jit(jax.grad(lambda pr, b: jnp.sum(apply(with_probes(pr), b).astype(jnp.float32))))
+    total = {p: np.zeros(v.shape) for p, v in probes.items()}
+    for batch in batches:
+        for p, g in grad(probes, batch).items():
+            total[p] += np.asarray(g)
+    norm = sum(float(v.sum()) for v in total.values())
+    if norm <= 0:
+        raise ValueError("lora_drop.importance: every adapter output is zero (train briefly first)")
+    return {p: v / norm for p, v in total.items()}
+
+
+def select(tree: Any, scores: dict[str, np.ndarray], threshold: float = 0.9) -> tuple[Any, dict[str, np.ndarray]]:
+    """Keep the most important layers up to ``threshold`` of the total; the rest share one set.
+
+    Returns the tree (LoRA nodes -> ``LoraDropNode``) and the keep mask per path.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"LoRA-drop threshold must be in (0, 1], got {threshold}")
+    flat = [(float(v), p, idx) for p, arr in scores.items() for idx, v in np.ndenumerate(np.asarray(arr))]
+    flat.sort(key=lambda t: -t[0])
+    keep = {p: np.zeros(np.asarray(a).shape, bool) for p, a in scores.items()}
+    cum = 0.0
+    for v, p, idx in flat:
+        if cum >= threshold - 1e-9:  # reached (up to rounding of the running sum)
+            break
+        keep[p][idx] = True
+        cum += v
+    owners: dict[str, str] = {}
+
+    def convert(path: str, n: Any) -> Any:
+        if path not in keep or keep[path].all():
+            return n  # every layer kept: stays plain LoRA
+        shape = (n.lora_a.shape[-2:], n.lora_b.shape[-2:])
+        name = f"lora_drop/{shape[0][0]}x{shape[1][1]}r{shape[0][1]}"
+        own = name not in owners
+        if own:
+            owners[name] = path
+        lead = n.lora_a.ndim - 2
+        pick = tuple(np.argwhere(~keep[path])[0])  # the shared set starts from a dropped layer's adapter
+        first = lambda m: m[pick] if lead else m  # noqa: E731
+        return LoraDropNode(weight=n.weight, lora_a=n.lora_a, lora_b=n.lora_b,
+                            shared_a=Shared(f"{name}/a", first(n.lora_a) if own else None),
+                            shared_b=Shared(f"{name}/b", first(n.lora_b) if own else None),
+                            keep=jnp.asarray(keep[path]), scale=n.scale, dropout=n.dropout)
+
+    return map_with_paths(convert, tree, nodes_are_leaves=True), keep

@@ -1,0 +1,70 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax_variants as lv
+from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
+from lorax_variants.optim import lora_drop
+
+
+def _mlp_tree():
+    ws = {f"l{i}": jax.random.normal(jax.random.key(i), (8, 8)) * 0.5 for i in range(4)}
+    tree = lv.adapt(ws, lv.AdapterSpec(targets=r"l\d", r=2, alpha=4), 0)
+    scales = [0.02, 1.0, 0.05, 0.6]  # adapters of very different sizes
+    return {k: n.replace(lora_b=s * jax.random.normal(jax.random.key(10 + i), (2, 8)))
+            for i, ((k, n), s) in enumerate(zip(sorted(tree.items()), scales))}
+
+
+def _apply(tree, x):
+    tree = lv.resolve_shared(tree)
+    for i in range(4):
+        x = jnp.tanh(lv.dense(x, tree[f"l{i}"]))
+    return x
+
+
+def test_importance_equals_sum_of_squared_delta_outputs():
+    tree = _mlp_tree()
+    batches = [jax.random.normal(jax.random.key(20 + b), (5, 8)) for b in range(3)]
+    scores = lora_drop.importance(_apply, tree, batches)
+    raw = np.zeros(4)
+    for x in batches:  # numpy reference: run the network, read each layer's input
+        h = np.asarray(x, np.float64)
+        for i in range(4):
+            n = tree[f"l{i}"]
+            delta = n.scale * np.asarray(n.lora_a, np.float64) @ np.asarray(n.lora_b, np.float64)
+            raw[i] += np.sum((h @ delta) ** 2)
+            h = np.tanh(h @ (np.asarray(n.weight, np.float64) + delta))
+    np.testing.assert_allclose([float(scores[f"l{i}"]) for i in range(4)], raw / raw.sum(), rtol=1e-4)
+
+
+def test_select_keeps_the_top_share_and_the_rest_share_one_set_that_trains():
+    tree = _mlp_tree()
+    scores = {"l0": np.array(0.05), "l1": np.array(0.6), "l2": np.array(0.05), "l3": np.array(0.3)}
+    dropped, keep = lora_drop.select(tree, scores, threshold=0.9)
+    assert {p: bool(k) for p, k in keep.items()} == {"l0": False, "l1": True, "l2": False, "l3": True}
+    assert isinstance(dropped["l1"], lv.LoraNode) and isinstance(dropped["l0"], lv.LoraDropNode)
+    trainable, frozen = lv.split(dropped)
+    shared_leaves = [p for p, _ in lv.leaves_with_paths(trainable) if "shared" in p]
+    assert len(shared_leaves) == 2  # one A and one B for the two dropped layers
+    g = jax.grad(lambda t: jnp.sum(_apply(lv.combine(t, frozen), jnp.ones((2, 8)))))(trainable)
+    owner = "l0" if g["l0"].shared_a.value is not None else "l2"
+    assert np.abs(np.asarray(g[owner].shared_a.value)).max() > 0
+    with pytest.raises(ValueError, match="threshold"):
+        lora_drop.select(tree, scores, threshold=0)
+
+
+def test_stacked_model_per_layer_importance_and_selection_under_scan():
+    model = TinyTransformer(TinyConfig(d_model=32, n_heads=2, d_ff=64, n_layers=4))
+    params = model.init(jax.random.key(0))
+    tree = lv.adapt(params, lv.AdapterSpec(targets=r"layers/attn/(q|v)_proj", stacked=STACKED, r=4), 1)
+    tree = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.1 * jnp.arange(1, 5.0)[:, None, None]) if isinstance(n, lv.LoraNode) else n,
+                        tree, is_leaf=lambda n: isinstance(n, lv.LoraNode))
+    ids = [jax.random.randint(jax.random.key(3), (2, 8), 0, 256)]
+    scores = lora_drop.importance(model.apply, tree, ids, stacked=STACKED)
+    assert scores["layers/attn/q_proj"].shape == (4,)
+    assert abs(sum(float(v.sum()) for v in scores.values()) - 1) < 1e-6
+    dropped, keep = lora_drop.select(tree, scores, threshold=0.7)
+    assert 0 < sum(int(k.sum()) for k in keep.values()) < 8
+    out = model.apply(dropped, ids[0])
+    np.testing.assert_allclose(out, model.apply(lv.merge(dropped), ids[0]), rtol=1e-4, atol=1e-4)
