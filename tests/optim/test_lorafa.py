@@ -42,17 +42,17 @@ def test_one_adamw_step_matches_peft_lorafa_optimizer():
     torch.mean((model(x) - y) ** 2).backward()
     opt.step()
     trainable, frozen = lv.split(ours)
-    tx = optax.chain(lorafa_projection(ours), optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-6))
     loss = lambda t: jnp.mean((R.apply(lv.combine(t, frozen), jnp.asarray(x.numpy())) - jnp.asarray(y.numpy())) ** 2)  # noqa: E731
-    u, _ = tx.update(jax.grad(loss)(trainable), tx.init(trainable), trainable)
-    new = optax.apply_updates(trainable, u)
-    # PEFT's AdamW adds eps before bias correction and runs the projection under bf16 autocast:
-    # the first step (about ±lr per entry) agrees to a small fraction of lr, and never in sign
-    # where the step is clearly non-zero.
+    projected, _ = lorafa_projection(ours).update(jax.grad(loss)(trainable), optax.EmptyState())
+    # PEFT's AdamW, first step, written out: m = (1-β1) g, v = (1-β2) g², eps added before the
+    # bias correction (lr · sqrt(1-β2)/(1-β1) · m / (sqrt(v) + eps)). Applied to our projected
+    # gradient it reproduces PEFT's step, up to PEFT's bf16 autocast of the projection.
+    b1, b2, eps, lr = 0.9, 0.999, 1e-6, 1e-2
     for name in ("up", "down"):
+        g = np.asarray(projected[name]["kernel"].lora_b, np.float64)
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        step = -lr * np.sqrt(1 - b2) / (1 - b1) * m / (np.sqrt(v) + eps)
         before = np.asarray(trainable[name]["kernel"].lora_b)
         theirs = getattr(model.base_model.model, name).lora_B["default"].weight.detach().numpy().T - before
-        ours_step = np.asarray(new[name]["kernel"].lora_b) - before
-        np.testing.assert_allclose(ours_step, theirs, atol=0.15 * 1e-2)
-        clear = np.abs(theirs) > 0.5e-2
-        assert clear.mean() > 0.5 and np.all(np.sign(ours_step[clear]) == np.sign(theirs[clear]))
+        close = np.isclose(step, theirs, rtol=2e-2, atol=1e-4)
+        assert close.mean() >= 0.97 and np.all(np.abs(step - theirs) < 0.15 * lr)  # bf16 outliers only
