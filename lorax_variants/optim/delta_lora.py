@@ -27,7 +27,7 @@ def delta_lora_update(frozen: Any, old: Any, new: Any, step: jax.Array | int, *,
                       start_step: int = 0) -> Any:
     """The frozen tree with W += λ·s·(A'B' − AB) where ``step >= start_step`` (K)."""
     on = jnp.asarray(step) >= start_step
-    is_node = lambda x: isinstance(x, Node)  # noqa: E731
+    is_node = lambda x: x is None or isinstance(x, Node)  # noqa: E731  (split trees hold None)
 
     def one(f: Any, a: Any, b: Any) -> Any:
         if not isinstance(f, LoraNode):

@@ -37,3 +37,14 @@ def test_quantized_base_is_refused():
     t, f = lv.split(tree)
     with pytest.raises(ValueError, match="cannot be quantized"):
         delta_lora_update(f, t, t, 3)
+
+
+def test_works_on_a_whole_model_tree_with_other_leaves():
+    p = {"w": jnp.ones((6, 4)), "b": jnp.zeros(4), "head": jnp.ones((4, 2))}
+    tree = lv.adapt(p, lv.AdapterSpec(targets="w", r=2), 0)
+    t, f = lv.split(tree, extra="head")
+    new = jax.tree.map(lambda x: x + 1.0, t)
+    out = delta_lora_update(f, t, new, 5, lam=1.0)
+    assert out["b"] is f["b"] and out["head"] is None
+    np.testing.assert_allclose(out["w"].weight, 1.0 + tree["w"].scale * (np.asarray(new["w"].lora_a) @ np.asarray(new["w"].lora_b)
+                                                                        - np.asarray(t["w"].lora_a) @ np.asarray(t["w"].lora_b)), rtol=1e-5)
