@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import activation, attention, init_from_shapes, layer_norm, project, run_layers
+from lorax_variants.models.layers import ZooModel, activation, attention, layer_norm, project, run_layers
 from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense_t, embed
@@ -72,11 +72,10 @@ class BertConfig:
         )
 
 
-class Bert:
+class Bert(ZooModel):
     """``apply(params, input_ids, attention_mask=None, token_type_ids=None)`` -> hidden or logits."""
 
     causal = False
-    stacked = r"layers/.*"
 
     def __init__(self, config: BertConfig, *, task: str = "base", remat: str = "none", scan: bool = True):
         if task not in TASKS:
@@ -115,8 +114,6 @@ class Bert:
             shapes["head"] = {first: (d, d), f"{first}_bias": (d,), last: (d, c.num_labels), f"{last}_bias": (c.num_labels,)}
         return shapes
 
-    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
-        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
 
     def _layer(self, x: jax.Array, p: Any, mask: jax.Array | None) -> jax.Array:
         c = self.config

@@ -22,8 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.generate import generate
-from lorax_variants.models.layers import activation, attention, init_from_shapes, layer_norm, project, run_layers
+from lorax_variants.models.layers import ZooModel, activation, attention, layer_norm, project, run_layers
 from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
@@ -67,9 +66,8 @@ class GPT2Config:
         )
 
 
-class GPT2:
+class GPT2(ZooModel):
     causal = True
-    stacked = r"layers/.*"
 
     def __init__(self, config: GPT2Config, *, remat: str = "none", scan: bool = True):
         activation(config.activation_function, "activation_function")
@@ -94,8 +92,6 @@ class GPT2:
             shapes["lm_head"] = (d, c.vocab_size)
         return shapes
 
-    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
-        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
 
     def _layer(self, x: jax.Array, p: Any, mask: jax.Array) -> jax.Array:
         c = self.config
@@ -131,6 +127,4 @@ class GPT2:
             return dense_t(x, params["embed"])
         return dense(x, params["lm_head"])
 
-    def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
-        return generate(self, params, input_ids, **kwargs)
 

@@ -30,6 +30,7 @@ __all__ = [
     "project",
     "run_layers",
     "init_from_shapes",
+    "ZooModel",
     "REMAT_POLICIES",
 ]
 
@@ -196,3 +197,20 @@ def init_from_shapes(shapes: dict[str, Any], key: jax.Array, std: float, dtype: 
         else:
             leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class ZooModel:
+    """What every zoo model shares: ``init`` from its ``shapes()``, and ``generate`` if causal."""
+
+    causal = False
+    stacked = r"layers/.*"
+
+    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+        """Random params (N(0, initializer_range²) weights, unit norms, zero biases); pure, so
+        ``jax.eval_shape(model.init, key)`` plans any size without allocating."""
+        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
+
+    def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
+        from lorax_variants.models.generate import generate
+
+        return generate(self, params, input_ids, **kwargs)

@@ -21,12 +21,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.generate import generate
 from lorax_variants.models.layers import (
     activation,
     apply_rope,
     attention,
-    init_from_shapes,
+    ZooModel,
     project,
     rms_norm,
     rope_inv_freq,
@@ -115,11 +114,10 @@ class LlamaConfig:
         )
 
 
-class Llama:
+class Llama(ZooModel):
     """``init(key) -> params``; ``apply(params, input_ids, attention_mask=None) -> logits``."""
 
     causal = True
-    stacked = r"layers/.*"
 
     def __init__(self, config: LlamaConfig, *, remat: str = "none", scan: bool = True):
         activation(config.hidden_act)
@@ -146,8 +144,6 @@ class Llama:
             shapes["lm_head"] = (d, c.vocab_size)
         return shapes
 
-    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
-        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
 
     def _layer(self, x: jax.Array, layer: tuple[Any, jax.Array], base_mask: jax.Array, rope: tuple) -> jax.Array:
         c = self.config
@@ -194,6 +190,4 @@ class Llama:
             return dense_t(h, params["embed"])
         return dense(h, params["lm_head"])
 
-    def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
-        return generate(self, params, input_ids, **kwargs)
 
