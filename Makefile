@@ -34,6 +34,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_lora_step.py
 	$(PY) bench/bench_zoo.py
 	$(PY) bench/bench_qlora.py
+	$(PY) bench/bench_variants.py
 
 # Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).
 lock: $(VENV)/.test-deps
