@@ -37,3 +37,27 @@ def apply(tree, x):
     tree = lv.resolve_shared(tree)
     h = jax.nn.relu(lv.dense(x, tree["up"]["kernel"]) + tree["up"]["bias"])
     return lv.dense(h, tree["down"]["kernel"]) + tree["down"]["bias"]
+
+
+def adalora_pair(**config):
+    """A PEFT AdaLoRA TwoLinear (init_r=6, alpha=12, random Λ) and our adapted tree with equal factors."""
+    import jax.numpy as jnp
+    import peft
+
+    import lorax_variants as lv
+
+    torch.manual_seed(0)
+    cfg = peft.AdaLoraConfig(init_r=6, lora_alpha=12, target_modules=["up", "down"], **config)
+    model = peft.get_peft_model(TwoLinear(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_()
+    ours = lv.adapt(weights_of(model), lv.AdapterSpec(targets=r"(up|down)/kernel", r=6, alpha=12, variant="adalora"), 0)
+    for name in ("up", "down"):
+        layer = getattr(model.base_model.model, name)
+        ours[name]["kernel"] = ours[name]["kernel"].replace(
+            lora_a=jnp.asarray(layer.lora_A["default"].detach().numpy().T),
+            lora_e=jnp.asarray(layer.lora_E["default"].detach().numpy()[:, 0]),
+            lora_b=jnp.asarray(layer.lora_B["default"].detach().numpy().T))
+    return model, ours

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_variants.hf.convert import params_from_hf, to_hf
+from lorax_variants.hf.names import shape_items
 from lorax_variants.hf.safetensors_io import Checkpoint, write_safetensors
 from lorax_variants.models.bert import Bert, BertConfig
 from lorax_variants.models.gpt2 import GPT2, GPT2Config
@@ -121,18 +122,15 @@ def from_pretrained(
 
         targets = compile_patterns(quantize.targets, what="QuantSpec.targets")
         quantize_one = jax.jit(lambda w, p: quantize_array(w, quantize, p), static_argnums=1)
-        chosen = [p for p in _leaf_paths(model) if matches(p, targets)]
+        paths = [p for p, _ in shape_items(model.shapes())]
+        chosen = [p for p in paths if matches(p, targets)]
         if not chosen:
             raise ValueError(f"QuantSpec.targets {quantize.targets!r} matched no weight of {model.config.model_type}; "
-                             f"its paths: {_leaf_paths(model)[:12]}")
+                             f"its paths: {paths[:12]}")
         per_tensor = lambda p: (lambda w: quantize_one(jnp.asarray(w), p)) if p in chosen else None  # noqa: E731
     params = params_from_hf(model, Checkpoint(path), np_dtype, lambda _, a: jnp.asarray(a), per_tensor)
     return model, params
 
-
-def _leaf_paths(model: Any) -> list[str]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(model.shapes(), is_leaf=lambda s: isinstance(s, tuple))
-    return ["/".join(str(k.key) for k in kp) for kp, _ in flat]
 
 
 def save_pretrained(out_dir: str | os.PathLike, model: Any, params: Any, *, overwrite: bool = False) -> Path:

@@ -45,7 +45,7 @@ def params_from_hf(
     available = list(tensors)
     prefix = names.prefix_of(model, available)
     tab = names.table(model, prefix)
-    want = dict(_shape_items(model.shapes()))
+    want = dict(names.shape_items(model.shapes()))
     needed = {}
     for path, (template, _) in tab.items():
         layers = want[path][0] if "{i}" in template else None
@@ -105,15 +105,6 @@ def params_from_hf(
     return params
 
 
-def _shape_items(shapes: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    return [("/".join(str(k.key) for k in kp), s) for kp, s in flat]
-
-
-def _leaf_items(params: Any) -> list[tuple[str, Any]]:
-    return leaves_with_paths(params)
-
-
 def to_hf(model: Any, params: Any) -> dict[str, np.ndarray]:
     """Our params -> ``{hf_name: numpy array}`` in torch layout, as transformers names them."""
     nodes = [p for p, x in leaves_with_paths(params, nodes_are_leaves=True) if isinstance(x, Node)]
@@ -121,7 +112,7 @@ def to_hf(model: Any, params: Any) -> dict[str, np.ndarray]:
         raise ValueError(f"to_hf needs plain params; these are adapter/quantized nodes: {nodes[:5]} "
                          "(merge them first with lorax_variants.merge)")
     tab = names.table(model, names.default_prefix(model))
-    leaves = dict(_leaf_items(params))
+    leaves = dict(leaves_with_paths(params))
     missing = sorted(set(tab) - set(leaves))
     if missing:
         raise ValueError(f"params lack {missing[:8]} for {model.config.model_type}")

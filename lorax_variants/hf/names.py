@@ -16,12 +16,17 @@ from typing import Any
 
 import jax
 
-__all__ = ["table", "ignorable", "tied", "prefix_of"]
+__all__ = ["table", "ignorable", "tied", "prefix_of", "shape_items"]
+
+
+def shape_items(shapes: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """``(path, shape)`` for every leaf of a ``model.shapes()`` tree (shapes are tuples)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    return [("/".join(str(k.key) for k in kp), s) for kp, s in flat]
 
 
 def _paths(shapes: dict[str, Any]) -> list[str]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    return ["/".join(str(k.key) for k in kp) for kp, _ in flat]
+    return [p for p, _ in shape_items(shapes)]
 
 
 def _module(name: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ import numpy as np
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
 from lorax_variants.nodes.lora import LoraNode
 from lorax_variants.nodes.lora_drop import LoraDropNode
+from lorax_variants.ops import dense
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
@@ -61,7 +62,7 @@ class _Probed(AdapterNode):
         n = self.inner
         low = jnp.matmul(jnp.matmul(x, n.lora_a.astype(x.dtype)) * jnp.asarray(n.scale, x.dtype), n.lora_b.astype(x.dtype))
         stat = jnp.sum(jax.lax.stop_gradient(low).astype(jnp.float32) ** 2)
-        return n.apply(x) + _tap(self.probe, stat).astype(x.dtype)
+        return dense(x, n.weight) + low + _tap(self.probe, stat).astype(x.dtype)  # = n.apply(x), no dropout
 
     def merge(self) -> jax.Array:
         return self.inner.merge()

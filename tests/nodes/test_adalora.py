@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import torch
 
 import lorax_variants as lv
@@ -9,21 +8,7 @@ from tests import peft_refs as R
 
 
 def _pair():
-    torch.manual_seed(0)
-    cfg = peft.AdaLoraConfig(init_r=6, target_r=2, lora_alpha=12, target_modules=["up", "down"], total_step=100)
-    model = peft.get_peft_model(R.TwoLinear(), cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_E" in n:
-                p.normal_()
-    ours = lv.adapt(R.weights_of(model), lv.AdapterSpec(targets=r"(up|down)/kernel", r=6, alpha=12, variant="adalora"), 0)
-    for name in ("up", "down"):
-        layer = getattr(model.base_model.model, name)
-        ours[name]["kernel"] = ours[name]["kernel"].replace(
-            lora_a=jnp.asarray(layer.lora_A["default"].detach().numpy().T),
-            lora_e=jnp.asarray(layer.lora_E["default"].detach().numpy()[:, 0]),
-            lora_b=jnp.asarray(layer.lora_B["default"].detach().numpy().T))
-    return model, ours
+    return R.adalora_pair(target_r=2, total_step=100)
 
 
 def test_forward_equals_peft_adalora():
