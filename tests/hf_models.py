@@ -66,3 +66,61 @@ def inputs(vocab: int, pad_id: int, batch: int = 3, seq: int = 12, seed: int = 0
             mask[b, :n] = 1
     ids = np.where(mask == 1, ids, pad_id)
     return ids, mask
+
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<s>", "</s>"]
+
+
+def save_tokenizer(directory, texts, *, bert: bool = False, vocab_size: int = 96):
+    """A word-level tokenizer trained on ``texts`` (ids < vocab_size), saved as transformers saves one.
+
+    BERT style wraps a text as ``[CLS] text [SEP]``; causal style prefixes ``<s>`` (EOS ``</s>``).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
+    if bert:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 4)])
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                     eos_token="</s>", cls_token="[CLS]", sep_token="[SEP]")
+    fast.save_pretrained(directory)
+    return fast
+
+
+_WORDS = "the a cat dog bird sat ran flew on under over mat log tree and then quickly slowly home".split()
+POSITIVE = "good great lovely fine superb warm bright".split()
+NEGATIVE = "bad awful dull poor grim cold boring".split()
+
+
+def lm_texts(n: int = 200, seed: int = 0) -> list[str]:
+    """Sentences of a tiny grammar (a causal LM learns it quickly)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        subj, verb = rng.choice(["cat", "dog", "bird"]), rng.choice(["sat", "ran", "flew"])
+        out.append(f"the {subj} {verb} {rng.choice(['on', 'under', 'over'])} the {rng.choice(['mat', 'log', 'tree'])}")
+    return out
+
+
+def sentiment(n: int = 120, seed: int = 0) -> list[dict]:
+    """Labelled sentences: the label is which word list the adjectives come from."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        pos = bool(i % 2)
+        adj = POSITIVE if pos else NEGATIVE
+        words = list(rng.choice(_WORDS, 4)) + list(rng.choice(adj, 2))
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "sentiment": "pos" if pos else "neg"})
+    return rows
+
+
+def tiny_run_model(name: str, directory, texts) -> None:
+    """A tiny random HF model plus a tokenizer fitted to ``texts``, in ``directory``."""
+    build(name, directory)
+    save_tokenizer(directory, texts, bert=name.startswith(("bert", "roberta")))

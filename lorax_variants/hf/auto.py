@@ -24,6 +24,7 @@ from lorax_variants.hf.names import shape_items
 from lorax_variants.hf.safetensors_io import Checkpoint, write_safetensors
 from lorax_variants.models.bert import Bert, BertConfig
 from lorax_variants.models.gpt2 import GPT2, GPT2Config
+from lorax_variants.models.layers import init_from_shapes
 from lorax_variants.models.llama import Llama, LlamaConfig
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ def from_pretrained(
     remat: str = "none",
     scan: bool = True,
     quantize: "QuantSpec | None" = None,
+    num_labels: int | None = None,
+    new_head: jax.Array | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``(model, params)`` from an HF model directory (config.json + safetensors).
 
@@ -112,8 +115,16 @@ def from_pretrained(
     read (layers of a stacked leaf one at a time), so host memory peaks near the quantized
     size plus one full-precision tensor. ``dtype`` is the dtype the weights are cast to first
     (and the dtype a quantized weight dequantizes to).
+
+    ``num_labels`` overrides the config's (classification heads). ``new_head``: a PRNG key; a
+    task head (``head/...``) the checkpoint lacks (a base model loaded for classification) is
+    initialized as transformers does (N(0, initializer_range²), zero biases) and its paths are
+    listed in ``model.new_leaves``; without a key, missing head tensors are an error.
     """
-    model = from_config(load_hf_config(path), task=task, remat=remat, scan=scan)
+    hf_config = load_hf_config(path)
+    if num_labels is not None:
+        hf_config.num_labels = num_labels
+    model = from_config(hf_config, task=task, remat=remat, scan=scan)
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     per_tensor = None
     if quantize is not None:
@@ -128,7 +139,19 @@ def from_pretrained(
             raise ValueError(f"QuantSpec.targets {quantize.targets!r} matched no weight of {model.config.model_type}; "
                              f"its paths: {paths[:12]}")
         per_tensor = lambda p: (lambda w: quantize_one(jnp.asarray(w), p)) if p in chosen else None  # noqa: E731
-    params = params_from_hf(model, Checkpoint(path), np_dtype, lambda _, a: jnp.asarray(a), per_tensor)
+    fill = None
+    model.new_leaves = []
+    if new_head is not None:
+        head = model.shapes().get("head", {})
+        init = init_from_shapes(head, new_head, model.config.initializer_range, dtype or jnp.float32)
+
+        def fill(p: str) -> Any:
+            if not p.startswith("head/"):
+                return None
+            model.new_leaves.append(p)
+            return init[p.split("/", 1)[1]]
+
+    params = params_from_hf(model, Checkpoint(path), np_dtype, lambda _, a: jnp.asarray(a), per_tensor, fill)
     return model, params
 
 

@@ -33,6 +33,7 @@ def params_from_hf(
     dtype: Any = None,
     leaf_fn: Callable[[str, np.ndarray], Any] | None = None,
     per_tensor: Callable[[str], Callable[[np.ndarray], Any] | None] | None = None,
+    fill: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Build ``model``'s params from HF-named tensors (numpy, torch layout).
 
@@ -41,6 +42,8 @@ def params_from_hf(
     ``per_tensor(path)`` may return a function applied to each 2-D tensor of that leaf as it is
     read (one layer at a time, e.g. quantization), whose results are stacked over layers: peak
     host memory is then the transformed params plus one full-precision tensor.
+    ``fill(path)`` may supply a leaf whose tensors are all absent (a new task head); it returns
+    None for leaves that must come from the checkpoint.
     """
     available = list(tensors)
     prefix = names.prefix_of(model, available)
@@ -50,6 +53,12 @@ def params_from_hf(
     for path, (template, _) in tab.items():
         layers = want[path][0] if "{i}" in template else None
         needed[path] = [template.format(i=i) for i in range(layers)] if layers is not None else [template]
+    filled = {}
+    if fill is not None:
+        for path, ns in list(needed.items()):
+            if not any(n in tensors for n in ns) and (value := fill(path)) is not None:
+                filled[path] = value
+                del needed[path]
     missing = [n for ns in needed.values() for n in ns if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint for {model.config.model_type} is missing {len(missing)} tensor(s): {missing[:8]}")
@@ -63,7 +72,11 @@ def params_from_hf(
             f"{len(unexpected)} unexpected tensor(s): {unexpected[:8]}"
         )
     params: dict[str, Any] = {}
+    for path, value in filled.items():
+        _set_path(params, path, value)
     for path, (template, kind) in tab.items():
+        if path in filled:
+            continue
         shape = want[path]
         fn = per_tensor(path) if per_tensor else None
         out = None

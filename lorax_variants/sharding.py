@@ -1,0 +1,149 @@
+"""Meshes, partition rules and the shardings of adapted trees.
+
+A mesh has three axes, ``("data", "fsdp", "tensor")``. Batches split over ``data x fsdp``;
+weights split their input/output dimensions over ``fsdp`` and ``tensor`` by path rules
+(Megatron-style: column-parallel projections put their output on ``tensor``, row-parallel ones
+their input), so frozen weights are stored once across a slice of the mesh (ZeRO-3 / FSDP).
+
+Adapter and quantized nodes derive their leaves' specs from the weight's (design point 8):
+``lora_a [.., in, r]`` takes the weight's input axis, ``lora_b [.., r, out]`` its output axis,
+NF4 codes ``[.., in/2, out]`` and block scales ``[.., in/bs, out]`` both. A dimension that does
+not divide by its mesh axis stays unsplit (a tiny model on a big mesh still runs); leading
+stacked-layer axes are never split. Leaves no rule names (norms, biases) are replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lorax_variants.nodes.base import Node
+from lorax_variants.nodes.quantized import QuantizedNode
+from lorax_variants.shared import Shared
+from lorax_variants.tree import map_with_paths
+
+__all__ = ["AXES", "BATCH", "make_mesh", "RULES", "weight_spec", "tree_specs", "tree_shardings", "batch_sharding"]
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the batch dimension is split over both
+
+# (path regex, spec of the last two dims [in, out]); first match wins. Covers every zoo model.
+RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
+    # Column-parallel: input over fsdp, output over tensor.
+    (r"(.*/)?(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|intermediate|c_attn|c_fc|transform|pooler|dense)",
+     ("fsdp", "tensor")),
+    # Row-parallel: input over tensor, output over fsdp.
+    (r"(.*/)?(o_proj|down_proj|out|output|c_proj|out_proj)", ("tensor", "fsdp")),
+    (r"(.*/)?(embed|wte)", ("tensor", "fsdp")),  # [vocab, d]
+    (r"(.*/)?lm_head", ("fsdp", "tensor")),  # [d, vocab]
+    (r"(.*/)?(pos|token_type)", (None, "fsdp")),
+    (r"(.*/)?classifier", ("fsdp", None)),  # [d, labels]
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (all devices of all hosts by default).
+
+    One size may be -1: it takes what the others leave. Devices are laid out data-major, so on
+    several hosts the data axis spans hosts and fsdp/tensor stay within one where they fit.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {v!r}")
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {free}")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh {sizes} does not fit {len(devices)} devices: {len(devices)} is not divisible "
+                             f"by the fixed axes' product {fixed}")
+        sizes[free[0]] = len(devices) // fixed
+    if int(np.prod(list(sizes.values()))) != len(devices):
+        raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} needs "
+                         f"{int(np.prod(list(sizes.values())))} devices; there are {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+    return Mesh(grid, AXES)
+
+
+def _fit(dim: int, axis: str | None, mesh: Mesh) -> str | None:
+    return axis if axis is not None and dim % mesh.shape[axis] == 0 else None
+
+
+def weight_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
+                rules: Sequence[tuple[str, tuple[str | None, str | None]]] = RULES) -> tuple[str | None, str | None]:
+    """The (in, out) axes of a weight of ``shape`` at ``path`` (before divisibility checks)."""
+    if len(shape) < 2:
+        return (None, None)
+    for pattern, spec in rules:
+        if re.fullmatch(pattern, path):
+            return spec
+    return (None, None)  # norms, biases, anything unnamed: replicated
+
+
+def _node_specs(path: str, n: Node, mesh: Mesh, rules: Any) -> Node:
+    d_in, d_out = n.shape[-2:]
+    lead = len(n.shape) - 2
+    si, so = weight_spec(path, n.shape, mesh, rules)
+
+    def one(x: Any, quantized: bool) -> Any:
+        if x is None or isinstance(x, Shared) or not hasattr(x, "shape"):
+            return P()
+        shape = tuple(x.shape)
+        if len(shape) < lead + 1:
+            return P()
+        spec: list[str | None] = [None] * len(shape)
+        if shape[-1] == d_out:
+            spec[-1] = _fit(d_out, so, mesh)
+        if len(shape) >= lead + 2 and (shape[-2] == d_in or (quantized and shape[-1] == d_out)):
+            spec[-2] = _fit(shape[-2], si, mesh)
+        return P(*spec)
+
+    def walk(m: Node, quantized: bool) -> Node:
+        changes = {}
+        for name, value in vars(m).items():
+            if isinstance(value, Node):
+                changes[name] = walk(value, isinstance(value, QuantizedNode))
+            elif isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct) or value is None:
+                changes[name] = one(value, quantized) if value is not None else None
+            elif isinstance(value, Shared):
+                changes[name] = jax.tree.map(lambda _: P(), value)
+        return m.replace(**changes)
+
+    return walk(n, isinstance(n, QuantizedNode))
+
+
+def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, tuple[str | None, str | None]]] = RULES) -> Any:
+    """A PartitionSpec for every array leaf of ``tree`` (plain, node or abstract), same structure."""
+
+    def one(path: str, x: Any) -> Any:
+        if x is None:
+            return None
+        if isinstance(x, Node):
+            return _node_specs(path, x, mesh, rules)
+        if isinstance(x, Shared):
+            return jax.tree.map(lambda _: P(), x)
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) < 2:
+            return P()
+        si, so = weight_spec(path, shape, mesh, rules)
+        return P(*([None] * (len(shape) - 2)), _fit(shape[-2], si, mesh), _fit(shape[-1], so, mesh))
+
+    return map_with_paths(one, tree, nodes_are_leaves=True)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, tuple[str | None, str | None]]] = RULES) -> Any:
+    """``tree_specs`` as NamedShardings on ``mesh``."""
+    specs = tree_specs(tree, mesh, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays ``[batch, ...]``: the batch axis over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))

@@ -1,0 +1,202 @@
+"""From a config to the pieces of a run: distributed init, tokenizer, model, adapted tree, mesh.
+
+``plan(cfg)`` builds everything abstractly (``jax.eval_shape``: nothing allocated, any model size)
+for ``--dry-run``; ``build(cfg)`` loads the real weights (quantized as they are read) and places
+every leaf on the mesh with its sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import lorax_variants as lv
+from lorax_variants.hf import auto
+from lorax_variants.sharding import make_mesh, tree_shardings
+from train.config import Config, ConfigError
+from train.data import resolve
+
+__all__ = ["init_distributed", "model_dir", "load_tokenizer", "adapter_spec", "quant_spec", "Built", "build"]
+
+# App variant -> (node variant, AdapterSpec changes). The rest of a variant lives in its optimizer.
+VARIANTS = {
+    "lora": "lora", "lora_fa": "lora_fa", "loraplus": "lora", "delta_lora": "lora", "dora": "dora", "vera": "vera",
+    "adalora": "adalora", "dylora": "dylora", "sora": "sora", "none": None,
+}
+
+
+def init_distributed(cfg: Config) -> None:
+    """``jax.distributed.initialize`` from the config or the environment (before any JAX work)."""
+    d = cfg.distributed
+    if d.enabled == "false":
+        return
+    env = os.environ
+    coordinator = d.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if d.enabled == "auto" and not coordinator:
+        return
+    if d.cpu_collectives != "none":
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    num = d.num_processes if d.num_processes is not None else env.get("JAX_NUM_PROCESSES")
+    pid = d.process_id if d.process_id is not None else env.get("JAX_PROCESS_ID")
+    if jax.distributed.is_initialized():
+        return
+    if coordinator is None:
+        jax.distributed.initialize()  # TPU pods, SLURM, ...: auto-detected
+        return
+    if num is None or pid is None:
+        raise ConfigError("distributed.coordinator is set but distributed.num_processes / distributed.process_id "
+                          "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID) are not")
+    jax.distributed.initialize(coordinator, int(num), int(pid))
+
+
+def model_dir(cfg: Config) -> Path:
+    if not cfg.model.path:
+        raise ConfigError("model.path is empty: name an HF model directory (config.json + safetensors)")
+    path = resolve(cfg.model.path, "model.path")
+    if not path.is_dir():
+        raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} has no config.json")
+    return path
+
+
+def load_tokenizer(path: Path) -> Any:
+    import transformers
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        raise ConfigError(f"model.path: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise ConfigError(f"model.path: could not load the tokenizer of {path}: {type(e).__name__}: {e}") from None
+
+
+def adapter_spec(cfg: Config, stacked: str) -> lv.AdapterSpec | None:
+    a = cfg.adapter
+    if a.variant not in VARIANTS:
+        raise ConfigError(f"adapter.variant: unknown variant {a.variant!r}; choose from {sorted(VARIANTS)}")
+    node = VARIANTS[a.variant]
+    if node is None:
+        return None
+    try:
+        return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets, variant=node,
+                              r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern, alpha_pattern=a.alpha_pattern,
+                              init=a.init, rslora=a.rslora, dropout=a.dropout, stacked=stacked, r_min=a.r_min,
+                              d_initial=a.d_initial)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"adapter: {e}".replace("AdapterSpec.", "adapter.")) from None
+
+
+def quant_spec(cfg: Config, stacked: str) -> lv.QuantSpec | None:
+    q = cfg.quant
+    if q.kind == "none":
+        return None
+    try:
+        return lv.QuantSpec(kind=q.kind, block_size=q.block_size, double_quant=q.double_quant,
+                            targets=tuple(q.targets) if isinstance(q.targets, list) else q.targets, stacked=stacked)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"quant: {e}".replace("QuantSpec.", "quant.")) from None
+
+
+@dataclasses.dataclass
+class Built:
+    model: Any
+    spec: lv.AdapterSpec | None
+    quant: lv.QuantSpec | None
+    mesh: Any
+    mask: Any  # trainable mask of the adapted tree
+    trainable: Any
+    frozen: Any
+    trainable_sh: Any
+    frozen_sh: Any
+    extra: list[str]  # regexes of non-adapter leaves that train
+    counts: lv.ParamCount
+
+
+def _max_positions(model: Any) -> int | None:
+    hf = model.hf_config
+    return getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
+
+
+def _check_model(cfg: Config, model: Any) -> None:
+    if cfg.model.task == "sequence_classification" and getattr(model, "causal", False):
+        raise ConfigError(f"model.task: {model.config.model_type} is a causal LM; sequence_classification needs "
+                          "a BERT/RoBERTa model")
+    limit = _max_positions(model)
+    if limit is not None and cfg.data.seq_len > limit and model.config.model_type in ("gpt2", "bert", "roberta"):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {limit} positions")
+
+
+def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False) -> Built:
+    """Load (or, ``abstract``, plan) the model, quantize, adapt, split and shard."""
+    path = model_dir(cfg)
+    hf_config = auto.load_hf_config(path)
+    if num_labels is not None:
+        hf_config.num_labels = num_labels
+    task = cfg.model.task
+    model = auto.from_config(hf_config, task=task, remat=cfg.model.remat, scan=cfg.model.scan)
+    _check_model(cfg, model)
+    stacked = model.stacked
+    spec, quant = adapter_spec(cfg, stacked), quant_spec(cfg, stacked)
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    head_key = jax.random.key(cfg.adapter.seed + 1)
+    if abstract:
+        model.new_leaves = []
+        params = jax.eval_shape(lambda k: model.init(k, dtype), head_key)
+        if quant is not None:
+            params = jax.eval_shape(lambda p: lv.quantize(p, quant), params)
+    else:
+        model, params = auto.from_pretrained(path, dtype, task=task, remat=cfg.model.remat, scan=cfg.model.scan,
+                                             quantize=quant, num_labels=num_labels, new_head=head_key)
+    adapt = (lambda p: lv.adapt(p, spec, jax.random.key(cfg.adapter.seed))) if spec is not None else (lambda p: p)
+    try:
+        adapted = jax.eval_shape(adapt, params) if abstract else adapt(params)
+    except ValueError as e:
+        raise ConfigError(f"adapter.targets: {e}") from None
+    extra = _extra(cfg, model, params)
+    mask = lv.trainable_mask(adapted, extra=extra or None)
+    if not any(jax.tree.leaves(mask)):
+        raise ConfigError("nothing trains: adapter.variant is none and adapter.train_extra matches no leaf")
+    counts = lv.count_params(adapted, extra=extra or None)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from None
+    return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
+
+
+def _extra(cfg: Config, model: Any, params: Any) -> list[str]:
+    extra = cfg.adapter.train_extra
+    pats = [extra] if isinstance(extra, str) else list(extra or [])
+    paths = [p for p, _ in lv.leaves_with_paths(params, nodes_are_leaves=True)]
+    for p in pats:
+        try:
+            rx = re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"adapter.train_extra: {p!r} is not a valid regex ({e})") from None
+        if not any(rx.fullmatch(q) for q in paths):
+            raise ConfigError(f"adapter.train_extra: {p!r} matches no leaf; leaves: {paths[:12]}")
+    # A head the checkpoint did not have is random: it always trains.
+    return pats + [re.escape(p) for p in getattr(model, "new_leaves", [])]
+
+
+def _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract) -> Built:
+    shardings = tree_shardings(adapted, mesh)
+    tr_sh, fr_sh = lv.split(shardings, mask)
+    trainable, frozen = lv.split(adapted, mask)
+    # Trainable leaves (adapters, a head) train in float32 whatever the base dtype.
+    to32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    if abstract:
+        trainable = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.float32 if jnp.issubdtype(
+            x.dtype, jnp.floating) else x.dtype, sharding=s), trainable, tr_sh)
+        frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen, fr_sh)
+    else:
+        trainable = jax.device_put(jax.tree.map(to32, trainable), tr_sh)
+        frozen = jax.device_put(frozen, fr_sh)
+    return Built(model, spec, quant, mesh, mask, trainable, frozen, tr_sh, fr_sh, extra, counts)

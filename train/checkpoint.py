@@ -1,0 +1,109 @@
+"""Checkpoints with orbax: what a run needs to continue exactly, and nothing it can regenerate.
+
+Saved every ``train.checkpoint_every`` steps and at the end (the last ``train.keep`` kept):
+- ``state``: the trainable leaves, the optimizer state's leaves, the base RNG key, and (Delta-LoRA
+  only) the adapted frozen weights, which that variant changes;
+- ``meta`` (JSON): step, data position, the run's whole config, the base model's path and
+  fingerprint, the adapter and quantization specs, the seeds, and the trainable paths and shapes.
+
+Frozen weights are re-read from the base model (and re-quantized, and VeRA's projections
+regenerated from the seed) on resume; a checkpoint whose meta disagrees with the run is refused,
+naming the field. Orbax writes each step to a temporary directory and renames it when complete,
+so a checkpoint is never read half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.tree import leaves_with_paths
+
+__all__ = ["fingerprint", "Checkpointer", "CheckpointMismatch", "delta_weights", "with_delta_weights"]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that belongs to another model, variant or data layout."""
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over config.json, the safetensors headers and file sizes (cheap for any model size)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.name == "config.json":
+            h.update(p.read_bytes())
+        elif p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(p.name.encode() + f.read(min(n, 1 << 26)) + str(p.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def delta_weights(frozen: Any) -> list[Any]:
+    """The frozen weights that Delta-LoRA changes (those under LoRA nodes), in path order."""
+    return [n.weight for _, n in leaves_with_paths(frozen, nodes_are_leaves=True) if isinstance(n, LoraNode)]
+
+
+def with_delta_weights(frozen: Any, weights: list[Any]) -> Any:
+    it = iter(weights)
+    return jax.tree.map(lambda n: n.replace(weight=next(it)) if isinstance(n, LoraNode) else n, frozen,
+                        is_leaf=lambda x: isinstance(x, LoraNode))
+
+
+def _abstract(x: Any) -> Any:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+class Checkpointer:
+    """An orbax ``CheckpointManager`` over ``<output_dir>/checkpoints``."""
+
+    def __init__(self, output_dir: str | Path, keep: int):
+        self.directory = Path(output_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
+        """The state at ``step``, laid out (shapes, dtypes, shardings) like ``like``."""
+        abstract = jax.tree.map(_abstract, like)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return out["state"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_meta(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint written by a different model, variant or data layout."""
+    keys = ("base_fingerprint", "adapter_spec", "quant_spec", "task", "trainable", "batch_size", "grad_accum",
+            "data_source", "seq_len", "optimizer")
+    for k in keys:
+        a, b = saved.get(k), current.get(k)
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+                detail = "; ".join(f"{f}: checkpoint {a.get(f)!r}, this run {b.get(f)!r}" for f in diff[:4])
+            elif isinstance(a, list) and isinstance(b, list):
+                detail = f"checkpoint has {len(a)} entries, this run {len(b)}; first difference: " + next(
+                    (f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y), "length")
+            else:
+                detail = f"checkpoint {a!r}, this run {b!r}"
+            raise CheckpointMismatch(f"checkpoint {where} was written by a different run ({k} differs: {detail}); "
+                                     "use another train.output_dir or start fresh")
+

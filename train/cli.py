@@ -1,0 +1,51 @@
+"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]``.
+
+Bad input (config, paths, data, checkpoints) exits with status 2 and one message naming the
+field or path at fault; ``--debug`` shows the Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m train", description="LoRA-family fine-tuning from a YAML config.")
+    ap.add_argument("--config", "-c", help="YAML config (configs/*.yaml); omitted: all defaults")
+    ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set train.steps=10 --set adapter.r=4 (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (model, mesh, parameters, bytes per "
+                    "device, steps, tokens) and exit without training")
+    ap.add_argument("--resume", action="store_true", default=None,
+                    help="continue from the output dir's latest checkpoint (automatic when one exists)")
+    ap.add_argument("--fresh", dest="resume", action="store_false",
+                    help="refuse to start if the output dir already has checkpoints")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from train.checkpoint import CheckpointMismatch
+    from train.config import ConfigError, load
+
+    try:
+        cfg = load(args.config, args.set)
+        from train.run import Interrupted, dry_run, run
+
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
+        run(cfg, resume=args.resume)
+        return 0
+    except Interrupted as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,337 @@
+"""The run's configuration: typed dataclasses read from YAML, overridden by ``--set a.b=value``.
+
+Every key is checked: an unknown key is an error naming it, the closest valid key and all valid
+keys of its section; a value of the wrong type names the field, the expected type and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the field at fault."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = ""  # HF model directory; "pkg:<package>/<dir>" for one a Python package ships
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    num_labels: int | None = None  # classification: defaults to the number of labels in the data
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights as stored in memory
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan: bool = True
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """``lorax_variants.AdapterSpec`` fields (``variant: none`` trains only ``train_extra``)."""
+
+    variant: str = "lora"
+    targets: str | list[str] = r"layers/(attn|mlp)/\w+"
+    r: int = 8
+    alpha: float = 16.0
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
+    rslora: bool = False
+    dropout: float = 0.0
+    r_min: int = 1
+    d_initial: float = 0.1
+    train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
+    seed: int = 0  # adapter init (and VeRA's projections)
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    kind: Literal["none", "nf4", "int4", "int8"] = "none"
+    targets: str | list[str] = r"layers/(attn|mlp)/\w+"
+    block_size: int = 64
+    double_quant: bool = True
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where examples come from and how they become token batches.
+
+    ``source``: a local file, a directory or glob of files, or ``pkg:<package>/<path>`` for a
+    file a Python package ships. ``format``: json, jsonl, csv, parquet, text, or ``fasttext``
+    (lines ``__label__X text``).
+    """
+
+    source: str = ""
+    format: Literal["auto", "json", "jsonl", "csv", "parquet", "text", "fasttext"] = "auto"
+    encoding: str = "utf-8"
+    text_field: str = "text"
+    prompt_field: str | None = None  # instruction data: the prompt is masked out of the loss
+    response_field: str | None = None
+    label_field: str = "label"
+    labels: list[str] | None = None  # class names in label-index order; default: sorted unique
+    seq_len: int = 128
+    packing: bool = True  # causal LM: concatenate and cut into seq_len chunks
+    add_eos: bool = True
+    eval_fraction: float = 0.0  # fixed held-out split (by seed) for eval
+    eval_source: str | None = None  # or a separate eval file
+    max_examples: int | None = None
+    seed: int = 0  # shuffling
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd", "lion"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    # Variant optimizers.
+    loraplus_ratio: float = 16.0
+    loraplus_lr_embedding: float = 1e-6
+    adalora_target_r: int = 4
+    adalora_tinit: int = 0
+    adalora_tfinal: int = 0
+    adalora_delta_t: int = 1
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg: float = 0.1
+    sora_xi: float = 1e-4
+    delta_lora_lambda: float = 0.5
+    delta_lora_start: int = 0
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """Multi-host: ``enabled: auto`` initializes when the environment says so (TPU pods, SLURM,
+    or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+
+    enabled: Literal["auto", "true", "false"] = "auto"
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    cpu_collectives: Literal["gloo", "mpi", "none"] = "gloo"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, over all hosts and devices
+    grad_accum: int = 1
+    seed: int = 0  # dropout and DyLoRA rank sampling
+    log_every: int = 10
+    eval_every: int = 0  # 0: at the end only
+    eval_batches: int = 8
+    samples: int = 2  # causal LM: generated samples at each eval
+    sample_tokens: int = 24
+    checkpoint_every: int = 0  # 0: at the end only
+    keep: int = 3
+    output_dir: str = "runs/default"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    name: str = "run"
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def _type_name(t: Any) -> str:
+    if typing.get_origin(t) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    if t is type(None):
+        return "null"
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value: Any, t: Any, where: str) -> Any:
+    """``value`` as type ``t`` (YAML gives ints for floats, strings for Literals), or an error."""
+    origin = typing.get_origin(t)
+    if isinstance(t, types.UnionType) or origin is typing.Union:
+        errors = []
+        for option in typing.get_args(t):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {_type_name(t)}, got {value!r}")
+    if t is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, bool) and "true" in typing.get_args(t):
+            value = "true" if value else "false"
+        if value not in typing.get_args(t):
+            raise ConfigError(f"{where}: expected {_type_name(t)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {[f.name for f in dataclasses.fields(t)]}, got {value!r}")
+        return _build(t, value, where)
+    if origin is list:
+        (item,) = typing.get_args(t)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(t)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, f"{where} key"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {t} at {where}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint}; valid keys{' of ' + where if where else ''}: {names}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config is a mapping of sections {[f.name for f in dataclasses.fields(Config)]}, got {raw!r}")
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+        node = child
+    node[last] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "adapter.r=4"]`` applied to a raw config mapping (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. train.steps=10), got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({e})") from None
+        _set(raw, key.strip(), value)
+    return raw
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (``None``: all defaults) and apply ``key=value`` overrides."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def check(cfg: Config) -> None:
+    """Values that are well-typed but impossible."""
+    def need(ok: bool, field: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{field}: {msg}, got {_get(cfg, field)!r}")
+
+    need(cfg.train.steps >= 1, "train.steps", "must be at least 1")
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
+    need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    need(cfg.train.batch_size % cfg.train.grad_accum == 0, "train.batch_size",
+         f"must be divisible by train.grad_accum={cfg.train.grad_accum}")
+    need(cfg.train.keep >= 1, "train.keep", "must be at least 1")
+    for f in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "samples", "sample_tokens"):
+        need(getattr(cfg.train, f) >= 0, f"train.{f}", "must not be negative")
+    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must not be negative")
+    need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must not be negative")
+    need(cfg.optim.warmup_steps <= cfg.train.steps, "optim.warmup_steps", f"must not exceed train.steps={cfg.train.steps}")
+    need(cfg.optim.clip_norm is None or cfg.optim.clip_norm > 0, "optim.clip_norm", "must be positive or null")
+    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    need(cfg.adapter.r >= 1, "adapter.r", "must be at least 1")
+    need(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
+    need(0 <= cfg.adapter.dropout < 1, "adapter.dropout", "must be in [0, 1)")
+    need(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")
+    need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    need(cfg.data.max_examples is None or cfg.data.max_examples >= 1, "data.max_examples", "must be positive")
+    need(cfg.quant.block_size in (32, 64, 128, 256), "quant.block_size", "must be 32, 64, 128 or 256")
+    need((cfg.data.prompt_field is None) == (cfg.data.response_field is None), "data.prompt_field",
+         "instruction data needs both data.prompt_field and data.response_field")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    x: Any = cfg
+    for part in dotted.split("."):
+        x = getattr(x, part)
+    return x

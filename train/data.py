@@ -1,0 +1,252 @@
+"""Examples from local files or a package's data (HF ``datasets``) -> token arrays -> batches.
+
+Causal LM: texts are tokenized, joined with EOS and cut into ``seq_len`` chunks (``packing``),
+or truncated/padded one per row. Instruction data (``prompt_field`` + ``response_field``) masks
+the prompt out of the loss. Sequence classification: one padded row per example plus its label.
+
+Batches are deterministic: global row ``i`` of the stream is ``perm(epoch)[i % N]`` with the
+permutation seeded by ``(data.seed, epoch)``, so the data position of a run is just its step;
+each host materializes only its rows of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.config import ConfigError, DataConfig
+
+__all__ = ["TokenData", "resolve", "read_examples", "tokenize", "load_data", "Batches"]
+
+_EXT = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+
+
+def resolve(source: str, field: str) -> Path:
+    """A config path: ``pkg:<package>/<path>`` resolves inside an installed package."""
+    if source.startswith("pkg:"):
+        package, _, rest = source[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except ModuleNotFoundError:
+            raise ConfigError(f"{field}: package {package!r} is not installed (from {source!r})") from None
+        path = Path(str(root)) / rest
+    else:
+        path = Path(os.path.expanduser(source))
+    return path
+
+
+def _files(source: str, field: str) -> list[Path]:
+    if not source:
+        raise ConfigError(f"{field} is empty: name a data file, directory, glob or pkg:<package>/<path>")
+    path = resolve(source, field)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif any(c in str(path) for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(path)))
+    else:
+        files = [path] if path.is_file() else []
+    if not files:
+        raise ConfigError(f"{field}: no data file at {source!r}")
+    return files
+
+
+def _format(files: list[Path], fmt: str, field: str) -> str:
+    if fmt != "auto":
+        return "json" if fmt == "jsonl" else fmt
+    kinds = {_EXT.get(p.suffix.lower()) for p in files}
+    if len(kinds) != 1 or None in kinds:
+        raise ConfigError(f"{field}: cannot tell the format of {[p.name for p in files][:5]}; set data.format")
+    return kinds.pop()
+
+
+def _fasttext(files: list[Path], encoding: str) -> dict[str, list[str]]:
+    texts, labels = [], []
+    for f in files:
+        for n, line in enumerate(f.read_bytes().decode(encoding).splitlines(), 1):
+            if not line.strip():
+                continue
+            head, _, text = line.strip().partition(" ")
+            if not head.startswith("__label__"):
+                raise ConfigError(f"{f}:{n}: fasttext lines start with __label__<name>, got {line[:40]!r}")
+            labels.append(head[len("__label__"):])
+            texts.append(text.strip())
+    return {"text": texts, "label": labels}
+
+
+def read_examples(cfg: DataConfig, source: str, field: str = "data.source") -> Any:
+    """A ``datasets.Dataset`` of the raw examples at ``source``."""
+    import datasets
+
+    files = _files(source, field)
+    fmt = _format(files, cfg.format, field)
+    if fmt == "fasttext":
+        ds = datasets.Dataset.from_dict(_fasttext(files, cfg.encoding))
+    else:
+        kwargs = {"encoding": cfg.encoding} if fmt in ("text", "csv") else {}
+        try:
+            ds = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", **kwargs)
+        except Exception as e:  # datasets wraps parse errors in many types
+            raise ConfigError(f"{field}: could not read {source!r} as {fmt}: {type(e).__name__}: {e}") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{field}: dataset {source!r} is empty")
+    return ds
+
+
+@dataclasses.dataclass
+class TokenData:
+    """Token rows: ``input_ids``, ``attention_mask`` and ``loss_mask`` (LM) or ``labels`` (classification)."""
+
+    arrays: dict[str, np.ndarray]
+    stats: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+
+def _columns(ds: Any, wanted: list[tuple[str, str]], source: str) -> None:
+    for field, name in wanted:
+        if name not in ds.column_names:
+            raise ConfigError(f"{field}: column {name!r} is not in {source!r}; its columns: {ds.column_names}")
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
+             label_names: list[str] | None = None) -> tuple[TokenData, list[str] | None]:
+    """Token rows for ``task`` (``causal_lm`` or ``sequence_classification``)."""
+    T, pad = cfg.seq_len, _pad_id(tokenizer)
+    stats = {"examples": len(ds), "truncated": 0}
+    if task == "sequence_classification":
+        _columns(ds, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)], source)
+        raw = list(ds[cfg.label_field])
+        names = label_names or cfg.labels or sorted({str(v) for v in raw}, key=lambda s: (len(s), s))
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw) and not cfg.labels and not label_names:
+            names = [str(i) for i in range(max(raw) + 1)]
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted({str(v) for v in raw} - set(index))
+        if unknown:
+            raise ConfigError(f"data.label_field: labels {unknown[:5]} in {source!r} are not in data.labels {names}")
+        enc = tokenizer(list(ds[cfg.text_field]), truncation=False)["input_ids"]
+        ids = np.full((len(enc), T), pad, np.int32)
+        mask = np.zeros((len(enc), T), np.int32)
+        for i, e in enumerate(enc):
+            if len(e) > T:
+                stats["truncated"] += 1
+                e = e[: T - 1] + e[-1:]  # keep the closing special token ([SEP])
+            ids[i, : len(e)], mask[i, : len(e)] = e, 1
+        labels = np.array([index[str(v)] for v in raw], np.int32)
+        return TokenData({"input_ids": ids, "attention_mask": mask, "labels": labels}, stats), names
+    if cfg.prompt_field:
+        _columns(ds, [("data.prompt_field", cfg.prompt_field), ("data.response_field", cfg.response_field)], source)
+        prompts = tokenizer(list(ds[cfg.prompt_field]))["input_ids"]
+        responses = tokenizer(list(ds[cfg.response_field]), add_special_tokens=False)["input_ids"]
+        pieces = [(p, r) for p, r in zip(prompts, responses)]
+    else:
+        _columns(ds, [("data.text_field", cfg.text_field)], source)
+        pieces = [(e, None) for e in tokenizer(list(ds[cfg.text_field]))["input_ids"]]
+    eos = tokenizer.eos_token_id
+    seqs = []
+    for prompt, response in pieces:
+        ids = list(prompt) + list(response or [])
+        loss = [0] * len(prompt) + [1] * len(response) if response is not None else [1] * len(ids)
+        if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids, loss = ids + [eos], loss + [1]
+        seqs.append((ids, loss))
+    if cfg.packing:
+        flat_ids = np.array([t for s, _ in seqs for t in s], np.int32)
+        flat_loss = np.array([m for _, ms in seqs for m in ms], np.int32)
+        n = len(flat_ids) // T
+        if n == 0:
+            raise ConfigError(f"data.seq_len={T}: {source!r} has only {len(flat_ids)} tokens, less than one sequence")
+        stats["dropped_tokens"] = len(flat_ids) - n * T
+        ids = flat_ids[: n * T].reshape(n, T)
+        loss = flat_loss[: n * T].reshape(n, T)
+        return TokenData({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss}, stats), None
+    ids = np.full((len(seqs), T), pad, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    loss = np.zeros((len(seqs), T), np.int32)
+    for i, (s, m) in enumerate(seqs):
+        if len(s) > T:
+            stats["truncated"] += 1
+            s, m = s[:T], m[:T]
+        ids[i, : len(s)], mask[i, : len(s)], loss[i, : len(s)] = s, 1, m
+    return TokenData({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}, stats), None
+
+
+def load_data(cfg: DataConfig, task: str, tokenizer: Any) -> tuple[TokenData, TokenData | None, list[str] | None]:
+    """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``."""
+    ds = read_examples(cfg, cfg.source)
+    if cfg.max_examples is not None:
+        ds = ds.select(range(min(cfg.max_examples, len(ds))))
+    eval_ds = None
+    if cfg.eval_source:
+        eval_ds = read_examples(cfg, cfg.eval_source, "data.eval_source")
+    elif cfg.eval_fraction > 0:
+        order = np.random.default_rng(cfg.seed).permutation(len(ds))
+        k = max(1, int(round(cfg.eval_fraction * len(ds))))
+        if k >= len(ds):
+            raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} leaves no training examples of {len(ds)}")
+        eval_ds, ds = ds.select(sorted(order[:k])), ds.select(sorted(order[k:]))
+    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source)
+    held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names)[0] if eval_ds is not None else None
+    return train, held, names
+
+
+class Batches:
+    """Deterministic global batches; ``local(step)`` is this host's share of batch ``step``."""
+
+    def __init__(self, data: TokenData, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+        if batch_size % process_count:
+            raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {process_count} processes")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.lo = process_index * batch_size // process_count
+        self.hi = (process_index + 1) * batch_size // process_count
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.data))}
+        return self._perms[epoch]
+
+    def rows(self, step: int) -> np.ndarray:
+        n = len(self.data)
+        stream = np.arange(step * self.batch_size + self.lo, step * self.batch_size + self.hi)
+        return np.array([self._perm(int(i // n))[i % n] for i in stream], np.int64)
+
+    def local(self, step: int) -> dict[str, np.ndarray]:
+        rows = self.rows(step)
+        return {k: v[rows] for k, v in self.data.arrays.items()}
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.batch_size / len(self.data)
+
+
+def eval_batches(data: TokenData, batch_size: int, limit: int, process_index: int = 0,
+                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Sequential eval batches (the last padded with rows that count for nothing), this host's share."""
+    n = min(len(data), limit * batch_size) if limit else len(data)
+    lo, hi = process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+    out = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        real = idx < n
+        idx = np.where(real, idx, 0)[lo:hi]
+        batch = {k: v[idx].copy() for k, v in data.arrays.items()}
+        ok = real[lo:hi]
+        if "labels" in batch:
+            batch["labels"] = np.where(ok, batch["labels"], -1).astype(np.int32)
+        else:
+            batch["loss_mask"] = batch["loss_mask"] * ok[:, None].astype(np.int32)
+        out.append(batch)
+    return out

@@ -1,0 +1,102 @@
+"""What a person sees: a progress bar, metrics as JSONL and TensorBoard events, a loss-curve PNG.
+
+Only process 0 writes; every other process keeps quiet.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Metrics", "loss_curve", "read_jsonl"]
+
+
+class Metrics:
+    def __init__(self, out: Path, total_steps: int, start_step: int, *, active: bool, progress: bool):
+        self.out, self.active = out, active
+        self.bar = None
+        self.jsonl = self.tb = None
+        if not active:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        clean = {k: (float(v) if not isinstance(v, (str, list, dict)) else v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
+        self.jsonl.flush()
+        for k, v in clean.items():
+            if isinstance(v, float):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.tb.flush()
+
+    def progress(self, step: int, postfix: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(postfix, refresh=True)
+
+    def text(self, tag: str, step: int, text: str) -> None:
+        if self.active:
+            self.tb.add_text(tag, text, step)
+
+    def echo(self, line: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        self.tb.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def loss_curve(run_dir: Path, out: Path | None = None) -> Path:
+    """Train loss (and eval loss where measured) against step, from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and "loss" in r]
+    evals = [(r["step"], r["loss"]) for r in rows if r["kind"] == "eval" and "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(f"loss: {Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out or Path(run_dir) / "loss_curve.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,334 @@
+"""The training loop: ``run(cfg)`` trains, evaluates, checkpoints and resumes; ``dry_run(cfg)`` plans.
+
+Exact resume: batch ``step`` is a pure function of (data.seed, step), the step's RNG is
+``fold_in(key(train.seed), step)``, and the trainable leaves and optimizer state come back from
+the checkpoint bit for bit, so an interrupted and resumed run ends where an uninterrupted one does.
+SIGTERM/SIGINT finish the current step, save a checkpoint and exit (codes 143/130).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import lorax_variants as lv
+from train import checkpoint as ckpt
+from train.build import Built, build, init_distributed, load_tokenizer, model_dir
+from train.config import Config, ConfigError, to_dict
+from train.data import Batches, TokenData, eval_batches, load_data
+from train.metrics import Metrics, loss_curve
+from train.optim import build_optimizer, lr_groups, penalty
+from train.step import make_steps
+
+__all__ = ["run", "dry_run", "plan", "Interrupted", "Result"]
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+
+@dataclasses.dataclass
+class Prepared:
+    cfg: Config
+    tokenizer: Any
+    train: TokenData
+    eval: TokenData | None
+    labels: list[str] | None
+    built: Built
+    optimizer: Any
+    opt_abstract: Any
+    opt_sh: Any
+
+
+def _prepare(cfg: Config, abstract: bool) -> Prepared:
+    init_distributed(cfg)
+    path = model_dir(cfg)
+    tokenizer = load_tokenizer(path)
+    train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
+    num_labels = None
+    if cfg.model.task == "sequence_classification":
+        num_labels = cfg.model.num_labels or len(labels)
+        if num_labels < len(labels):
+            raise ConfigError(f"model.num_labels={num_labels} but the data has {len(labels)} labels: {labels}")
+    vocab = train.arrays["input_ids"].max()
+    built = build(cfg, num_labels=num_labels, abstract=abstract)
+    model_vocab = getattr(built.model.config, "vocab_size", None)
+    if model_vocab is not None and vocab >= model_vocab:
+        raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "
+                          f"{model_vocab} (tokenizer and model do not match)")
+    optimizer = build_optimizer(cfg, built.trainable, lv.combine(built.trainable, built.frozen), built.model.stacked)
+    opt_abstract = jax.eval_shape(optimizer.init, built.trainable)
+    from optax.tree_utils import tree_map_params
+
+    replicated = NamedSharding(built.mesh, P())
+    opt_sh = tree_map_params(optimizer, lambda _, s: s, opt_abstract, built.trainable_sh,
+                             transform_non_params=lambda _: replicated,
+                             is_leaf=lambda x: x is None)
+    return Prepared(cfg, tokenizer, train, held, labels, built, optimizer, opt_abstract, opt_sh)
+
+
+def _device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of ``tree`` laid out with ``shardings``."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        shape = s.shard_shape(x.shape) if hasattr(s, "shard_shape") else x.shape
+        total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def plan(cfg: Config) -> dict[str, Any]:
+    p = _prepare(cfg, abstract=True)
+    b, c = p.built, p.built.counts
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    return {
+        "model": f"{b.model.config.model_type} ({type(b.model).__name__}, task {cfg.model.task}) from {cfg.model.path}",
+        "layers": getattr(b.model.config, "num_hidden_layers", None) or getattr(b.model.config, "n_layer", None),
+        "variant": cfg.adapter.variant, "adapter_spec": b.spec.to_dict() if b.spec else None,
+        "quant": b.quant.to_dict() if b.quant else None,
+        "mesh": dict(b.mesh.shape), "devices": b.mesh.size, "processes": jax.process_count(),
+        "trainable_params": c.trainable, "frozen_params": c.frozen,
+        "trainable_fraction": c.trainable_fraction,
+        "bytes_per_device": {
+            "trainable": _device_bytes(b.trainable, b.trainable_sh),
+            "frozen": _device_bytes(b.frozen, b.frozen_sh),
+            "optimizer_state": _device_bytes(p.opt_abstract, p.opt_sh),
+        },
+        "examples": {"train": p.train.stats["examples"], "eval": p.eval.stats["examples"] if p.eval else 0,
+                     "rows": len(p.train), "truncated": p.train.stats["truncated"]},
+        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+        "tokens_per_step": tokens_per_step, "tokens_total": tokens_per_step * cfg.train.steps,
+        "epochs": cfg.train.steps * cfg.train.batch_size / len(p.train),
+    }
+
+
+def dry_run(cfg: Config) -> dict[str, Any]:
+    """The plan, printed: nothing is loaded beyond config, tokenizer and data; nothing trains."""
+    info = plan(cfg)
+    if jax.process_index() == 0:
+        print(format_plan(info), flush=True)
+    return info
+
+
+def format_plan(info: dict[str, Any]) -> str:
+    mb = lambda n: f"{n / 2**20:,.2f} MiB"  # noqa: E731
+    by = info["bytes_per_device"]
+    return "\n".join([
+        f"model:      {info['model']}, {info['layers']} layers",
+        f"variant:    {info['variant']}" + (f" (r={info['adapter_spec']['r']}, targets {info['adapter_spec']['targets']})"
+                                             if info["adapter_spec"] else ""),
+        f"quantized:  {info['quant']['kind'] if info['quant'] else 'no'}",
+        f"mesh:       {info['mesh']} over {info['devices']} devices, {info['processes']} process(es)",
+        f"params:     trainable {info['trainable_params']:,}, frozen {info['frozen_params']:,} "
+        f"({100 * info['trainable_fraction']:.3f}% trainable)",
+        f"per device: trainable {mb(by['trainable'])}, frozen {mb(by['frozen'])}, optimizer state {mb(by['optimizer_state'])}",
+        f"data:       {info['examples']['train']} train examples -> {info['examples']['rows']} rows "
+        f"({info['examples']['truncated']} truncated), {info['examples']['eval']} eval examples",
+        f"steps:      {info['steps']} x batch {info['batch_size']} (accumulation {info['grad_accum']}), "
+        f"{info['epochs']:.2f} epochs, {info['tokens_per_step']:,} tokens/step, {info['tokens_total']:,} tokens",
+    ])
+
+
+def _meta(cfg: Config, p: Prepared, step: int) -> dict[str, Any]:
+    b = p.built
+    return {
+        "step": step, "rows_consumed": step * cfg.train.batch_size, "config": to_dict(cfg),
+        "base_model": str(model_dir(cfg)), "base_fingerprint": ckpt.fingerprint(model_dir(cfg)),
+        "adapter_spec": b.spec.to_dict() if b.spec else None, "quant_spec": b.quant.to_dict() if b.quant else None,
+        "variant": cfg.adapter.variant, "task": cfg.model.task, "labels": p.labels,
+        "seeds": {"adapter": cfg.adapter.seed, "train": cfg.train.seed, "data": cfg.data.seed},
+        "trainable": [[path, list(x.shape)] for path, x in lv.leaves_with_paths(b.trainable)],
+        "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+        "data_source": cfg.data.source, "seq_len": cfg.data.seq_len,
+        "optimizer": {k: v for k, v in dataclasses.asdict(cfg.optim).items()},
+    }
+
+
+def _global_batch(local: dict[str, np.ndarray], accum: int, steps_fns: Any) -> dict[str, jax.Array]:
+    out = {}
+    for k, v in local.items():
+        v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(steps_fns.batch_sharding(v.ndim), v)
+    return out
+
+
+def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float]:
+    cfg = p.cfg
+    sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    for batch in eval_batches(p.eval, cfg.train.batch_size, cfg.train.eval_batches, jax.process_index(),
+                              jax.process_count()):
+        arrays = {k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
+                  for k, v in batch.items()}
+        out = jax.device_get(fns.eval(trainable, frozen, arrays))
+        for k in sums:
+            sums[k] += float(out[k])
+    n = max(sums["count"], 1.0)
+    res = {"loss": sums["loss_sum"] / n, "examples" if cfg.model.task != "causal_lm" else "tokens": sums["count"]}
+    if cfg.model.task == "sequence_classification":
+        res["accuracy"] = sums["correct"] / n
+    else:
+        res["perplexity"] = math.exp(min(res["loss"], 50.0))
+        res["token_accuracy"] = sums["correct"] / n
+    return res
+
+
+def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
+    cfg, model = p.cfg, p.built.model
+    if cfg.model.task != "causal_lm" or not cfg.train.samples or p.eval is None:
+        return []
+    rows = p.eval.arrays["input_ids"][: cfg.train.samples, :8]
+    tree = lv.combine(trainable, frozen)
+    out = np.asarray(jax.device_get(model.generate(tree, rows, max_new_tokens=cfg.train.sample_tokens)))
+    return [f"{p.tokenizer.decode(r[:8])!r} -> {p.tokenizer.decode(r[8:])!r}" for r in out]
+
+
+def run(cfg: Config, *, resume: bool | None = None) -> "Result":
+    """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto).
+
+    Returns the summary (also written as ``summary.json``) and the final trees."""
+    p = _prepare(cfg, abstract=False)
+    b, t = p.built, cfg.train
+    out = Path(t.output_dir)
+    lead = jax.process_index() == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    saver = ckpt.Checkpointer(out, t.keep)
+    trainable, frozen = b.trainable, b.frozen
+    opt_state = jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable)
+    key = jax.random.key(t.seed)
+    start = 0
+    latest = saver.latest()
+    if latest is not None and resume is False:
+        raise ConfigError(f"train.output_dir: {out} already has checkpoints (step {latest}); pass --resume to continue "
+                          "or choose another directory")
+    if latest is not None:
+        ckpt.check_meta(saver.meta(latest), _meta(cfg, p, latest), saver.directory / str(latest))
+        like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
+                "key": jax.random.key_data(key)}
+        if cfg.adapter.variant == "delta_lora":
+            like["delta_weights"] = ckpt.delta_weights(frozen)
+        state = saver.restore(latest, like)
+        trainable = jax.tree.unflatten(jax.tree.structure(trainable), state["trainable"])
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), state["opt_state"])
+        if "delta_weights" in state:
+            frozen = ckpt.with_delta_weights(frozen, state["delta_weights"])
+        key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
+        start = latest
+    elif resume:
+        raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
+
+    fns = make_steps(
+        b.model, cfg.model.task, p.optimizer, mesh=b.mesh, trainable_sh=b.trainable_sh, frozen_sh=b.frozen_sh,
+        opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
+        dylora=cfg.adapter.variant == "dylora", penalty=penalty(cfg),
+        delta_lora=(cfg.optim.delta_lora_lambda, cfg.optim.delta_lora_start) if cfg.adapter.variant == "delta_lora" else None,
+    )
+    batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
+    groups = lr_groups(cfg, trainable, b.model.stacked)
+    metrics = Metrics(out, t.steps, start, active=lead, progress=t.progress)
+    if start == 0:
+        metrics.echo(f"{cfg.name}: {b.counts.trainable:,} trainable of {b.counts.total:,} params; "
+                     f"{p.train.stats['examples']} examples -> {len(p.train)} rows ({p.train.stats['truncated']} truncated)")
+    else:
+        metrics.echo(f"{cfg.name}: resumed from step {start} ({saver.directory / str(start)})")
+
+    def save(step: int) -> None:
+        state = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
+                 "key": jax.random.key_data(key)}
+        if cfg.adapter.variant == "delta_lora":
+            state["delta_weights"] = ckpt.delta_weights(frozen)
+        saver.save(step, state, _meta(cfg, p, step))
+
+    stop: list[int] = []
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            handlers[sig] = signal.signal(sig, lambda signum, _frame: stop.append(signum))
+        except ValueError:  # not the main thread
+            pass
+    pending: list[tuple[int, dict[str, Any]]] = []
+    skipped, tokens, t0, step = 0, 0.0, time.perf_counter(), start
+    last_eval: dict[str, float] = {}
+    try:
+        for step in range(start, t.steps):
+            batch = _global_batch(batches.local(step), t.grad_accum, fns)
+            trainable, frozen, opt_state, m = fns.train(trainable, frozen, opt_state, batch, jnp.int32(step), key)
+            pending.append((step, m))
+            done = step + 1
+            if (t.log_every and done % t.log_every == 0) or done == t.steps or stop:
+                for s, mm in jax.device_get(pending):
+                    tokens += float(mm["tokens"])
+                    if not bool(mm["finite"]):
+                        skipped += 1
+                        metrics.echo(f"step {s + 1}: loss or gradients not finite; update skipped")
+                    row = {k: float(v) for k, v in mm.items() if k != "finite"}
+                    row |= {name: float(fn(s)) for name, fn in groups.items()}
+                    if cfg.model.task == "causal_lm":
+                        row.pop("accuracy", None)
+                    metrics.write("train", s + 1, row)
+                pending = []
+                rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                metrics.progress(done, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{rate:,.0f}"})
+            if p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                last_eval = _eval(p, fns, trainable, frozen)
+                metrics.write("eval", done, last_eval)
+                metrics.echo(f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+                save(done)
+            if stop:
+                save(done)
+                raise Interrupted(stop[0], done)
+        elapsed = time.perf_counter() - t0
+        if p.eval is not None:
+            last_eval = _eval(p, fns, trainable, frozen)
+            metrics.write("eval", t.steps, last_eval)
+        for i, s in enumerate(_samples(p, trainable, frozen)):
+            metrics.echo(f"sample {i}: {s}")
+            metrics.text("samples", t.steps, s)
+        if saver.latest() != t.steps:
+            save(t.steps)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        metrics.close()
+        saver.close()
+    summary = {
+        "name": cfg.name, "variant": cfg.adapter.variant, "steps": t.steps, "resumed_from": start or None,
+        "trainable_params": b.counts.trainable, "total_params": b.counts.total,
+        "final_train_loss": row["loss"] if t.steps > start else None, "eval": last_eval, "skipped_steps": skipped,
+        "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start),
+        "tokens_per_second": tokens / max(elapsed, 1e-9), "output_dir": str(out),
+    }
+    if cfg.adapter.variant == "adalora":
+        from lorax_variants.optim.adalora import AllocatorState, rank_pattern
+
+        alloc = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AllocatorState))
+                 if isinstance(s, AllocatorState)]
+        if alloc:
+            summary["adalora_ranks"] = [np.asarray(r).tolist() for r in rank_pattern(alloc[0])]
+    if lead:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        loss_curve(out)
+        print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
+    return Result(summary, trainable, frozen, opt_state, b)
+
+
+@dataclasses.dataclass
+class Result:
+    summary: dict[str, Any]
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    built: Built

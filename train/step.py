@@ -1,0 +1,137 @@
+"""The jitted train and eval steps, with explicit shardings over the mesh.
+
+    loss = Σ_tokens CE / #tokens over the whole global batch (micro-batches accumulated as sums,
+    so accumulation and the number of hosts do not change the loss or the gradient)
+
+Adapter leaves and optimizer state stay float32; the forward casts them (and the frozen
+weights) to ``compute_dtype``, so gradients arrive in float32 through the cast. A step whose loss
+or gradients are not finite leaves every state untouched and says so in its metrics.
+Frozen weights are a jit argument (never a closure: XLA would fold them in as constants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import lorax_variants as lv
+from lorax_variants.nodes.base import Node
+from lorax_variants.nodes.dylora import sample_rank
+from lorax_variants.nodes.quantized import QuantizedNode
+from lorax_variants.optim import delta_lora_update
+from lorax_variants.sharding import BATCH
+
+__all__ = ["cast_tree", "task_loss", "StepFns", "make_steps"]
+
+
+def cast_tree(tree: Any, dtype: Any) -> Any:
+    """Floating leaves as ``dtype``; quantized weights stay as stored (they dequantize to the input's dtype)."""
+    dtype = jnp.dtype(dtype)
+
+    def one(x: Any) -> Any:
+        if isinstance(x, QuantizedNode):
+            return x
+        if isinstance(x, Node):
+            return jax.tree.map(one, x, is_leaf=lambda y: isinstance(y, QuantizedNode))
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(one, tree, is_leaf=lambda y: isinstance(y, Node))
+
+
+def task_loss(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(sum of token/example losses, count, correct)`` in float32."""
+    logits = logits.astype(jnp.float32)
+    if task == "sequence_classification":
+        labels = batch["labels"]
+        valid = labels >= 0
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+        return jnp.sum(ce * valid), jnp.sum(valid).astype(jnp.float32), correct.astype(jnp.float32)
+    targets = batch["input_ids"][:, 1:]
+    mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == targets) * mask)
+    return jnp.sum(ce * mask), jnp.sum(mask), correct
+
+
+@dataclasses.dataclass
+class StepFns:
+    train: Callable[..., Any]  # (trainable, frozen, opt_state, batch, step, key) -> (trainable, frozen, opt_state, metrics)
+    eval: Callable[..., Any]  # (trainable, frozen, batch) -> metrics sums
+    batch_sharding: Callable[[int], NamedSharding]
+
+
+def make_steps(
+    model: Any, task: str, optimizer: optax.GradientTransformation, *, mesh: Any, trainable_sh: Any, frozen_sh: Any,
+    opt_sh: Any, compute_dtype: str = "float32", dropout: bool = False, dylora: bool = False,
+    penalty: Callable[[Any], jax.Array] | None = None, delta_lora: tuple[float, int] | None = None,
+) -> StepFns:
+    """Jitted steps. Batches come as ``[accum, micro, ...]`` arrays (micro over data x fsdp)."""
+
+    def forward(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array | None, train: bool):
+        tree = lv.combine(cast_tree(trainable, compute_dtype), cast_tree(frozen, compute_dtype))
+        if train and dropout:
+            tree = lv.with_dropout(tree, jax.random.fold_in(key, 1))
+        if train and dylora:
+            tree = sample_rank(tree, jax.random.fold_in(key, 2))
+        logits = model.apply(tree, batch["input_ids"], batch["attention_mask"])
+        total, count, correct = task_loss(task, logits, batch)
+        extra = penalty(tree).astype(jnp.float32) * count if (train and penalty is not None) else 0.0
+        return total + extra, (total, count, correct)
+
+    grad_fn = jax.grad(forward, has_aux=True)
+
+    def train_step(trainable, frozen, opt_state, batch, step, key):
+        key = jax.random.fold_in(key, step)
+
+        def micro(carry, xs):
+            mb, i = xs
+            g, (total, count, correct) = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, i), True)
+            gsum, tsum, csum, ksum = carry
+            return (jax.tree.map(jnp.add, gsum, g), tsum + total, csum + count, ksum + correct), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        n_micro = batch["input_ids"].shape[0]
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        (gsum, total, count, correct), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), gsum, trainable)
+        updates, new_opt = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        new_frozen = frozen
+        if delta_lora is not None:
+            lam, start = delta_lora
+            new_frozen = delta_lora_update(frozen, trainable, new_trainable, step, lam=lam, start_step=start)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        metrics = {"loss": total / denom, "grad_norm": grad_norm, "tokens": count, "accuracy": correct / denom,
+                   "finite": ok}
+        return keep(new_trainable, trainable), keep(new_frozen, frozen), keep(new_opt, opt_state), metrics
+
+    def eval_step(trainable, frozen, batch):
+        _, (total, count, correct) = forward(trainable, frozen, batch, None, False)
+        return {"loss_sum": total, "count": count, "correct": correct}
+
+    def batch_sh(ndim: int, accum: bool = True) -> NamedSharding:
+        lead = (None,) if accum else ()
+        return NamedSharding(mesh, P(*lead, BATCH, *([None] * (ndim - 1 - len(lead)))))
+
+    batch_tree_sh = {k: batch_sh(3) for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch_tree_sh["labels"] = batch_sh(2)
+    replicated = NamedSharding(mesh, P())
+    train = jax.jit(
+        train_step,
+        in_shardings=(trainable_sh, frozen_sh, opt_sh, None, replicated, replicated),
+        out_shardings=(trainable_sh, frozen_sh, opt_sh, replicated),
+        donate_argnums=(0, 1, 2) if delta_lora is not None else (0, 2),
+    )
+    evaluate = jax.jit(eval_step, in_shardings=(trainable_sh, frozen_sh, None), out_shardings=replicated)
+    return StepFns(train, evaluate, lambda ndim, accum=True: batch_sh(ndim, accum))
