@@ -26,7 +26,8 @@ from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.shared import Shared
 from lorax_variants.tree import map_with_paths
 
-__all__ = ["AXES", "BATCH", "make_mesh", "RULES", "weight_spec", "tree_specs", "tree_shardings", "batch_sharding"]
+__all__ = ["AXES", "BATCH", "make_mesh", "RULES", "weight_spec", "tree_specs", "tree_shardings", "batch_sharding",
+           "state_shardings"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both
@@ -147,3 +148,25 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, tuple[str |
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch arrays ``[batch, ...]``: the batch axis over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def state_shardings(state: Any, params: Any, param_shardings: Any, default: NamedSharding) -> Any:
+    """Shardings for an optimizer state: a leaf whose key path ends with a parameter's path (and has its
+    shape) takes that parameter's sharding (Adam's moments, AdaLoRA's EMAs, LoRA+'s per-group
+    states); everything else (counts, schedules) gets ``default``.
+
+    Works for any Optax chain, including transformations whose ``init`` must see real parameters.
+    """
+    table = {}
+    for (kp, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings)):
+        table[tuple(str(k) for k in kp)] = (tuple(x.shape), s)
+
+    def one(kp: Any, x: Any) -> Any:
+        keys = tuple(str(k) for k in kp)
+        for i in range(len(keys)):
+            hit = table.get(keys[i:])
+            if hit is not None and hit[0] == tuple(getattr(x, "shape", ())):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, state)

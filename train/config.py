@@ -145,6 +145,7 @@ class TrainConfig:
     sample_tokens: int = 24
     checkpoint_every: int = 0  # 0: at the end only
     keep: int = 3
+    stop_at: int | None = None  # end this invocation after this step, checkpointed (job time slices); resume goes on
     output_dir: str = "runs/default"
     progress: bool = True
 
@@ -311,6 +312,8 @@ def check(cfg: Config) -> None:
     need(cfg.train.batch_size % cfg.train.grad_accum == 0, "train.batch_size",
          f"must be divisible by train.grad_accum={cfg.train.grad_accum}")
     need(cfg.train.keep >= 1, "train.keep", "must be at least 1")
+    need(cfg.train.stop_at is None or 1 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at",
+         f"must be in [1, train.steps={cfg.train.steps}]")
     for f in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "samples", "sample_tokens"):
         need(getattr(cfg.train, f) >= 0, f"train.{f}", "must not be negative")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
+from lorax_variants.hf.safetensors_io import write_safetensors
+from lorax_variants.sharding import state_shardings
 from train import checkpoint as ckpt
 from train.build import Built, build, init_distributed, load_tokenizer, model_dir
 from train.config import Config, ConfigError, to_dict
@@ -64,18 +66,18 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
             raise ConfigError(f"model.num_labels={num_labels} but the data has {len(labels)} labels: {labels}")
     vocab = train.arrays["input_ids"].max()
     built = build(cfg, num_labels=num_labels, abstract=abstract)
+    split = built.mesh.shape["data"] * built.mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % split:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} = {micro} "
+                          f"rows per micro-batch must be divisible by mesh data x fsdp = {split}")
     model_vocab = getattr(built.model.config, "vocab_size", None)
     if model_vocab is not None and vocab >= model_vocab:
         raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "
                           f"{model_vocab} (tokenizer and model do not match)")
     optimizer = build_optimizer(cfg, built.trainable, lv.combine(built.trainable, built.frozen), built.model.stacked)
     opt_abstract = jax.eval_shape(optimizer.init, built.trainable)
-    from optax.tree_utils import tree_map_params
-
-    replicated = NamedSharding(built.mesh, P())
-    opt_sh = tree_map_params(optimizer, lambda _, s: s, opt_abstract, built.trainable_sh,
-                             transform_non_params=lambda _: replicated,
-                             is_leaf=lambda x: x is None)
+    opt_sh = state_shardings(opt_abstract, built.trainable, built.trainable_sh, NamedSharding(built.mesh, P()))
     return Prepared(cfg, tokenizer, train, held, labels, built, optimizer, opt_abstract, opt_sh)
 
 
@@ -196,7 +198,9 @@ def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
 def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto).
 
-    Returns the summary (also written as ``summary.json``) and the final trees."""
+    Writes ``adapters.safetensors`` (the trainable leaves by path, the run's meta as metadata),
+    ``summary.json``, ``metrics.jsonl``, TensorBoard events and ``loss_curve.png``; returns the
+    summary and the final trees."""
     p = _prepare(cfg, abstract=False)
     b, t = p.built, cfg.train
     out = Path(t.output_dir)
@@ -245,6 +249,8 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         metrics.echo(f"{cfg.name}: resumed from step {start} ({saver.directory / str(start)})")
 
     def save(step: int) -> None:
+        if saver.latest() == step:
+            return
         state = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
                  "key": jax.random.key_data(key)}
         if cfg.adapter.variant == "delta_lora":
@@ -290,6 +296,10 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             if stop:
                 save(done)
                 raise Interrupted(stop[0], done)
+            if t.stop_at is not None and done == t.stop_at and done != t.steps:
+                save(done)
+                metrics.echo(f"stopped at train.stop_at={done}; checkpoint saved, run again to resume")
+                return Result({"stopped_at": done, "output_dir": str(out)}, trainable, frozen, opt_state, b)
         elapsed = time.perf_counter() - t0
         if p.eval is not None:
             last_eval = _eval(p, fns, trainable, frozen)
@@ -297,8 +307,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         for i, s in enumerate(_samples(p, trainable, frozen)):
             metrics.echo(f"sample {i}: {s}")
             metrics.text("samples", t.steps, s)
-        if saver.latest() != t.steps:
-            save(t.steps)
+        save(t.steps)
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -318,11 +327,26 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
                  if isinstance(s, AllocatorState)]
         if alloc:
             summary["adalora_ranks"] = [np.asarray(r).tolist() for r in rank_pattern(alloc[0])]
+    host = _to_host(trainable)
     if lead:
+        write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
+                          {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, p, t.steps))})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         loss_curve(out)
         print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
     return Result(summary, trainable, frozen, opt_state, b)
+
+
+def _to_host(tree: Any) -> Any:
+    """Every leaf as a full numpy array on every process (gathered across hosts where needed)."""
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,82 @@
+"""Interrupted and resumed runs end bit-identical to uninterrupted ones; signals save first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.train.conftest import ROOT, adapters, lm_args, losses, main, train
+
+# Dropout and DyLoRA's sampled rank make the RNG part of the state that must resume exactly.
+VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant=dylora"],
+            "adalora": ["adapter.variant=adalora", "optim.adalora_target_r=2", "optim.adalora_tinit=1",
+                        "optim.adalora_tfinal=2"],
+            "delta_lora": ["adapter.variant=delta_lora", "optim.delta_lora_start=1"]}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stop_and_resume_is_bit_identical(assets, tmp_path, variant, capsys):
+    extra = ["train.steps=8", *VARIANTS[variant]]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(lm_args(assets, whole, *extra))
+    first = train(lm_args(assets, split, *extra, "train.stop_at=3"))
+    assert first.summary["stopped_at"] == 3
+    assert not (split / "adapters.safetensors").exists()
+    capsys.readouterr()
+    train(lm_args(assets, split, *extra))
+    assert "resumed from step 3" in capsys.readouterr().err
+    a, b = adapters(whole), adapters(split)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k  # bit for bit
+    assert losses(split) == losses(whole)  # the resumed steps log the same losses (steps 1-3, then 4-8)
+
+
+def test_fresh_refuses_existing_checkpoints_and_resume_needs_one(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(lm_args(assets, out, "train.steps=2"))
+    code, err = main(lm_args(assets, out, "train.steps=2", "--fresh"), capsys)
+    assert code == 2 and "already has checkpoints" in err
+    code, err = main(lm_args(assets, tmp_path / "none", "--resume"), capsys)
+    assert code == 2 and "has no checkpoint" in err
+
+
+def test_resume_with_another_adapter_config_is_refused(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(lm_args(assets, out, "train.steps=4", "train.stop_at=2"))
+    code, err = main(lm_args(assets, out, "train.steps=4", "adapter.r=2"), capsys)
+    assert code == 2
+    assert "adapter_spec differs" in err and "r: checkpoint 4, this run 2" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_then_resume_matches(assets, tmp_path, sig):
+    extra = ["train.steps=200", "train.log_every=1", "adapter.dropout=0.1"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(lm_args(assets, whole, *extra))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+    args = [a for kv in lm_args(assets, cut, *extra) for a in ("--set", kv)]
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    stopped = int(err.split("after step ")[1].split(";")[0])
+    assert 5 <= stopped < 200, err[-500:]
+    assert (cut / "checkpoints" / str(stopped)).is_dir()
+    train(lm_args(assets, cut, *extra))
+    a, b = adapters(whole), adapters(cut)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
