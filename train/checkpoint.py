@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lorax_variants.nodes.lora import LoraNode
@@ -57,6 +58,8 @@ def with_delta_weights(frozen: Any, weights: list[Any]) -> Any:
 
 
 def _abstract(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return x  # host values (the RNG key) restore as numpy
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 

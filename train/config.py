@@ -38,7 +38,7 @@ class AdapterConfig:
     """``lorax_variants.AdapterSpec`` fields (``variant: none`` trains only ``train_extra``)."""
 
     variant: str = "lora"
-    targets: str | list[str] = r"layers/(attn|mlp)/\w+"
+    targets: str | list[str] = r"layers/(attn|mlp)/(?!.*_bias$)\w+"  # every projection of every layer
     r: int = 8
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -55,7 +55,7 @@ class AdapterConfig:
 @dataclasses.dataclass
 class QuantConfig:
     kind: Literal["none", "nf4", "int4", "int8"] = "none"
-    targets: str | list[str] = r"layers/(attn|mlp)/\w+"
+    targets: str | list[str] = r"layers/(attn|mlp)/(?!.*_bias$)\w+"
     block_size: int = 64
     double_quant: bool = True
 
@@ -284,19 +284,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping; ``base: other.yaml`` (relative to this file) is read first and
+    this file's keys are merged over it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.resolve() in _seen:
+        raise ConfigError(f"config file {p}: 'base' chain loops back to itself")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {p}: base must be a file name, got {base!r}")
+    return _merge(read_yaml(p.parent / base, _seen + (p.resolve(),)), raw)
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (``None``: all defaults) and apply ``key=value`` overrides."""
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml(path) if path is not None else {}
     return from_dict(apply_overrides(raw, list(overrides)))
 
 

@@ -92,6 +92,8 @@ def read_examples(cfg: DataConfig, source: str, field: str = "data.source") -> A
         try:
             ds = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train", **kwargs)
         except Exception as e:  # datasets wraps parse errors in many types
+            if "corresponds to no data" in str(e):
+                raise ConfigError(f"{field}: dataset {source!r} is empty") from None
             raise ConfigError(f"{field}: could not read {source!r} as {fmt}: {type(e).__name__}: {e}") from None
     if len(ds) == 0:
         raise ConfigError(f"{field}: dataset {source!r} is empty")

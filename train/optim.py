@@ -64,8 +64,8 @@ def build_optimizer(cfg: Config, trainable: Any, adapted: Any, stacked: str | No
     parts: list[optax.GradientTransformation] = []
     if o.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
-    if variant == "lora_fa":
-        parts.append(lorafa_projection(adapted))
+    if variant == "lora_fa" and not isinstance(jax.tree.leaves(adapted)[0], jax.ShapeDtypeStruct):
+        parts.append(lorafa_projection(adapted))  # (stateless: a plan of abstract trees leaves it out)
     if variant == "loraplus":
         base = loraplus(lambda learning_rate, **kw: make(learning_rate, **kw), lr, trainable, ratio=o.loraplus_ratio,
                         lr_embedding=o.loraplus_lr_embedding, weight_decay=o.weight_decay, stacked=stacked)

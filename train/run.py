@@ -220,7 +220,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     if latest is not None:
         ckpt.check_meta(saver.meta(latest), _meta(cfg, p, latest), saver.directory / str(latest))
         like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
-                "key": jax.random.key_data(key)}
+                "key": np.asarray(jax.random.key_data(key))}
         if cfg.adapter.variant == "delta_lora":
             like["delta_weights"] = ckpt.delta_weights(frozen)
         state = saver.restore(latest, like)
@@ -252,7 +252,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         if saver.latest() == step:
             return
         state = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
-                 "key": jax.random.key_data(key)}
+                 "key": np.asarray(jax.random.key_data(key))}
         if cfg.adapter.variant == "delta_lora":
             state["delta_weights"] = ckpt.delta_weights(frozen)
         saver.save(step, state, _meta(cfg, p, step))
@@ -273,9 +273,12 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             trainable, frozen, opt_state, m = fns.train(trainable, frozen, opt_state, batch, jnp.int32(step), key)
             pending.append((step, m))
             done = step + 1
+            if step == start:  # time from the end of the first (compiling) step
+                jax.block_until_ready(m)
+                t0 = time.perf_counter()
             if (t.log_every and done % t.log_every == 0) or done == t.steps or stop:
                 for s, mm in jax.device_get(pending):
-                    tokens += float(mm["tokens"])
+                    tokens += float(mm["tokens"]) if s > start else 0.0
                     if not bool(mm["finite"]):
                         skipped += 1
                         metrics.echo(f"step {s + 1}: loss or gradients not finite; update skipped")
@@ -317,7 +320,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         "name": cfg.name, "variant": cfg.adapter.variant, "steps": t.steps, "resumed_from": start or None,
         "trainable_params": b.counts.trainable, "total_params": b.counts.total,
         "final_train_loss": row["loss"] if t.steps > start else None, "eval": last_eval, "skipped_steps": skipped,
-        "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start),
+        "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start - 1),
         "tokens_per_second": tokens / max(elapsed, 1e-9), "output_dir": str(out),
     }
     if cfg.adapter.variant == "adalora":

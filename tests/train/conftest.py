@@ -41,7 +41,7 @@ def cls_args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [f"model.path={assets['bert']}", "model.task=sequence_classification", f"data.source={assets['cls']}",
             "data.text_field=sentence", "data.label_field=sentiment", "data.seq_len=12", "train.batch_size=8",
             "train.steps=6", "train.log_every=1", "train.progress=false", f"train.output_dir={out}", "adapter.r=4",
-            r"adapter.targets=layers/(attn|mlp)/\w+", "optim.lr=0.01", "data.eval_fraction=0.2", *extra]
+            "optim.lr=0.01", "data.eval_fraction=0.2", *extra]
 
 
 def cli(args: list[str], *, devices: int = 1, env: dict[str, str] | None = None, timeout: int = 300,

@@ -1,0 +1,115 @@
+"""The app end to end, in this process: every variant, QLoRA, GPT-2, BERT classification, bf16,
+dry runs of every shipped config, outputs a person looks at."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.train.conftest import cls_args, lm_args, losses, main, train
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+VARIANTS = {
+    "lora": [], "rslora": ["adapter.rslora=true"], "pissa": ["adapter.init=pissa", "optim.lr=0.002"],
+    "lora_fa": ["adapter.variant=lora_fa"], "loraplus": ["adapter.variant=loraplus", "optim.lr=0.002"],
+    "dora": ["adapter.variant=dora"], "vera": ["adapter.variant=vera", "adapter.r=16", "optim.lr=0.05"],
+    "adalora": ["adapter.variant=adalora", "optim.adalora_target_r=2", "optim.adalora_tinit=1", "optim.adalora_tfinal=2"],
+    "delta_lora": ["adapter.variant=delta_lora"], "dylora": ["adapter.variant=dylora"],
+    "sora": ["adapter.variant=sora", "optim.sora_xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_trains(assets, tmp_path, variant):
+    out = tmp_path / "run"
+    result = train(lm_args(assets, out, "train.steps=8", "data.eval_fraction=0.1", *VARIANTS[variant]))
+    curve = losses(out)
+    assert len(curve) == 8 and all(np.isfinite(curve))
+    assert np.mean(curve[-3:]) < np.mean(curve[:3]), curve  # it learns
+    assert result.summary["eval"]["loss"] < curve[0]
+    if variant == "adalora":
+        ranks = result.summary["adalora_ranks"]
+        assert sum(int(np.sum(r)) for r in ranks) < sum(int(np.size(r)) for r in ranks)  # the budget pruned
+    if variant == "qlora":
+        from lorax_variants import QuantizedNode
+
+        kinds = {type(n.weight).__name__ for n in result.frozen["layers"]["attn"].values() if hasattr(n, "weight")}
+        assert kinds == {QuantizedNode.__name__}
+
+
+def test_delta_lora_changes_the_frozen_weights_and_lora_does_not(assets, tmp_path):
+    from lorax_variants.hf import from_pretrained
+
+    _, base = from_pretrained(assets["llama"])
+    w0 = np.asarray(base["layers"]["attn"]["q_proj"])
+    delta = train(lm_args(assets, tmp_path / "d", "adapter.variant=delta_lora"))
+    plain = train(lm_args(assets, tmp_path / "p"))
+    assert not np.allclose(np.asarray(delta.frozen["layers"]["attn"]["q_proj"].weight), w0)
+    np.testing.assert_array_equal(np.asarray(plain.frozen["layers"]["attn"]["q_proj"].weight), w0)
+
+
+def test_gpt2_and_bf16_compute(assets, tmp_path):
+    out = tmp_path / "run"
+    train(lm_args(assets, out, "model.param_dtype=bfloat16", "model.compute_dtype=bfloat16", "train.steps=8",
+                  r"adapter.targets=layers/(attn|mlp)/(c_attn|c_proj|c_fc)", model="gpt2"))
+    curve = losses(out)
+    assert np.mean(curve[-3:]) < np.mean(curve[:3])
+    from tests.train.conftest import adapters
+
+    assert {a.dtype for a in adapters(out).values()} == {np.dtype(np.float32)}  # adapters stay fp32
+
+
+def test_bert_classification_learns_and_reports_accuracy(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(cls_args(assets, out, "train.steps=40", "optim.lr=0.01", "train.eval_every=20"))
+    ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in ev] == [20, 40]
+    # 24 held-out sentences whose label is set by word lists: better than chance in loss and accuracy.
+    assert result.summary["eval"]["loss"] < np.log(2) and result.summary["eval"]["accuracy"] >= 0.7
+    assert "head/classifier" in str(result.built.extra)  # the new head trained
+
+
+def test_outputs_a_person_looks_at(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = main(lm_args(assets, out, "train.progress=true", "train.samples=2", "data.eval_fraction=0.1"), capsys)
+    assert code == 0
+    assert "loss=" in err and "tok/s=" in err and "lr=" in err  # the progress bar
+    assert "sample 0:" in err
+    for name in ("metrics.jsonl", "summary.json", "config.json", "adapters.safetensors", "loss_curve.png"):
+        assert (out / name).is_file(), name
+    png = (out / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (770, 440)
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["trainable_params"] > 0 and "perplexity" in summary["eval"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_plans(config, assets, tmp_path, capsys):
+    """``--dry-run`` of each file in configs/ (examples pointed at tiny local models and data)."""
+    sets = [f"train.output_dir={tmp_path / 'out'}"]
+    text = config.read_text()
+    if "models/llama" in text or "base: llama_example.yaml" in text:
+        sets += [f"model.path={assets['llama']}", f"data.source={assets['lm']}", "data.prompt_field=null",
+                 "data.response_field=null", "data.seq_len=16", "mesh.data=1", "mesh.fsdp=1", "train.batch_size=8",
+                 "train.grad_accum=1", "quant.block_size=32"]
+    elif "models/gpt2" in text:
+        sets += [f"model.path={assets['gpt2']}", f"data.source={assets['lm']}", "data.format=auto", "data.seq_len=16"]
+    elif "models/bert" in text:
+        sets += [f"model.path={assets['bert']}", f"data.source={assets['cls']}", "data.text_field=sentence",
+                 "data.label_field=sentiment", "data.seq_len=12"]
+    code, err = main(["--config", str(config), *sets, "--dry-run"], capsys)
+    assert code == 0, err
+    from train.config import load
+    from train.run import plan as make_plan
+
+    info = make_plan(load(config, sets))
+    assert info["trainable_params"] > 0 and info["frozen_params"] > 0
+    assert info["bytes_per_device"]["frozen"] > 0
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing

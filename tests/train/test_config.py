@@ -1,0 +1,69 @@
+"""The typed config: YAML + ``base`` + ``--set``; every bad key or value names the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from train.config import Config, ConfigError, load, to_dict
+
+
+def test_defaults_overrides_and_types():
+    cfg = load(None, ["train.steps=5", "adapter.r=4", "optim.lr=1e-3", "adapter.targets=[a, b]", "quant.kind=nf4",
+                      "optim.clip_norm=null", "model.scan=false"])
+    assert (cfg.train.steps, cfg.adapter.r, cfg.optim.lr) == (5, 4, 1e-3)
+    assert isinstance(cfg.optim.lr, float) and cfg.adapter.targets == ["a", "b"]
+    assert cfg.quant.kind == "nf4" and cfg.optim.clip_norm is None and cfg.model.scan is False
+    assert isinstance(load(None), Config)
+    assert to_dict(cfg)["train"]["steps"] == 5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=3", "unknown config key 'train.stpes' (did you mean train.steps?)"),
+    ("trian.steps=3", "unknown config key 'trian' (did you mean train?)"),
+    ("adapter.r=x", "adapter.r: expected an integer, got 'x'"),
+    ("adapter.r=2.5", "adapter.r: expected an integer, got 2.5"),
+    ("adapter.r=0", "adapter.r: must be at least 1, got 0"),
+    ("optim.lr=-1", "optim.lr: must be positive, got -1.0"),
+    ("model.task=summarize", "model.task: expected one of 'causal_lm', 'sequence_classification', got 'summarize'"),
+    ("model.scan=maybe", "model.scan: expected true or false, got 'maybe'"),
+    ("optim.clip_norm=x", "optim.clip_norm: expected float or null, got 'x'"),
+    ("train=3", "train: expected a mapping"),
+    ("adapter.dropout=1.5", "adapter.dropout: must be in [0, 1), got 1.5"),
+    ("train.stop_at=500", "train.stop_at: must be in [1, train.steps=100]"),
+    ("optim.warmup_steps=101", "optim.warmup_steps: must not exceed train.steps=100"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load(None, [override])
+    assert message in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load(None, ["optim.learning_rate=1"])
+    assert "valid keys of optim:" in str(e.value) and "'lr'" in str(e.value)
+
+
+def test_batch_must_divide_into_micro_batches():
+    with pytest.raises(ConfigError, match=r"train.batch_size: must be divisible by train.grad_accum=4, got 10"):
+        load(None, ["train.batch_size=10", "train.grad_accum=4"])
+
+
+def test_yaml_files_base_and_errors(tmp_path):
+    (tmp_path / "parent.yaml").write_text("adapter: {r: 4, alpha: 8}\ntrain: {steps: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nadapter: {r: 2}\n")
+    cfg = load(tmp_path / "child.yaml", ["train.batch_size=4"])
+    assert (cfg.adapter.r, cfg.adapter.alpha, cfg.train.steps, cfg.train.batch_size) == (2, 8.0, 7, 4)
+    (tmp_path / "bad.yaml").write_text("adapter: {r: 4\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections, got list"):
+        load(tmp_path / "list.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load(tmp_path / "loop.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        load(None, ["train.steps"])

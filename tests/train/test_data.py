@@ -1,0 +1,144 @@
+"""Data: files of every format, packing, prompt masking, labels, deterministic host shares, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+from train.config import ConfigError, DataConfig
+from train.data import Batches, eval_batches, load_data, read_examples, tokenize
+
+
+@pytest.fixture(scope="module")
+def tok(assets):
+    return transformers.AutoTokenizer.from_pretrained(str(assets["llama"]), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def bert_tok(assets):
+    return transformers.AutoTokenizer.from_pretrained(str(assets["bert"]), local_files_only=True)
+
+
+def _write(tmp_path, fmt: str, rows: list[dict]):
+    import pandas as pd
+
+    path = tmp_path / f"data.{fmt}"
+    df = pd.DataFrame(rows)
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "parquet":
+        df.to_parquet(path)
+    elif fmt == "txt":
+        path.write_text("\n".join(r["text"] for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "txt"])
+def test_every_file_format_reads_the_same_texts(tmp_path, fmt):
+    rows = [{"text": f"the cat sat {i}"} for i in range(5)]
+    ds = read_examples(DataConfig(), str(_write(tmp_path, fmt, rows)))
+    assert list(ds["text"]) == [r["text"] for r in rows]
+
+
+def test_fasttext_from_a_package_file_with_encoding():
+    cfg = DataConfig(format="fasttext", encoding="cp1252")
+    ds = read_examples(cfg, "pkg:gensim/test/test_data/pang_lee_polarity.cor")
+    assert len(ds) == 200 and sorted(set(ds["label"])) == ["neg", "pos"]
+    assert sum(1 for x in ds["label"] if x == "pos") == 100
+
+
+def test_packing_concatenates_with_eos_and_cuts_rows(tok):
+    import datasets
+
+    texts = ["the cat sat", "the dog ran on the mat"]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    data, _ = tokenize(ds, DataConfig(seq_len=4), "causal_lm", tok, "mem")
+    stream = [t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]]
+    n = len(stream) // 4
+    np.testing.assert_array_equal(data.arrays["input_ids"].reshape(-1), stream[: n * 4])
+    assert data.arrays["loss_mask"].all() and data.stats["dropped_tokens"] == len(stream) - 4 * n
+
+
+def test_instruction_prompt_is_masked_out_of_the_loss(tok):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"q": ["the cat"], "a": ["sat on the mat"]})
+    cfg = DataConfig(prompt_field="q", response_field="a", packing=False, seq_len=12)
+    data, _ = tokenize(ds, cfg, "causal_lm", tok, "mem")
+    prompt = tok("the cat")["input_ids"]
+    answer = tok("sat on the mat", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids, loss = data.arrays["input_ids"][0], data.arrays["loss_mask"][0]
+    n = len(prompt) + len(answer)
+    np.testing.assert_array_equal(ids[:n], prompt + answer)
+    np.testing.assert_array_equal(loss[:n], [0] * len(prompt) + [1] * len(answer))
+    assert not loss[n:].any() and not data.arrays["attention_mask"][0, n:].any()
+
+
+def test_truncation_is_counted(tok, bert_tok):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["the cat sat on the mat and the dog ran", "the cat"], "label": ["a", "b"]})
+    data, _ = tokenize(ds, DataConfig(packing=False, seq_len=4), "causal_lm", tok, "mem")
+    assert data.stats["truncated"] == 1
+    data, names = tokenize(ds, DataConfig(seq_len=5), "sequence_classification", bert_tok, "mem")
+    assert data.stats["truncated"] == 1 and names == ["a", "b"]
+    assert data.arrays["input_ids"][0, 4] == bert_tok.sep_token_id  # [SEP] kept at the end
+
+
+def test_labels_map_by_config_order_and_unknown_label_is_named(bert_tok):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["good", "bad", "good"], "label": ["pos", "neg", "pos"]})
+    data, names = tokenize(ds, DataConfig(labels=["pos", "neg"], seq_len=6), "sequence_classification", bert_tok, "m")
+    assert names == ["pos", "neg"] and data.arrays["labels"].tolist() == [0, 1, 0]
+    with pytest.raises(ConfigError, match=r"labels \['neg'\] in 'm' are not in data.labels \['pos'\]"):
+        tokenize(ds, DataConfig(labels=["pos"], seq_len=6), "sequence_classification", bert_tok, "m")
+
+
+def test_missing_column_and_empty_data_are_named(tmp_path, tok):
+    path = _write(tmp_path, "jsonl", [{"body": "the cat"}])
+    cfg = DataConfig(source=str(path), seq_len=2)
+    with pytest.raises(ConfigError, match=r"data.text_field: column 'text' is not in .*columns: \['body'\]"):
+        load_data(cfg, "causal_lm", tok)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_examples(DataConfig(), str(empty))
+    with pytest.raises(ConfigError, match="no data file at"):
+        read_examples(DataConfig(), str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ConfigError, match="package 'no_such_pkg' is not installed"):
+        read_examples(DataConfig(), "pkg:no_such_pkg/x.txt")
+
+
+def test_batches_are_deterministic_cover_epochs_and_split_over_hosts(assets, tok):
+    cfg = DataConfig(source=str(assets["lm"]), seq_len=8, eval_fraction=0.1)
+    train, held, _ = load_data(cfg, "causal_lm", tok)
+    again, held2, _ = load_data(cfg, "causal_lm", tok)
+    np.testing.assert_array_equal(held.arrays["input_ids"], held2.arrays["input_ids"])
+    whole = Batches(train, 8, seed=3)
+    hosts = [Batches(train, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
+    steps_per_epoch = len(train) // 8
+    seen = []
+    for step in range(steps_per_epoch):
+        rows = whole.rows(step)
+        np.testing.assert_array_equal(np.concatenate([h.rows(step) for h in hosts]), rows)
+        seen.extend(rows)
+    assert len(set(seen)) == len(seen)  # one epoch: no row twice
+    assert not np.array_equal(whole.rows(0), Batches(train, 8, seed=4).rows(0))
+    np.testing.assert_array_equal(Batches(train, 8, seed=3).local(5)["input_ids"], whole.local(5)["input_ids"])
+
+
+def test_eval_batches_pad_with_rows_that_count_for_nothing(bert_tok):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["good"] * 5, "label": ["pos"] * 5})
+    data, _ = tokenize(ds, DataConfig(seq_len=4), "sequence_classification", bert_tok, "m")
+    batches = eval_batches(data, 4, 0)
+    assert [b["labels"].tolist() for b in batches] == [[0, 0, 0, 0], [0, -1, -1, -1]]

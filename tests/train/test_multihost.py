@@ -1,0 +1,47 @@
+"""Two processes on 127.0.0.1 (gloo CPU collectives) train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.train.conftest import ROOT, adapters, cli, lm_args, losses
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_hosts(args: list[str]) -> None:
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   PYTHONPATH=str(ROOT), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(pid))
+        cmd = [sys.executable, "-m", "train", *[a for kv in args for a in ("--set", kv)]]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"process exited {p.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
+
+
+def test_two_processes_equal_one(assets, tmp_path):
+    common = ["mesh.data=2", "mesh.fsdp=2", "data.eval_fraction=0.1", "train.steps=6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli(lm_args(assets, one, *common), devices=4)
+    # Two hosts of two devices; the second invocation resumes from a checkpoint both hosts wrote.
+    _two_hosts(lm_args(assets, two, *common, "train.stop_at=3"))
+    assert (two / "checkpoints" / "3").is_dir()
+    _two_hosts(lm_args(assets, two, *common))
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    np.testing.assert_allclose(losses(two, "eval"), losses(one, "eval"), rtol=1e-5)
+    a, b = adapters(one), adapters(two)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
