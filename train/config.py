@@ -48,6 +48,7 @@ class AdapterConfig:
     dropout: float = 0.0
     r_min: int = 1
     d_initial: float = 0.1
+    n_tasks: int = 1  # multitask: adapters per target; rows routed by data.task_field
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
     seed: int = 0  # adapter init (and VeRA's projections)
 
@@ -76,6 +77,8 @@ class DataConfig:
     prompt_field: str | None = None  # instruction data: the prompt is masked out of the loss
     response_field: str | None = None
     label_field: str = "label"
+    task_field: str | None = None  # multitask: column of task indices (or names listed in data.tasks)
+    tasks: list[str] | None = None
     labels: list[str] | None = None  # class names in label-index order; default: sorted unique
     seq_len: int = 128
     packing: bool = True  # causal LM: concatenate and cut into seq_len chunks
@@ -111,6 +114,9 @@ class OptimConfig:
     sora_xi: float = 1e-4
     delta_lora_lambda: float = 0.5
     delta_lora_start: int = 0
+    lora_drop_select_at: int | None = None  # step of LoRA-drop's selection (None: a tenth of train.steps)
+    lora_drop_threshold: float = 0.9
+    lora_drop_batches: int = 4  # training batches the importance is measured on
 
 
 @dataclasses.dataclass
@@ -344,6 +350,15 @@ def check(cfg: Config) -> None:
     need(cfg.adapter.r >= 1, "adapter.r", "must be at least 1")
     need(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
     need(0 <= cfg.adapter.dropout < 1, "adapter.dropout", "must be in [0, 1)")
+    need(cfg.optim.lora_drop_select_at is None or 1 <= cfg.optim.lora_drop_select_at < cfg.train.steps,
+         "optim.lora_drop_select_at", f"must be in [1, train.steps={cfg.train.steps})")
+    need(0 < cfg.optim.lora_drop_threshold <= 1, "optim.lora_drop_threshold", "must be in (0, 1]")
+    need(cfg.optim.lora_drop_batches >= 1, "optim.lora_drop_batches", "must be at least 1")
+    need(cfg.adapter.n_tasks >= 1, "adapter.n_tasks", "must be at least 1")
+    need((cfg.adapter.variant == "multitask") == (cfg.data.task_field is not None), "data.task_field",
+         "is needed by (and only by) adapter.variant=multitask")
+    need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm", "data.packing",
+         "must be false with data.task_field (a packed row would mix tasks)")
     need(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     need(cfg.data.max_examples is None or cfg.data.max_examples >= 1, "data.max_examples", "must be positive")

@@ -124,9 +124,33 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def task_ids(ds: Any, cfg: DataConfig, source: str) -> np.ndarray:
+    """Multi-task routing: one task index per example, from ``data.task_field``."""
+    _columns(ds, [("data.task_field", cfg.task_field)], source)
+    raw = list(ds[cfg.task_field])
+    if cfg.tasks:
+        index = {n: i for i, n in enumerate(cfg.tasks)}
+        bad = sorted({str(v) for v in raw} - set(index))
+        if bad:
+            raise ConfigError(f"data.task_field: tasks {bad[:5]} in {source!r} are not in data.tasks {cfg.tasks}")
+        return np.array([index[str(v)] for v in raw], np.int32)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in raw):
+        raise ConfigError(f"data.task_field: column {cfg.task_field!r} holds names, not task indices; list them "
+                          "in data.tasks")
+    return np.array(raw, np.int32)
+
+
 def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
              label_names: list[str] | None = None) -> tuple[TokenData, list[str] | None]:
     """Token rows for ``task`` (``causal_lm`` or ``sequence_classification``)."""
+    data, names = _tokenize(ds, cfg, task, tokenizer, source, label_names)
+    if cfg.task_field is not None:
+        data.arrays["task_ids"] = task_ids(ds, cfg, source)
+    return data, names
+
+
+def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
+              label_names: list[str] | None) -> tuple[TokenData, list[str] | None]:
     T, pad = cfg.seq_len, _pad_id(tokenizer)
     stats = {"examples": len(ds), "truncated": 0}
     if task == "sequence_classification":

@@ -60,6 +60,9 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     tokenizer = load_tokenizer(path)
     train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
     num_labels = None
+    if "task_ids" in train.arrays and int(train.arrays["task_ids"].max()) >= cfg.adapter.n_tasks:
+        raise ConfigError(f"adapter.n_tasks={cfg.adapter.n_tasks} but data.task_field has task index "
+                          f"{int(train.arrays['task_ids'].max())}")
     if cfg.model.task == "sequence_classification":
         num_labels = cfg.model.num_labels or len(labels)
         if num_labels < len(labels):
@@ -75,10 +78,55 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     if model_vocab is not None and vocab >= model_vocab:
         raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "
                           f"{model_vocab} (tokenizer and model do not match)")
-    optimizer = build_optimizer(cfg, built.trainable, lv.combine(built.trainable, built.frozen), built.model.stacked)
+    return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None), built)
+
+
+def _with_optimizer(p: Prepared, built: Built) -> Prepared:
+    """``p`` with ``built`` and the optimizer (and its state's shardings) for its trainable tree."""
+    optimizer = build_optimizer(p.cfg, built.trainable, lv.combine(built.trainable, built.frozen), built.model.stacked)
     opt_abstract = jax.eval_shape(optimizer.init, built.trainable)
     opt_sh = state_shardings(opt_abstract, built.trainable, built.trainable_sh, NamedSharding(built.mesh, P()))
-    return Prepared(cfg, tokenizer, train, held, labels, built, optimizer, opt_abstract, opt_sh)
+    return dataclasses.replace(p, built=built, optimizer=optimizer, opt_abstract=opt_abstract, opt_sh=opt_sh)
+
+
+def _steps(p: Prepared) -> Any:
+    cfg, b = p.cfg, p.built
+    return make_steps(
+        b.model, cfg.model.task, p.optimizer, mesh=b.mesh, trainable_sh=b.trainable_sh, frozen_sh=b.frozen_sh,
+        opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
+        dylora=cfg.adapter.variant == "dylora", penalty=penalty(cfg),
+        delta_lora=(cfg.optim.delta_lora_lambda, cfg.optim.delta_lora_start) if cfg.adapter.variant == "delta_lora" else None,
+        n_tasks=cfg.adapter.n_tasks,
+    )
+
+
+def _drop_at(cfg: Config) -> int | None:
+    if cfg.adapter.variant != "lora_drop":
+        return None
+    return cfg.optim.lora_drop_select_at or max(1, cfg.train.steps // 10)
+
+
+def _lora_drop(p: Prepared, trainable: Any, frozen: Any, batches: Batches, fns: Any,
+               step: int) -> dict[str, np.ndarray]:
+    """LoRA-drop's selection after ``step`` steps: importance on the next training batches, keep mask."""
+    from lorax_variants.optim.lora_drop import importance, keep_mask
+
+    cfg, model = p.cfg, p.built.model
+    sample = []
+    for i in range(cfg.optim.lora_drop_batches):
+        local = batches.local(step + i)
+        sample.append({k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
+                       for k, v in local.items()})
+    apply = lambda tree, b: model.apply(tree, b["input_ids"], b["attention_mask"])  # noqa: E731
+    scores = importance(apply, lv.combine(trainable, frozen), sample, model.stacked)
+    return keep_mask(scores, cfg.optim.lora_drop_threshold)
+
+
+def _apply_keep(p: Prepared, trainable: Any, frozen: Any, keep: dict[str, np.ndarray]) -> Prepared:
+    from lorax_variants.optim.lora_drop import apply_keep
+    from train.build import rebuild
+
+    return _with_optimizer(p, rebuild(p.built, apply_keep(lv.combine(trainable, frozen), keep)))
 
 
 def _device_bytes(tree: Any, shardings: Any) -> int:
@@ -142,9 +190,10 @@ def format_plan(info: dict[str, Any]) -> str:
     ])
 
 
-def _meta(cfg: Config, p: Prepared, step: int) -> dict[str, Any]:
+def _meta(cfg: Config, p: Prepared, step: int, keep: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     b = p.built
     return {
+        "lora_drop_keep": {k: np.asarray(v).tolist() for k, v in keep.items()} if keep is not None else None,
         "step": step, "rows_consumed": step * cfg.train.batch_size, "config": to_dict(cfg),
         "base_model": str(model_dir(cfg)), "base_fingerprint": ckpt.fingerprint(model_dir(cfg)),
         "adapter_spec": b.spec.to_dict() if b.spec else None, "quant_spec": b.quant.to_dict() if b.quant else None,
@@ -167,21 +216,28 @@ def _global_batch(local: dict[str, np.ndarray], accum: int, steps_fns: Any) -> d
 
 def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float]:
     cfg = p.cfg
-    sums = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    sums: dict[str, Any] = {}
     for batch in eval_batches(p.eval, cfg.train.batch_size, cfg.train.eval_batches, jax.process_index(),
                               jax.process_count()):
         arrays = {k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
                   for k, v in batch.items()}
         out = jax.device_get(fns.eval(trainable, frozen, arrays))
-        for k in sums:
-            sums[k] += float(out[k])
-    n = max(sums["count"], 1.0)
-    res = {"loss": sums["loss_sum"] / n, "examples" if cfg.model.task != "causal_lm" else "tokens": sums["count"]}
-    if cfg.model.task == "sequence_classification":
-        res["accuracy"] = sums["correct"] / n
-    else:
-        res["perplexity"] = math.exp(min(res["loss"], 50.0))
-        res["token_accuracy"] = sums["correct"] / n
+        sums = {k: sums.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
+
+    def metrics(loss_sum: Any, count: Any, correct: Any) -> dict[str, float]:
+        n = max(float(count), 1.0)
+        res = {"loss": float(loss_sum) / n, "examples" if cfg.model.task != "causal_lm" else "tokens": float(count)}
+        if cfg.model.task == "sequence_classification":
+            res["accuracy"] = float(correct) / n
+        else:
+            res["perplexity"] = math.exp(min(res["loss"], 50.0))
+            res["token_accuracy"] = float(correct) / n
+        return res
+
+    res = metrics(sums["loss_sum"], sums["count"], sums["correct"])
+    for t in range(len(sums.get("task_count", []))):
+        for k, v in metrics(sums["task_loss_sum"][t], sums["task_count"][t], sums["task_correct"][t]).items():
+            res[f"task{t}_{k}"] = v
     return res
 
 
@@ -209,16 +265,24 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     saver = ckpt.Checkpointer(out, t.keep)
-    trainable, frozen = b.trainable, b.frozen
-    opt_state = jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable)
     key = jax.random.key(t.seed)
-    start = 0
+    start, keep, saved = 0, None, None
     latest = saver.latest()
     if latest is not None and resume is False:
         raise ConfigError(f"train.output_dir: {out} already has checkpoints (step {latest}); pass --resume to continue "
                           "or choose another directory")
+    if latest is None and resume:
+        raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
     if latest is not None:
-        ckpt.check_meta(saver.meta(latest), _meta(cfg, p, latest), saver.directory / str(latest))
+        saved = saver.meta(latest)
+        if saved.get("lora_drop_keep") is not None:  # the checkpoint is past LoRA-drop's selection
+            keep = {k: np.asarray(v, bool) for k, v in saved["lora_drop_keep"].items()}
+            p = _apply_keep(p, p.built.trainable, p.built.frozen, keep)
+    b = p.built
+    trainable, frozen = b.trainable, b.frozen
+    opt_state = jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable)
+    if latest is not None:
+        ckpt.check_meta(saved, _meta(cfg, p, latest, keep), saver.directory / str(latest))
         like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
                 "key": np.asarray(jax.random.key_data(key))}
         if cfg.adapter.variant == "delta_lora":
@@ -230,15 +294,8 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             frozen = ckpt.with_delta_weights(frozen, state["delta_weights"])
         key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
         start = latest
-    elif resume:
-        raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
 
-    fns = make_steps(
-        b.model, cfg.model.task, p.optimizer, mesh=b.mesh, trainable_sh=b.trainable_sh, frozen_sh=b.frozen_sh,
-        opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
-        dylora=cfg.adapter.variant == "dylora", penalty=penalty(cfg),
-        delta_lora=(cfg.optim.delta_lora_lambda, cfg.optim.delta_lora_start) if cfg.adapter.variant == "delta_lora" else None,
-    )
+    fns = _steps(p)
     batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
     groups = lr_groups(cfg, trainable, b.model.stacked)
     metrics = Metrics(out, t.steps, start, active=lead, progress=t.progress)
@@ -255,7 +312,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
                  "key": np.asarray(jax.random.key_data(key))}
         if cfg.adapter.variant == "delta_lora":
             state["delta_weights"] = ckpt.delta_weights(frozen)
-        saver.save(step, state, _meta(cfg, p, step))
+        saver.save(step, state, _meta(cfg, p, step, keep))
 
     stop: list[int] = []
     handlers = {}
@@ -266,6 +323,8 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             pass
     pending: list[tuple[int, dict[str, Any]]] = []
     skipped, tokens, t0, step = 0, 0.0, time.perf_counter(), start
+    row: dict[str, float] = {}
+    elapsed = 0.0
     last_eval: dict[str, float] = {}
     try:
         for step in range(start, t.steps):
@@ -273,6 +332,17 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             trainable, frozen, opt_state, m = fns.train(trainable, frozen, opt_state, batch, jnp.int32(step), key)
             pending.append((step, m))
             done = step + 1
+            if done == _drop_at(cfg) and keep is None:
+                keep = _lora_drop(p, trainable, frozen, batches, fns, done)
+                p = _apply_keep(p, trainable, frozen, keep)
+                b = p.built
+                trainable, frozen = b.trainable, b.frozen
+                # Fresh moments for the new tree; the step count (and so the lr schedule) goes on.
+                opt_state = _set_count(jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable), done)
+                fns = _steps(p)
+                kept = sum(int(k.sum()) for k in keep.values())
+                metrics.echo(f"LoRA-drop at step {done}: {kept} of {sum(k.size for k in keep.values())} adapted "
+                             f"layers keep their own adapters, the rest share one set per shape")
             if step == start:  # time from the end of the first (compiling) step
                 jax.block_until_ready(m)
                 t0 = time.perf_counter()
@@ -319,7 +389,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     summary = {
         "name": cfg.name, "variant": cfg.adapter.variant, "steps": t.steps, "resumed_from": start or None,
         "trainable_params": b.counts.trainable, "total_params": b.counts.total,
-        "final_train_loss": row["loss"] if t.steps > start else None, "eval": last_eval, "skipped_steps": skipped,
+        "final_train_loss": row.get("loss"), "eval": last_eval, "skipped_steps": skipped,
         "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start - 1),
         "tokens_per_second": tokens / max(elapsed, 1e-9), "output_dir": str(out),
     }
@@ -338,6 +408,17 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         loss_curve(out)
         print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
     return Result(summary, trainable, frozen, opt_state, b)
+
+
+def _set_count(opt_state: Any, step: int) -> Any:
+    """Every ``count`` of an Optax state set to ``step`` (schedules continue after a re-init)."""
+    def one(kp: Any, x: Any) -> Any:
+        last = kp[-1] if kp else None
+        if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count":
+            return jnp.full_like(x, step)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def _to_host(tree: Any) -> Any:

@@ -46,19 +46,19 @@ def cast_tree(tree: Any, dtype: Any) -> Any:
 
 
 def task_loss(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(sum of token/example losses, count, correct)`` in float32."""
+    """Per row: ``(sum of token/example losses, count, correct)`` in float32, each ``[batch]``."""
     logits = logits.astype(jnp.float32)
     if task == "sequence_classification":
         labels = batch["labels"]
-        valid = labels >= 0
+        valid = (labels >= 0).astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-        correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
-        return jnp.sum(ce * valid), jnp.sum(valid).astype(jnp.float32), correct.astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == labels) * valid
+        return ce * valid, valid, correct
     targets = batch["input_ids"][:, 1:]
     mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == targets) * mask)
-    return jnp.sum(ce * mask), jnp.sum(mask), correct
+    correct = (jnp.argmax(logits[:, :-1], -1) == targets) * mask
+    return jnp.sum(ce * mask, -1), jnp.sum(mask, -1), jnp.sum(correct, -1)
 
 
 @dataclasses.dataclass
@@ -72,6 +72,7 @@ def make_steps(
     model: Any, task: str, optimizer: optax.GradientTransformation, *, mesh: Any, trainable_sh: Any, frozen_sh: Any,
     opt_sh: Any, compute_dtype: str = "float32", dropout: bool = False, dylora: bool = False,
     penalty: Callable[[Any], jax.Array] | None = None, delta_lora: tuple[float, int] | None = None,
+    n_tasks: int = 1,
 ) -> StepFns:
     """Jitted steps. Batches come as ``[accum, micro, ...]`` arrays (micro over data x fsdp)."""
 
@@ -81,9 +82,14 @@ def make_steps(
             tree = lv.with_dropout(tree, jax.random.fold_in(key, 1))
         if train and dylora:
             tree = sample_rank(tree, jax.random.fold_in(key, 2))
+        if "task_ids" in batch:
+            tree = lv.route(tree, batch["task_ids"])
         logits = model.apply(tree, batch["input_ids"], batch["attention_mask"])
-        total, count, correct = task_loss(task, logits, batch)
-        extra = penalty(tree).astype(jnp.float32) * count if (train and penalty is not None) else 0.0
+        rows = task_loss(task, logits, batch)
+        if not train:
+            return rows
+        total, count, correct = (jnp.sum(r) for r in rows)
+        extra = penalty(tree).astype(jnp.float32) * count if penalty is not None else 0.0
         return total + extra, (total, count, correct)
 
     grad_fn = jax.grad(forward, has_aux=True)
@@ -117,8 +123,12 @@ def make_steps(
         return keep(new_trainable, trainable), keep(new_frozen, frozen), keep(new_opt, opt_state), metrics
 
     def eval_step(trainable, frozen, batch):
-        _, (total, count, correct) = forward(trainable, frozen, batch, None, False)
-        return {"loss_sum": total, "count": count, "correct": correct}
+        rows = dict(zip(("loss_sum", "count", "correct"), forward(trainable, frozen, batch, None, False)))
+        out = {k: jnp.sum(v) for k, v in rows.items()}
+        if "task_ids" in batch:  # per task: [n_tasks] sums
+            onehot = jax.nn.one_hot(batch["task_ids"], n_tasks, dtype=jnp.float32)
+            out |= {f"task_{k}": v @ onehot for k, v in rows.items()}
+        return out
 
     def batch_sh(ndim: int, accum: bool = True) -> NamedSharding:
         lead = (None,) if accum else ()

@@ -29,7 +29,7 @@ from lorax_variants.ops import dense
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["importance", "select"]
+__all__ = ["importance", "select", "keep_mask", "apply_keep"]
 
 
 @jax.custom_vjp
@@ -96,11 +96,8 @@ def importance(apply: Callable[[Any, Any], jax.Array], tree: Any, batches: Itera
     return {p: v / norm for p, v in total.items()}
 
 
-def select(tree: Any, scores: dict[str, np.ndarray], threshold: float = 0.9) -> tuple[Any, dict[str, np.ndarray]]:
-    """Keep the most important layers up to ``threshold`` of the total; the rest share one set.
-
-    Returns the tree (LoRA nodes -> ``LoraDropNode``) and the keep mask per path.
-    """
+def keep_mask(scores: dict[str, np.ndarray], threshold: float = 0.9) -> dict[str, np.ndarray]:
+    """Which layers keep their own adapters: the most important, up to ``threshold`` of the total."""
     if not 0 < threshold <= 1:
         raise ValueError(f"LoRA-drop threshold must be in (0, 1], got {threshold}")
     flat = [(float(v), p, idx) for p, arr in scores.items() for idx, v in np.ndenumerate(np.asarray(arr))]
@@ -112,11 +109,19 @@ def select(tree: Any, scores: dict[str, np.ndarray], threshold: float = 0.9) -> 
             break
         keep[p][idx] = True
         cum += v
+    return keep
+
+
+def apply_keep(tree: Any, keep: dict[str, np.ndarray]) -> Any:
+    """LoRA nodes -> ``LoraDropNode``s by a keep mask per path (layers not kept share one set per shape)."""
     owners: dict[str, str] = {}
+    keep = {p: np.asarray(k, bool) for p, k in keep.items()}
 
     def convert(path: str, n: Any) -> Any:
         if path not in keep or keep[path].all():
             return n  # every layer kept: stays plain LoRA
+        if not isinstance(n, LoraNode):
+            raise ValueError(f"{path}: LoRA-drop keep mask given for a {type(n).__name__}, not a LoRA node")
         shape = (n.lora_a.shape[-2:], n.lora_b.shape[-2:])
         name = f"lora_drop/{shape[0][0]}x{shape[1][1]}r{shape[0][1]}"
         own = name not in owners
@@ -130,4 +135,13 @@ def select(tree: Any, scores: dict[str, np.ndarray], threshold: float = 0.9) -> 
                             shared_b=Shared(f"{name}/b", first(n.lora_b) if own else None),
                             keep=jnp.asarray(keep[path]), scale=n.scale, dropout=n.dropout)
 
-    return map_with_paths(convert, tree, nodes_are_leaves=True), keep
+    return map_with_paths(convert, tree, nodes_are_leaves=True)
+
+
+def select(tree: Any, scores: dict[str, np.ndarray], threshold: float = 0.9) -> tuple[Any, dict[str, np.ndarray]]:
+    """Keep the most important layers up to ``threshold`` of the total; the rest share one set.
+
+    Returns the tree (LoRA nodes -> ``LoraDropNode``) and the keep mask per path.
+    """
+    keep = keep_mask(scores, threshold)
+    return apply_keep(tree, keep), keep

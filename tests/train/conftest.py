@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def assets(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("train_assets")
     texts = H.lm_texts(200)
-    rows = H.sentiment(120)
+    rows = [r | {"task": ("reviews", "tweets")[(i // 2) % 2]} for i, r in enumerate(H.sentiment(120))]
     H.tiny_run_model("llama_gqa_untied", d / "llama", texts)
     H.tiny_run_model("gpt2", d / "gpt2", texts)
     H.tiny_run_model("bert_base", d / "bert", [r["sentence"] for r in rows])

@@ -21,6 +21,7 @@ VARIANTS = {
     "adalora": ["adapter.variant=adalora", "optim.adalora_target_r=2", "optim.adalora_tinit=1", "optim.adalora_tfinal=2"],
     "delta_lora": ["adapter.variant=delta_lora"], "dylora": ["adapter.variant=dylora"],
     "sora": ["adapter.variant=sora", "optim.sora_xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
+    "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=3", "optim.lora_drop_threshold=0.5"],
 }
 
 
@@ -35,6 +36,11 @@ def test_every_variant_trains(assets, tmp_path, variant):
     if variant == "adalora":
         ranks = result.summary["adalora_ranks"]
         assert sum(int(np.sum(r)) for r in ranks) < sum(int(np.size(r)) for r in ranks)  # the budget pruned
+    if variant == "lora_drop":
+        from lorax_variants import LoraDropNode
+
+        nodes = [n for n in result.trainable["layers"]["attn"].values() if isinstance(n, LoraDropNode)]
+        assert nodes, "the selection turned some layers' adapters into shared ones"
     if variant == "qlora":
         from lorax_variants import QuantizedNode
 
@@ -101,7 +107,7 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys):
                  "train.grad_accum=1", "quant.block_size=32"]
     elif "models/gpt2" in text:
         sets += [f"model.path={assets['gpt2']}", f"data.source={assets['lm']}", "data.format=auto", "data.seq_len=16"]
-    elif "models/bert" in text:
+    elif "models/bert" in text or "base: bert_example.yaml" in text:
         sets += [f"model.path={assets['bert']}", f"data.source={assets['cls']}", "data.text_field=sentence",
                  "data.label_field=sentiment", "data.seq_len=12"]
     code, err = main(["--config", str(config), *sets, "--dry-run"], capsys)
@@ -113,3 +119,21 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys):
     assert info["trainable_params"] > 0 and info["frozen_params"] > 0
     assert info["bytes_per_device"]["frozen"] > 0
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
+    from tests import hf_models as H
+
+    rows = [{"text": t, "task": 0} for t in H.lm_texts(80, seed=1)]
+    rows += [{"text": " ".join(reversed(t.split())), "task": 1} for t in H.lm_texts(80, seed=2)]
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    result = train(lm_args(assets, out, f"data.source={data}", "adapter.variant=multitask", "adapter.n_tasks=2",
+                           "data.task_field=task", "data.packing=false", "data.eval_fraction=0.2", "train.steps=10"))
+    ev = result.summary["eval"]
+    assert {"task0_loss", "task1_loss", "task0_tokens", "task1_tokens"} <= set(ev)
+    assert ev["task0_tokens"] > 0 and ev["task1_tokens"] > 0
+    np.testing.assert_allclose(ev["task0_tokens"] + ev["task1_tokens"], ev["tokens"])
+    b = np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_b)  # [L, tasks, r, out]
+    assert np.abs(b[:, 0]).max() > 0 and np.abs(b[:, 1]).max() > 0 and not np.allclose(b[:, 0], b[:, 1])

@@ -17,7 +17,9 @@ from tests.train.conftest import ROOT, adapters, lm_args, losses, main, train
 VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant=dylora"],
             "adalora": ["adapter.variant=adalora", "optim.adalora_target_r=2", "optim.adalora_tinit=1",
                         "optim.adalora_tfinal=2"],
-            "delta_lora": ["adapter.variant=delta_lora", "optim.delta_lora_start=1"]}
+            "delta_lora": ["adapter.variant=delta_lora", "optim.delta_lora_start=1"],
+            # Stopped after the selection (step 2): the checkpoint carries the keep mask.
+            "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=2", "optim.lora_drop_threshold=0.5"]}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
