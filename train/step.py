@@ -116,7 +116,7 @@ def make_steps(
             lam, start = delta_lora
             new_frozen = delta_lora_update(frozen, trainable, new_trainable, step, lam=lam, start_step=start)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_trainable))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {"loss": total / denom, "grad_norm": grad_norm, "tokens": count, "accuracy": correct / denom,
                    "finite": ok}

@@ -82,8 +82,10 @@ def test_bert_classification_learns_and_reports_accuracy(assets, tmp_path):
 
 def test_outputs_a_person_looks_at(assets, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = main(lm_args(assets, out, "train.progress=true", "train.samples=2", "data.eval_fraction=0.1"), capsys)
+    code, err = main(lm_args(assets, out, "train.progress=true", "train.samples=2", "data.eval_fraction=0.1",
+                             "train.checkpoint_every=2", "train.keep=2"), capsys)
     assert code == 0
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6]  # every 2 steps, last 2 kept
     assert "loss=" in err and "tok/s=" in err and "lr=" in err  # the progress bar
     assert "sample 0:" in err
     for name in ("metrics.jsonl", "summary.json", "config.json", "adapters.safetensors", "loss_curve.png"):
@@ -137,3 +139,11 @@ def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     np.testing.assert_allclose(ev["task0_tokens"] + ev["task1_tokens"], ev["tokens"])
     b = np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_b)  # [L, tasks, r, out]
     assert np.abs(b[:, 0]).max() > 0 and np.abs(b[:, 1]).max() > 0 and not np.allclose(b[:, 0], b[:, 1])
+
+
+def test_non_finite_updates_are_skipped_and_leave_the_adapters_as_they_were(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(lm_args(assets, out, "optim.lr=1e38", "optim.clip_norm=null", "optim.name=sgd", "optim.b1=0"))
+    assert result.summary["skipped_steps"] == 6
+    b = np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_b)
+    assert np.all(b == 0) and np.all(np.isfinite(np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_a)))

@@ -15,7 +15,8 @@ def single(assets, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mesh", [("1", "8", "1"), ("2", "2", "2"), ("1", "2", "4")], ids=["fsdp8", "dp2_fsdp2_tp2", "fsdp2_tp4"])
+@pytest.mark.parametrize("mesh", [("1", "8", "1"), ("2", "2", "2"), pytest.param(("1", "2", "4"), marks=pytest.mark.slow)],
+                         ids=["fsdp8", "dp2_fsdp2_tp2", "fsdp2_tp4"])
 def test_sharded_run_equals_single_device(assets, single, tmp_path, mesh):
     out = tmp_path / "run"
     data, fsdp, tensor = mesh
@@ -33,11 +34,29 @@ def test_sharded_run_equals_single_device(assets, single, tmp_path, mesh):
 
 
 def test_frozen_weights_are_split_over_devices(assets, tmp_path):
-    """--dry-run's per-device bytes: frozen weights shrink with FSDP (from the shardings, nothing allocated)."""
-    def frozen_bytes(devices: int) -> int:
-        proc = cli(lm_args(assets, tmp_path / f"d{devices}", "mesh.fsdp=-1", "--dry-run"), devices=devices)
-        line = next(line for line in proc.stdout.splitlines() if line.startswith("per device:"))
-        return float(line.split("frozen ")[1].split(" MiB")[0])
+    """The plan's per-device bytes (from eval_shape and the shardings, nothing allocated): frozen weights
+    shrink 1/devices under FSDP, also when quantized; data parallelism replicates them."""
+    script = (
+        "import json, sys; from train.config import load; from train.run import plan\n"
+        "args = json.loads(sys.argv[1]); out = {}\n"
+        "for name, mesh in [('dp8', ['mesh.data=8', 'mesh.fsdp=1']), ('fsdp8', ['mesh.fsdp=8']), ('fsdp4', ['mesh.fsdp=4', 'mesh.data=2'])]:\n"
+        "    for q in ['none', 'nf4']:\n"
+        "        out[name + q] = plan(load(None, args + mesh + ['quant.kind=' + q, 'quant.block_size=32']))['bytes_per_device']\n"
+        "print(json.dumps(out))\n")
+    import json
+    import os
+    import subprocess
+    import sys
 
-    one, eight = frozen_bytes(1), frozen_bytes(8)
-    assert eight < one / 4  # weights split 8 ways; norms and odd-sized leaves stay whole
+    from tests.train.conftest import ROOT
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT))
+    args = lm_args(assets, tmp_path / "out", "train.batch_size=8")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(args)], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for q in ("none", "nf4"):
+        dp, f8, f4 = got["dp8" + q]["frozen"], got["fsdp8" + q]["frozen"], got["fsdp4" + q]["frozen"]
+        assert f8 < f4 < dp
+        assert f8 < dp / 5 and f4 < dp / 2.5  # about 1/8 and 1/4: norms and odd-sized leaves stay whole
+    assert got["fsdp8nf4"]["frozen"] < got["fsdp8none"]["frozen"] / 2  # NF4 codes are sharded too
