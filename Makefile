@@ -37,6 +37,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_zoo.py
 	$(PY) bench/bench_qlora.py
 	$(PY) bench/bench_variants.py
+	$(PY) bench/bench_train_app.py
 
 # Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).
 lock: $(VENV)/.test-deps

@@ -325,6 +325,8 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     skipped, tokens, t0, step = 0, 0.0, time.perf_counter(), start
     row: dict[str, float] = {}
     elapsed = 0.0
+    lm = cfg.model.task == "causal_lm"
+    unit = "tok/s" if lm else "ex/s"  # what the step counts: target tokens, or examples
     last_eval: dict[str, float] = {}
     try:
         for step in range(start, t.steps):
@@ -359,7 +361,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
                     metrics.write("train", s + 1, row)
                 pending = []
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                metrics.progress(done, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{rate:,.0f}"})
+                metrics.progress(done, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", unit: f"{rate:,.1f}"})
             if p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 last_eval = _eval(p, fns, trainable, frozen)
                 metrics.write("eval", done, last_eval)
@@ -391,7 +393,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         "trainable_params": b.counts.trainable, "total_params": b.counts.total,
         "final_train_loss": row.get("loss"), "eval": last_eval, "skipped_steps": skipped,
         "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start - 1),
-        "tokens_per_second": tokens / max(elapsed, 1e-9), "output_dir": str(out),
+        ("tokens_per_second" if lm else "examples_per_second"): tokens / max(elapsed, 1e-9), "output_dir": str(out),
     }
     if cfg.adapter.variant == "adalora":
         from lorax_variants.optim.adalora import AllocatorState, rank_pattern

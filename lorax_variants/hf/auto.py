@@ -139,21 +139,24 @@ def from_pretrained(
             raise ValueError(f"QuantSpec.targets {quantize.targets!r} matched no weight of {model.config.model_type}; "
                              f"its paths: {paths[:12]}")
         per_tensor = lambda p: (lambda w: quantize_one(jnp.asarray(w), p)) if p in chosen else None  # noqa: E731
-    fill = None
     model.new_leaves = []
-    if new_head is not None:
-        head = model.shapes().get("head", {})
-        init = init_from_shapes(head, new_head, model.config.initializer_range, dtype or jnp.float32)
-
-        def fill(p: str) -> Any:
-            if not p.startswith("head/"):
-                return None
-            model.new_leaves.append(p)
-            return init[p.split("/", 1)[1]]
-
+    fill = _head_filler(model, new_head, dtype) if new_head is not None else None
     params = params_from_hf(model, Checkpoint(path), np_dtype, lambda _, a: jnp.asarray(a), per_tensor, fill)
     return model, params
 
+
+
+def _head_filler(model: Any, key: jax.Array, dtype: Any) -> Any:
+    """``fill`` for ``params_from_hf``: new ``head/`` leaves, recorded in ``model.new_leaves``."""
+    init = init_from_shapes(model.shapes().get("head", {}), key, model.config.initializer_range, dtype or jnp.float32)
+
+    def fill(path: str) -> Any:
+        if not path.startswith("head/"):
+            return None
+        model.new_leaves.append(path)
+        return init[path.split("/", 1)[1]]
+
+    return fill
 
 
 def save_pretrained(out_dir: str | os.PathLike, model: Any, params: Any, *, overwrite: bool = False) -> Path:

@@ -20,7 +20,7 @@ def single(assets, tmp_path_factory):
 def test_sharded_run_equals_single_device(assets, single, tmp_path, mesh):
     out = tmp_path / "run"
     data, fsdp, tensor = mesh
-    proc = cli(lm_args(assets, out, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
+    cli(lm_args(assets, out, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
                        "train.grad_accum=2", "adapter.variant=dora"), devices=8)
     ref, got = losses(single), losses(out)
     assert len(ref) == len(got) == 6
