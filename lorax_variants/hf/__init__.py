@@ -1,8 +1,10 @@
-"""Hugging Face at the edges: load HF checkpoints into our models, convert back (``to_hf``)."""
+"""Hugging Face at the edges: load HF checkpoints into our models, export merged models and PEFT adapters."""
 
 from lorax_variants.hf.auto import SUPPORTED, from_config, from_pretrained, load_hf_config, save_pretrained
 from lorax_variants.hf.convert import params_from_hf, to_hf
+from lorax_variants.hf.export import save_merged
+from lorax_variants.hf.peft import load_peft, save_peft
 from lorax_variants.hf.safetensors_io import Checkpoint, SafetensorsFile, write_safetensors
 
 __all__ = ["from_pretrained", "from_config", "save_pretrained", "to_hf", "params_from_hf", "load_hf_config",
-           "Checkpoint", "SafetensorsFile", "write_safetensors", "SUPPORTED"]
+           "Checkpoint", "SafetensorsFile", "write_safetensors", "SUPPORTED", "save_merged", "save_peft", "load_peft"]

@@ -1,0 +1,101 @@
+"""``save_merged``: an adapted tree as a plain transformers checkpoint (W + ΔW folded in).
+
+Every variant merges through its node's ``merge``: Delta-LoRA's changed W, QLoRA's dequantized
+4-bit base plus its delta (what was trained), DyLoRA at a chosen rank, multi-task at a chosen
+adapter. Large models are written in shards with ``model.safetensors.index.json`` as transformers
+does; tokenizer files are copied from the base model directory when given. The write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorax_variants.hf.auto import _architecture
+from lorax_variants.hf.convert import to_hf
+from lorax_variants.hf.peft import atomic_dir
+from lorax_variants.hf.safetensors_io import write_safetensors
+
+__all__ = ["save_merged", "TOKENIZER_FILES"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int | None = None, task: int | None = None,
+                dtype: Any = None, tokenizer_from: str | os.PathLike | None = None, max_shard_bytes: int = 5 << 30,
+                overwrite: bool = False) -> Path:
+    """Merge ``tree``'s adapters into its weights and write an HF model directory transformers loads.
+
+    ``rank``: DyLoRA's rank. ``task``: the multi-task adapter to merge (required for multi-task
+    trees). ``dtype``: cast the merged weights (default: as merged, float32 for adapted weights).
+    """
+    import jax
+
+    from lorax_variants.nodes.dylora import DyLoraNode, with_rank
+    from lorax_variants.nodes.multitask import MultiTaskNode, select
+    from lorax_variants.ops import merge
+    from lorax_variants.tree import leaves_with_paths
+
+    kinds = {type(n) for _, n in leaves_with_paths(tree, nodes_are_leaves=True)}
+    if MultiTaskNode in kinds:
+        if task is None:
+            raise ValueError("a multi-task tree merges one task's adapter: pass task=k")
+        tree = select(tree, task)
+    if DyLoraNode in kinds and rank is not None:
+        tree = with_rank(tree, rank)
+    params = jax.device_get(merge(tree))
+    tensors = to_hf(model, params)
+    if dtype is not None:
+        import jax.numpy as jnp
+
+        tensors = {k: v.astype(np.dtype(jnp.dtype(dtype))) for k, v in tensors.items()}
+
+    def write(tmp: Path) -> None:
+        _write_shards(tmp, tensors, max_shard_bytes)
+        config = model.hf_config.to_dict()
+        config["architectures"] = [_architecture(model)]
+        if dtype is not None:
+            config["dtype"] = jnp_name(dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_from) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+
+    return atomic_dir(out_dir, overwrite, write)
+
+
+def jnp_name(dtype: Any) -> str:
+    import jax.numpy as jnp
+
+    return jnp.dtype(dtype).name
+
+
+def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        write_safetensors(out / "model.safetensors", shards[0], {"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / fname, shard, {"format": "pt"})
+        weight_map |= {k: fname for k in shard}
+    total = sum(t.nbytes for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n")

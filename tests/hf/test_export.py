@@ -1,0 +1,176 @@
+"""Export to transformers (merged) and PEFT (adapters) for every variant; import back from PEFT.
+
+Each case: a tiny random Llama and GPT-2 built with transformers, adapted, its adapter leaves moved
+away from their initial values (a stand-in for training: B = 0 at init would hide a wrong export),
+exported both ways, loaded with transformers / peft.PeftModel (torch CPU), logits compared to ours.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import lorax_variants as lv
+from lorax_variants.hf import from_pretrained, load_peft, save_merged, save_peft
+from lorax_variants.nodes.dylora import with_rank
+from lorax_variants.optim.lora_drop import apply_keep
+from tests import hf_models as H
+
+TARGETS = {"llama_gqa_untied": r"layers/(attn|mlp)/(q_proj|v_proj|down_proj)", "gpt2": r"layers/(attn|mlp)/(c_attn|c_fc)"}
+VARIANTS = {
+    "lora": {}, "rslora": {"rslora": True}, "lora_fa": {"variant": "lora_fa"}, "pissa": {"init": "pissa"},
+    "dora": {"variant": "dora"}, "vera": {"variant": "vera", "r": 8}, "adalora": {"variant": "adalora"},
+    "dylora": {"variant": "dylora"}, "sora": {"variant": "sora"}, "lora_drop": {}, "multitask": {"variant": "multitask", "n_tasks": 2},
+    "qlora": {},
+}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def base(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    H.build(request.param, d)
+    model, params = from_pretrained(d)
+    return request.param, d, model, params
+
+
+def _perturb(tree, key, scale=0.05):
+    trainable, frozen = lv.split(tree)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(key, len(leaves))
+    moved = [x + scale * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+             for x, k in zip(leaves, keys)]
+    return lv.combine(jax.tree.unflatten(treedef, moved), frozen)
+
+
+def _adapted(name, model, params, variant):
+    kw = dict(VARIANTS[variant])
+    if variant == "qlora":
+        params = lv.quantize(params, lv.QuantSpec(kind="nf4", block_size=32, targets=TARGETS[name], stacked=model.stacked))
+    spec = lv.AdapterSpec(targets=TARGETS[name], stacked=model.stacked, r=kw.pop("r", 4), alpha=8, **kw)
+    tree = lv.adapt(params, spec, jax.random.key(1))
+    initial = tree
+    tree = _perturb(tree, jax.random.key(2))
+    nodes = dict(lv.leaves_with_paths(tree, nodes_are_leaves=True))
+    if variant == "adalora":  # pruned triplets: some False in every mask
+        tree = lv.map_with_paths(lambda p, n: n.replace(rank_mask=n.rank_mask.at[..., 1].set(False).at[0, 3].set(False))
+                                 if isinstance(n, lv.AdaLoraNode) else n, tree, nodes_are_leaves=True)
+    if variant == "sora":  # gates driven to zero by the proximal step
+        tree = lv.map_with_paths(lambda p, n: n.replace(gate=n.gate.at[..., 0].set(0.0).at[1, 2].set(0.0))
+                                 if isinstance(n, lv.SoraNode) else n, tree, nodes_are_leaves=True)
+    if variant == "lora_drop":
+        keep = {p: np.array([True, False]) for p, n in nodes.items() if isinstance(n, lv.LoraNode)}
+        keep[next(iter(keep))] = np.array([False, False])
+        tree = _perturb(apply_keep(tree, keep), jax.random.key(3))
+    return tree, initial
+
+
+def _ours(model, tree, variant, ids):
+    if variant == "dylora":
+        tree = with_rank(tree, 2)
+    if variant == "multitask":
+        tree = lv.select(tree, 1)
+    return np.asarray(model.apply(tree, jnp.asarray(ids)))
+
+
+IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_peft_and_merged_exports_give_our_logits(base, variant, tmp_path):
+    import peft
+
+    name, hf_dir, model, params = base
+    tree, initial = _adapted(name, model, params, variant)
+    ours = _ours(model, tree, variant, IDS)
+    kw = {"rank": 2} if variant == "dylora" else {}
+    save_peft(tmp_path / "peft", model, tree, initial=initial if variant == "pissa" else None, base_model=str(hf_dir), **kw)
+    adapter_dir = tmp_path / "peft" / ("task_1" if variant == "multitask" else "")
+    torch_base = T.AutoModelForCausalLM.from_pretrained(hf_dir)
+    pm = peft.PeftModel.from_pretrained(torch_base, adapter_dir).eval()
+    theirs = H.torch_out(pm, IDS)
+    if variant == "qlora":  # PEFT's base is the original weights; ours the NF4 ones: compare to ours on them
+        ours_fp = np.asarray(model.apply(_requant_free(tree, params), jnp.asarray(IDS)))
+        np.testing.assert_allclose(theirs, ours_fp, rtol=1e-4, atol=1e-4)
+    else:
+        np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+    save_merged(tmp_path / "merged", model, tree, tokenizer_from=hf_dir, **kw, **({"task": 1} if variant == "multitask" else {}))
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(H.torch_out(merged, IDS), ours, rtol=1e-4, atol=1e-4)
+
+
+def _requant_free(tree, params):
+    """``tree`` with each quantized base replaced by the original weight (what PEFT's base holds)."""
+    flat = dict(lv.leaves_with_paths(params, nodes_are_leaves=True))
+    return lv.map_with_paths(lambda p, n: n.replace(weight=flat[p]) if isinstance(n, lv.LoraNode) else n, tree,
+                             nodes_are_leaves=True)
+
+
+def test_delta_lora_exports_merged_and_refuses_peft(base, tmp_path):
+    name, hf_dir, model, params = base
+    tree = _perturb(lv.adapt(params, lv.AdapterSpec(targets=TARGETS[name], stacked=model.stacked, r=4), jax.random.key(1)),
+                    jax.random.key(2))
+    tree = lv.optim.delta_lora_update(tree, lv.adapt(params, lv.AdapterSpec(targets=TARGETS[name], stacked=model.stacked,
+                                                                            r=4), jax.random.key(1)), tree, 5)
+    with pytest.raises(ValueError, match="export the merged model instead"):
+        save_peft(tmp_path / "p", model, tree, variant="delta_lora")
+    assert not (tmp_path / "p").exists()
+    save_merged(tmp_path / "m", model, tree)
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    np.testing.assert_allclose(H.torch_out(merged, IDS), np.asarray(model.apply(tree, jnp.asarray(IDS))), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "adalora"])
+def test_import_from_peft_and_byte_stable_round_trip(base, variant, tmp_path):
+    name, hf_dir, model, params = base
+    tree, _ = _adapted(name, model, params, variant)
+    save_peft(tmp_path / "a", model, tree)
+    back = load_peft(tmp_path / "a", model, params)
+    np.testing.assert_allclose(np.asarray(model.apply(back, jnp.asarray(IDS))), _ours(model, tree, variant, IDS),
+                               rtol=1e-5, atol=1e-5)
+    save_peft(tmp_path / "b", model, back)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_import_of_an_adapter_peft_wrote(base, tmp_path):
+    """An adapter trained (here: initialized and moved) by PEFT itself loads into our tree."""
+    import peft
+
+    name, hf_dir, model, params = base
+    targets = ["q_proj", "v_proj"] if name.startswith("llama") else ["c_attn"]
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(hf_dir),
+                             peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, fan_in_fan_out=name == "gpt2",
+                                             use_dora=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "theirs")
+    ours = load_peft(tmp_path / "theirs", model, params)
+    np.testing.assert_allclose(np.asarray(model.apply(ours, jnp.asarray(IDS))), H.torch_out(pm.eval(), IDS),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_refusals_name_the_problem(base, tmp_path, tmp_path_factory):
+    name, hf_dir, model, params = base
+    tree, _ = _adapted(name, model, params, "lora")
+    save_peft(tmp_path / "a", model, tree)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_peft(tmp_path / "a", model, tree)
+    save_peft(tmp_path / "a", model, tree, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary directory left behind
+    other = "gpt2" if name != "gpt2" else "llama_gqa_untied"
+    d = tmp_path_factory.mktemp("other")
+    H.build(other, d)
+    other_model, other_params = from_pretrained(d)
+    with pytest.raises(ValueError, match="does not have|do not fit"):
+        load_peft(tmp_path / "a", other_model, other_params)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
