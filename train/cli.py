@@ -1,4 +1,5 @@
-"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]``.
+"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]``;
+``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``).
 
 Bad input (config, paths, data, checkpoints) exits with status 2 and one message naming the
 field or path at fault; ``--debug`` shows the Python traceback instead.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 __all__ = ["main"]
 
@@ -28,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        return _guarded(lambda: __import__("train.export", fromlist=["main"]).main(argv[1:]), "--debug" in argv)
     args = _parser().parse_args(argv)
     from train.checkpoint import CheckpointMismatch
     from train.config import ConfigError, load
@@ -46,6 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:
+            raise
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _guarded(fn: Any, debug: bool) -> int:
+    """Run a subcommand: bad input is one line on stderr and status 2 (``--debug``: the traceback)."""
+    from train.checkpoint import CheckpointMismatch
+    from train.config import ConfigError
+
+    try:
+        fn()
+        return 0
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
+        if debug:
             raise
         print(f"train: error: {e}", file=sys.stderr)
         return 2

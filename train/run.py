@@ -251,6 +251,44 @@ def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
     return [f"{p.tokenizer.decode(r[:8])!r} -> {p.tokenizer.decode(r[8:])!r}" for r in out]
 
 
+@dataclasses.dataclass
+class State:
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    key: Any
+    keep: dict[str, np.ndarray] | None  # LoRA-drop's selection, once made
+    step: int
+
+
+def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None) -> tuple[Prepared, State]:
+    """The state at checkpoint ``step`` (``None``: the initial state), checked against this run."""
+    cfg = p.cfg
+    keep, saved = None, None
+    if step is not None:
+        saved = saver.meta(step)
+        if saved.get("lora_drop_keep") is not None:  # the checkpoint is past LoRA-drop's selection
+            keep = {k: np.asarray(v, bool) for k, v in saved["lora_drop_keep"].items()}
+            p = _apply_keep(p, p.built.trainable, p.built.frozen, keep)
+    b = p.built
+    key = jax.random.key(cfg.train.seed)
+    trainable, frozen = b.trainable, b.frozen
+    opt_state = jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable)
+    if step is None:
+        return p, State(trainable, frozen, opt_state, key, None, 0)
+    ckpt.check_meta(saved, _meta(cfg, p, step, keep), saver.directory / str(step))
+    like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
+            "key": np.asarray(jax.random.key_data(key))}
+    if cfg.adapter.variant == "delta_lora":
+        like["delta_weights"] = ckpt.delta_weights(frozen)
+    state = saver.restore(step, like)
+    trainable = jax.tree.unflatten(jax.tree.structure(trainable), state["trainable"])
+    opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), state["opt_state"])
+    if "delta_weights" in state:
+        frozen = ckpt.with_delta_weights(frozen, state["delta_weights"])
+    return p, State(trainable, frozen, opt_state, jax.random.wrap_key_data(jnp.asarray(state["key"])), keep, step)
+
+
 def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto).
 
@@ -265,35 +303,14 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     saver = ckpt.Checkpointer(out, t.keep)
-    key = jax.random.key(t.seed)
-    start, keep, saved = 0, None, None
     latest = saver.latest()
     if latest is not None and resume is False:
         raise ConfigError(f"train.output_dir: {out} already has checkpoints (step {latest}); pass --resume to continue "
                           "or choose another directory")
     if latest is None and resume:
         raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
-    if latest is not None:
-        saved = saver.meta(latest)
-        if saved.get("lora_drop_keep") is not None:  # the checkpoint is past LoRA-drop's selection
-            keep = {k: np.asarray(v, bool) for k, v in saved["lora_drop_keep"].items()}
-            p = _apply_keep(p, p.built.trainable, p.built.frozen, keep)
-    b = p.built
-    trainable, frozen = b.trainable, b.frozen
-    opt_state = jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable)
-    if latest is not None:
-        ckpt.check_meta(saved, _meta(cfg, p, latest, keep), saver.directory / str(latest))
-        like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
-                "key": np.asarray(jax.random.key_data(key))}
-        if cfg.adapter.variant == "delta_lora":
-            like["delta_weights"] = ckpt.delta_weights(frozen)
-        state = saver.restore(latest, like)
-        trainable = jax.tree.unflatten(jax.tree.structure(trainable), state["trainable"])
-        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), state["opt_state"])
-        if "delta_weights" in state:
-            frozen = ckpt.with_delta_weights(frozen, state["delta_weights"])
-        key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
-        start = latest
+    p, s = restore(p, saver, latest)
+    b, trainable, frozen, opt_state, key, keep, start = p.built, s.trainable, s.frozen, s.opt_state, s.key, s.keep, s.step
 
     fns = _steps(p)
     batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())

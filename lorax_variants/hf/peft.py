@@ -215,13 +215,15 @@ def _adapter_nodes(tree: Any) -> list[tuple[str, Node]]:
 
 def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: str | None = None,
               rank: int | None = None, initial: Any = None, variant: str | None = None,
-              overwrite: bool = False) -> Path:
+              modules_to_save: list[str] | None = None, overwrite: bool = False) -> Path:
     """Write the adapters of ``tree`` (the adapted params) as a PEFT adapter directory.
 
     ``rank``: DyLoRA's rank to export. ``initial``: the adapted tree at initialization, needed for
     PiSSA (its A₀, B₀: PEFT's conversion for the original base). ``variant``: the training
     variant where the tree alone does not tell (``"delta_lora"`` is refused: it changed W).
-    Multi-task trees write one adapter per task in ``out_dir/task_<k>``.
+    ``modules_to_save``: paths of plain leaves that were trained too (a classification head, a
+    bias), written as PEFT's ``modules_to_save`` (whole modules, torch layout). Multi-task trees
+    write one adapter per task in ``out_dir/task_<k>``.
     """
     if variant == "delta_lora":
         raise ValueError("Delta-LoRA changes the frozen base weights, which a PEFT adapter cannot carry: "
@@ -238,17 +240,48 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
 
         def write_all(tmp: Path) -> None:
             for k in range(n_tasks):
-                save_peft(tmp / f"task_{k}", model, select(tree, k), base_model=base_model, overwrite=True)
+                save_peft(tmp / f"task_{k}", model, select(tree, k), base_model=base_model,
+                          modules_to_save=modules_to_save, overwrite=True)
 
         return atomic_dir(out_dir, overwrite, write_all)
     init_nodes = dict(_adapter_nodes(initial)) if initial is not None else None
     config, tensors = _peft_dict(model, nodes, rank=rank, base=base_model, initial=init_nodes)
+    if getattr(model, "task", None) == "sequence_classification":
+        config["task_type"] = "SEQ_CLS"
+    if modules_to_save:
+        saved = _modules_to_save(model, tree, modules_to_save)
+        tensors |= {PREFIX + k: v for k, v in saved.items()}
+        config["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in saved})
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return atomic_dir(out_dir, overwrite, write)
+
+
+def _modules_to_save(model: Any, tree: Any, paths: list[str]) -> dict[str, np.ndarray]:
+    """HF tensors (torch layout) of the plain leaves at ``paths``; every tensor of each module."""
+    table = names.table(model, names.default_prefix(model))
+    leaves = dict(leaves_with_paths(tree, nodes_are_leaves=True))
+    out = {}
+    for path in paths:
+        if path not in table or path not in leaves:
+            raise ValueError(f"modules_to_save: {path!r} is not a weight of {model.config.model_type}")
+        if isinstance(leaves[path], Node):
+            raise ValueError(f"modules_to_save: {path!r} is adapted; only plain trained leaves can be saved whole")
+        template, kind = table[path]
+        if "{i}" in template:
+            raise ValueError(f"modules_to_save: {path!r} is a stacked per-layer weight; PEFT saves whole modules")
+        x = _np(leaves[path])
+        out[template] = x.T.copy() if kind == "linear" else x
+    # PEFT replaces whole modules: a weight's bias (and vice versa) must come along.
+    modules = {k.rsplit(".", 1)[0] for k in out}
+    for path, (template, kind) in table.items():
+        if "{i}" not in template and template.rsplit(".", 1)[0] in modules and template not in out:
+            x = _np(leaves[path])
+            out[template] = x.T.copy() if kind == "linear" else x
+    return out
 
 
 def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any = 0) -> Any:

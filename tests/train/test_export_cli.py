@@ -1,0 +1,65 @@
+"""``python -m train export``: a trained run's checkpoint loads in transformers / PEFT with our logits."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as T
+
+import lorax_variants as lv
+from tests import hf_models as H
+from tests.train.conftest import lm_args, main, train
+
+IDS = np.random.default_rng(1).integers(0, 96, (2, 10))
+
+
+@pytest.mark.parametrize("variant", ["lora", "pissa", "dora"])
+def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
+    import peft
+
+    sets = {"lora": [], "pissa": ["adapter.init=pissa", "optim.lr=0.002"], "dora": ["adapter.variant=dora"]}[variant]
+    run = tmp_path / "run"
+    result = train(lm_args(assets, run, *sets))
+    tree = lv.combine(result.trainable, result.frozen)
+    ours = np.asarray(result.built.model.apply(tree, jnp.asarray(IDS)))
+    for fmt in ("peft", "merged"):
+        code, err = main(["export", "--checkpoint", str(run), "--format", fmt, "--out", str(tmp_path / fmt)], capsys)
+        assert code == 0, err
+    base = T.AutoModelForCausalLM.from_pretrained(assets["llama"])
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    np.testing.assert_allclose(H.torch_out(pm, IDS), ours, rtol=1e-4, atol=1e-4)
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(H.torch_out(merged, IDS), ours, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    T.AutoTokenizer.from_pretrained(tmp_path / "merged")  # the export is a complete model directory
+
+
+def test_export_refusals(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(lm_args(assets, run, "adapter.variant=delta_lora", "train.steps=2"))
+    code, err = main(["export", "--checkpoint", str(run), "--format", "peft", "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "export the merged model instead" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+    assert main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "m")], capsys)[0] == 0
+    code, err = main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "exists" in err and "--overwrite" in err
+    code, err = main(["export", "--checkpoint", str(tmp_path / "nope"), "--format", "merged", "--out", str(tmp_path / "x")],
+                     capsys)
+    assert code == 2 and "is not a run directory" in err
+
+
+def test_classification_run_exports_its_head_as_modules_to_save(assets, tmp_path, capsys):
+    import peft
+
+    run = tmp_path / "run"
+    result = train(__import__("tests.train.conftest", fromlist=["cls_args"]).cls_args(assets, run, "train.steps=4"))
+    ids = np.random.default_rng(2).integers(6, 90, (3, 8))
+    ours = np.asarray(result.built.model.apply(lv.combine(result.trainable, result.frozen), jnp.asarray(ids)))
+    assert main(["export", "--checkpoint", str(run), "--format", "peft", "--out", str(tmp_path / "p")], capsys)[0] == 0
+    base = T.AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=2)
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "p").eval()
+    np.testing.assert_allclose(H.torch_out(pm, ids), ours, rtol=1e-4, atol=1e-4)
+    assert main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "m")], capsys)[0] == 0
+    merged = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    np.testing.assert_allclose(H.torch_out(merged, ids), ours, rtol=1e-4, atol=1e-4)

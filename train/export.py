@@ -1,0 +1,92 @@
+"""``python -m train export``: a run's checkpoint as a merged HF model or a PEFT adapter.
+
+    python -m train export --checkpoint runs/dora --format peft --out exports/dora-peft
+    python -m train export --checkpoint runs/dylora --format merged --rank 4 --out exports/dylora-r4
+
+The run is rebuilt from its ``config.json`` (base model re-read, re-quantized), its latest (or
+``--step``) checkpoint restored and checked, then written with ``lorax_variants.hf.save_merged`` or
+``save_peft``. PiSSA adapters are written as PEFT's conversion for the original base (the
+initial factors are regenerated from the run's seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "export"]
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, rank: int | None = None,
+           task: int | None = None, step: int | None = None, dtype: str | None = None) -> Path:
+    import lorax_variants as lv
+    from lorax_variants.hf import save_merged, save_peft
+    from train import checkpoint as ckpt
+    from train.build import model_dir
+    from train.config import ConfigError, from_dict
+    from train.run import _prepare, restore
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--checkpoint: {run_dir} is not a run directory (no config.json)")
+    raw = json.loads((run_dir / "config.json").read_text())
+    raw.setdefault("train", {})["output_dir"] = str(run_dir)
+    cfg = from_dict(raw)
+    saver = ckpt.Checkpointer(run_dir, cfg.train.keep)
+    try:
+        which = step if step is not None else saver.latest()
+        if which is None:
+            raise ConfigError(f"--checkpoint: {saver.directory} has no checkpoint")
+        if step is not None and step not in saver.manager.all_steps():
+            raise ConfigError(f"--step {step}: {saver.directory} has steps {sorted(saver.manager.all_steps())}")
+        p = _prepare(cfg, abstract=False)
+        initial = lv.combine(p.built.trainable, p.built.frozen)
+        p, state = restore(p, saver, which)
+    finally:
+        saver.close()
+    tree = lv.combine(state.trainable, state.frozen)
+    model = p.built.model
+    if fmt == "merged":
+        return save_merged(out, model, tree, rank=rank, task=task, dtype=dtype, tokenizer_from=model_dir(cfg),
+                           overwrite=overwrite)
+    if cfg.quant.kind != "none":
+        raise ConfigError("--format peft: this run's base was quantized; PEFT would apply the adapters to the "
+                          "full-precision base they were not trained on. Export --format merged (dequantized base "
+                          "+ delta), or load the adapter on a quantized base yourself.")
+    extra = [path for path, x in lv.leaves_with_paths(state.trainable, nodes_are_leaves=True)
+             if not isinstance(x, lv.Node)]  # trained plain leaves: a head, biases
+    path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=cfg.adapter.variant,
+                     initial=initial if cfg.adapter.init == "pissa" else None, modules_to_save=extra or None,
+                     overwrite=overwrite)
+    _copy_tokenizer(model_dir(cfg), path)
+    return path
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    import shutil
+
+    from lorax_variants.hf.export import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and dst.is_dir() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def main(argv: list[str]) -> Any:
+    ap = argparse.ArgumentParser(prog="python -m train export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="a run's output directory (config.json + checkpoints/)")
+    ap.add_argument("--format", required=True, choices=["merged", "peft"])
+    ap.add_argument("--out", required=True, help="directory to write (refused if it exists, unless --overwrite)")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--rank", type=int, help="DyLoRA: the rank to export")
+    ap.add_argument("--task", type=int, help="multi-task, merged: the task whose adapter to merge")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged: weight dtype")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    a = ap.parse_args(argv)
+    path = export(a.checkpoint, a.format, a.out, overwrite=a.overwrite, rank=a.rank, task=a.task, step=a.step,
+                  dtype=a.dtype)
+    print(f"wrote {a.format} export to {path}")
+    return path
