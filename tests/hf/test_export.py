@@ -174,3 +174,17 @@ def test_refusals_name_the_problem(base, tmp_path, tmp_path_factory):
         load_peft(tmp_path / "a", other_model, other_params)
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+
+def test_merged_export_shards_large_models_with_an_index(base, tmp_path):
+    name, hf_dir, model, params = base
+    tree, _ = _adapted(name, model, params, "lora")
+    save_merged(tmp_path / "m", model, tree, max_shard_bytes=20_000, tokenizer_from=hf_dir)
+    shards = sorted(p.name for p in (tmp_path / "m").glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    np.testing.assert_allclose(H.torch_out(merged, IDS), _ours(model, tree, "lora", IDS), rtol=1e-4, atol=1e-4)
+    _, back = from_pretrained(tmp_path / "m")  # and our own loader reads the sharded export
+    np.testing.assert_allclose(np.asarray(model.apply(back, jnp.asarray(IDS))), _ours(model, tree, "lora", IDS),
+                               rtol=1e-5, atol=1e-5)

@@ -14,6 +14,8 @@ def test_demo_runs_shortened(tmp_path, capsys):
     assert "held-out accuracy on 50 Pang & Lee sentences" in out
     assert "head-only" in out and "LoRA" in out
     assert (tmp_path / "lora" / "adapters.safetensors").is_file()
+    assert (tmp_path / "export-peft" / "adapter_config.json").is_file()
+    assert (tmp_path / "export-merged" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
