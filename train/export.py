@@ -52,9 +52,13 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
         return save_merged(out, model, tree, rank=rank, task=task, dtype=dtype, tokenizer_from=model_dir(cfg),
                            overwrite=overwrite)
     if cfg.quant.kind != "none":
-        raise ConfigError("--format peft: this run's base was quantized; PEFT would apply the adapters to the "
-                          "full-precision base they were not trained on. Export --format merged (dequantized base "
-                          "+ delta), or load the adapter on a quantized base yourself.")
+        import sys
+
+        how = (f" (bitsandbytes: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+               f"bnb_4bit_use_double_quant={cfg.quant.double_quant}), block size {cfg.quant.block_size})"
+               if cfg.quant.kind == "nf4" else "")
+        print(f"train export: note: these adapters were trained over a {cfg.quant.kind} base; load them on the base "
+              f"quantized the same way{how}, or export --format merged (dequantized base + delta)", file=sys.stderr)
     extra = [path for path, x in lv.leaves_with_paths(state.trainable, nodes_are_leaves=True)
              if not isinstance(x, lv.Node)]  # trained plain leaves: a head, biases
     path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=cfg.adapter.variant,
