@@ -82,13 +82,14 @@ def importance(apply: Callable[[Any, Any], jax.Array], tree: Any, batches: Itera
             raise ValueError(f"{p}: stacked LoRA node; pass stacked= (the model's stacked pattern)")
     probes = {p: jnp.zeros(n.shape[:-2], jnp.float32) for p, n in lora.items()}
 
-    def with_probes(pr: dict[str, jax.Array]) -> Any:
-        return map_with_paths(lambda p, x: _Probed(inner=x, probe=pr[p]) if p in pr else x, tree, nodes_are_leaves=True)
+    def with_probes(t: Any, pr: dict[str, jax.Array]) -> Any:
+        return map_with_paths(lambda p, x: _Probed(inner=x, probe=pr[p]) if p in pr else x, t, nodes_are_leaves=True)
 
-    grad = jax.jit(jax.grad(lambda pr, b: jnp.sum(apply(with_probes(pr), b).astype(jnp.float32))))
+    # The tree is an argument, not a closure: closed-over weights become constants XLA folds.
+    grad = jax.jit(jax.grad(lambda pr, t, b: jnp.sum(apply(with_probes(t, pr), b).astype(jnp.float32))))
     total = {p: np.zeros(v.shape) for p, v in probes.items()}
     for batch in batches:
-        for p, g in grad(probes, batch).items():
+        for p, g in grad(probes, tree, batch).items():
             total[p] += np.asarray(g)
     norm = sum(float(v.sum()) for v in total.values())
     if norm <= 0:
