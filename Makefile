@@ -38,6 +38,7 @@ bench: $(VENV)/.test-deps
 	$(PY) bench/bench_qlora.py
 	$(PY) bench/bench_variants.py
 	$(PY) bench/bench_train_app.py
+	$(PY) bench/bench_vs_peft.py
 
 # Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).
 lock: $(VENV)/.test-deps
