@@ -43,7 +43,7 @@ def test_qlora_trains_only_adapters_and_merges_to_dequantized_base_plus_delta(ll
     paths = [p for p, _ in lv.leaves_with_paths(trainable)]
     assert paths and all(p.endswith(("lora_a", "lora_b")) for p in paths)
     ids = jnp.asarray(np.tile(np.arange(2, 26), (4, 1)))  # a pattern the random base cannot predict
-    opt = optax.adam(3e-2)
+    opt = optax.adam(1e-2)  # at 3e-2 Adam oscillates here and the end point depends on rounding order
     state = opt.init(trainable)
 
     @jax.jit
@@ -56,7 +56,7 @@ def test_qlora_trains_only_adapters_and_merges_to_dequantized_base_plus_delta(ll
     for _ in range(60):
         trainable, state, loss = step(trainable, state)
         losses.append(float(loss))
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < 0.1 * losses[0]
     tuned = lv.combine(trainable, frozen)
     # Codes and scales did not move.
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(lv.split(adapted)[1])):
