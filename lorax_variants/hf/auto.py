@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +19,7 @@ import numpy as np
 
 from lorax_variants.hf.convert import params_from_hf, to_hf
 from lorax_variants.hf.names import shape_items
-from lorax_variants.hf.safetensors_io import Checkpoint, write_safetensors
+from lorax_variants.hf.safetensors_io import Checkpoint, atomic_dir, write_safetensors
 from lorax_variants.models.bert import Bert, BertConfig
 from lorax_variants.models.gpt2 import GPT2, GPT2Config
 from lorax_variants.models.layers import init_from_shapes
@@ -161,24 +159,22 @@ def _head_filler(model: Any, key: jax.Array, dtype: Any) -> Any:
 
 def save_pretrained(out_dir: str | os.PathLike, model: Any, params: Any, *, overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors that transformers loads (atomic: temp dir, rename)."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     tensors = to_hf(model, params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+
+    def write(tmp: Path) -> None:
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
-        config = model.hf_config.to_dict()
-        config["architectures"] = [_architecture(model)]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_config(tmp, model)
+
+    return atomic_dir(out_dir, overwrite, write)
+
+
+def write_config(directory: Path, model: Any, dtype: str | None = None) -> None:
+    """``config.json`` of ``model`` as transformers reads it (its architecture, optionally a dtype)."""
+    config = model.hf_config.to_dict()
+    config["architectures"] = [_architecture(model)]
+    if dtype is not None:
+        config["dtype"] = dtype
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _architecture(model: Any) -> str:

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from lorax_variants.hf.auto import _architecture
+from lorax_variants.hf.auto import write_config
 from lorax_variants.hf.convert import to_hf
-from lorax_variants.hf.peft import atomic_dir
-from lorax_variants.hf.safetensors_io import write_safetensors
+from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
 
 __all__ = ["save_merged", "TOKENIZER_FILES"]
 
@@ -58,11 +57,7 @@ def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int 
 
     def write(tmp: Path) -> None:
         _write_shards(tmp, tensors, max_shard_bytes)
-        config = model.hf_config.to_dict()
-        config["architectures"] = [_architecture(model)]
-        if dtype is not None:
-            config["dtype"] = jnp_name(dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, model, jnp_name(dtype) if dtype is not None else None)
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name

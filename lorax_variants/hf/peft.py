@@ -22,18 +22,16 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lorax_variants.hf import names
-from lorax_variants.hf.safetensors_io import SafetensorsFile, write_safetensors
+from lorax_variants.hf.safetensors_io import SafetensorsFile, atomic_dir, write_safetensors
 from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.dora import DoraNode
@@ -47,31 +45,9 @@ from lorax_variants.nodes.vera import VeraNode
 from lorax_variants.shared import Shared, resolve_shared, value_of
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["save_peft", "load_peft", "atomic_dir", "module_names"]
+__all__ = ["save_peft", "load_peft", "module_names"]
 
 PREFIX = "base_model.model."
-
-
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a temporary sibling directory, then rename it to ``out_dir``."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def module_names(model: Any) -> dict[str, tuple[str, str]]:

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import os
 import struct
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "DTYPES"]
+__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -162,3 +163,25 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling directory, then rename it to ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
