@@ -52,6 +52,7 @@ class Prepared:
     optimizer: Any
     opt_abstract: Any
     opt_sh: Any
+    base: tuple[str, str | None] = ("", None)  # the base model directory and its fingerprint (real runs)
 
 
 def _prepare(cfg: Config, abstract: bool) -> Prepared:
@@ -78,7 +79,8 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     if model_vocab is not None and vocab >= model_vocab:
         raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "
                           f"{model_vocab} (tokenizer and model do not match)")
-    return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None), built)
+    base = (str(path), None if abstract else ckpt.fingerprint(path))  # read once, recorded in every checkpoint
+    return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
 
 
 def _with_optimizer(p: Prepared, built: Built) -> Prepared:
@@ -195,7 +197,7 @@ def _meta(cfg: Config, p: Prepared, step: int, keep: dict[str, np.ndarray] | Non
     return {
         "lora_drop_keep": {k: np.asarray(v).tolist() for k, v in keep.items()} if keep is not None else None,
         "step": step, "rows_consumed": step * cfg.train.batch_size, "config": to_dict(cfg),
-        "base_model": str(model_dir(cfg)), "base_fingerprint": ckpt.fingerprint(model_dir(cfg)),
+        "base_model": p.base[0], "base_fingerprint": p.base[1],
         "adapter_spec": b.spec.to_dict() if b.spec else None, "quant_spec": b.quant.to_dict() if b.quant else None,
         "variant": cfg.adapter.variant, "task": cfg.model.task, "labels": p.labels,
         "seeds": {"adapter": cfg.adapter.seed, "train": cfg.train.seed, "data": cfg.data.seed},
