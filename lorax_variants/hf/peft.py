@@ -163,7 +163,7 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, b
     for path, n in nodes:
         lead = len(n.shape) - 2
         mods = _module_list(model, path, n.shape[0] if lead else 1)
-        embed = path in ("embed",) or model_is_embedding(model, path)
+        embed = _is_embedding(path)
         key_a, key_b = ("lora_embedding_A", "lora_embedding_B") if embed else ("lora_A.weight", "lora_B.weight")
         factors = _lora_factors(n, path, rank, (initial or {}).get(path))
         for i, (m, (a, b, scale)) in enumerate(zip(mods, factors)):
@@ -180,7 +180,7 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, b
                    init_lora_weights=True), tensors
 
 
-def model_is_embedding(model: Any, path: str) -> bool:
+def _is_embedding(path: str) -> bool:
     return path.rsplit("/", 1)[-1] in ("embed", "wte", "word_embeddings")
 
 
@@ -367,9 +367,8 @@ def _fill_node(n: Node, path: str, mods: list[str], tensors: dict[str, np.ndarra
             a_s.append(a.T), e_s.append(e), b_s.append(b.T), masks.append(keep)
         return n.replace(lora_a=stack(a_s), lora_e=stack(e_s), lora_b=stack(b_s), rank_mask=stack(masks))
     a_s, b_s, mags = [], [], []
-    embed = "lora_embedding_A"
     for m in mods:
-        emb = f"{PREFIX}{m}.{embed}" in tensors
+        emb = f"{PREFIX}{m}.lora_embedding_A" in tensors
         ka, kb = (f"{PREFIX}{m}.lora_embedding_A", f"{PREFIX}{m}.lora_embedding_B") if emb else \
             (f"{PREFIX}{m}.lora_A.weight", f"{PREFIX}{m}.lora_B.weight")
         a, b = get(ka), get(kb)
