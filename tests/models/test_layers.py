@@ -46,3 +46,27 @@ def test_scan_unrolled_and_remat_give_the_same_gradients(remat):
     np.testing.assert_allclose(jax.grad(loss, )(w, True, remat), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown remat policy 'some'"):
         loss(w, True, "some")
+
+
+@pytest.mark.parametrize("padding", [None, [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]])
+def test_attention_gradients_equal_torch(padding):
+    """The hand-written attention backward against torch autograd of the same formula (GQA, a
+    padded batch row whose first queries see no key: uniform rows, as the forward)."""
+    import torch
+
+    q = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 4)) for i in (1, 2))
+    g = jax.random.normal(jax.random.key(3), (2, 5, 24))
+    mask = attention_mask(None if padding is None else jnp.array(padding), 5, causal=True)
+    grads = jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, mask, 0.5) * g), argnums=(0, 1, 2))(q, k, v)
+
+    tq, tk, tv = (torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    qh = tq.transpose(1, 2)                                        # [B, H, T, D]
+    kh, vh = (x.transpose(1, 2).repeat_interleave(3, dim=1) for x in (tk, tv))
+    scores = (qh @ kh.transpose(-1, -2)) * 0.5
+    m = torch.tensor(np.asarray(jnp.broadcast_to(mask, (2, 5, 5))))[:, None]
+    scores = torch.where(m, scores, torch.tensor(torch.finfo(torch.float32).min, dtype=torch.float64))
+    out = (torch.softmax(scores, -1) @ vh).transpose(1, 2).reshape(2, 5, 24)
+    (out * torch.tensor(np.asarray(g), dtype=torch.float64)).sum().backward()
+    for ours, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-4, atol=1e-5)
