@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lorax_variants.adapt import Target, register_variant
 from lorax_variants.nodes.base import AdapterNode, Node, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import adapter_dropout
+from lorax_variants.nodes.lora import adapter_dropout, low_rank
 from lorax_variants.ops import dense
 
 __all__ = ["AdaLoraNode", "orthogonal_penalty"]
@@ -43,8 +43,8 @@ class AdaLoraNode(AdapterNode):
 
     def apply(self, x: jax.Array) -> jax.Array:
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        h = jnp.matmul(xd, self.lora_a.astype(x.dtype)) * (self._e(x.dtype) * jnp.asarray(self.scale, x.dtype))
-        return dense(x, self.weight) + jnp.matmul(h, self.lora_b.astype(x.dtype))
+        return dense(x, self.weight) + low_rank(xd, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype),
+                                                float(self.scale), self._e(x.dtype))
 
     def merge(self) -> jax.Array:
         w = weight_of(self.weight)

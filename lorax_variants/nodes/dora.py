@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lorax_variants.adapt import Target, _lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import adapter_dropout
+from lorax_variants.nodes.lora import adapter_dropout, low_rank
 from lorax_variants.ops import dense
 
 __all__ = ["DoraNode"]
@@ -58,10 +58,9 @@ class DoraNode(AdapterNode):
         ratio = (self.magnitude.astype(jnp.float32) / self.norm()).astype(x.dtype)
         y = dense(x, self.weight)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        low = jnp.matmul(jnp.matmul(xd, self.lora_a.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype),
-                         self.lora_b.astype(x.dtype))
+        low = low_rank(xd, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype), float(self.scale), None, ratio)
         base_d = y if xd is x else dense(xd, self.weight)
-        return y + (ratio - 1) * base_d + ratio * low
+        return y + (ratio - 1) * base_d + low
 
     def merge(self) -> jax.Array:
         w = weight_of(self.weight)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from lorax_variants.adapt import Target, _lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, Node, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
 from lorax_variants.ops import dense
 from lorax_variants.tree import map_with_paths
 
@@ -61,7 +61,7 @@ class DyLoraNode(AdapterNode):
     def apply(self, x: jax.Array) -> jax.Array:
         a, b, scale = self._factors(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        return dense(x, self.weight) + jnp.matmul(jnp.matmul(xd, a) * scale, b)
+        return dense(x, self.weight) + low_rank(xd, a, b, 1.0, jnp.broadcast_to(scale[..., None], a.shape[-1:]))
 
     def merge(self) -> jax.Array:
         a, b, scale = self._factors(jnp.float32)

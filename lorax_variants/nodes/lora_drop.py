@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import adapter_dropout
+from lorax_variants.nodes.lora import adapter_dropout, low_rank
 from lorax_variants.ops import dense
 from lorax_variants.shared import Shared, value_of
 
@@ -46,7 +46,7 @@ class LoraDropNode(AdapterNode):
     def apply(self, x: jax.Array) -> jax.Array:
         a, b = self._factors(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        return dense(x, self.weight) + jnp.matmul(jnp.matmul(xd, a) * jnp.asarray(self.scale, x.dtype), b)
+        return dense(x, self.weight) + low_rank(xd, a, b, float(self.scale))
 
     def merge(self) -> jax.Array:
         a, b = self._factors(jnp.float32)

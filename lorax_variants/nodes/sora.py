@@ -17,7 +17,7 @@ import numpy as np
 
 from lorax_variants.adapt import Target, _lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
 from lorax_variants.ops import dense
 from lorax_variants.tree import map_with_paths
 
@@ -39,8 +39,8 @@ class SoraNode(AdapterNode):
 
     def apply(self, x: jax.Array) -> jax.Array:
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        h = jnp.matmul(xd, self.lora_a.astype(x.dtype)) * (self.gate.astype(x.dtype) * jnp.asarray(self.scale, x.dtype))
-        return dense(x, self.weight) + jnp.matmul(h, self.lora_b.astype(x.dtype))
+        return dense(x, self.weight) + low_rank(xd, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype),
+                                                float(self.scale), self.gate.astype(x.dtype))
 
     def merge(self) -> jax.Array:
         w = weight_of(self.weight)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from lorax_variants.adapt import Target, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import adapter_dropout
+from lorax_variants.nodes.lora import adapter_dropout, low_rank
 from lorax_variants.ops import dense
 from lorax_variants.shared import Shared, value_of
 
@@ -46,8 +46,7 @@ class VeraNode(AdapterNode):
     def apply(self, x: jax.Array) -> jax.Array:
         a, b = self._ab(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        h = jnp.matmul(xd, a) * self.lambda_d.astype(x.dtype)
-        return dense(x, self.weight) + jnp.matmul(h, b) * self.lambda_b.astype(x.dtype)
+        return dense(x, self.weight) + low_rank(xd, a, b, 1.0, self.lambda_d.astype(x.dtype), self.lambda_b.astype(x.dtype))
 
     def merge(self) -> jax.Array:
         a, b = self._ab(jnp.float32)

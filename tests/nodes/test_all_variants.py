@@ -39,6 +39,22 @@ def test_forward_and_backward_never_form_a_weight_sized_intermediate(variant):
     assert set(producers) <= {"parameter"}, producers
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("multitask", "dora")])
+def test_factored_gradients_equal_autodiff_of_the_merged_weight(variant):
+    """The hand-written backward of the factored apply (``nodes.lora.low_rank``) against plain
+    autodiff of ``x @ merge(node)``: every trainable leaf and the input. (DoRA's factored
+    backward treats the norm as a constant, as the paper; its own test checks that.)"""
+    trainable, frozen = lv.split(_adapted(variant))
+    x = jax.random.normal(jax.random.key(1), (3, 5, D_IN))
+    g = jax.random.normal(jax.random.key(2), (3, 5, D_OUT))
+    tree = lambda t: lv.resolve_shared(lv.combine(t, frozen))  # noqa: E731
+    factored = jax.grad(lambda t, x: jnp.sum(lv.dense(x, tree(t)["w"]) * g), argnums=(0, 1))(trainable, x)
+    merged = jax.grad(lambda t, x: jnp.sum((x @ lv.merge(tree(t))["w"]) * g), argnums=(0, 1))(trainable, x)
+    for ours, ref in zip(jax.tree.leaves(factored), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(factored[0]))
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "multitask"])
 def test_over_a_quantized_base_factored_equals_merged(variant):
     tree = _adapted(variant, quantized=True)
