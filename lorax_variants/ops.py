@@ -35,7 +35,33 @@ def dense(x: jax.Array, w: Any) -> jax.Array:
             f"dense expects a 2-D weight [in, out], got shape {tuple(w.shape)}; stacked "
             "layers are applied one layer at a time (jax.lax.scan over the layer axis)"
         )
-    return jnp.matmul(x, w.astype(x.dtype))
+    return _matmul(x, w.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` whose weight gradient is one matmul of the tokens-flattened operands.
+
+    Autodiff's ``dW = xᵀ g`` let XLA:CPU fuse the producer of g (e.g. SiLU's backward) into a
+    transposing copy of the whole [tokens, out] gradient (56 ms per MLP layer at 2048 x 1344);
+    here g is materialized in its own layout and the transposed-operand matmul does the rest.
+    Full fine-tuning step of the d=512, 8-layer Llama on 2 cores: 3.62 s -> 2.91 s. A frozen
+    weight's gradient is never asked for and XLA drops it, as before.
+    """
+    return jnp.matmul(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return jnp.matmul(g, w.T), dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def embed(ids: jax.Array, w: Any) -> jax.Array:

@@ -114,3 +114,18 @@ def test_flax_nnx_model_fine_tuned_through_merged():
     x = jax.random.normal(jax.random.key(0), (64, 8))
     spec = lv.AdapterSpec(targets=r"l\d/kernel", r=4, alpha=8)
     _check_interop(apply, params, x, spec)
+
+
+def test_dense_gradients_equal_the_matmul_rule():
+    """dense's hand-written backward: dx = g Wᵀ, dW = Σ_tokens xᵀ g (numpy, float64)."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    w = jax.random.normal(jax.random.key(1), (4, 5))
+    g = jax.random.normal(jax.random.key(2), (2, 3, 5))
+    dx, dw = jax.grad(lambda x, w: jnp.sum(lv.dense(x, w) * g), argnums=(0, 1))(x, w)
+    X, W, G = (np.asarray(v, np.float64) for v in (x, w, g))
+    np.testing.assert_allclose(dx, G @ W.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, X.reshape(6, 4).T @ G.reshape(6, 5), rtol=1e-5, atol=1e-6)
+    # bf16 activations over an fp32 weight: the weight's gradient comes back in fp32
+    dw16 = jax.grad(lambda w: jnp.sum(lv.dense(x.astype(jnp.bfloat16), w).astype(jnp.float32) * g))(w)
+    assert dw16.dtype == jnp.float32
+    np.testing.assert_allclose(dw16, X.reshape(6, 4).T @ G.reshape(6, 5), rtol=5e-2, atol=5e-2)
