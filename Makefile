@@ -32,13 +32,9 @@ test-all: $(VENV)/.test-deps
 demo: $(VENV)/.demo-deps
 	$(PY) -m train.demo
 
+# The performance suite: one table (README "Benchmarks"). The other bench/ scripts are single studies.
 bench: $(VENV)/.test-deps
-	$(PY) bench/bench_lora_step.py
-	$(PY) bench/bench_zoo.py
-	$(PY) bench/bench_qlora.py
-	$(PY) bench/bench_variants.py
-	$(PY) bench/bench_train_app.py
-	$(PY) bench/bench_vs_peft.py
+	$(PY) bench/suite.py
 
 # Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).
 lock: $(VENV)/.test-deps

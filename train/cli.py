@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         return _guarded(lambda: __import__("train.export", fromlist=["main"]).main(argv[1:]), "--debug" in argv)
     args = _parser().parse_args(argv)
+    from lorax_variants.runtime import keep_host_memory
+
+    keep_host_memory()  # before JAX's CPU client exists: reuse step temporaries (see lorax_variants/runtime.py)
     from train.checkpoint import CheckpointMismatch
     from train.config import ConfigError, load
 

@@ -1,4 +1,4 @@
-"""The app and vs-PEFT benchmarks run end to end at a tiny size (slow: a minute of compiles)."""
+"""The app benchmark runs end to end at a tiny size (slow: a minute of compiles)."""
 
 import subprocess
 import sys
@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("script, args", [
     ("bench_train_app.py", ["--d", "64", "--layers", "2", "--seq", "16", "--batch", "4", "--steps", "3",
                             "--variants", "full,lora"]),
-    ("bench_vs_peft.py", ["--d", "128", "--layers", "2", "--seq", "32", "--batch", "2", "--steps", "2",
-                          "--variants", "lora,full"]),
 ])
 def test_bench_script_runs_small(script, args):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
