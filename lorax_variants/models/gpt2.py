@@ -102,7 +102,7 @@ class GPT2(ZooModel):
         q, k, v = jnp.split(project(h, p["attn"], "c_attn"), 3, axis=-1)
         heads = lambda y: y.reshape(b, t, c.n_head, hd)  # noqa: E731
         scale = 1.0 / math.sqrt(hd) if c.scale_attn_weights else 1.0
-        x = x + project(attention(heads(q), heads(k), heads(v), mask, scale), p["attn"], "c_proj")
+        x = x + project(attention(heads(q), heads(k), heads(v), mask, scale, causal=True), p["attn"], "c_proj")
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"], eps)
         act = activation(c.activation_function)
         return x + project(act(project(h, p["mlp"], "c_fc")), p["mlp"], "c_proj")

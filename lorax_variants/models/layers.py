@@ -126,7 +126,12 @@ def attention_mask(
     return mask
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+CAUSAL_BLOCK = 128
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float, *, causal: bool = False
+) -> jax.Array:
     """Softmax attention with grouped-query heads.
 
     q [B, T, H, D], k and v [B, S, Hkv, D] with H a multiple of Hkv (GQA; Hkv = H is plain
@@ -134,7 +139,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     copying k or v. Heads go first and a group's G query heads are folded into the rows, so
     both matmuls are plain batched [G·T, D] x [D, S] products (on CPU twice as fast as a 5-D
     einsum over [B, T, Hkv, G, D]). Returns [B, T, H·D].
+
+    ``causal=True`` says the mask hides every key after its query (S = T): queries then go in
+    blocks of ``CAUSAL_BLOCK`` and block i reads only keys up to its end, skipping the fully
+    masked upper triangle of blocks ((n+1)/2n of the work for n blocks; T=256 on 2 CPU cores,
+    fwd+bwd per layer: 63 -> 51..58 ms). Same result for every query that sees a key (the skipped
+    scores are masked anyway); a padding query that sees none averages its block's values
+    instead of all values, an output no real token reads.
     """
+    t = q.shape[1]
+    if causal and mask is not None and t == k.shape[1] and t % CAUSAL_BLOCK == 0 and t > CAUSAL_BLOCK:
+        ends = range(CAUSAL_BLOCK, t + 1, CAUSAL_BLOCK)
+        return jnp.concatenate([_attention(q[:, e - CAUSAL_BLOCK:e], k[:, :e], v[:, :e],
+                                           mask[:, e - CAUSAL_BLOCK:e, :e], scale) for e in ends], axis=1)
+    return _attention(q, k, v, mask, scale)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     g = h // hkv

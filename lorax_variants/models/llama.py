@@ -157,7 +157,7 @@ class Llama(ZooModel):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         pos = jnp.arange(t)
         mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
-        x = x + project(attention(q, k, v, mask, 1.0 / math.sqrt(c.head_dim)), a, "o_proj")
+        x = x + project(attention(q, k, v, mask, 1.0 / math.sqrt(c.head_dim), causal=True), a, "o_proj")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         m = p["mlp"]
         act = activation(c.hidden_act)
