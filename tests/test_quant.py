@@ -7,7 +7,7 @@ import pytest
 import torch
 from bitsandbytes import functional as F
 from bitsandbytes.backends.utils import _get_4bit_code
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lorax_variants as lv
@@ -79,9 +79,10 @@ def test_ties_go_to_the_lower_code_as_bucketize():
 
 
 @pytest.mark.parametrize("kind, qmax", [("int4", 7), ("int8", 127)])
+@settings(max_examples=12)  # every new shape compiles: a dozen shapes per kind keeps this under 10 s
 @given(rows=st.integers(1, 4), cols=st.integers(1, 9), seed=st.integers(0, 2**16), double=st.booleans())
 def test_symmetric_int_round_trip_error_is_at_most_half_a_step(kind, qmax, rows, cols, seed, double):
-    w = np.asarray(jax.random.normal(jax.random.key(seed), (rows * 32, cols)))
+    w = np.random.default_rng(seed).standard_normal((rows * 32, cols)).astype(np.float32)
     node = quantize_array(jnp.asarray(w), QuantSpec(targets="w", kind=kind, block_size=32, double_quant=double))
     back = np.asarray(node.dequantize())
     absmax = np.abs(w.reshape(rows, 32, cols)).max(axis=1, keepdims=True)

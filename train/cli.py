@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load(args.config, args.set)
-        from train.run import Interrupted, dry_run, run
+        from train.run import Interrupted, NonFinite, dry_run, run
 
         if args.dry_run:
             dry_run(cfg)
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"train: {e}", file=sys.stderr)
         return 128 + e.signum
+    except NonFinite as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 3
     except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:
             raise

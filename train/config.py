@@ -152,6 +152,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: at the end only
     keep: int = 3
     stop_at: int | None = None  # end this invocation after this step, checkpointed (job time slices); resume goes on
+    max_nonfinite: int | None = 10  # skipped non-finite steps tolerated; one more stops the run (None: never)
     output_dir: str = "runs/default"
     progress: bool = True
 

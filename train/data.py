@@ -36,6 +36,8 @@ def resolve(source: str, field: str) -> Path:
         except ModuleNotFoundError:
             raise ConfigError(f"{field}: package {package!r} is not installed (from {source!r})") from None
         path = Path(str(root)) / rest
+        if not path.resolve().is_relative_to(Path(str(root)).resolve()):
+            raise ConfigError(f"{field}: {source!r} points outside package {package!r}")
     else:
         path = Path(os.path.expanduser(source))
     return path
@@ -47,6 +49,9 @@ def _files(source: str, field: str) -> list[Path]:
     path = resolve(source, field)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        outside = [p.name for p in files if not p.resolve().is_relative_to(path.resolve())]
+        if outside:  # a link out of the directory the config named: not followed
+            raise ConfigError(f"{field}: {outside} in {path} link outside that directory; copy the files in instead")
     elif any(c in str(path) for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path)))
     else:

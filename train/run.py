@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import lorax_variants as lv
 from lorax_variants.hf.safetensors_io import write_safetensors
 from lorax_variants.sharding import state_shardings
+from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
 from train.build import Built, build, init_distributed, load_tokenizer, model_dir
 from train.config import Config, ConfigError, to_dict
@@ -39,6 +40,24 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved")
         self.signum, self.step = signum, step
+
+
+class NonFinite(Exception):
+    """More non-finite steps than ``train.max_nonfinite``: the run stops without saving."""
+
+
+def _nonfinite_message(step: int, mm: dict[str, Any], trainable: Any, skipped: int, limit: int | None) -> str:
+    names = [p for p, _ in leaves_with_paths(trainable)]
+
+    def where(key: str, what: str) -> str:
+        ok = np.asarray(mm[key])
+        bad = [names[i] if len(names) == len(ok) else f"leaf {i}" for i in np.flatnonzero(~ok)]
+        return f"; {what} not finite (or overflowing in their norm) in {len(bad)} of {len(ok)} trainable leaves: " + ", ".join(bad[:6]) + (
+            ", ..." if len(bad) > 6 else "") if bad else ""
+
+    of = "" if limit is None else f" ({skipped} of train.max_nonfinite={limit})"
+    return (f"step {step}: loss {float(mm['loss']):.4g}" + where("finite_grads", "gradients")
+            + where("finite_params", "updated values") + f"; update skipped{of}")
 
 
 @dataclasses.dataclass
@@ -370,10 +389,18 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             if (t.log_every and done % t.log_every == 0) or done == t.steps or stop:
                 for s, mm in jax.device_get(pending):
                     tokens += float(mm["tokens"]) if s > start else 0.0
+                    row = {k: float(v) for k, v in mm.items() if not k.startswith("finite")}
                     if not bool(mm["finite"]):
                         skipped += 1
-                        metrics.echo(f"step {s + 1}: loss or gradients not finite; update skipped")
-                    row = {k: float(v) for k, v in mm.items() if k != "finite"}
+                        metrics.echo(_nonfinite_message(s + 1, mm, trainable, skipped, t.max_nonfinite))
+                        if t.max_nonfinite is not None and skipped > t.max_nonfinite:
+                            metrics.write("train", s + 1, row)
+                            last = saver.latest()
+                            raise NonFinite(
+                                f"{skipped} steps with a non-finite loss or gradients, more than train.max_nonfinite="
+                                f"{t.max_nonfinite}; stopped at step {s + 1} without saving"
+                                + (f" (the last checkpoint, step {last}, is intact)" if last is not None else "")
+                                + "; lower optim.lr, set optim.clip_norm, or check the data")
                     row |= {name: float(fn(s)) for name, fn in groups.items()}
                     if cfg.model.task == "causal_lm":
                         row.pop("accuracy", None)

@@ -119,8 +119,13 @@ def make_steps(
         ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_trainable))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {"loss": total / denom, "grad_norm": grad_norm, "tokens": count, "accuracy": correct / denom,
-                   "finite": ok}
+                   "finite": ok,  # and where not: one bool per trainable leaf, gradient and updated value (for the log)
+                   "finite_grads": _finite_norms(grads), "finite_params": _finite_norms(new_trainable)}
         return keep(new_trainable, trainable), keep(new_frozen, frozen), keep(new_opt, opt_state), metrics
+
+    def _finite_norms(tree):
+        """Per leaf: is its norm finite (no NaN/Inf, and the sum of squares does not overflow)?"""
+        return jnp.stack([jnp.isfinite(optax.tree.norm(x)) for x in jax.tree.leaves(tree)])
 
     def eval_step(trainable, frozen, batch):
         rows = dict(zip(("loss_sum", "count", "correct"), forward(trainable, frozen, batch, None, False)))

@@ -10,16 +10,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("variants", ["lora", pytest.param("lora,dora,vera,adalora,qlora,full", marks=pytest.mark.slow)])
-def test_suite_quick_prints_every_figure(tmp_path, variants):
+ALL = {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 memory", "4 FSDP", "5 compile", "5 merged"}
+
+
+@pytest.mark.parametrize("variants, only, figures", [
+    ("lora", "peft,flops,fsdp", {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 FSDP"}),
+    pytest.param("lora,dora,vera,adalora,qlora,full", "peft,flops,memory,fsdp,compile,merged", ALL,
+                 marks=pytest.mark.slow),
+])
+def test_suite_quick_prints_every_figure(tmp_path, variants, only, figures):
     out = tmp_path / "table.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--variants", variants,
-                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+                           "--only", only, "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    figures = {r[0] for r in rows}
     assert [r[1].split(":")[0] for r in rows if r[0] == "1 vs PEFT"] == variants.split(",")
-    assert figures == {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 memory", "4 FSDP", "5 compile", "5 merged"}
+    assert {r[0] for r in rows} == figures
     flops = {r[1]: float(r[2]) for r in rows if r[0] == "2 FLOPs"}
     # XLA's count and the formulas agree for every variant, even at this tiny size
     assert all(0.9 < v < 1.15 for k, v in flops.items() if "/ analytic" in k), flops

@@ -59,7 +59,27 @@ def test_sharded_checkpoint_and_hostile_index(tmp_path):
         Checkpoint(tmp_path)
 
 
+class _Crafted:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def test_pickle_checkpoints_are_never_loaded(tmp_path):
+    import pickle
+
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match=r"pickle-based and are never loaded"):
         Checkpoint(tmp_path)
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    marker = tmp_path / "unpickled"
+    (crafted / "pytorch_model.bin").write_bytes(pickle.dumps(_Crafted(marker)))
+    (crafted / "model.ckpt").write_bytes(pickle.dumps(_Crafted(marker)))
+    with pytest.raises(FileNotFoundError, match=r"\['model.ckpt', 'pytorch_model.bin'\] are pickle-based"):
+        Checkpoint(crafted)
+    assert not marker.exists()

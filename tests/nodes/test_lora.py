@@ -6,7 +6,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lorax_variants as lv
@@ -79,6 +79,7 @@ def _node(key, d_in, d_out, r, lead=(), scale=1.5):
     )
 
 
+@settings(max_examples=12)  # each new shape compiles
 @given(
     d_in=st.integers(1, 24), d_out=st.integers(1, 24), r=st.integers(1, 8),
     batch=st.integers(1, 4), seed=st.integers(0, 2**16), scale=st.floats(0.1, 4.0),
@@ -93,6 +94,7 @@ def test_factored_apply_equals_x_times_merge(d_in, d_out, r, batch, seed, scale)
     np.testing.assert_allclose(x @ lv.merge(node), reference, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=12)  # each new shape compiles
 @given(
     d_in=st.integers(2, 24), d_out=st.integers(2, 24), seed=st.integers(0, 2**16),
     init=st.sampled_from(["kaiming", "gaussian"]), rslora=st.booleans(), variant=st.sampled_from(["lora", "lora_fa"]),

@@ -141,6 +141,24 @@ def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     assert np.abs(b[:, 0]).max() > 0 and np.abs(b[:, 1]).max() > 0 and not np.allclose(b[:, 0], b[:, 1])
 
 
+def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = main(lm_args(assets, out, "optim.lr=1e38", "optim.clip_norm=null", "optim.name=sgd", "optim.b1=0",
+                             "train.max_nonfinite=2", "train.checkpoint_every=1"), capsys)
+    log = err
+    assert code == 3, err
+    assert "more than train.max_nonfinite=2; stopped at step 3 without saving" in err
+    assert "(the last checkpoint, step 2, is intact)" in err and "Traceback" not in err
+    # the log names the step and the leaves whose gradients or updated values were not finite
+    assert "step 1: loss 4.5" in log and "updated values not finite (or overflowing in their norm) in" in log and "layers/attn/q_proj/lora_" in log
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+    from train.checkpoint import Checkpointer
+
+    assert Checkpointer(out, 3).latest() == 2
+    loss_rows = losses(out)
+    assert len(loss_rows) == 3  # steps 1-3 logged, nothing after the stop
+
+
 def test_non_finite_updates_are_skipped_and_leave_the_adapters_as_they_were(assets, tmp_path):
     out = tmp_path / "run"
     result = train(lm_args(assets, out, "optim.lr=1e38", "optim.clip_norm=null", "optim.name=sgd", "optim.b1=0"))

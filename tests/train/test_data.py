@@ -142,3 +142,16 @@ def test_eval_batches_pad_with_rows_that_count_for_nothing(bert_tok):
     data, _ = tokenize(ds, DataConfig(seq_len=4), "sequence_classification", bert_tok, "m")
     batches = eval_batches(data, 4, 0)
     assert [b["labels"].tolist() for b in batches] == [[0, 0, 0, 0], [0, -1, -1, -1]]
+
+
+def test_config_paths_are_not_followed_outside_where_they_point(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.source: 'pkg:gensim/\.\./\.\./x.txt' points outside package 'gensim'"):
+        read_examples(DataConfig(), "pkg:gensim/../../x.txt")
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "private"}\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": "the cat"}\n')
+    (data / "b.jsonl").symlink_to(secret)
+    with pytest.raises(ConfigError, match=r"data.source: \['b.jsonl'\] in .*data link outside that directory"):
+        read_examples(DataConfig(), str(data))
