@@ -120,18 +120,19 @@ class Built:
     counts: lv.ParamCount
 
 
-def _max_positions(model: Any) -> int | None:
-    hf = model.hf_config
-    return getattr(hf, "n_positions", None) or getattr(hf, "max_position_embeddings", None)
-
-
 def _check_model(cfg: Config, model: Any) -> None:
     if cfg.model.task == "sequence_classification" and getattr(model, "causal", False):
         raise ConfigError(f"model.task: {model.config.model_type} is a causal LM; sequence_classification needs "
                           "a BERT/RoBERTa model")
-    limit = _max_positions(model)
-    if limit is not None and cfg.data.seq_len > limit and model.config.model_type in ("gpt2", "bert", "roberta"):
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's {limit} positions")
+    check_positions(cfg, model.hf_config)
+
+
+def check_positions(cfg: Config, hf_config: Any) -> None:
+    """Learned position tables (GPT-2, BERT, RoBERTa) end: refuse longer sequences before any data is read."""
+    limit = getattr(hf_config, "n_positions", None) or getattr(hf_config, "max_position_embeddings", None)
+    if limit is not None and cfg.data.seq_len > limit and hf_config.model_type in ("gpt2", "bert", "roberta"):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the {limit} positions of the model at "
+                          f"model.path={cfg.model.path} ({hf_config.model_type} has learned position embeddings)")
 
 
 def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False) -> Built:

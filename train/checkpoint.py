@@ -107,6 +107,8 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: Path) -> N
                     (f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y), "length")
             else:
                 detail = f"checkpoint {a!r}, this run {b!r}"
-            raise CheckpointMismatch(f"checkpoint {where} was written by a different run ({k} differs: {detail}); "
+            what = {"base_fingerprint": "base model weights (model.path)", "data_source": "data.source",
+                    "seq_len": "data.seq_len", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum"}.get(k, k)
+            raise CheckpointMismatch(f"checkpoint {where} was written by a different run ({what} differs: {detail}); "
                                      "use another train.output_dir or start fresh")
 

@@ -39,11 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_host_memory()  # before JAX's CPU client exists: reuse step temporaries (see lorax_variants/runtime.py)
     from train.checkpoint import CheckpointMismatch
     from train.config import ConfigError, load
+    from train.run import Interrupted, NonFinite, dry_run, run  # before the try: its except clauses name these
 
     try:
         cfg = load(args.config, args.set)
-        from train.run import Interrupted, NonFinite, dry_run, run
-
         if args.dry_run:
             dry_run(cfg)
             return 0

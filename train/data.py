@@ -89,6 +89,8 @@ def read_examples(cfg: DataConfig, source: str, field: str = "data.source") -> A
     import datasets
 
     files = _files(source, field)
+    if all(p.stat().st_size == 0 for p in files):
+        raise ConfigError(f"{field}: {source!r} is empty (0 bytes)")
     fmt = _format(files, cfg.format, field)
     if fmt == "fasttext":
         ds = datasets.Dataset.from_dict(_fasttext(files, cfg.encoding))

@@ -26,7 +26,8 @@ from lorax_variants.hf.safetensors_io import write_safetensors
 from lorax_variants.sharding import state_shardings
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
-from train.build import Built, build, init_distributed, load_tokenizer, model_dir
+from lorax_variants.hf.auto import load_hf_config
+from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, TokenData, eval_batches, load_data
 from train.metrics import Metrics, loss_curve
@@ -78,6 +79,7 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     init_distributed(cfg)
     path = model_dir(cfg)
     tokenizer = load_tokenizer(path)
+    check_positions(cfg, load_hf_config(path))  # before reading any data
     train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
     num_labels = None
     if "task_ids" in train.arrays and int(train.arrays["task_ids"].max()) >= cfg.adapter.n_tasks:

@@ -1,0 +1,139 @@
+"""Bad input through the whole CLI: one message naming the field, path or key; status 2; no
+traceback; nothing half-written in the output directory. (Config-only checks: test_config.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.train.conftest import lm_args, main
+
+
+def _copy_model(assets, tmp_path: Path, name: str = "m") -> Path:
+    d = tmp_path / name
+    shutil.copytree(assets["llama"], d)
+    return d
+
+
+def _yaml(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return ["--config", str(p)]
+
+
+def _case_malformed_yaml(assets, tmp_path):
+    return _yaml(tmp_path, "adapter: {r: 4\n"), r"c.yaml is not valid YAML"
+
+
+def _case_unknown_key(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.rnak=4"), r"adapter.rnak.*valid keys of adapter"
+
+
+def _case_wrong_type(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.r=four"), r"adapter.r"
+
+
+def _case_rank_zero(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.r=0"), r"adapter.r"
+
+
+def _case_rank_over_dims(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.r=100000"), r"rank 100000"
+
+
+def _case_negative_lr(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "optim.lr=-1"), r"optim.lr: must be positive"
+
+
+def _case_batch_vs_mesh(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "mesh.data=3", "mesh.fsdp=1"), r"mesh"
+
+
+def _case_targets_match_nothing(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.targets=no_such_module"), r"no_such_module"
+
+
+def _case_missing_model_dir(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", f"model.path={tmp_path / 'nope'}"), r"nope"
+
+
+def _case_unsupported_architecture(assets, tmp_path):
+    d = _copy_model(assets, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    return lm_args(assets, tmp_path / "o", f"model.path={d}"), r"mamba"
+
+
+def _case_truncated_safetensors(assets, tmp_path):
+    d = _copy_model(assets, tmp_path)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return lm_args(assets, tmp_path / "o", f"model.path={d}"), r"model.safetensors"
+
+
+def _case_corrupted_header(assets, tmp_path):
+    d = _copy_model(assets, tmp_path)
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:16] = b"{garbage"
+    f.write_bytes(bytes(data))
+    return lm_args(assets, tmp_path / "o", f"model.path={d}"), r"model.safetensors"
+
+
+def _case_tokenizer_missing(assets, tmp_path):
+    d = _copy_model(assets, tmp_path)
+    for p in d.iterdir():
+        if "token" in p.name or p.name.endswith((".model", "vocab.json", "merges.txt")):
+            p.unlink()
+    return lm_args(assets, tmp_path / "o", f"model.path={d}"), r"tokenizer"
+
+
+def _case_empty_dataset(assets, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    return lm_args(assets, tmp_path / "o", f"data.source={tmp_path / 'empty.jsonl'}"), r"data.source: .*empty.jsonl' is empty"
+
+
+def _case_missing_column(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "data.text_field=body"), r"data.text_field: column 'body'"
+
+
+def _case_sequence_too_long(assets, tmp_path):
+    return (lm_args(assets, tmp_path / "o", "data.seq_len=1000", model="gpt2"),
+            r"data.seq_len=1000 exceeds the 64 positions of the model at model.path=.*gpt2")
+
+
+def _case_data_pickle(assets, tmp_path):
+    (tmp_path / "d.pkl").write_bytes(b"\x80\x04K\x01.")
+    return lm_args(assets, tmp_path / "o", f"data.source={tmp_path / 'd.pkl'}"), r"d.pkl"
+
+
+CASES = {k[6:]: v for k, v in globals().items() if k.startswith("_case_")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_message(case, assets, tmp_path, capsys):
+    args, message = CASES[case](assets, tmp_path)
+    code, err = main(args, capsys)
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.startswith("train: error:")]
+    assert len(last) == 1, err[-2000:]
+    import re
+
+    assert re.search(message, last[0]), last[0]
+    out = tmp_path / "o"
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_checkpoint_of_another_variant_or_model_is_refused(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(lm_args(assets, out, "train.steps=2"), capsys)[0] == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    code, err = main(lm_args(assets, out, "train.steps=4", "adapter.variant=dora"), capsys)
+    assert code == 2 and "variant: checkpoint 'lora', this run 'dora'" in err and "Traceback" not in err
+    code, err = main(lm_args(assets, out, "train.steps=4", f"model.path={assets['gpt2']}"), capsys)
+    assert code == 2 and "base model weights (model.path) differs" in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing written by the refusals
