@@ -124,7 +124,6 @@ def _check_model(cfg: Config, model: Any) -> None:
     if cfg.model.task == "sequence_classification" and getattr(model, "causal", False):
         raise ConfigError(f"model.task: {model.config.model_type} is a causal LM; sequence_classification needs "
                           "a BERT/RoBERTa model")
-    check_positions(cfg, model.hf_config)
 
 
 def check_positions(cfg: Config, hf_config: Any) -> None:
