@@ -9,13 +9,17 @@ Saved every ``train.checkpoint_every`` steps and at the end (the last ``train.ke
 Frozen weights are re-read from the base model (and re-quantized, and VeRA's projections
 regenerated from the seed) on resume; a checkpoint whose meta disagrees with the run is refused,
 naming the field. Orbax writes each step to a temporary directory and renames it when complete,
-so a checkpoint is never read half-written.
+so a checkpoint is never read half-written; an old step is first renamed into ``checkpoints/.trash``
+and only then deleted, so a kill during that deletion cannot leave a half-deleted step that still
+looks like a checkpoint. Temporary directories of a killed save are removed when the next run opens
+the directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,9 @@ from lorax_variants.nodes.lora import LoraNode
 from lorax_variants.tree import leaves_with_paths
 
 __all__ = ["fingerprint", "Checkpointer", "CheckpointMismatch", "delta_weights", "with_delta_weights"]
+
+
+TRASH = ".trash"  # old steps are renamed here (atomic), then deleted
 
 
 class CheckpointMismatch(ValueError):
@@ -66,10 +73,18 @@ def _abstract(x: Any) -> Any:
 class Checkpointer:
     """An orbax ``CheckpointManager`` over ``<output_dir>/checkpoints``."""
 
-    def __init__(self, output_dir: str | Path, keep: int):
+    def __init__(self, output_dir: str | Path, keep: int, *, read_only: bool = False):
         self.directory = Path(output_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
+                                               todelete_subdir=None if read_only else TRASH)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.read_only = read_only
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        if not self.read_only and jax.process_index() == 0:
+            shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -78,6 +93,7 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
+        self._empty_trash()
 
     def meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

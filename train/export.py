@@ -34,7 +34,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     raw = json.loads((run_dir / "config.json").read_text())
     raw.setdefault("train", {})["output_dir"] = str(run_dir)
     cfg = from_dict(raw)
-    saver = ckpt.Checkpointer(run_dir, cfg.train.keep)
+    saver = ckpt.Checkpointer(run_dir, cfg.train.keep, read_only=True)
     try:
         which = step if step is not None else saver.latest()
         if which is None:

@@ -22,10 +22,13 @@ class Metrics:
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
+        _truncate(out / "metrics.jsonl", start_step, total_steps)
         self.jsonl = open(out / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(out / "tensorboard"))
+        # Events past the checkpoint this run starts from were logged by a run that was killed: TensorBoard
+        # drops them (they are logged again, with the same values, as the steps are redone).
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -70,9 +73,32 @@ class Metrics:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; a torn last line (a write cut off by a kill) is left out."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    return rows
+
+
+def _truncate(path: Path, start_step: int, total_steps: int) -> None:
+    """Keep the rows up to ``start_step`` (the checkpoint a run starts from): the rows after it came from a
+    run that was killed before its next checkpoint and are about to be logged again (as is the final
+    evaluation when the run resumes from its last step)."""
+    if not path.exists():
+        return
+    from lorax_variants.hf.safetensors_io import write_text_atomic
+
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) < start_step or r.get("step", 0) == start_step and not (
+        r.get("kind") == "eval" and start_step == total_steps)]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def loss_curve(run_dir: Path, out: Path | None = None) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
-from lorax_variants.hf.safetensors_io import write_safetensors
+from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomic
 from lorax_variants.sharding import state_shardings
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
@@ -324,7 +324,6 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     lead = jax.process_index() == 0
     if lead:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     saver = ckpt.Checkpointer(out, t.keep)
     latest = saver.latest()
     if latest is not None and resume is False:
@@ -333,6 +332,10 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     if latest is None and resume:
         raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
     p, s = restore(p, saver, latest)
+    if lead:  # only once the checkpoint (if any) is known to belong to this run: a refused run changes nothing
+        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+        for stale in out.glob(".adapters.safetensors.*"):  # the temporary file of a write that was killed
+            stale.unlink()
     b, trainable, frozen, opt_state, key, keep, start = p.built, s.trainable, s.frozen, s.opt_state, s.key, s.keep, s.step
 
     fns = _steps(p)
@@ -454,7 +457,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     if lead:
         write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
                           {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, p, t.steps))})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         loss_curve(out)
         print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
     return Result(summary, trainable, frozen, opt_state, b)

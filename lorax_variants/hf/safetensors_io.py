@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "DTYPES"]
+__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "write_text_atomic", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -157,6 +157,21 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
             f.write(struct.pack("<Q", len(raw)) + raw)
             for a in arrays:
                 f.write(a.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (JSON, HTML) atomically: a temporary file beside it, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

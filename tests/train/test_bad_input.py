@@ -4,12 +4,13 @@ traceback; nothing half-written in the output directory. (Config-only checks: te
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import lm_args, main
+from tests.train.conftest import cli, lm_args, main
 
 
 def _copy_model(assets, tmp_path: Path, name: str = "m") -> Path:
@@ -121,8 +122,6 @@ def test_bad_input_is_one_clear_message(case, assets, tmp_path, capsys):
     assert "Traceback" not in err
     last = [line for line in err.splitlines() if line.startswith("train: error:")]
     assert len(last) == 1, err[-2000:]
-    import re
-
     assert re.search(message, last[0]), last[0]
     out = tmp_path / "o"
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
@@ -132,8 +131,18 @@ def test_checkpoint_of_another_variant_or_model_is_refused(assets, tmp_path, cap
     out = tmp_path / "run"
     assert main(lm_args(assets, out, "train.steps=2"), capsys)[0] == 0
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    config = (out / "config.json").read_text()
     code, err = main(lm_args(assets, out, "train.steps=4", "adapter.variant=dora"), capsys)
     assert code == 2 and "variant: checkpoint 'lora', this run 'dora'" in err and "Traceback" not in err
     code, err = main(lm_args(assets, out, "train.steps=4", f"model.path={assets['gpt2']}"), capsys)
     assert code == 2 and "base model weights (model.path) differs" in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing written by the refusals
+    assert (out / "config.json").read_text() == config  # export still rebuilds the run that wrote the checkpoints
+
+
+def test_batch_not_divisible_by_the_mesh(assets, tmp_path):
+    proc = cli(lm_args(assets, tmp_path / "o", "train.grad_accum=16", "mesh.data=2"), devices=2, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert re.search(r"train: error: .*1 rows per micro-batch must be divisible by mesh data x fsdp = 2", proc.stderr), \
+        proc.stderr[-2000:]
+    assert not (tmp_path / "o" / "checkpoints").exists()
