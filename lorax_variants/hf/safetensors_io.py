@@ -69,6 +69,7 @@ class SafetensorsFile:
                     f"(offsets {start}-{end}, data {data_len} bytes): truncated or corrupted"
                 )
             self._entries[name] = (dtype, shape, start, end)
+        self._data_len = data_len
         self._map: np.memmap | None = None
 
     def keys(self) -> list[str]:
@@ -83,7 +84,9 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         dtype, shape, start, end = self._entries[name]
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start) if end > 0 else np.zeros(0, np.uint8)
+            # (np.memmap refuses an empty mapping: a file whose tensors are all empty maps nothing.)
+            self._map = (np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start) if self._data_len > 0
+                         else np.zeros(0, np.uint8))
         return self._map[start:end].view(dtype).reshape(shape)
 
 
@@ -143,7 +146,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        a = np.asarray(tensors[name])
+        a = a if a.flags.c_contiguous else a.copy(order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
         if a.dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
