@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,19 @@ class Checkpointer:
 
     def __init__(self, output_dir: str | Path, keep: int, *, read_only: bool = False):
         self.directory = Path(output_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
-                                               todelete_subdir=None if read_only else TRASH)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        if read_only:  # export, the kill tests: reads only; nothing cleaned up or deleted
+            options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                                   enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                                   cleanup_tmp_directories=True, todelete_subdir=TRASH)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        finally:
+            absl.setLevel(level)
         self.read_only = read_only
         self._empty_trash()
 

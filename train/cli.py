@@ -1,8 +1,10 @@
 """Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]``;
 ``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``).
 
-Bad input (config, paths, data, checkpoints) exits with status 2 and one message naming the
-field or path at fault; ``--debug`` shows the Python traceback instead.
+Bad input (config, paths, data, checkpoints) and paths that cannot be written exit with status 2
+and one message naming the field or path at fault; ``--debug`` shows the Python traceback instead.
+Non-finite training (more than ``train.max_nonfinite`` skipped steps) exits 3; SIGTERM/SIGINT save a
+checkpoint and exit 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -54,11 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     except NonFinite as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, CheckpointMismatch, OSError, ValueError) as e:
         if args.debug:
             raise
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"train: error: {_describe(e)}", file=sys.stderr)
         return 2
+
+
+def _describe(e: BaseException) -> str:
+    """The message; an OS error (a path that cannot be written, a full disk) also says what kind it is."""
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError)):
+        return f"{type(e).__name__}: {e}"
+    return str(e)
 
 
 def _guarded(fn: Any, debug: bool) -> int:
@@ -69,8 +78,8 @@ def _guarded(fn: Any, debug: bool) -> int:
     try:
         fn()
         return 0
-    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, CheckpointMismatch, OSError, ValueError) as e:
         if debug:
             raise
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"train: error: {_describe(e)}", file=sys.stderr)
         return 2

@@ -111,6 +111,11 @@ def _case_data_pickle(assets, tmp_path):
     return lm_args(assets, tmp_path / "o", f"data.source={tmp_path / 'd.pkl'}"), r"d.pkl"
 
 
+def _case_output_dir_inside_a_file(assets, tmp_path):
+    (tmp_path / "f").write_text("x")
+    return lm_args(assets, tmp_path / "f" / "o"), r"NotADirectoryError: .*f/o"
+
+
 CASES = {k[6:]: v for k, v in globals().items() if k.startswith("_case_")}
 
 
