@@ -1,5 +1,6 @@
 """Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]``;
-``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``).
+``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``);
+``python -m train report RUN_DIR [RUN_DIR ...]`` (figures and a page, see ``train.report``).
 
 Bad input (config, paths, data, checkpoints) and paths that cannot be written exit with status 2
 and one message naming the field or path at fault; ``--debug`` shows the Python traceback instead.
@@ -33,15 +34,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        return _guarded(lambda: __import__("train.export", fromlist=["main"]).main(argv[1:]), "--debug" in argv)
+    if argv and argv[0] in ("export", "report"):
+        sub = __import__(f"train.{argv[0]}", fromlist=["main"])
+        return _guarded(lambda: sub.main(argv[1:]), "--debug" in argv)
     args = _parser().parse_args(argv)
     from lorax_variants.runtime import keep_host_memory
 
     keep_host_memory()  # before JAX's CPU client exists: reuse step temporaries (see lorax_variants/runtime.py)
     from train.checkpoint import CheckpointMismatch
     from train.config import ConfigError, load
-    from train.run import Interrupted, NonFinite, dry_run, run  # before the try: its except clauses name these
+    from train.plan import dry_run
+    from train.run import Interrupted, NonFinite, run  # before the try: its except clauses name these
 
     try:
         cfg = load(args.config, args.set)

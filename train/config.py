@@ -155,6 +155,7 @@ class TrainConfig:
     max_nonfinite: int | None = 10  # skipped non-finite steps tolerated; one more stops the run (None: never)
     output_dir: str = "runs/default"
     progress: bool = True
+    report: bool = True  # at the end: report/ with figures and index.html (python -m train report)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""What a person sees: a progress bar, metrics as JSONL and TensorBoard events, a loss-curve PNG.
+"""What a person sees: a progress bar, metrics as JSONL and TensorBoard events (figures: ``train.report``).
 
 Only process 0 writes; every other process keeps quiet.
 """
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Metrics", "loss_curve", "read_jsonl"]
+__all__ = ["Metrics", "read_jsonl"]
 
 
 class Metrics:
@@ -99,30 +99,3 @@ def _truncate(path: Path, start_step: int, total_steps: int) -> None:
     keep = [r for r in read_jsonl(path) if r.get("step", 0) < start_step or r.get("step", 0) == start_step and not (
         r.get("kind") == "eval" and start_step == total_steps)]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def loss_curve(run_dir: Path, out: Path | None = None) -> Path:
-    """Train loss (and eval loss where measured) against step, from ``metrics.jsonl``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
-    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and "loss" in r]
-    evals = [(r["step"], r["loss"]) for r in rows if r["kind"] == "eval" and "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title(f"loss: {Path(run_dir).name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(out or Path(run_dir) / "loss_curve.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
+from lorax_variants.diagnostics import active_ranks, magnitude_direction
 from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomic
 from lorax_variants.sharding import state_shardings
 from lorax_variants.tree import leaves_with_paths
@@ -30,11 +31,11 @@ from lorax_variants.hf.auto import load_hf_config
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, TokenData, eval_batches, load_data
-from train.metrics import Metrics, loss_curve
+from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups, penalty
 from train.step import make_steps
 
-__all__ = ["run", "dry_run", "plan", "Interrupted", "Result"]
+__all__ = ["run", "restore", "Interrupted", "NonFinite", "Result"]
 
 
 class Interrupted(Exception):
@@ -130,8 +131,8 @@ def _drop_at(cfg: Config) -> int | None:
 
 
 def _lora_drop(p: Prepared, trainable: Any, frozen: Any, batches: Batches, fns: Any,
-               step: int) -> dict[str, np.ndarray]:
-    """LoRA-drop's selection after ``step`` steps: importance on the next training batches, keep mask."""
+               step: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """LoRA-drop's selection after ``step`` steps: the keep mask and the importance (on the next batches)."""
     from lorax_variants.optim.lora_drop import importance, keep_mask
 
     cfg, model = p.cfg, p.built.model
@@ -142,7 +143,7 @@ def _lora_drop(p: Prepared, trainable: Any, frozen: Any, batches: Batches, fns: 
                        for k, v in local.items()})
     apply = lambda tree, b: model.apply(tree, b["input_ids"], b["attention_mask"])  # noqa: E731
     scores = importance(apply, lv.combine(trainable, frozen), sample, model.stacked)
-    return keep_mask(scores, cfg.optim.lora_drop_threshold)
+    return keep_mask(scores, cfg.optim.lora_drop_threshold), scores
 
 
 def _apply_keep(p: Prepared, trainable: Any, frozen: Any, keep: dict[str, np.ndarray]) -> Prepared:
@@ -150,67 +151,6 @@ def _apply_keep(p: Prepared, trainable: Any, frozen: Any, keep: dict[str, np.nda
     from train.build import rebuild
 
     return _with_optimizer(p, rebuild(p.built, apply_keep(lv.combine(trainable, frozen), keep)))
-
-
-def _device_bytes(tree: Any, shardings: Any) -> int:
-    """Bytes one device holds of ``tree`` laid out with ``shardings``."""
-    total = 0
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        shape = s.shard_shape(x.shape) if hasattr(s, "shard_shape") else x.shape
-        total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
-    return total
-
-
-def plan(cfg: Config) -> dict[str, Any]:
-    p = _prepare(cfg, abstract=True)
-    b, c = p.built, p.built.counts
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    return {
-        "model": f"{b.model.config.model_type} ({type(b.model).__name__}, task {cfg.model.task}) from {cfg.model.path}",
-        "layers": getattr(b.model.config, "num_hidden_layers", None) or getattr(b.model.config, "n_layer", None),
-        "variant": cfg.adapter.variant, "adapter_spec": b.spec.to_dict() if b.spec else None,
-        "quant": b.quant.to_dict() if b.quant else None,
-        "mesh": dict(b.mesh.shape), "devices": b.mesh.size, "processes": jax.process_count(),
-        "trainable_params": c.trainable, "frozen_params": c.frozen,
-        "trainable_fraction": c.trainable_fraction,
-        "bytes_per_device": {
-            "trainable": _device_bytes(b.trainable, b.trainable_sh),
-            "frozen": _device_bytes(b.frozen, b.frozen_sh),
-            "optimizer_state": _device_bytes(p.opt_abstract, p.opt_sh),
-        },
-        "examples": {"train": p.train.stats["examples"], "eval": p.eval.stats["examples"] if p.eval else 0,
-                     "rows": len(p.train), "truncated": p.train.stats["truncated"]},
-        "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-        "tokens_per_step": tokens_per_step, "tokens_total": tokens_per_step * cfg.train.steps,
-        "epochs": cfg.train.steps * cfg.train.batch_size / len(p.train),
-    }
-
-
-def dry_run(cfg: Config) -> dict[str, Any]:
-    """The plan, printed: nothing is loaded beyond config, tokenizer and data; nothing trains."""
-    info = plan(cfg)
-    if jax.process_index() == 0:
-        print(format_plan(info), flush=True)
-    return info
-
-
-def format_plan(info: dict[str, Any]) -> str:
-    mb = lambda n: f"{n / 2**20:,.2f} MiB"  # noqa: E731
-    by = info["bytes_per_device"]
-    return "\n".join([
-        f"model:      {info['model']}, {info['layers']} layers",
-        f"variant:    {info['variant']}" + (f" (r={info['adapter_spec']['r']}, targets {info['adapter_spec']['targets']})"
-                                             if info["adapter_spec"] else ""),
-        f"quantized:  {info['quant']['kind'] if info['quant'] else 'no'}",
-        f"mesh:       {info['mesh']} over {info['devices']} devices, {info['processes']} process(es)",
-        f"params:     trainable {info['trainable_params']:,}, frozen {info['frozen_params']:,} "
-        f"({100 * info['trainable_fraction']:.3f}% trainable)",
-        f"per device: trainable {mb(by['trainable'])}, frozen {mb(by['frozen'])}, optimizer state {mb(by['optimizer_state'])}",
-        f"data:       {info['examples']['train']} train examples -> {info['examples']['rows']} rows "
-        f"({info['examples']['truncated']} truncated), {info['examples']['eval']} eval examples",
-        f"steps:      {info['steps']} x batch {info['batch_size']} (accumulation {info['grad_accum']}), "
-        f"{info['epochs']:.2f} epochs, {info['tokens_per_step']:,} tokens/step, {info['tokens_total']:,} tokens",
-    ])
 
 
 def _meta(cfg: Config, p: Prepared, step: int, keep: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -316,7 +256,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto).
 
     Writes ``adapters.safetensors`` (the trainable leaves by path, the run's meta as metadata),
-    ``summary.json``, ``metrics.jsonl``, TensorBoard events and ``loss_curve.png``; returns the
+    ``summary.json``, ``metrics.jsonl``, TensorBoard events and ``report/`` (figures); returns the
     summary and the final trees."""
     p = _prepare(cfg, abstract=False)
     b, t = p.built, cfg.train
@@ -355,6 +295,8 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
                  "key": np.asarray(jax.random.key_data(key))}
         if cfg.adapter.variant == "delta_lora":
             state["delta_weights"] = ckpt.delta_weights(frozen)
+        # Logged first: a kill during the save leaves a row past the last checkpoint, dropped on resume and redone.
+        _weight_changes(metrics, cfg, step, trainable, frozen)
         saver.save(step, state, _meta(cfg, p, step, keep))
 
     stop: list[int] = []
@@ -378,7 +320,10 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
             pending.append((step, m))
             done = step + 1
             if done == _drop_at(cfg) and keep is None:
-                keep = _lora_drop(p, trainable, frozen, batches, fns, done)
+                keep, scores = _lora_drop(p, trainable, frozen, batches, fns, done)
+                metrics.write("lora_drop", done, {"threshold": cfg.optim.lora_drop_threshold,
+                                                  "importance": {k: np.asarray(v).tolist() for k, v in scores.items()},
+                                                  "keep": {k: np.asarray(v).tolist() for k, v in keep.items()}})
                 p = _apply_keep(p, trainable, frozen, keep)
                 b = p.built
                 trainable, frozen = b.trainable, b.frozen
@@ -411,6 +356,10 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
                         row.pop("accuracy", None)
                     metrics.write("train", s + 1, row)
                 pending = []
+                if cfg.adapter.variant in ("adalora", "sora"):  # the rank budget as it shrinks
+                    ranks = active_ranks(trainable, opt_state)
+                    metrics.write("ranks", done, {"total": float(sum(int(v.sum()) for v in ranks.values())),
+                                                  "ranks": {k: v.tolist() for k, v in ranks.items()}})
                 rate = tokens / max(time.perf_counter() - t0, 1e-9)
                 metrics.progress(done, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", unit: f"{rate:,.1f}"})
             if p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
@@ -458,9 +407,32 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
         write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
                           {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, p, t.steps))})
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-        loss_curve(out)
+        if t.report:
+            _report(out)
         print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
     return Result(summary, trainable, frozen, opt_state, b)
+
+
+def _report(out: Path) -> None:
+    """The figures and page; a drawing failure is reported, never the end of a finished run."""
+    from train.report import report
+
+    try:
+        page = report(out)
+        print(f"report: {page}", file=__import__("sys").stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - the adapters are saved; a figure must not fail the run
+        print(f"train: warning: the report could not be drawn ({type(e).__name__}: {e}); "
+              f"retry with python -m train report {out} --debug", file=__import__("sys").stderr, flush=True)
+
+
+def _weight_changes(metrics: Metrics, cfg: Config, step: int, trainable: Any, frozen: Any) -> None:
+    """The DoRA paper's magnitude and direction change of every adapted weight (the report's scatter)."""
+    if cfg.adapter.variant in ("delta_lora", "multitask"):  # the base itself moves / no single merged weight
+        return
+    changes = magnitude_direction(lv.combine(trainable, frozen))
+    if changes:
+        metrics.write("weights", step, {"dM": {k: v[0].tolist() for k, v in changes.items()},
+                                        "dD": {k: v[1].tolist() for k, v in changes.items()}})
 
 
 def _set_count(opt_state: Any, step: int) -> Any:

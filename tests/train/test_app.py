@@ -88,10 +88,10 @@ def test_outputs_a_person_looks_at(assets, tmp_path, capsys):
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [4, 6]  # every 2 steps, last 2 kept
     assert "loss=" in err and "tok/s=" in err and "lr=" in err  # the progress bar
     assert "sample 0:" in err
-    for name in ("metrics.jsonl", "summary.json", "config.json", "adapters.safetensors", "loss_curve.png"):
+    for name in ("metrics.jsonl", "summary.json", "config.json", "adapters.safetensors", "report/index.html"):
         assert (out / name).is_file(), name
-    png = (out / "loss_curve.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (770, 440)
+    png = (out / "report" / "loss.png").read_bytes()  # (the figures themselves: test_report.py)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1210, 440)
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
     summary = json.loads((out / "summary.json").read_text())
@@ -115,7 +115,7 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys):
     code, err = main(["--config", str(config), *sets, "--dry-run"], capsys)
     assert code == 0, err
     from train.config import load
-    from train.run import plan as make_plan
+    from train.plan import plan as make_plan
 
     info = make_plan(load(config, sets))
     assert info["trainable_params"] > 0 and info["frozen_params"] > 0

@@ -37,7 +37,7 @@ def test_frozen_weights_are_split_over_devices(assets, tmp_path):
     """The plan's per-device bytes (from eval_shape and the shardings, nothing allocated): frozen weights
     shrink 1/devices under FSDP, also when quantized; data parallelism replicates them."""
     script = (
-        "import json, sys; from train.config import load; from train.run import plan\n"
+        "import json, sys; from train.config import load; from train.plan import plan\n"
         "args = json.loads(sys.argv[1]); out = {}\n"
         "for name, mesh in [('dp8', ['mesh.data=8', 'mesh.fsdp=1']), ('fsdp8', ['mesh.fsdp=8']), ('fsdp4', ['mesh.fsdp=4', 'mesh.data=2'])]:\n"
         "    for q in ['none', 'nf4']:\n"

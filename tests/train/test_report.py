@@ -1,0 +1,167 @@
+"""``python -m train report``: every figure drawn from a tiny real run is a valid, non-blank PNG with the
+data it claims; the page links them; the comparison page covers every run; the numbers behind the
+DoRA scatter are the paper's ΔM / ΔD computed independently here with numpy."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.train.conftest import cls_args, lm_args, main, train
+from train.metrics import read_jsonl
+
+COMMON = ["train.steps=12", "train.checkpoint_every=4", "data.eval_fraction=0.1", "train.eval_every=4"]
+RUNS = {
+    "loraplus": ["adapter.variant=loraplus", "optim.lr=0.002", "optim.warmup_steps=4"],
+    "adalora": ["adapter.variant=adalora", "adapter.r=4", "optim.adalora_target_r=1", "optim.adalora_tinit=2",
+                "optim.adalora_tfinal=3", "optim.adalora_delta_t=1"],
+    "sora": ["adapter.variant=sora", "optim.sora_xi=0.09"],  # gates reach zero around step 11
+    "lora": [],
+    "dora": ["adapter.variant=dora"],  # after "lora": its report finds the LoRA run beside it
+    "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=4", "optim.lora_drop_threshold=0.6"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("report_runs")
+    out = {}
+    for name, extra in RUNS.items():
+        out[name] = d / name
+        train(lm_args(assets, out[name], *COMMON, *extra))
+    out["multitask"] = d / "multitask"
+    train(cls_args(assets, out["multitask"], "adapter.variant=multitask", "adapter.n_tasks=2", "data.task_field=task",
+                   "data.tasks=[reviews, tweets]", "train.steps=12", "train.eval_every=4"))
+    return out
+
+
+def _check_png(path: Path, min_size: tuple[int, int] = (500, 300)) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", path
+    w, h = struct.unpack(">II", raw[16:24])
+    assert w >= min_size[0] and h >= min_size[1], (path, w, h)
+    img = mpimg.imread(path)  # decodes the whole file: a truncated PNG fails here
+    rgb = img[..., :3]
+    ink = np.any(rgb < 0.9, axis=-1).mean()  # share of pixels that are not (near) white
+    assert ink > 0.03, (path, ink)
+    colours = len(np.unique((rgb.reshape(-1, 3) * 255).astype(np.uint8), axis=0))
+    assert colours > 20, (path, colours)  # lines, text, fills: not a flat image
+    return img
+
+
+def _figs(run: Path) -> set[str]:
+    return {p.name for p in (run / "report").glob("*.png")}
+
+
+def test_every_run_writes_its_report_at_the_end(runs):
+    for name, run in runs.items():
+        page = (run / "report" / "index.html").read_text()
+        assert "loss.png" in _figs(run), name
+        for fig in _figs(run):
+            assert f"src='{fig}'" in page, (name, fig)
+            _check_png(run / "report" / fig)
+        assert "final_train_loss" in page and "<h2>Config</h2>" in page
+
+
+def test_loraplus_learning_rates_per_group(runs):
+    run = runs["loraplus"]
+    assert {"loss.png", "lr.png"} <= _figs(run)
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    ratio = json.loads((run / "config.json").read_text())["optim"]["loraplus_ratio"]
+    assert all(abs(r["lr_B"] - ratio * r["lr"]) <= 1e-9 * ratio * max(r["lr"], 1e-12) for r in rows)
+    assert rows[0]["lr"] < rows[-1]["lr"]  # the warmup the figure shows
+
+
+def test_adalora_rank_heatmap_and_budget(runs):
+    run = runs["adalora"]
+    assert {"adalora_ranks.png", "adalora_budget.png"} <= _figs(run)
+    ranks = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "ranks"]
+    totals = [r["total"] for r in ranks]
+    assert totals[0] > totals[-1]  # the budget shrank
+    final = ranks[-1]["ranks"]
+    # The final pattern equals the summary's (the allocator's own state), and the budget matches the target.
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(int(np.sum(m)) for m in summary["adalora_ranks"]) == sorted(int(np.sum(v)) for v in final.values())
+    assert totals[-1] == 1 * sum(np.size(v) for v in final.values())
+
+
+def test_sora_active_ranks_over_time(runs):
+    run = runs["sora"]
+    assert "sora_ranks.png" in _figs(run)
+    ranks = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "ranks"]
+    assert len(ranks) == 12 and ranks[0]["total"] > ranks[-1]["total"]
+
+
+def _paper_delta(w0: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DoRA paper §2.2 in numpy, per stacked layer: mean over output columns."""
+    n0, n = np.linalg.norm(w0, axis=-2), np.linalg.norm(w, axis=-2)
+    return np.abs(n - n0).mean(-1), (1 - (w0 * w).sum(-2) / (n0 * n)).mean(-1)
+
+
+def test_dora_scatter_with_the_lora_run_beside_it(runs, assets):
+    from lorax_variants.hf import from_pretrained
+    from tests.train.conftest import adapters
+
+    assert "dora_scatter.png" in _figs(runs["dora"]) and "dora_scatter.png" in _figs(runs["lora"])
+    # The DoRA report found the LoRA run beside it: two panels (wider than one).
+    with open(runs["dora"] / "report" / "dora_scatter.png", "rb") as f:
+        f.seek(16)
+        width = struct.unpack(">I", f.read(4))[0]
+    assert width > 1000
+    # The logged ΔM/ΔD at the end equal the paper's formulas on the merged weights, computed here.
+    _, base = from_pretrained(assets["llama"])
+    saved = adapters(runs["dora"])
+    row = [r for r in read_jsonl(runs["dora"] / "metrics.jsonl") if r["kind"] == "weights"][-1]
+    assert row["step"] == 12
+    w0 = np.asarray(base["layers"]["attn"]["q_proj"], np.float64)
+    a, b = (saved[f"layers/attn/q_proj/{k}"].astype(np.float64) for k in ("lora_a", "lora_b"))
+    m = saved["layers/attn/q_proj/magnitude"].astype(np.float64)
+    v = w0 + (16.0 / 4) * a @ b  # alpha 16 (the default), r 4
+    w = v / np.linalg.norm(v, axis=-2, keepdims=True) * m[:, None, :]
+    dm, dd = _paper_delta(w0, w)
+    np.testing.assert_allclose(row["dM"]["layers/attn/q_proj"], dm, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(row["dD"]["layers/attn/q_proj"], dd, rtol=1e-3, atol=1e-8)
+
+
+def test_lora_drop_importance_and_threshold(runs):
+    run = runs["lora_drop"]
+    assert "lora_drop.png" in _figs(run)
+    (row,) = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "lora_drop"]
+    imp = np.concatenate([np.atleast_1d(v) for v in row["importance"].values()])
+    keep = np.concatenate([np.atleast_1d(v) for v in row["keep"].values()])
+    np.testing.assert_allclose(imp.sum(), 1.0, rtol=1e-5)
+    # Kept: the most important layers, fewest whose share reaches the threshold (the paper's rule).
+    order = np.argsort(-imp)
+    n = int(np.searchsorted(np.cumsum(imp[order]), row["threshold"] - 1e-9) + 1)
+    assert sorted(np.flatnonzero(keep)) == sorted(order[:n])
+
+
+def test_multitask_per_task_metrics(runs):
+    run = runs["multitask"]
+    assert "tasks.png" in _figs(run)
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"]
+    assert all({"task0_accuracy", "task1_accuracy"} <= set(r) for r in evals)
+
+
+def test_report_command_and_comparison_page(runs, tmp_path, capsys):
+    dirs = [str(runs[k]) for k in ("lora", "dora", "sora", "adalora")]
+    code, err = main(["report", *dirs, "--out", str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    for k in ("lora", "dora", "sora", "adalora"):
+        assert re.search(rf"<td>{k}</td><td>{k}</td><td>[\d,]+</td>", page), k  # run, variant, trainable params
+    for fig in ("compare_loss.png", "compare_bars.png", "dora_scatter.png"):
+        _check_png(tmp_path / "cmp" / fig)
+        assert f"src='{fig}'" in page
+    links = re.findall(r"href='([^']+)'", page)
+    assert sorted((tmp_path / "cmp" / h).resolve() for h in links) == sorted(
+        (Path(d) / "report" / "index.html").resolve() for d in dirs)
+    code, err = main(["report", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "not a run directory" in err and "Traceback" not in err
