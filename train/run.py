@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -419,10 +420,10 @@ def _report(out: Path) -> None:
 
     try:
         page = report(out)
-        print(f"report: {page}", file=__import__("sys").stderr, flush=True)
+        print(f"report: {page}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - the adapters are saved; a figure must not fail the run
         print(f"train: warning: the report could not be drawn ({type(e).__name__}: {e}); "
-              f"retry with python -m train report {out} --debug", file=__import__("sys").stderr, flush=True)
+              f"retry with python -m train report {out} --debug", file=sys.stderr, flush=True)
 
 
 def _weight_changes(metrics: Metrics, cfg: Config, step: int, trainable: Any, frozen: Any) -> None:

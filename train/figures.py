@@ -1,0 +1,342 @@
+"""The figures of ``train.report``, each from a run's ``metrics.jsonl`` rows (``Run``); each returns the
+PNG written (through a temporary file and a rename), or ``None`` where the run has no such data."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.metrics import read_jsonl
+
+__all__ = ["Run", "fig_loss", "fig_lr", "fig_adalora", "fig_sora", "fig_dora", "fig_lora_drop", "fig_tasks", "smooth",
+           "save", "plt", "read_json"]
+
+
+def plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class Run:
+    """A run directory's config, summary and metrics rows."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{self.path}: not a run directory (no metrics.jsonl)")
+        self.rows = read_jsonl(self.path / "metrics.jsonl")
+        self.config = read_json(self.path / "config.json")
+        self.summary = read_json(self.path / "summary.json")
+        self.name = self.path.name
+        self.variant = self.config.get("adapter", {}).get("variant", "?")
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("kind") == kind]
+
+    def series(self, kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        pts = [(r["step"], r[key]) for r in self.kind(kind) if isinstance(r.get(key), (int, float))]
+        return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], float)) if pts else (np.array([]), np.array([]))
+
+    @property
+    def model_path(self) -> str | None:
+        return self.config.get("model", {}).get("path")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Save through a temporary file and rename (a report being rewritten is never seen half-drawn)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt().close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def smooth(y: np.ndarray, frac: float = 0.1) -> np.ndarray:
+    """Exponential moving average (debiased), span ~``frac`` of the points."""
+    if len(y) < 5:
+        return y
+    a = min(1.0, 2.0 / (max(2, int(len(y) * frac)) + 1))
+    out, m, w = np.empty_like(y), 0.0, 0.0
+    for i, v in enumerate(y):
+        m, w = (1 - a) * m + a * v, (1 - a) * w + a
+        out[i] = m / w
+    return out
+
+
+def _module(path: str) -> str:
+    """A short module name ('attn/q_proj') from a leaf path ('layers/attn/q_proj')."""
+    parts = [p for p in path.split("/") if p not in ("layers", "blocks", "h", "encoder", "decoder")]
+    return "/".join(parts[-2:]) if len(parts) > 1 else path
+
+
+def _grid(values: dict[str, list]) -> tuple[list[str], np.ndarray]:
+    """``{path: per-layer values}`` as module labels and a [module, layer] array (NaN where absent)."""
+    names = sorted(values)
+    flat = {k: np.atleast_1d(np.asarray(v, float)) for k, v in values.items()}
+    layers = max(len(v) for v in flat.values())
+    grid = np.full((len(names), layers), np.nan)
+    for i, k in enumerate(names):
+        grid[i, : len(flat[k])] = flat[k]
+    return [_module(k) for k in names], grid
+
+
+def fig_loss(run: Run, out: Path) -> Path | None:
+    steps, loss = run.series("train", "loss")
+    if not len(steps):
+        return None
+    pyplot = plt()
+    evals = run.kind("eval")
+    metric = next((k for k in ("accuracy", "token_accuracy", "perplexity") if evals and k in evals[-1]), None)
+    fig, axes = pyplot.subplots(1, 2 if metric else 1, figsize=(11 if metric else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="train loss")
+    ax.plot(steps, smooth(loss), color="tab:blue", lw=2, label="train loss (smoothed)")
+    es, el = run.series("eval", "loss")
+    if len(es):
+        ax.plot(es, el, "o-", color="tab:orange", label="eval loss")
+    ax.set(xlabel="step", ylabel="loss (cross-entropy)", title=f"{run.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if metric:
+        ms, mv = run.series("eval", metric)
+        ax2 = axes[0, 1]
+        ax2.plot(ms, mv, "o-", color="tab:green")
+        ax2.set(xlabel="step", ylabel=metric.replace("_", " "), title=f"eval {metric.replace('_', ' ')}")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return save(fig, out / "loss.png")
+
+
+def fig_lr(run: Run, out: Path) -> Path | None:
+    rows = run.kind("train")
+    keys = sorted({k for r in rows for k in r if k == "lr" or k.startswith("lr_")})
+    if not keys:
+        return None
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 4))
+    for k in keys:
+        s, v = run.series("train", k)
+        label = {"lr": "lr (base group" + (", LoRA+ A)" if len(keys) > 1 else ")"), "lr_B": "lr of B (LoRA+)",
+                 "lr_embedding": "lr of embedding B (LoRA+)"}.get(k, k)
+        ax.plot(s, v, lw=2, label=label)
+    vals = np.concatenate([run.series("train", k)[1] for k in keys])
+    pos = vals[vals > 0]
+    if len(keys) > 1 and len(pos) and pos.max() / pos.min() > 5:
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="learning rate", title=f"{run.name}: learning rate per parameter group")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    return save(fig, out / "lr.png")
+
+
+def _heatmap(ax: Any, names: list[str], grid: np.ndarray, *, vmax: float, cmap: str, fmt: str = "{:.0f}") -> Any:
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(grid.shape[1]), [str(i) for i in range(grid.shape[1])])
+    if grid.size <= 400:
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.5 * vmax else "black")
+    return im
+
+
+def fig_adalora(run: Run, out: Path) -> list[Path]:
+    ranks = run.kind("ranks")
+    if run.variant != "adalora" or not ranks:
+        return []
+    pyplot = plt()
+    r = run.config.get("adapter", {}).get("r", 8)
+    names, grid = _grid(ranks[-1]["ranks"])
+    fig, ax = pyplot.subplots(figsize=(max(6, 0.5 * grid.shape[1] + 3), max(2.5, 0.45 * len(names) + 1.5)))
+    im = _heatmap(ax, names, grid, vmax=r, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="rank kept")
+    ax.set(xlabel="layer", ylabel="module", title=f"{run.name}: AdaLoRA final rank per layer and module\n"
+                                                    f"(of initial r={r}, at step {ranks[-1]['step']})")
+    fig.tight_layout()
+    paths = [save(fig, out / "adalora_ranks.png")]
+    fig, ax = pyplot.subplots(figsize=(7, 4))
+    s, tot = run.series("ranks", "total")
+    ax.plot(s, tot, lw=2, label="total rank kept")
+    target = run.config.get("optim", {}).get("adalora_target_r")
+    cells = int(np.isfinite(grid).sum())
+    if target:
+        ax.axhline(target * cells, color="tab:red", ls="--", label=f"target budget ({target} x {cells} weights)")
+    ax.axhline(r * cells, color="gray", ls=":", label=f"initial budget ({r} x {cells})")
+    opt, steps = run.config.get("optim", {}), run.config.get("train", {}).get("steps")
+    # The allocator's step t is the 0-based count: logged step t + 1.
+    if opt.get("adalora_tinit") is not None:
+        ax.axvline(opt["adalora_tinit"] + 1, color="tab:gray", alpha=0.6, lw=1, label="pruning starts after (tinit)")
+    if opt.get("adalora_tfinal") is not None and steps:
+        ax.axvline(steps - opt["adalora_tfinal"] + 1, color="tab:gray", alpha=0.6, lw=1, ls="-.",
+                   label="target budget from (steps - tfinal)")
+    ax.set(xlabel="step", ylabel="sum of ranks over adapted weights", title=f"{run.name}: AdaLoRA rank budget over training")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(save(fig, out / "adalora_budget.png"))
+    return paths
+
+
+def fig_sora(run: Run, out: Path) -> Path | None:
+    rows = run.kind("ranks")
+    if run.variant != "sora" or not rows:
+        return None
+    pyplot = plt()
+    labels, series = [], []
+    for path in sorted(rows[-1]["ranks"]):
+        per = np.array([np.atleast_1d(r["ranks"][path]) for r in rows], float)  # [time, layer]
+        for layer in range(per.shape[1]):
+            labels.append(f"{_module(path)} L{layer}" if per.shape[1] > 1 else _module(path))
+            series.append(per[:, layer])
+    grid = np.array(series)
+    steps = [r["step"] for r in rows]
+    r = run.config.get("adapter", {}).get("r", 8)
+    fig, (ax, ax2) = pyplot.subplots(2, 1, figsize=(9, max(4.5, 0.22 * len(labels) + 3)),
+                                  gridspec_kw={"height_ratios": [max(2, len(labels) / 6), 1]}, sharex=False)
+    im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=r, interpolation="nearest",
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(labels) - 0.5, -0.5))
+    ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) > 20 else 9)
+    ax.set(xlabel="step", ylabel="module, layer", title=f"{run.name}: SoRA active ranks (non-zero gates, of r={r})")
+    fig.colorbar(im, ax=ax, label="active ranks")
+    ax2.plot(steps, grid.sum(axis=0), lw=2)
+    ax2.set_xlim(ax.get_xlim())
+    ax2.set(xlabel="step", ylabel="total active ranks")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return save(fig, out / "sora_ranks.png")
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or np.ptp(x) == 0:
+        return float("nan")
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def fig_dora(run: Run, peers: list[Run], out: Path) -> Path | None:
+    """ΔM vs ΔD per layer at each checkpoint, one panel per run (this one first), one module each."""
+    if run.variant not in ("dora", "lora", "rslora") or not run.kind("weights"):
+        return None
+    runs = [run, *(p for p in peers if p.kind("weights") and (p.variant == "dora") != (run.variant == "dora"))]
+    pyplot = plt()
+    module = _pick_module(runs[0].kind("weights")[-1]["dM"])
+    fig, axes = pyplot.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)
+    for ax, r in zip(axes[0], runs):
+        rows = r.kind("weights")
+        cmap = pyplot.get_cmap("viridis")
+        xs, ys = [], []
+        for i, row in enumerate(rows):
+            if module not in row["dM"]:
+                continue
+            dm, dd = np.atleast_1d(row["dM"][module]), np.atleast_1d(row["dD"][module])
+            ax.scatter(dd, dm, color=cmap(i / max(1, len(rows) - 1)), s=28, label=f"step {row['step']}", zorder=3)
+            for layer, (x, y) in enumerate(zip(dd, dm)):
+                if len(dd) <= 12 and i == len(rows) - 1:
+                    ax.annotate(f"L{layer}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            xs.extend(dd)
+            ys.extend(dm)
+        k = _slope(np.array(xs), np.array(ys))
+        ax.set(xlabel="ΔD (direction change, 1 - cos)", ylabel="ΔM (magnitude change)",
+               title=f"{r.name} ({r.variant}): {module}\nslope of ΔM on ΔD: {k:+.3g}")
+        ax.ticklabel_format(style="sci", scilimits=(-3, 3))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Magnitude vs direction change per layer (DoRA paper, Fig. 2): LoRA's slope is positive, "
+                 "DoRA's can be negative", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out / "dora_scatter.png")
+
+
+def _pick_module(paths: dict[str, Any]) -> str:
+    """The query projection where there is one (the paper's Figure 2), else the first adapted weight."""
+    for pat in ("q_proj", "query", "c_attn", "attn"):
+        hit = sorted(p for p in paths if pat in p)
+        if hit:
+            return hit[0]
+    return sorted(paths)[0]
+
+
+def fig_lora_drop(run: Run, out: Path) -> Path | None:
+    rows = run.kind("lora_drop")
+    if not rows:
+        return None
+    row = rows[-1]
+    pyplot = plt()
+    labels, imp, kept = [], [], []
+    for path in sorted(row["importance"]):
+        vals, keep = np.atleast_1d(row["importance"][path]), np.atleast_1d(row["keep"][path])
+        for layer, (v, k) in enumerate(zip(vals, keep)):
+            labels.append(f"{_module(path)} L{layer}" if len(vals) > 1 else _module(path))
+            imp.append(float(v))
+            kept.append(bool(k))
+    imp_a, kept_a = np.array(imp), np.array(kept)
+    fig, (ax, ax2) = pyplot.subplots(1, 2, figsize=(12, max(4, 0.22 * len(labels) + 1.5)))
+    y = np.arange(len(labels))
+    ax.barh(y[kept_a], imp_a[kept_a], color="tab:blue", label="keeps its own adapter")
+    ax.barh(y[~kept_a], imp_a[~kept_a], color="tab:gray", label="shares one adapter per shape")
+    ax.set_yticks(y, labels, fontsize=7 if len(labels) > 20 else 9)
+    ax.invert_yaxis()
+    ax.set(xlabel="importance (share of total ‖ΔW x‖²)", title=f"{run.name}: LoRA-drop importance at step {row['step']}")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    order = np.argsort(-imp_a)
+    cum = np.cumsum(imp_a[order])
+    ax2.plot(np.arange(1, len(cum) + 1), cum, "o-", ms=3, label="cumulative importance (most important first)")
+    ax2.axhline(row["threshold"], color="tab:red", ls="--", label=f"threshold {row['threshold']:g}")
+    ax2.axvline(int(kept_a.sum()) + 0.5, color="tab:blue", alpha=0.6, label=f"{int(kept_a.sum())} layers kept")
+    ax2.set(xlabel="layers, by importance", ylabel="cumulative share", title="selection", ylim=(0, 1.05))
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save(fig, out / "lora_drop.png")
+
+
+def fig_tasks(run: Run, out: Path) -> Path | None:
+    evals = run.kind("eval")
+    tasks = sorted({int(m.group(1)) for r in evals for k in r for m in [re.match(r"task(\d+)_loss$", k)] if m})
+    if not tasks:
+        return None
+    names = run.config.get("data", {}).get("tasks") or [f"task {t}" for t in tasks]
+    metric = next((k for k in ("accuracy", "token_accuracy") if f"task{tasks[0]}_{k}" in evals[-1]), None)
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2 if metric else 1, figsize=(11 if metric else 6, 4), squeeze=False)
+    for t in tasks:
+        name = names[t] if t < len(names) else f"task {t}"
+        s, v = run.series("eval", f"task{t}_loss")
+        axes[0, 0].plot(s, v, "o-", label=str(name))
+        if metric:
+            s, v = run.series("eval", f"task{t}_{metric}")
+            axes[0, 1].plot(s, v, "o-", label=str(name))
+    axes[0, 0].set(xlabel="step", ylabel="eval loss", title=f"{run.name}: eval loss per task")
+    if metric:
+        axes[0, 1].set(xlabel="step", ylabel=metric.replace("_", " "), title=f"eval {metric.replace('_', ' ')} per task")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return save(fig, out / "tasks.png")
+
+
