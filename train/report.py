@@ -68,6 +68,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _kv_table(d: dict[str, Any]) -> str:
+    if not d:
+        return ""
+    return "<table>" + "".join(f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+                               for k, v in d.items()) + "</table>"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -120,7 +127,7 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
     summary = {k: v for k, v in run.summary.items() if not isinstance(v, (dict, list))}
     for k, v in (run.summary.get("eval") or {}).items():
         summary[f"eval {k}"] = v
-    sections = [f"<h2>Summary</h2>{_table([summary]) or '<p>(the run has not finished: no summary.json)</p>'}",
+    sections = [f"<h2>Summary</h2>{_kv_table(summary) or '<p>(the run has not finished: no summary.json)</p>'}",
                 f"<h2>Figures</h2>{_figures_html(paths, out)}",
                 f"<h2>Config</h2><pre>{html.escape(json.dumps(run.config, indent=2))}</pre>"]
     from lorax_variants.hf.safetensors_io import write_text_atomic

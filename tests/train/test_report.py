@@ -67,7 +67,7 @@ def test_every_run_writes_its_report_at_the_end(runs):
         for fig in _figs(run):
             assert f"src='{fig}'" in page, (name, fig)
             _check_png(run / "report" / fig)
-        assert "final_train_loss" in page and "<h2>Config</h2>" in page
+        assert "final train loss" in page and "<h2>Config</h2>" in page
 
 
 def test_loraplus_learning_rates_per_group(runs):
