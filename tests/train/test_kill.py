@@ -141,6 +141,7 @@ def test_kill_9_at_chosen_points_then_resume(assets, tmp_path, capsys):
     _compare(whole, cut)
 
 
+@pytest.mark.slow  # (the default run has the chosen points; random moments: here and below)
 def test_kill_9_at_a_random_moment_then_resume(assets, tmp_path, capsys):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train(lm_args(assets, whole, *BASE))
