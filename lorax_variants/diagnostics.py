@@ -27,18 +27,10 @@ from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import AdapterNode, Node
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode
+from lorax_variants.sharding import to_host
 from lorax_variants.tree import leaves_with_paths
 
 __all__ = ["magnitude_direction", "active_ranks"]
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A (small) result as numpy on every process, gathered where it spans hosts."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 @jax.jit
@@ -61,7 +53,7 @@ def magnitude_direction(tree: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             continue
         w0 = n.weight.dequantize(jnp.float32) if isinstance(n.weight, QuantizedNode) else n.weight
         dm, dd = _delta(w0, merged)
-        out[path] = (_host(dm), _host(dd))
+        out[path] = (to_host(dm), to_host(dd))
     return out
 
 
@@ -78,9 +70,9 @@ def active_ranks(tree: Any, opt_state: Any = None) -> dict[str, np.ndarray]:
             continue
         if isinstance(n, AdaLoraNode):
             mask = next(keep) if keep is not None else n.rank_mask
-            out[path] = _host(jnp.sum(mask, axis=-1))
+            out[path] = to_host(jnp.sum(mask, axis=-1))
         elif isinstance(n, SoraNode):
-            out[path] = _host(jnp.sum(n.gate != 0, axis=-1))
+            out[path] = to_host(jnp.sum(n.gate != 0, axis=-1))
         elif hasattr(n, "lora_a") and isinstance(n, AdapterNode):
             lead = n.lora_a.shape[:-2]
             out[path] = np.full(lead, n.lora_a.shape[-1])

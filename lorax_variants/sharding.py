@@ -27,7 +27,7 @@ from lorax_variants.shared import Shared
 from lorax_variants.tree import map_with_paths
 
 __all__ = ["AXES", "BATCH", "make_mesh", "RULES", "weight_spec", "tree_specs", "tree_shardings", "batch_sharding",
-           "state_shardings"]
+           "state_shardings", "to_host"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both
@@ -170,3 +170,15 @@ def state_shardings(state: Any, params: Any, param_shardings: Any, default: Name
         return default
 
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a full numpy array on every process (gathered across hosts where it spans them)."""
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)

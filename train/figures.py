@@ -13,7 +13,7 @@ import numpy as np
 from train.metrics import read_jsonl
 
 __all__ = ["Run", "fig_loss", "fig_lr", "fig_adalora", "fig_sora", "fig_dora", "fig_lora_drop", "fig_tasks", "smooth",
-           "save", "plt", "read_json"]
+           "save", "plt", "read_json", "SCATTER_VARIANTS"]
 
 
 def plt() -> Any:
@@ -23,6 +23,9 @@ def plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+SCATTER_VARIANTS = ("lora", "rslora", "dora")  # runs whose weights rows the ΔM/ΔD scatter compares
 
 
 class Run:
@@ -55,19 +58,17 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def save(fig: Any, path: Path) -> Path:
-    """Save through a temporary file and rename (a report being rewritten is never seen half-drawn)."""
-    import os
-    import tempfile
+    """Save as PNG through a temporary file and a rename (a report being redrawn is never seen half-drawn)."""
+    import io
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    from lorax_variants.hf.safetensors_io import write_bytes_atomic
+
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt().close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -237,10 +238,12 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def fig_dora(run: Run, peers: list[Run], out: Path) -> Path | None:
-    """ΔM vs ΔD per layer at each checkpoint, one panel per run (this one first), one module each."""
-    if run.variant not in ("dora", "lora", "rslora") or not run.kind("weights"):
+    """ΔM vs ΔD per layer at each checkpoint, one panel per run (this one first), one module each; ``peers``
+    contribute the runs of the same base model on the other side of DoRA vs LoRA."""
+    if run.variant not in SCATTER_VARIANTS or not run.kind("weights"):
         return None
-    runs = [run, *(p for p in peers if p.kind("weights") and (p.variant == "dora") != (run.variant == "dora"))]
+    runs = [run, *(p for p in peers if p.variant in SCATTER_VARIANTS and p.model_path == run.model_path
+                   and (p.variant == "dora") != (run.variant == "dora") and p.kind("weights"))]
     pyplot = plt()
     module = _pick_module(runs[0].kind("weights")[-1]["dM"])
     fig, axes = pyplot.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from train.figures import (Run, fig_adalora, fig_dora, fig_lora_drop, fig_loss, fig_lr, fig_sora, fig_tasks, plt,
-                           read_json, save, smooth)
+from train.figures import (SCATTER_VARIANTS, Run, fig_adalora, fig_dora, fig_lora_drop, fig_loss, fig_lr, fig_sora,
+                           fig_tasks, plt, read_json, save, smooth)
 
 __all__ = ["report", "compare", "main"]
 
@@ -93,7 +93,8 @@ def _figures_html(paths: list[Path], base: Path) -> str:
 
 
 def _peers(run: Run, others: list[Run]) -> list[Run]:
-    """Runs of the same base model among ``others`` and beside ``run`` (for the DoRA/LoRA scatter)."""
+    """Candidates for the DoRA/LoRA scatter: ``others``, and the LoRA/DoRA runs of the same base model beside
+    ``run`` (only their config is read for those that do not qualify)."""
     found = {o.path.resolve(): o for o in others}
     parent = run.path.resolve().parent
     for d in sorted(parent.iterdir()) if parent.is_dir() else []:
@@ -101,20 +102,16 @@ def _peers(run: Run, others: list[Run]) -> list[Run]:
             continue
         try:  # the config first: only runs of the same base model and a LoRA/DoRA variant are read whole
             cfg = read_json(d / "config.json")
-            if cfg.get("model", {}).get("path") == run.model_path and cfg.get("adapter", {}).get("variant") in (
-                    "lora", "rslora", "dora"):
+            if cfg.get("model", {}).get("path") == run.model_path and cfg.get("adapter", {}).get("variant") in \
+                    SCATTER_VARIANTS:
                 found[d.resolve()] = Run(d)
         except (OSError, ValueError):
             continue
-    return [o for o in found.values() if o.path.resolve() != run.path.resolve() and o.model_path == run.model_path
-            and o.variant in ("lora", "rslora", "dora") and o.kind("weights")]
+    return [o for o in found.values() if o.path.resolve() != run.path.resolve()]  # (fig_dora picks among them)
 
 
 def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
     """Write ``run_dir/report/`` (figures + index.html); returns the page's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     run = Run(run_dir)
     out = run.path / "report"
     out.mkdir(exist_ok=True)
@@ -139,9 +136,6 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
 
 def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     """A page comparing runs: final metrics, trainable parameters, step time, loss curves, ΔM/ΔD."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     runs = [Run(d) for d in run_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,8 +184,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     paths.append(save(fig, out / "compare_bars.png"))
     dora = next((r for r in runs if r.variant == "dora" and r.kind("weights")), None)
     if dora is not None:
-        scatter = fig_dora(dora, [r for r in runs if r is not dora and r.model_path == dora.model_path
-                                  and r.variant in ("lora", "rslora") and r.kind("weights")], out)
+        scatter = fig_dora(dora, [r for r in runs if r is not dora], out)
         if scatter is not None:
             paths.append(scatter)
     links = "".join(f"<li><a href='{html.escape(_rel(r.path / 'report' / 'index.html', out))}'>{html.escape(r.name)}</a>"

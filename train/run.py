@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import lorax_variants as lv
 from lorax_variants.diagnostics import active_ranks, magnitude_direction
 from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomic
-from lorax_variants.sharding import state_shardings
+from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
 from lorax_variants.hf.auto import load_hf_config
@@ -403,7 +403,7 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
                  if isinstance(s, AllocatorState)]
         if alloc:
             summary["adalora_ranks"] = [np.asarray(r).tolist() for r in rank_pattern(alloc[0])]
-    host = _to_host(trainable)
+    host = to_host(trainable)
     if lead:
         write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
                           {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, p, t.steps))})
@@ -445,18 +445,6 @@ def _set_count(opt_state: Any, step: int) -> Any:
         return x
 
     return jax.tree_util.tree_map_with_path(one, opt_state)
-
-
-def _to_host(tree: Any) -> Any:
-    """Every leaf as a full numpy array on every process (gathered across hosts where needed)."""
-    from jax.experimental import multihost_utils
-
-    def one(x: Any) -> np.ndarray:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(one, tree)
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "write_text_atomic", "DTYPES"]
+__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "write_bytes_atomic", "write_text_atomic", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -169,19 +169,23 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         raise
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file (JSON, HTML) atomically: a temporary file beside it, fsync, rename."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a small file (JSON, HTML, PNG) atomically: a temporary file beside it, fsync, rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
 
 
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:

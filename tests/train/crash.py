@@ -30,30 +30,24 @@ def arm(point: str, n: int) -> None:
         count[0] += 1
         return count[0] == n
 
+    def die_before(cls: type, name: str) -> None:  # an async method of orbax: SIGKILL as it starts
+        orig = getattr(cls, name)
+
+        async def wrapper(self, *a, **k):
+            if hit():
+                _die()
+            return await orig(self, *a, **k)
+
+        setattr(cls, name, wrapper)
+
     if point == "ckpt_items":
         from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
 
-        cls = jh.JsonCheckpointHandler
-        orig = cls.async_save
-
-        async def async_save(self, *a, **k):
-            if hit():
-                _die()
-            return await orig(self, *a, **k)
-
-        cls.async_save = async_save
+        die_before(jh.JsonCheckpointHandler, "async_save")
     elif point == "ckpt_finalize":
         from orbax.checkpoint._src.path import atomicity
 
-        cls = atomicity.AtomicRenameTemporaryPath
-        orig = cls.finalize
-
-        async def finalize(self, *a, **k):
-            if hit():
-                _die()
-            return await orig(self, *a, **k)
-
-        cls.finalize = finalize
+        die_before(atomicity.AtomicRenameTemporaryPath, "finalize")
     elif point == "ckpt_delete":
         import shutil
 
