@@ -206,7 +206,7 @@ def quantize(params: Any, spec: QuantSpec) -> Any:
         if path not in chosen:
             return leaf
         if isinstance(leaf, AdapterNode):
-            return leaf.replace(weight=one(path, leaf.weight))
+            return leaf.with_weight(one(path, leaf.weight))  # a variant's statistics of W follow it
         if isinstance(leaf, Node):
             raise ValueError(f"{path} is already a {type(leaf).__name__}; quantize a plain weight once")
         want = 3 if matches(path, stacked) else 2

@@ -94,3 +94,23 @@ def test_quantize_on_load_peak_host_memory_is_about_one_tensor(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 0.25 * full_bytes, (peak, full_bytes, one_tensor)
+
+
+def test_quantize_after_dora_keeps_forward_and_merge_in_agreement(llama):
+    """``quantize`` over DoRA nodes recomputes their column norms from the NF4 weight: the factored
+    forward equals the merged model, and at init it equals DoRA adapted over the quantized base."""
+    model, params = hf.from_pretrained(llama)
+    ids = jnp.asarray(H.inputs(96, 0)[0])
+    spec = lv.AdapterSpec(targets=r"layers/(attn|mlp)/\w+_proj", stacked=model.stacked, r=4, variant="dora")
+    fresh = lv.adapt(params, spec, 1)
+    first = lv.adapt(lv.quantize(params, QSPEC), spec, 1)
+    late = lv.quantize(fresh, QSPEC)
+    np.testing.assert_allclose(model.apply(late, ids), model.apply(first, ids), rtol=1e-5, atol=1e-5)
+    # Trained (moved) factors and magnitudes, then quantized: forward == merge, ratio m/‖·‖ kept.
+    moved = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05, magnitude=n.magnitude * 1.1)
+                         if isinstance(n, lv.DoraNode) else n, fresh, is_leaf=lambda n: isinstance(n, lv.DoraNode))
+    q = lv.quantize(moved, QSPEC)
+    np.testing.assert_allclose(model.apply(q, ids), model.apply(lv.merge(q), ids), rtol=1e-5, atol=1e-5)
+    for before, after in zip(*(jax.tree.leaves(t, is_leaf=lambda n: isinstance(n, lv.DoraNode)) for t in (moved, q))):
+        if isinstance(before, lv.DoraNode):
+            np.testing.assert_allclose(after.magnitude / after.norm(), before.magnitude / before.norm(), rtol=1e-5)

@@ -106,6 +106,14 @@ class AdapterNode(Node):
     def dtype(self) -> Any:
         return self.weight.dtype  # type: ignore[attr-defined]
 
+    def with_weight(self, weight: Any) -> "AdapterNode":
+        """This adapter over another frozen weight of the same shape (e.g. its quantized form).
+
+        Variants that keep statistics of the weight (DoRA's column norms) recompute them here, so
+        the factored forward and ``merge`` keep agreeing.
+        """
+        return self.replace(weight=weight)
+
 
 def weight_of(w: Any) -> jax.Array:
     """The dense array a weight leaf or node stands for."""

@@ -62,6 +62,15 @@ class DoraNode(AdapterNode):
         base_d = y if xd is x else dense(xd, self.weight)
         return y + (ratio - 1) * base_d + low
 
+    def with_weight(self, weight: Any) -> "DoraNode":
+        """Over a new frozen weight (its NF4 form, say): ‖W‖² is recomputed from it and m rescaled
+        by ‖W_new + sAB‖/‖W + sAB‖ per output unit, so every column keeps its ratio m/‖·‖. At
+        initialization (B = 0) that gives m = ‖W_new‖: the node equals DoRA adapted over W_new."""
+        w = weight_of(weight).astype(jnp.float32)
+        moved = self.replace(weight=weight, weight_sq_norm=jnp.sum(w * w, axis=-2))
+        factor = moved.norm() / jnp.maximum(self.norm(), jnp.finfo(jnp.float32).tiny)
+        return moved.replace(magnitude=(self.magnitude.astype(jnp.float32) * factor).astype(self.magnitude.dtype))
+
     def merge(self) -> jax.Array:
         w = weight_of(self.weight)
         full = w.astype(jnp.float32) + self.scale * jnp.matmul(self.lora_a.astype(jnp.float32), self.lora_b.astype(jnp.float32))

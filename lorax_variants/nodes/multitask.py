@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_variants.adapt import Target, _lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
@@ -86,13 +87,18 @@ def _nodes(tree: Any) -> list[tuple[str, MultiTaskNode]]:
 
 def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
     """Set each example's adapter index (``BASE`` = -1: base model only) on every multi-task node."""
+    # Constant ids (a list, a numpy array, a concrete jax array) are checked on the host; under
+    # ``jit`` jnp makes even constants into tracers, so the check must not go through jnp.
+    host = None if isinstance(task_ids, jax.core.Tracer) else np.asarray(task_ids)
     ids = jnp.asarray(task_ids, jnp.int32)
     if ids.ndim != 1:
         raise ValueError(f"route() takes one task id per example (shape [batch]), got shape {ids.shape}")
+    if host is not None and host.size and not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"route() takes integer task ids, got dtype {host.dtype}")
 
     def set_ids(n: MultiTaskNode) -> MultiTaskNode:
-        if not isinstance(task_ids, jax.core.Tracer):
-            bad = [int(i) for i in jnp.asarray(task_ids).reshape(-1) if not BASE <= int(i) < n.n_tasks]
+        if host is not None:
+            bad = [int(i) for i in host.reshape(-1) if not BASE <= int(i) < n.n_tasks]
             if bad:
                 raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_tasks})")
         return n.replace(task_ids=jnp.broadcast_to(ids, n.shape[:-2] + ids.shape))

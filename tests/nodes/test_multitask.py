@@ -52,3 +52,20 @@ def test_training_one_task_leaves_the_others_unchanged(setup):
     q = g["layers"]["attn"]["q_proj"]
     assert np.abs(np.asarray(q.lora_b[:, 1])).max() > 0
     assert not np.asarray(q.lora_b[:, 0]).any() and not np.asarray(q.lora_b[:, 2]).any()
+
+
+@pytest.mark.parametrize("make_ids", [lambda: [2, 0, lv.BASE, 1], lambda: np.array([2, 0, -1, 1]),
+                                      lambda: jnp.array([2, 0, -1, 1]), lambda: (2, 0, -1, 1)])
+def test_route_inside_jit_with_constant_ids(setup, make_ids):
+    """Constant ids (list, numpy, jnp built inside or outside the trace) and traced ids all route under jit."""
+    model, params, tree, ids = setup
+    want = model.apply(lv.route(tree, [2, 0, lv.BASE, 1]), ids)
+    inside = jax.jit(lambda t, x: model.apply(lv.route(t, make_ids()), x))(tree, ids)
+    np.testing.assert_allclose(inside, want, rtol=1e-5, atol=1e-6)
+    outside = make_ids()
+    closed = jax.jit(lambda t, x: model.apply(lv.route(t, outside), x))(tree, ids)
+    np.testing.assert_allclose(closed, want, rtol=1e-5, atol=1e-6)
+    traced = jax.jit(lambda t, x, i: model.apply(lv.route(t, i), x))(tree, ids, jnp.asarray([2, 0, -1, 1]))
+    np.testing.assert_allclose(traced, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        jax.jit(lambda t, x: model.apply(lv.route(t, [0, 0, 3, 0]), x))(tree, ids)
