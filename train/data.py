@@ -148,16 +148,18 @@ def task_ids(ds: Any, cfg: DataConfig, source: str) -> np.ndarray:
 
 
 def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
-             label_names: list[str] | None = None) -> tuple[TokenData, list[str] | None]:
-    """Token rows for ``task`` (``causal_lm`` or ``sequence_classification``)."""
-    data, names = _tokenize(ds, cfg, task, tokenizer, source, label_names)
+             label_names: list[str] | None = None, split: str | None = None) -> tuple[TokenData, list[str] | None]:
+    """Token rows for ``task`` (``causal_lm`` or ``sequence_classification``).
+
+    ``split`` says which part of the data this is, for errors (``"the eval split (...)"``)."""
+    data, names = _tokenize(ds, cfg, task, tokenizer, source, label_names, split)
     if cfg.task_field is not None:
         data.arrays["task_ids"] = task_ids(ds, cfg, source)
     return data, names
 
 
 def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
-              label_names: list[str] | None) -> tuple[TokenData, list[str] | None]:
+              label_names: list[str] | None, split: str | None = None) -> tuple[TokenData, list[str] | None]:
     T, pad = cfg.seq_len, _pad_id(tokenizer)
     stats = {"examples": len(ds), "truncated": 0}
     if task == "sequence_classification":
@@ -201,7 +203,9 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
         flat_loss = np.array([m for _, ms in seqs for m in ms], np.int32)
         n = len(flat_ids) // T
         if n == 0:
-            raise ConfigError(f"data.seq_len={T}: {source!r} has only {len(flat_ids)} tokens, less than one sequence")
+            what = f"{split} of {source!r}" if split else repr(source)
+            raise ConfigError(f"data.seq_len={T}: {what} has only {len(flat_ids)} tokens, less than one packed "
+                              f"sequence" + (f"; {_FIX_EVAL}" if split and "eval" in split else ""))
         stats["dropped_tokens"] = len(flat_ids) - n * T
         ids = flat_ids[: n * T].reshape(n, T)
         loss = flat_loss[: n * T].reshape(n, T)
@@ -217,22 +221,30 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     return TokenData({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}, stats), None
 
 
+_FIX_EVAL = ("raise data.eval_fraction, name a longer held-out file in data.eval_source, or lower data.seq_len "
+             "(or set data.eval_fraction: 0 to train without eval)")
+
+
 def load_data(cfg: DataConfig, task: str, tokenizer: Any) -> tuple[TokenData, TokenData | None, list[str] | None]:
     """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``."""
     ds = read_examples(cfg, cfg.source)
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
-    eval_ds = None
+    eval_ds, splits = None, (None, None)
     if cfg.eval_source:
         eval_ds = read_examples(cfg, cfg.eval_source, "data.eval_source")
+        splits = (None, "the eval data (data.eval_source)")
     elif cfg.eval_fraction > 0:
         order = np.random.default_rng(cfg.seed).permutation(len(ds))
-        k = max(1, int(round(cfg.eval_fraction * len(ds))))
-        if k >= len(ds):
-            raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} leaves no training examples of {len(ds)}")
+        n, k = len(ds), max(1, int(round(cfg.eval_fraction * len(ds))))
+        if k >= n:
+            raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} leaves no training examples of {n}")
         eval_ds, ds = ds.select(sorted(order[:k])), ds.select(sorted(order[k:]))
-    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source)
-    held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names)[0] if eval_ds is not None else None
+        splits = (f"the training split ({n - k} of {n} examples)",
+                  f"the eval split ({k} of {n} examples, held out by data.eval_fraction={cfg.eval_fraction})")
+    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, split=splits[0])
+    held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names,
+                    split=splits[1])[0] if eval_ds is not None else None
     return train, held, names
 
 

@@ -155,3 +155,18 @@ def test_config_paths_are_not_followed_outside_where_they_point(tmp_path):
     (data / "b.jsonl").symlink_to(secret)
     with pytest.raises(ConfigError, match=r"data.source: \['b.jsonl'\] in .*data link outside that directory"):
         read_examples(DataConfig(), str(data))
+
+
+def test_a_too_short_eval_split_is_named_with_what_to_change(tmp_path, tok):
+    """Enough data to train on, but the 2% held out is shorter than one packed sequence: the error
+    names the eval split (not the file) and the fields to change."""
+    rows = [{"prompt": f"the cat sat {i}", "response": "on the mat and then the dog ran home"} for i in range(200)]
+    path = _write(tmp_path, "jsonl", rows)
+    cfg = DataConfig(source=str(path), prompt_field="prompt", response_field="response", seq_len=128, packing=True,
+                     eval_fraction=0.02)
+    with pytest.raises(ConfigError) as e:
+        load_data(cfg, "causal_lm", tok)
+    msg = str(e.value)
+    assert "the eval split (4 of 200 examples" in msg and "data.eval_fraction" in msg and "data.eval_source" in msg
+    train, held, _ = load_data(DataConfig(**{**cfg.__dict__, "eval_fraction": 0.2}), "causal_lm", tok)
+    assert len(train) > 1 and len(held) >= 1
