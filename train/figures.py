@@ -13,7 +13,7 @@ import numpy as np
 from train.metrics import read_jsonl
 
 __all__ = ["Run", "fig_loss", "fig_lr", "fig_adalora", "fig_sora", "fig_dora", "fig_lora_drop", "fig_tasks", "smooth",
-           "save", "plt", "read_json", "SCATTER_VARIANTS"]
+           "save", "plt", "read_json", "SCATTER_VARIANTS", "closest_peer"]
 
 
 def plt() -> Any:
@@ -65,7 +65,7 @@ def save(fig: Any, path: Path) -> Path:
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)  # no text cut at the edges
     finally:
         plt().close(fig)
     write_bytes_atomic(path, buf.getvalue())
@@ -237,17 +237,50 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def fig_dora(run: Run, peers: list[Run], out: Path) -> Path | None:
-    """ΔM vs ΔD per layer at each checkpoint, one panel per run (this one first), one module each; ``peers``
-    contribute the runs of the same base model on the other side of DoRA vs LoRA."""
+def closest_peer(run: Run, peers: list[Run]) -> Run | None:
+    """The LoRA/DoRA run on the other side of ``run`` (DoRA vs LoRA) of the same base model whose config
+    differs least from ``run``'s (name, output directory and variant aside); the newest on a tie."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+
+    ignore = {"name.", "train.output_dir.", "adapter.variant."}
+    mine = {k: v for k, v in flat(run.config).items() if k not in ignore}
+    fits = [p for p in peers if p.variant in SCATTER_VARIANTS and p.model_path == run.model_path
+            and (p.variant == "dora") != (run.variant == "dora") and p.kind("weights")]
+    if not fits:
+        return None
+
+    def distance(p: Run) -> tuple[int, float]:
+        theirs = {k: v for k, v in flat(p.config).items() if k not in ignore}
+        diff = sum(mine.get(k) != theirs.get(k) for k in set(mine) | set(theirs))
+        return diff, -(p.path / "metrics.jsonl").stat().st_mtime
+
+    return min(fits, key=distance)
+
+
+def fig_dora(run: Run, peers: list[Run], out: Path, *, all_peers: bool = False) -> Path | None:
+    """ΔM vs ΔD per layer at each checkpoint for one module, a panel per run (this one first).
+
+    A run's own report shows it beside at most one run of the other kind (DoRA vs LoRA) of the same base:
+    the one whose config is closest (``closest_peer``). ``all_peers`` (the comparison page) shows every
+    LoRA/DoRA run given, three panels to a row."""
     if run.variant not in SCATTER_VARIANTS or not run.kind("weights"):
         return None
-    runs = [run, *(p for p in peers if p.variant in SCATTER_VARIANTS and p.model_path == run.model_path
-                   and (p.variant == "dora") != (run.variant == "dora") and p.kind("weights"))]
+    if all_peers:
+        others = [p for p in peers if p.variant in SCATTER_VARIANTS and p.kind("weights")]
+    else:
+        others = [p for p in [closest_peer(run, peers)] if p is not None]
+    runs = [run, *others]
     pyplot = plt()
     module = _pick_module(runs[0].kind("weights")[-1]["dM"])
-    fig, axes = pyplot.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)
-    for ax, r in zip(axes[0], runs):
+    cols = min(3, len(runs))
+    rows_n = -(-len(runs) // cols)
+    fig, axes = pyplot.subplots(rows_n, cols, figsize=(5.4 * cols, 4.6 * rows_n + 0.6), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, runs):
         rows = r.kind("weights")
         cmap = pyplot.get_cmap("viridis")
         xs, ys = [], []
@@ -262,15 +295,21 @@ def fig_dora(run: Run, peers: list[Run], out: Path) -> Path | None:
             xs.extend(dd)
             ys.extend(dm)
         k = _slope(np.array(xs), np.array(ys))
-        ax.set(xlabel="ΔD (direction change, 1 - cos)", ylabel="ΔM (magnitude change)",
-               title=f"{r.name} ({r.variant}): {module}\nslope of ΔM on ΔD: {k:+.3g}")
+        ax.set(xlabel="ΔD (direction change, 1 - cos)", ylabel="ΔM (magnitude change)")
+        ax.set_title(_wrap(f"{r.name} ({r.variant}): {module}", 48) + f"\nslope of ΔM on ΔD: {k:+.3g}", fontsize=10)
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("Magnitude vs direction change per layer (DoRA paper, Fig. 2): LoRA's slope is positive, "
-                 "DoRA's can be negative", fontsize=9)
+    fig.suptitle(_wrap("Magnitude vs direction change per layer (DoRA paper, Fig. 2): LoRA's slope is positive, "
+                       "DoRA's can be negative", 60 * cols), fontsize=9)
     fig.tight_layout()
     return save(fig, out / "dora_scatter.png")
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True)) or text
 
 
 def _pick_module(paths: dict[str, Any]) -> str:

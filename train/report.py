@@ -31,7 +31,7 @@ import numpy as np
 from train.figures import (SCATTER_VARIANTS, Run, fig_adalora, fig_dora, fig_lora_drop, fig_loss, fig_lr, fig_sora,
                            fig_tasks, plt, read_json, save, smooth)
 
-__all__ = ["report", "compare", "main"]
+__all__ = ["report", "compare", "main", "accuracy_label"]
 
 CAPTIONS = {
     "loss.png": "Training loss (faint: every logged step; solid: smoothed) and evaluation loss.",
@@ -165,6 +165,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     fig.tight_layout()
     paths.append(save(fig, out / "compare_loss.png"))
     names = [f"{r['run']}\n({r['variant']})" for r in rows]
+    labels = {"eval accuracy": accuracy_label(runs), "seconds/step": "seconds per step"}
     panels = [("eval accuracy" if any(r["eval accuracy"] is not None for r in rows) else "eval loss", False),
               ("trainable params", True), ("seconds/step", False)]
     fig, axes = pyplot.subplots(1, 3, figsize=(max(12, 2.7 * len(rows) + 3), 4.2))
@@ -175,7 +176,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
         bars = ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
         ax.bar_label(bars, labels=[_fmt(v) if np.isfinite(v) else "n/a" for v in vals], fontsize=8)
         ax.set_xticks(range(len(rows)), names, fontsize=8)
-        label = {"eval accuracy": "eval accuracy (LM: next-token)", "seconds/step": "seconds per step"}.get(key, key)
+        label = labels.get(key, key)
         ax.set(ylabel=label, title=label)
         if log:
             ax.set_yscale("log")
@@ -184,7 +185,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     paths.append(save(fig, out / "compare_bars.png"))
     dora = next((r for r in runs if r.variant == "dora" and r.kind("weights")), None)
     if dora is not None:
-        scatter = fig_dora(dora, [r for r in runs if r is not dora], out)
+        scatter = fig_dora(dora, [r for r in runs if r is not dora], out, all_peers=True)
         if scatter is not None:
             paths.append(scatter)
     links = "".join(f"<li><a href='{html.escape(_rel(r.path / 'report' / 'index.html', out))}'>{html.escape(r.name)}</a>"
@@ -195,6 +196,17 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     write_text_atomic(page, _page(f"Comparison of {len(runs)} runs", [
         f"<h2>Runs</h2>{_table(rows)}<ul>{links}</ul>", f"<h2>Figures</h2>{_figures_html(paths, out)}"]))
     return page
+
+
+def accuracy_label(runs: list[Run]) -> str:
+    """What the comparison's accuracy means: classification accuracy, next-token accuracy, or (mixed) both."""
+    kinds = {"token" if "token_accuracy" in (r.summary.get("eval") or {}) else "cls"
+             for r in runs if r.summary.get("eval")}
+    if kinds == {"token"}:
+        return "eval next-token accuracy"
+    if kinds == {"cls", "token"}:
+        return "eval accuracy (classification runs) / next-token accuracy (LM runs)"
+    return "eval accuracy"
 
 
 def _rel(target: Path, start: Path) -> str:

@@ -51,6 +51,9 @@ def _check_png(path: Path, min_size: tuple[int, int] = (500, 300)) -> np.ndarray
     rgb = img[..., :3]
     ink = np.any(rgb < 0.9, axis=-1).mean()  # share of pixels that are not (near) white
     assert ink > 0.03, (path, ink)
+    edge = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3), rgb[:, :2].reshape(-1, 3),
+                           rgb[:, -2:].reshape(-1, 3)])
+    assert np.all(edge > 0.9), path  # nothing drawn up to the border: no title or label cut off
     colours = len(np.unique((rgb.reshape(-1, 3) * 255).astype(np.uint8), axis=0))
     assert colours > 20, (path, colours)  # lines, text, fills: not a flat image
     return img
@@ -165,3 +168,34 @@ def test_report_command_and_comparison_page(runs, tmp_path, capsys):
         (Path(d) / "report" / "index.html").resolve() for d in dirs)
     code, err = main(["report", str(tmp_path / "nope")], capsys)
     assert code == 2 and "not a run directory" in err and "Traceback" not in err
+
+
+def test_dora_scatter_shows_one_peer_however_many_siblings(runs, tmp_path):
+    """Many LoRA runs beside a DoRA run: its own figure has two panels (it and the closest LoRA run);
+    the comparison page holds them all, three panels to a row."""
+    import shutil
+
+    from train.figures import Run, closest_peer
+    from train.report import accuracy_label, compare, report
+
+    parent = tmp_path / "many"
+    dora = parent / "dora"
+    shutil.copytree(runs["dora"], dora)
+    shutil.copytree(runs["lora"], parent / "lora_same")
+    for i in range(4):  # LoRA runs whose configs differ more from the DoRA run's
+        d = parent / f"lora_r{i}"
+        shutil.copytree(runs["lora"], d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["adapter"]["r"], cfg["optim"]["lr"] = 8 + i, 0.5
+        (d / "config.json").write_text(json.dumps(cfg))
+    peers = [Run(d) for d in sorted(parent.iterdir()) if d.name != "dora"]
+    assert closest_peer(Run(dora), peers).name == "lora_same"
+    report(dora)
+    img = _check_png(dora / "report" / "dora_scatter.png")
+    assert 1000 < img.shape[1] < 1500, img.shape  # two panels, not six
+    page = compare(sorted(parent.iterdir()), tmp_path / "cmp")
+    big = _check_png(page.parent / "dora_scatter.png")
+    assert big.shape[1] < 2000 and big.shape[0] > 900, big.shape  # a 3 x 2 grid, not one row of six
+    assert accuracy_label([Run(runs["multitask"])]) == "eval accuracy"
+    assert accuracy_label([Run(runs["lora"])]) == "eval next-token accuracy"
+    assert "classification" in accuracy_label([Run(runs["lora"]), Run(runs["multitask"])])
