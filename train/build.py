@@ -147,15 +147,22 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False)
     spec, quant = adapter_spec(cfg, stacked), quant_spec(cfg, stacked)
     dtype = jnp.dtype(cfg.model.param_dtype)
     head_key = jax.random.key(cfg.adapter.seed + 1)
+    on_load, on_residual = _pissa_quant_split(model, spec, quant)
     if abstract:
         model.new_leaves = []
         params = jax.eval_shape(lambda k: model.init(k, dtype), head_key)
-        if quant is not None:
-            params = jax.eval_shape(lambda p: lv.quantize(p, quant), params)
+        if on_load is not None:
+            params = jax.eval_shape(lambda p: lv.quantize(p, on_load), params)
     else:
         model, params = auto.from_pretrained(path, dtype, task=task, remat=cfg.model.remat, scan=cfg.model.scan,
-                                             quantize=quant, num_labels=num_labels, new_head=head_key)
-    adapt = (lambda p: lv.adapt(p, spec, jax.random.key(cfg.adapter.seed))) if spec is not None else (lambda p: p)
+                                             quantize=on_load, num_labels=num_labels, new_head=head_key)
+
+    def adapt(p: Any) -> Any:
+        if spec is None:
+            return p
+        tree = lv.adapt(p, spec, jax.random.key(cfg.adapter.seed))
+        return lv.quantize(tree, on_residual) if on_residual is not None else tree
+
     try:
         adapted = jax.eval_shape(adapt, params) if abstract else adapt(params)
     except ValueError as e:
@@ -170,6 +177,25 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False)
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from None
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
+
+
+def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None,
+                       quant: lv.QuantSpec | None) -> tuple[lv.QuantSpec | None, lv.QuantSpec | None]:
+    """``(quantized as read, quantized after adapting)``. PiSSA takes the top singular triplets of the
+    full-precision weight and leaves the residual as the base, so with quantization the weights it adapts
+    are read in full precision, adapted, and their residuals quantized (PiSSA + NF4, as QLoRA users of PiSSA
+    do); every other quantized weight is quantized as it is read."""
+    if quant is None or spec is None or spec.init != "pissa":
+        return quant, None
+    from lorax_variants.hf.names import shape_items
+    from lorax_variants.tree import compile_patterns, matches
+
+    q, a = compile_patterns(quant.targets), compile_patterns(spec.targets)
+    paths = [p for p, _ in shape_items(model.shapes()) if matches(p, q)]
+    late = tuple(re.escape(p) for p in paths if matches(p, a))
+    early = tuple(re.escape(p) for p in paths if not matches(p, a))
+    with_targets = lambda t: dataclasses.replace(quant, targets=t) if t else None  # noqa: E731
+    return with_targets(early), with_targets(late)
 
 
 def rebuild(b: Built, adapted: Any) -> Built:

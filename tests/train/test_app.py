@@ -22,6 +22,7 @@ VARIANTS = {
     "delta_lora": ["adapter.variant=delta_lora"], "dylora": ["adapter.variant=dylora"],
     "sora": ["adapter.variant=sora", "optim.sora_xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
     "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=3", "optim.lora_drop_threshold=0.5"],
+    "pissa_nf4": ["adapter.init=pissa", "optim.lr=0.002", "quant.kind=nf4", "quant.block_size=32"],
 }
 
 
@@ -41,6 +42,21 @@ def test_every_variant_trains(assets, tmp_path, variant):
 
         nodes = [n for n in result.trainable["layers"]["attn"].values() if isinstance(n, LoraDropNode)]
         assert nodes, "the selection turned some layers' adapters into shared ones"
+    if variant == "pissa_nf4":  # PiSSA on the full-precision weight, then NF4 on the residual (as the library)
+        import jax
+
+        import lorax_variants as lv
+        from lorax_variants.hf import from_pretrained
+
+        _, params = from_pretrained(assets["llama"])
+        b = result.built
+        want = lv.quantize(lv.adapt(params, b.spec, jax.random.key(0)), b.quant)
+        got = dict(lv.leaves_with_paths(result.frozen, nodes_are_leaves=True))
+        for path, node in lv.leaves_with_paths(want, nodes_are_leaves=True):
+            if isinstance(node, lv.LoraNode):
+                assert isinstance(node.weight, lv.QuantizedNode)
+                for x, y in zip(jax.tree.leaves(node.weight), jax.tree.leaves(got[path].weight)):
+                    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     if variant == "qlora":
         from lorax_variants import QuantizedNode
 
