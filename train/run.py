@@ -32,6 +32,7 @@ from lorax_variants.hf.auto import load_hf_config
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, TokenData, eval_batches, load_data
+from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups, penalty
 from train.step import make_steps
@@ -260,11 +261,17 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     ``summary.json``, ``metrics.jsonl``, TensorBoard events and ``report/`` (figures); returns the
     summary and the final trees."""
     p = _prepare(cfg, abstract=False)
-    b, t = p.built, cfg.train
-    out = Path(t.output_dir)
+    out = Path(cfg.train.output_dir)
     lead = jax.process_index() == 0
     if lead:
         out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, active=lead):  # before anything in the directory is read, cleaned or written
+        return _train(p, out, lead, resume)
+
+
+def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
+    cfg = p.cfg
+    b, t = p.built, cfg.train
     saver = ckpt.Checkpointer(out, t.keep)
     latest = saver.latest()
     if latest is not None and resume is False:
