@@ -332,11 +332,11 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
                 metrics.write("lora_drop", done, {"threshold": cfg.optim.lora_drop_threshold,
                                                   "importance": {k: np.asarray(v).tolist() for k, v in scores.items()},
                                                   "keep": {k: np.asarray(v).tolist() for k, v in keep.items()}})
+                before = (trainable, frozen, opt_state)
                 p = _apply_keep(p, trainable, frozen, keep)
                 b = p.built
                 trainable, frozen = b.trainable, b.frozen
-                # Fresh moments for the new tree; the step count (and so the lr schedule) goes on.
-                opt_state = _set_count(jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable), done)
+                opt_state = _carry_state(p, *before, keep, done)
                 fns = _steps(p)
                 kept = sum(int(k.sum()) for k in keep.values())
                 metrics.echo(f"LoRA-drop at step {done}: {kept} of {sum(k.size for k in keep.values())} adapted "
@@ -441,6 +441,19 @@ def _weight_changes(metrics: Metrics, cfg: Config, step: int, trainable: Any, fr
     if changes:
         metrics.write("weights", step, {"dM": {k: v[0].tolist() for k, v in changes.items()},
                                         "dD": {k: v[1].tolist() for k, v in changes.items()}})
+
+
+def _carry_state(p: Prepared, trainable: Any, frozen: Any, opt_state: Any, keep: dict[str, np.ndarray],
+                 step: int) -> Any:
+    """The optimizer state after LoRA-drop's selection: the moments of what stays (kept layers' adapters,
+    other trained leaves) carried over, the shared set's from the layer it starts from; a chain whose state
+    does not follow the parameters that way starts afresh (its count, and so the schedule, goes on)."""
+    from lorax_variants.optim.lora_drop import carry_state
+
+    carried = carry_state(opt_state, trainable, frozen, keep, p.built.mask)
+    if jax.tree.structure(carried) == jax.tree.structure(p.opt_abstract):
+        return jax.device_put(carried, p.opt_sh)
+    return _set_count(jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(p.built.trainable), step)
 
 
 def _set_count(opt_state: Any, step: int) -> Any:

@@ -84,10 +84,7 @@ def _lora_factors(n: Node, path: str, rank: int | None, pissa_initial: Node | No
             out.append((a[:, keep].T, (g[keep, None] * bb[keep]).T, n.scale))
         return out
     if isinstance(n, LoraDropNode):
-        keep = np.asarray(n.keep, bool).reshape(-1) if lead else np.asarray([bool(n.keep)])
-        sa, sb = _np(value_of(n.shared_a)), _np(value_of(n.shared_b))
-        own = zip(_layers(_np(n.lora_a), lead), _layers(_np(n.lora_b), lead))
-        return [((a if k else sa).T, (bb if k else sb).T, n.scale) for k, (a, bb) in zip(keep, own)]
+        n = n.as_lora()  # every layer with the set it uses
     if isinstance(n, (LoraNode, DoraNode)):
         a_all, b_all = _np(n.lora_a), _np(n.lora_b)
         if pissa_initial is None:

@@ -24,12 +24,12 @@ import numpy as np
 
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
 from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.nodes.lora_drop import LoraDropNode
+from lorax_variants.nodes.lora_drop import LoraDropNode, slots
 from lorax_variants.ops import dense
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["importance", "select", "keep_mask", "apply_keep"]
+__all__ = ["importance", "select", "keep_mask", "apply_keep", "carry_state"]
 
 
 @jax.custom_vjp
@@ -114,7 +114,13 @@ def keep_mask(scores: dict[str, np.ndarray], threshold: float = 0.9) -> dict[str
 
 
 def apply_keep(tree: Any, keep: dict[str, np.ndarray]) -> Any:
-    """LoRA nodes -> ``LoraDropNode``s by a keep mask per path (layers not kept share one set per shape)."""
+    """LoRA nodes -> ``LoraDropNode``s by a keep mask per path.
+
+    Kept layers keep their own A, B (gathered into ``kept_a``/``kept_b``); the others share one set per
+    weight shape, which starts from the first dropped layer's adapter and is stored once. The dropped
+    layers' own adapters are gone: fewer trainable leaves than before. A path whose layers are all kept
+    stays plain LoRA.
+    """
     owners: dict[str, str] = {}
     keep = {p: np.asarray(k, bool) for p, k in keep.items()}
 
@@ -123,18 +129,24 @@ def apply_keep(tree: Any, keep: dict[str, np.ndarray]) -> Any:
             return n  # every layer kept: stays plain LoRA
         if not isinstance(n, LoraNode):
             raise ValueError(f"{path}: LoRA-drop keep mask given for a {type(n).__name__}, not a LoRA node")
+        lead = n.lora_a.shape[:-2]
+        if keep[path].shape != lead:
+            raise ValueError(f"{path}: LoRA-drop keep mask of shape {keep[path].shape} for layers {lead}")
         shape = (n.lora_a.shape[-2:], n.lora_b.shape[-2:])
         name = f"lora_drop/{shape[0][0]}x{shape[1][1]}r{shape[0][1]}"
         own = name not in owners
         if own:
             owners[name] = path
-        lead = n.lora_a.ndim - 2
-        pick = tuple(np.argwhere(~keep[path])[0])  # the shared set starts from a dropped layer's adapter
-        first = lambda m: m[pick] if lead else m  # noqa: E731
-        return LoraDropNode(weight=n.weight, lora_a=n.lora_a, lora_b=n.lora_b,
-                            shared_a=Shared(f"{name}/a", first(n.lora_a) if own else None),
-                            shared_b=Shared(f"{name}/b", first(n.lora_b) if own else None),
-                            keep=jnp.asarray(keep[path]), scale=n.scale, dropout=n.dropout)
+        flat = keep[path].reshape(-1)
+        layers = lambda m: m.reshape((-1,) + m.shape[len(lead):])  # noqa: E731
+        first = int(np.flatnonzero(~flat)[0])  # the shared set starts from a dropped layer's adapter
+        kept = np.flatnonzero(flat)
+        gather = lambda m, k: Shared(f"lora_drop/{path}/{k}", jnp.take(layers(m), kept, axis=0)) if len(kept) else None  # noqa: E731
+        return LoraDropNode(weight=n.weight, slot=jnp.asarray(slots(keep[path])),
+                            shared_a=Shared(f"{name}/a", layers(n.lora_a)[first] if own else None),
+                            shared_b=Shared(f"{name}/b", layers(n.lora_b)[first] if own else None),
+                            kept_a=gather(n.lora_a, "kept_a"), kept_b=gather(n.lora_b, "kept_b"),
+                            scale=n.scale, dropout=n.dropout)
 
     return map_with_paths(convert, tree, nodes_are_leaves=True)
 
@@ -146,3 +158,29 @@ def select(tree: Any, scores: dict[str, np.ndarray], threshold: float = 0.9) -> 
     """
     keep = keep_mask(scores, threshold)
     return apply_keep(tree, keep), keep
+
+
+def carry_state(state: Any, trainable: Any, frozen: Any, keep: dict[str, np.ndarray], new_mask: Any) -> Any:
+    """An optimizer state of the tree before ``apply_keep``, converted as the tree is.
+
+    Every part of ``state`` shaped like ``trainable`` (Adam's moments, a momentum trace) goes through
+    ``apply_keep`` with the parameters: the kept layers' moments stay with their adapters, the shared set
+    takes its first dropped layer's, the dropped layers' go with them; counts are unchanged, so schedules
+    and bias corrections go on. ``new_mask``: the trainable mask of the converted tree.
+    """
+    from lorax_variants.tree import combine, split
+
+    treedef = jax.tree.structure(trainable)
+
+    def like_params(x: Any) -> bool:
+        try:
+            return jax.tree.structure(x) == treedef
+        except Exception:  # noqa: BLE001 - not a pytree of the same kind
+            return False
+
+    def convert(x: Any) -> Any:
+        if not like_params(x):
+            return x
+        return split(apply_keep(combine(x, frozen), keep), new_mask)[0]
+
+    return jax.tree.map(convert, state, is_leaf=like_params)

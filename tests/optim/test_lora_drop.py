@@ -68,3 +68,70 @@ def test_stacked_model_per_layer_importance_and_selection_under_scan():
     assert 0 < sum(int(k.sum()) for k in keep.values()) < 8
     out = model.apply(dropped, ids[0])
     np.testing.assert_allclose(out, model.apply(lv.merge(dropped), ids[0]), rtol=1e-4, atol=1e-4)
+
+
+def _six_layers():
+    """A 6-layer stack of [32, 32] weights with LoRA r=8 (3,072 adapter parameters), B moved off zero."""
+    ws = {"layers": {"w": jax.random.normal(jax.random.key(0), (6, 32, 32)) * 0.2}}
+    tree = lv.adapt(ws, lv.AdapterSpec(targets="layers/w", stacked="layers/.*", r=8), 0)
+    return jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.1) if isinstance(n, lv.LoraNode) else n, tree,
+                        is_leaf=lambda n: isinstance(n, lv.LoraNode))
+
+
+def _scan_apply(tree, x):
+    tree = lv.resolve_shared(tree)
+    node = tree["layers"]["w"]
+    from lorax_variants.models.layers import run_layers
+
+    return run_layers(lambda h, p: jnp.tanh(lv.dense(h, p["w"])), x, {"w": node}, 6, scan=True, remat="none")
+
+
+def test_selection_removes_the_dropped_layers_parameters_and_keeps_the_function():
+    tree = _six_layers()
+    before = lv.count_params(tree).trainable
+    assert before == 6 * (32 * 8 + 8 * 32) == 3072
+    keep = {"layers/w": np.array([True, False, True, False, False, False])}
+    dropped = lora_drop.apply_keep(tree, keep)
+    per_set = 32 * 8 + 8 * 32
+    assert lv.count_params(dropped).trainable == 2 * per_set + per_set  # two kept sets + one shared
+    # The function: kept layers use their own adapter, the others the first dropped layer's (layer 1).
+    old = tree["layers"]["w"]
+    want = old.replace(lora_a=old.lora_a.at[jnp.array([3, 4, 5])].set(old.lora_a[1]),
+                       lora_b=old.lora_b.at[jnp.array([3, 4, 5])].set(old.lora_b[1]))
+    x = jax.random.normal(jax.random.key(5), (3, 32))
+    np.testing.assert_allclose(_scan_apply(dropped, x), _scan_apply({"layers": {"w": want}}, x), rtol=1e-5, atol=1e-6)
+    expanded = dropped["layers"]["w"].as_lora()
+    np.testing.assert_allclose(expanded.lora_a, want.lora_a)
+    np.testing.assert_allclose(lv.merge(dropped)["layers"]["w"], want.merge(), rtol=1e-6, atol=1e-6)
+    # Gradients: the kept sets and the shared set each get theirs, under scan.
+    trainable, frozen = lv.split(dropped)
+    g = jax.grad(lambda t: jnp.sum(_scan_apply(lv.combine(t, frozen), x)))(trainable)["layers"]["w"]
+    assert g.kept_a.value.shape == (2, 32, 8) and np.abs(np.asarray(g.shared_a.value)).max() > 0
+    # All layers dropped: no kept sets at all.
+    none_kept = lora_drop.apply_keep(tree, {"layers/w": np.zeros(6, bool)})
+    assert none_kept["layers"]["w"].kept_a is None and lv.count_params(none_kept).trainable == per_set
+
+
+def test_optimizer_state_follows_the_selection():
+    import optax
+
+    tree = _six_layers()
+    keep = {"layers/w": np.array([False, True, False, True, True, False])}
+    trainable, frozen = lv.split(tree)
+    opt = optax.adam(1e-2)
+    state = opt.init(trainable)
+    x = jax.random.normal(jax.random.key(5), (3, 32))
+    for _ in range(3):  # moments that differ per layer
+        g = jax.grad(lambda t: jnp.sum(_scan_apply(lv.combine(t, frozen), x) ** 2))(trainable)
+        upd, state = opt.update(g, state, trainable)
+        trainable = optax.apply_updates(trainable, upd)
+    new = lora_drop.apply_keep(lv.combine(trainable, frozen), keep)
+    mask = lv.trainable_mask(new)
+    new_trainable = lv.split(new, mask)[0]
+    carried = lora_drop.carry_state(state, trainable, frozen, keep, mask)
+    assert jax.tree.structure(carried) == jax.tree.structure(opt.init(new_trainable))
+    mu_old, mu_new = state[0].mu["layers"]["w"], carried[0].mu["layers"]["w"]
+    np.testing.assert_array_equal(mu_new.kept_a.value, np.asarray(mu_old.lora_a)[[1, 3, 4]])
+    np.testing.assert_array_equal(mu_new.shared_b.value, np.asarray(mu_old.lora_b)[0])
+    assert int(carried[0].count) == 3
+    opt.update(jax.tree.map(jnp.ones_like, new_trainable), carried, new_trainable)  # the chain accepts it

@@ -42,6 +42,16 @@ def test_every_variant_trains(assets, tmp_path, variant):
 
         nodes = [n for n in result.trainable["layers"]["attn"].values() if isinstance(n, LoraDropNode)]
         assert nodes, "the selection turned some layers' adapters into shared ones"
+        import jax
+
+        import lorax_variants as lv
+        from lorax_variants.hf import from_pretrained
+
+        _, params = from_pretrained(assets["llama"])
+        lora = lv.count_params(lv.adapt(params, result.built.spec, 0)).trainable
+        assert result.summary["trainable_params"] < lora  # the selection removed parameters
+        adam = [s for s in jax.tree.leaves(result.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+        assert lv.count_params(adam[0].mu).trainable == result.summary["trainable_params"]  # and their moments
     if variant == "pissa_nf4":  # PiSSA on the full-precision weight, then NF4 on the residual (as the library)
         import jax
 
