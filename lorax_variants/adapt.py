@@ -19,13 +19,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.inits import gaussian_a, kaiming_a, pissa_factors
+from lorax_variants.inits import gaussian_a, kaiming_a, olora_factors, pissa_factors
 from lorax_variants.nodes.base import AdapterNode, Node
 from lorax_variants.nodes.lora import LoraNode
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_paths, map_with_paths, matches
 
-__all__ = ["adapt", "Target", "register_variant", "variants", "path_key"]
+__all__ = ["adapt", "Target", "register_variant", "variants", "path_key", "RESIDUAL_INITS"]
+
+RESIDUAL_INITS = ("pissa", "olora")  # inits that move s·A₀B₀ out of the base weight into the adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +91,15 @@ def path_key(key: jax.Array, path: str) -> jax.Array:
 def _lora_factors(t: Target) -> tuple[Any, jax.Array, jax.Array]:
     dtype = jnp.dtype(t.spec.dtype)
     a_shape, b_shape = t.lead + (t.d_in, t.r), t.lead + (t.r, t.d_out)
-    if t.spec.init == "pissa":
+    if t.spec.init in RESIDUAL_INITS:
+        name = {"pissa": "PiSSA", "olora": "OLoRA"}[t.spec.init]
         if isinstance(t.weight, Node):
             raise ValueError(
-                f"{t.path}: PiSSA needs the full-precision weight; initialize PiSSA before "
+                f"{t.path}: {name} needs the full-precision weight; initialize {name} before "
                 "quantizing the base (then quantize the residual)"
             )
-        fn = lambda w: pissa_factors(w, t.r, t.scale)  # noqa: E731
+        factors = pissa_factors if t.spec.init == "pissa" else olora_factors
+        fn = lambda w: factors(w, t.r, t.scale)  # noqa: E731
         for _ in t.lead:
             fn = jax.vmap(fn)
         a, b, residual = fn(t.weight)
@@ -176,7 +180,7 @@ def _target(path: str, leaf: Any, spec: AdapterSpec, stacked: list, key: jax.Arr
             f"{'[L, in, out]' if want == 3 else '[in, out]'}, got shape {tuple(shape)} ({hint})"
         )
     r = spec.rank_for(path)
-    if r > min(shape[-2:]):
+    if r > min(shape[-2:]) and spec.variant != "vera":  # VeRA slices projections shared by every size
         raise ValueError(
             f"{path}: rank {r} exceeds min(in, out) = {min(shape[-2:])} of its weight {tuple(shape)}"
         )

@@ -6,6 +6,8 @@
 - ``pissa`` (arXiv 2404.02948): with W = U S Vᵀ, A = U_r sqrt(S_r / s), B = sqrt(S_r / s) V_rᵀ
   and the base becomes the residual W - s·A B, so W_res + s·A B = W at init. This is PEFT's
   ``pissa_init`` transposed to [in, out] (PEFT divides S_r by the scale the same way).
+- ``olora`` (arXiv 2406.01775): with Wᵀ = Q R (torch's [out, in] weight), B = Q_rᵀ, A = R_rᵀ and the base
+  becomes W - s·A B, so again W_res + s·A B = W at init; PEFT's ``olora_init`` in our layout.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["kaiming_a", "gaussian_a", "pissa_factors"]
+__all__ = ["kaiming_a", "gaussian_a", "pissa_factors", "olora_factors"]
 
 
 def kaiming_a(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -34,4 +36,12 @@ def pissa_factors(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Ar
     root = jnp.sqrt(s[:r] / scale)
     a = u[:, :r] * root[None, :]
     b = root[:, None] * vt[:r, :]
+    return a, b, w32 - scale * (a @ b)
+
+
+def olora_factors(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(A [in, r], B [r, out], W_res [in, out])`` in float32 for one 2-D weight (QR of ``Wᵀ``)."""
+    w32 = w.astype(jnp.float32)
+    q, rr = jnp.linalg.qr(w32.T)  # [out, k], [k, in]
+    a, b = rr[:r].T, q[:, :r].T
     return a, b, w32 - scale * (a @ b)

@@ -16,7 +16,7 @@ from lorax_variants.tree import compile_patterns
 
 __all__ = ["AdapterSpec", "INITS"]
 
-INITS = ("kaiming", "gaussian", "pissa")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
 def _pairs(value: Any, field: str, kind: type) -> tuple[tuple[str, Any], ...]:
@@ -54,7 +54,8 @@ class AdapterSpec:
         at least one target.
       init: ``"kaiming"`` (loralib: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0), ``"gaussian"``
         (A ~ N(0, 1/r), B = 0, as PEFT) or ``"pissa"`` (arXiv 2404.02948: A, B from the top-r
-        singular triplets of W, the base weight replaced by the residual).
+        singular triplets of W, the base weight replaced by the residual) or ``"olora"`` (arXiv 2406.01775:
+        A, B from a QR decomposition of W, the base replaced by the residual).
       rslora: rank-stabilized scaling alpha / sqrt(r) (arXiv 2312.03732).
       dropout: dropout rate on the adapter input (applied when keys are set by
         ``with_dropout``).

@@ -185,7 +185,7 @@ def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None,
     full-precision weight and leaves the residual as the base, so with quantization the weights it adapts
     are read in full precision, adapted, and their residuals quantized (PiSSA + NF4, as QLoRA users of PiSSA
     do); every other quantized weight is quantized as it is read."""
-    if quant is None or spec is None or spec.init != "pissa":
+    if quant is None or spec is None or spec.init not in ("pissa", "olora"):
         return quant, None
     from lorax_variants.hf.names import shape_items
     from lorax_variants.tree import compile_patterns, matches

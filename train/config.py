@@ -43,7 +43,7 @@ class AdapterConfig:
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     rslora: bool = False
     dropout: float = 0.0
     r_min: int = 1

@@ -62,7 +62,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     extra = [path for path, x in lv.leaves_with_paths(state.trainable, nodes_are_leaves=True)
              if not isinstance(x, lv.Node)]  # trained plain leaves: a head, biases
     path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=cfg.adapter.variant,
-                     initial=initial if cfg.adapter.init == "pissa" else None, modules_to_save=extra or None,
+                     initial=initial if cfg.adapter.init in ("pissa", "olora") else None, modules_to_save=extra or None,
                      overwrite=overwrite)
     _copy_tokenizer(model_dir(cfg), path)
     return path

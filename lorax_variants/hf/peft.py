@@ -19,7 +19,6 @@ Conv1D, with ``fan_in_fan_out``), under ``base_model.model.<module>``. What each
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -27,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lorax_variants.hf import names
-from lorax_variants.hf.safetensors_io import SafetensorsFile, atomic_dir, write_safetensors
+from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
 from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.dora import DoraNode
@@ -42,10 +40,10 @@ from lorax_variants.nodes.multitask import MultiTaskNode
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode
 from lorax_variants.nodes.vera import VeraNode
-from lorax_variants.shared import Shared, resolve_shared, value_of
-from lorax_variants.tree import leaves_with_paths, map_with_paths
+from lorax_variants.shared import resolve_shared, value_of
+from lorax_variants.tree import leaves_with_paths
 
-__all__ = ["save_peft", "load_peft", "module_names"]
+__all__ = ["save_peft", "module_names"]
 
 PREFIX = "base_model.model."
 
@@ -147,7 +145,7 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, b
                 tensors[f"{PREFIX}{m}.lora_A"] = a.T[keep]
                 tensors[f"{PREFIX}{m}.lora_E"] = (e * keep)[keep][:, None]
                 tensors[f"{PREFIX}{m}.lora_B"] = b.T[:, keep]
-                pattern[f"{m}.lora_E.default"] = [bool(k) for k in keep]
+                pattern[f"{m}.lora_E"] = [bool(k) for k in keep]  # as PEFT saves it (adapter name dropped)
                 modules.append(m)
         return _config("ADALORA", modules, base, gpt2, r=r0, init_r=r0, target_r=r0, lora_alpha=_alpha(alpha, 1),
                        rank_pattern=pattern, total_step=1000, tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85,
@@ -188,15 +186,22 @@ def _adapter_nodes(tree: Any) -> list[tuple[str, Node]]:
 
 def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: str | None = None,
               rank: int | None = None, initial: Any = None, variant: str | None = None,
-              modules_to_save: list[str] | None = None, overwrite: bool = False) -> Path:
+              modules_to_save: list[str] | None = None, base: Any = None, init: str | None = None,
+              overwrite: bool = False) -> Path:
     """Write the adapters of ``tree`` (the adapted params) as a PEFT adapter directory.
 
-    ``rank``: DyLoRA's rank to export. ``initial``: the adapted tree at initialization, needed for
-    PiSSA (its A₀, B₀: PEFT's conversion for the original base). ``variant``: the training
+    ``rank``: DyLoRA's rank to export. ``initial``: the adapted tree at initialization, for PiSSA and
+    OLoRA (its A₀, B₀: PEFT's conversion to plain LoRA on the original base); without it, ``init``
+    (``"pissa"``/``"olora"``) writes the adapter as PEFT saves one unconverted: PEFT recomputes the
+    residual base W − s·A₀B₀ from the original base when it loads it. ``variant``: the training
     variant where the tree alone does not tell (``"delta_lora"`` is refused: it changed W).
-    ``modules_to_save``: paths of plain leaves that were trained too (a classification head, a
-    bias), written as PEFT's ``modules_to_save`` (whole modules, torch layout). Multi-task trees
-    write one adapter per task in ``out_dir/task_<k>``.
+    ``modules_to_save``: paths of plain leaves that were trained too (a classification head, biases,
+    norms); ``base``: the params the adapters were made over, so that every plain leaf that differs
+    from it is written too (what ``load_peft`` read besides adapters). Biases are written as PEFT's
+    bias tensors (``bias: all``; ``base_layer.bias`` inside adapted modules), a few changed rows of an
+    embedding as ``trainable_token_indices``, anything else as ``modules_to_save`` (whole modules, each
+    layer's for stacked leaves, torch layout). Multi-task trees write one adapter per task in
+    ``out_dir/task_<k>``.
     """
     if variant == "delta_lora":
         raise ValueError("Delta-LoRA changes the frozen base weights, which a PEFT adapter cannot carry: "
@@ -214,17 +219,22 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
         def write_all(tmp: Path) -> None:
             for k in range(n_tasks):
                 save_peft(tmp / f"task_{k}", model, select(tree, k), base_model=base_model,
-                          modules_to_save=modules_to_save, overwrite=True)
+                          modules_to_save=modules_to_save, base=base, overwrite=True)
 
         return atomic_dir(out_dir, overwrite, write_all)
     init_nodes = dict(_adapter_nodes(initial)) if initial is not None else None
     config, tensors = _peft_dict(model, nodes, rank=rank, base=base_model, initial=init_nodes)
+    if init in ("pissa", "olora") and initial is None:
+        config["init_lora_weights"] = init
+    elif init not in (None, "kaiming", "gaussian"):
+        raise ValueError(f"save_peft: init={init!r}; expected 'pissa' or 'olora' (or None)")
     if getattr(model, "task", None) == "sequence_classification":
         config["task_type"] = "SEQ_CLS"
-    if modules_to_save:
-        saved = _modules_to_save(model, tree, modules_to_save)
+    changed = list(modules_to_save or []) + (_changed_leaves(tree, base) if base is not None else [])
+    if changed:
+        saved, extra = _plain_tensors(model, tree, list(dict.fromkeys(changed)), base)
         tensors |= {PREFIX + k: v for k, v in saved.items()}
-        config["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in saved})
+        config |= extra
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
@@ -233,163 +243,70 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     return atomic_dir(out_dir, overwrite, write)
 
 
-def _modules_to_save(model: Any, tree: Any, paths: list[str]) -> dict[str, np.ndarray]:
-    """HF tensors (torch layout) of the plain leaves at ``paths``; every tensor of each module."""
+def _changed_leaves(tree: Any, base: Any) -> list[str]:
+    """Paths of the plain leaves of ``tree`` whose values differ from ``base``'s."""
+    before = dict(leaves_with_paths(base, nodes_are_leaves=True))
+    out = []
+    for path, x in leaves_with_paths(tree, nodes_are_leaves=True):
+        if isinstance(x, Node) or path not in before or isinstance(before[path], Node):
+            continue
+        if not np.array_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(before[path]))):
+            out.append(path)
+    return out
+
+
+def _plain_tensors(model: Any, tree: Any, paths: list[str], base: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """HF tensors (torch layout) and config fields for the plain leaves at ``paths``."""
     table = names.table(model, names.default_prefix(model))
     leaves = dict(leaves_with_paths(tree, nodes_are_leaves=True))
-    out = {}
+    before = dict(leaves_with_paths(base, nodes_are_leaves=True)) if base is not None else {}
+    adapted = {table[p][0].rsplit(".", 1)[0] for p, x in leaves.items() if isinstance(x, Node) and p in table}
+    out: dict[str, np.ndarray] = {}
+    extra: dict[str, Any] = {}
+    whole: set[str] = set()
     for path in paths:
         if path not in table or path not in leaves:
             raise ValueError(f"modules_to_save: {path!r} is not a weight of {model.config.model_type}")
         if isinstance(leaves[path], Node):
             raise ValueError(f"modules_to_save: {path!r} is adapted; only plain trained leaves can be saved whole")
         template, kind = table[path]
-        if "{i}" in template:
-            raise ValueError(f"modules_to_save: {path!r} is a stacked per-layer weight; PEFT saves whole modules")
         x = _np(leaves[path])
-        out[template] = x.T.copy() if kind == "linear" else x
-    # PEFT replaces whole modules: a weight's bias (and vice versa) must come along.
-    modules = {k.rsplit(".", 1)[0] for k in out}
-    for path, (template, kind) in table.items():
-        if "{i}" not in template and template.rsplit(".", 1)[0] in modules and template not in out:
-            x = _np(leaves[path])
-            out[template] = x.T.copy() if kind == "linear" else x
-    return out
-
-
-def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any = 0) -> Any:
-    """A PEFT adapter directory (LoRA, DoRA, VeRA, AdaLoRA) -> our adapted tree over ``params``.
-
-    Each module's factors are placed in its layer of the stacked node; per-module ranks below the
-    largest are zero-padded (LoRA, DoRA) or masked (AdaLoRA). Anything that does not fit ``model``
-    (a module it lacks, a shape that differs) is an error naming the tensor.
-    """
-    from lorax_variants.adapt import adapt
-    from lorax_variants.spec import AdapterSpec
-
-    d = Path(adapter_dir)
-    cfg_path = d / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{d}: no adapter_config.json (not a PEFT adapter directory)")
-    cfg = json.loads(cfg_path.read_text())
-    ptype = cfg.get("peft_type")
-    if ptype not in ("LORA", "VERA", "ADALORA"):
-        raise ValueError(f"{cfg_path}: peft_type {ptype!r} cannot be imported; supported: LORA (incl. DoRA), VERA, ADALORA")
-    st = SafetensorsFile(d / "adapter_model.safetensors")
-    tensors = {k: st.get(k) for k in st.keys()}
-    table = module_names(model)
-    suffix = {"LORA": ("lora_A.weight", "lora_embedding_A"), "VERA": ("vera_lambda_d",), "ADALORA": ("lora_A",)}[ptype]
-    found: dict[str, dict[int, str]] = {}  # our path -> layer -> module
-    for k in tensors:
-        if not k.startswith(PREFIX) or not k.endswith(suffix):
+        layers = [(template.format(i=i), x[i]) for i in range(x.shape[0])] if "{i}" in template else [(template, x)]
+        module = template.rsplit(".", 1)[0]
+        if template.endswith(".bias"):
+            for name, v in layers:
+                mod = name.rsplit(".", 1)[0]
+                out[f"{mod}.base_layer.bias" if module in adapted else name] = v
+            extra["bias"] = "all"
             continue
-        module = k[len(PREFIX):].rsplit(".", 2 if k.endswith(".weight") else 1)[0]
-        for path, (template, _) in table.items():
-            m = re.fullmatch(re.escape(template).replace(r"\{i\}", r"(\d+)"), module)
-            if m:
-                found.setdefault(path, {})[int(m.group(1)) if m.groups() else 0] = module
-                break
-        else:
-            raise ValueError(f"{cfg_path}: adapter tensor {k!r} names module {module!r}, which "
-                             f"{model.config.model_type} does not have (an adapter for a different base model?)")
-    if not found:
-        raise ValueError(f"{d}: no adapter tensors found")
-    ranks = {}
-    for path, mods in found.items():
-        if ptype == "VERA":
-            ranks[path] = tensors["base_model.vera_A"].shape[0]
-        else:
-            ranks[path] = max(tensors[f"{PREFIX}{m}.{suffix[0]}"].shape[0] if ptype == "LORA" else
-                              len(cfg["rank_pattern"].get(f"{m}.lora_E.default", [0] * cfg["init_r"])) for m in mods.values())
-    variant = {"VERA": "vera", "ADALORA": "adalora"}.get(ptype, "dora" if cfg.get("use_dora") else "lora")
-    r = max(ranks.values())
-    targets = tuple(re.escape(p) for p in found)
-    alpha = float(cfg.get("lora_alpha", 8))
-    spec = AdapterSpec(targets=targets, variant=variant, r=r, alpha=alpha, stacked=model.stacked,
-                       d_initial=float(cfg.get("d_initial", 0.1)))
-    adapted = adapt(params, spec, jax.random.key(key) if isinstance(key, int) else key)
-    shapes = dict(leaves_with_paths(params, nodes_are_leaves=True))
-
-    def fill(path: str, n: Any) -> Any:
-        if path not in found:
-            return n
-        w = shapes[path]
-        lead = len(w.shape) - 2
-        count = w.shape[0] if lead else 1
-        missing = [i for i in range(count) if i not in found[path]]
-        if missing:
-            raise ValueError(f"{d}: {path} has adapters for layers {sorted(found[path])} but not {missing}; "
-                             "partial layer sets are not supported")
-        return _fill_node(n, path, [found[path][i] for i in range(count)], tensors, cfg, lead, d)
-
-    return map_with_paths(fill, adapted, nodes_are_leaves=True)
+        if module in adapted:
+            raise ValueError(f"modules_to_save: {path!r} belongs to an adapted module; PEFT cannot save it whole")
+        rows = _changed_rows(x, before.get(path)) if "{i}" not in template else None
+        if rows is not None and kind == "plain" and path.rsplit("/", 1)[-1] in ("embed", "wte", "word_embeddings"):
+            out[f"{module}.token_adapter.trainable_tokens_delta"] = x[rows]
+            extra["trainable_token_indices"] = {module.rsplit(".", 1)[-1]: [int(i) for i in rows]}
+            continue
+        for name, v in layers:
+            out[name] = v.T.copy() if kind == "linear" else v
+        whole.add(module)
+    # PEFT replaces whole modules: a weight's bias (and vice versa) must come along.
+    for path, (template, kind) in table.items():
+        module = template.rsplit(".", 1)[0]
+        if module in whole and template.format(i=0) not in out and template not in out:
+            x = _np(leaves[path])
+            for name, v in ([(template.format(i=i), x[i]) for i in range(x.shape[0])] if "{i}" in template
+                            else [(template, x)]):
+                out[name] = v.T.copy() if kind == "linear" else v
+    if whole:
+        per_layer = {re.compile(re.escape(m).replace(r"\{i\}", r"\d+")) for m in whole}
+        extra["modules_to_save"] = sorted({n.rsplit(".", 1)[0] for n in out
+                                           if any(rx.fullmatch(n.rsplit(".", 1)[0]) for rx in per_layer)})
+    return out, extra
 
 
-def _fill_node(n: Node, path: str, mods: list[str], tensors: dict[str, np.ndarray], cfg: dict[str, Any], lead: int,
-               d: Path) -> Node:
-    def get(name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        if name not in tensors:
-            raise ValueError(f"{d}: adapter tensor {name!r} is missing")
-        t = np.asarray(tensors[name], np.float32)
-        if shape is not None and t.shape != shape:
-            raise ValueError(f"{d}: adapter tensor {name!r} has shape {t.shape}; {path} of this model needs {shape}")
-        return t
-
-    def stack(xs: list[np.ndarray]) -> jax.Array:
-        return jnp.asarray(np.stack(xs) if lead else xs[0])
-
-    d_in, d_out = n.shape[-2:]
-    if isinstance(n, VeraNode):
-        va, vb = get("base_model.vera_A"), get("base_model.vera_B")
-        lam_d = stack([get(f"{PREFIX}{m}.vera_lambda_d", (va.shape[0],)) for m in mods])
-        lam_b = stack([get(f"{PREFIX}{m}.vera_lambda_b", (d_out,)) for m in mods])
-        if va.shape[1] < d_in or vb.shape[0] < d_out:
-            raise ValueError(f"{d}: vera_A {va.shape} / vera_B {vb.shape} are smaller than {path} [{d_in}, {d_out}]")
-        own = n.vera_a.value is not None  # the owner holds the projections; the others refer to it
-        shared_a = Shared(n.vera_a.name, jnp.asarray(va.T) if own else None)
-        shared_b = Shared(n.vera_b.name, jnp.asarray(vb.T) if own else None)
-        return n.replace(lambda_d=lam_d, lambda_b=lam_b, vera_a=shared_a, vera_b=shared_b)
-    r = n.lora_a.shape[-1]
-    if isinstance(n, AdaLoraNode):
-        a_s, e_s, b_s, masks = [], [], [], []
-        for m in mods:
-            keep = np.asarray(cfg.get("rank_pattern", {}).get(f"{m}.lora_E.default", [True] * r), bool)
-            k = int(keep.sum())
-            a = np.zeros((r, d_in), np.float32)
-            e = np.zeros((r,), np.float32)
-            b = np.zeros((d_out, r), np.float32)
-            a[keep] = get(f"{PREFIX}{m}.lora_A", (k, d_in))
-            e[keep] = get(f"{PREFIX}{m}.lora_E", (k, 1))[:, 0]
-            b[:, keep] = get(f"{PREFIX}{m}.lora_B", (d_out, k))
-            a_s.append(a.T), e_s.append(e), b_s.append(b.T), masks.append(keep)
-        return n.replace(lora_a=stack(a_s), lora_e=stack(e_s), lora_b=stack(b_s), rank_mask=stack(masks))
-    a_s, b_s, mags = [], [], []
-    for m in mods:
-        emb = f"{PREFIX}{m}.lora_embedding_A" in tensors
-        ka, kb = (f"{PREFIX}{m}.lora_embedding_A", f"{PREFIX}{m}.lora_embedding_B") if emb else \
-            (f"{PREFIX}{m}.lora_A.weight", f"{PREFIX}{m}.lora_B.weight")
-        a, b = get(ka), get(kb)
-        k = a.shape[0]
-        if a.shape != (k, d_in) or b.shape != (d_out, k):
-            raise ValueError(f"{d}: adapter tensors {ka!r} {a.shape} / {kb!r} {b.shape} do not fit {path} "
-                             f"[{d_in}, {d_out}] of this model (an adapter for a different base model?)")
-        scale = _module_value(cfg, "alpha_pattern", m, float(cfg.get("lora_alpha", 8))) / (
-            math.sqrt(k) if cfg.get("use_rslora") else k)
-        a_full = np.zeros((d_in, r), np.float32)
-        b_full = np.zeros((r, d_out), np.float32)
-        a_full[:, :k] = a.T
-        b_full[:k] = b.T * (scale / n.scale)  # the node's one scale; per-module differences go into B
-        a_s.append(a_full), b_s.append(b_full)
-        if isinstance(n, DoraNode):
-            mags.append(get(f"{PREFIX}{m}.lora_magnitude_vector", (d_out,)))
-    out = n.replace(lora_a=stack(a_s), lora_b=stack(b_s))
-    if isinstance(n, DoraNode):
-        out = out.replace(magnitude=stack(mags))
-    return out
-
-
-def _module_value(cfg: dict[str, Any], field: str, module: str, default: float) -> float:
-    for key, v in (cfg.get(field) or {}).items():
-        if re.fullmatch(rf"(.*\.)?({key})", module):
-            return float(v)
-    return default
+def _changed_rows(x: np.ndarray, before: Any) -> np.ndarray | None:
+    """Rows of an embedding that differ from ``before``, when they are a few (trainable tokens)."""
+    if before is None or isinstance(before, Node):
+        return None
+    rows = np.flatnonzero(np.any(x != _np(before), axis=-1))
+    return rows if 0 < len(rows) <= max(1, x.shape[0] // 4) else None

@@ -73,8 +73,8 @@ def build_multitask(t: Target) -> MultiTaskNode:
     n = t.spec.n_tasks
     keys = jax.random.split(t.key, n)
     factors = [_lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
-    if t.spec.init == "pissa":
-        raise ValueError(f"{t.path}: PiSSA rewrites the base weight; it cannot be shared by {n} task adapters")
+    if t.spec.init in ("pissa", "olora"):
+        raise ValueError(f"{t.path}: {t.spec.init} rewrites the base weight; it cannot be shared by {n} task adapters")
     lead = len(t.lead)
     a = jnp.stack([f[1] for f in factors], axis=lead)
     b = jnp.stack([f[2] for f in factors], axis=lead)

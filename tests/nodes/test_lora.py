@@ -69,6 +69,21 @@ def test_pissa_matches_peft_and_reproduces_w():
     np.testing.assert_allclose(s_delta, np.linalg.svd(w_orig, compute_uv=False)[:r], rtol=1e-5)
 
 
+def test_olora_matches_peft_and_reproduces_w():
+    d_in, d_out, r, alpha = 32, 24, 4, 8
+    model = peft_lora(d_in, d_out, r, alpha, init_lora_weights="olora")
+    layer = model.base_model.model.proj
+    torch.manual_seed(0)
+    w_orig = OneLinear(d_in, d_out).proj.weight.detach().numpy().T
+    node = lv.adapt({"proj": jnp.asarray(w_orig)}, lv.AdapterSpec(targets="proj", r=r, alpha=alpha, init="olora"), 0)["proj"]
+    np.testing.assert_allclose(node.weight, layer.base_layer.weight.detach().numpy().T, atol=2e-5)
+    peft_delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy().T
+    np.testing.assert_allclose(node.lora_a @ node.lora_b, peft_delta, atol=2e-5)  # sign-free product
+    np.testing.assert_allclose(lv.merge(node), w_orig, atol=1e-5)
+    # B's rows are orthonormal (Q of the QR)
+    np.testing.assert_allclose(np.asarray(node.lora_b @ node.lora_b.T), np.eye(r), atol=1e-5)
+
+
 def _node(key, d_in, d_out, r, lead=(), scale=1.5):
     k = jax.random.split(key, 3)
     return lv.LoraNode(

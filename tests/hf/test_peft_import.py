@@ -1,0 +1,221 @@
+"""``load_peft`` over what PEFT itself writes: a matrix of adapter configs built in PEFT (random non-zero
+adapters), loaded here and compared with PEFT's logits (fp32, 1e-4), then exported back with ``save_peft``
+and loaded by ``peft.PeftModel.from_pretrained`` on a fresh base: the same logits again. Configs we cannot
+represent are refused naming the field. AdaLoRA adapters come from PEFT's own ``update_and_allocate`` loop
+at every stage of its rank schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import lorax_variants as lv
+from lorax_variants.hf import from_pretrained, load_peft, save_peft
+from lorax_variants.hf.peft_import import vera_projections
+from tests import hf_models as H
+
+MODELS = ("llama_gqa_untied", "qwen2_bias", "gpt2", "llama3_rope_tied_bias")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    out = {}
+    for name in MODELS:
+        d = tmp_path_factory.mktemp(name)
+        H.build(name, d)
+        out[name] = (d, *from_pretrained(d))
+    return out
+
+
+def _lora(**kw):
+    import peft
+
+    return peft.LoraConfig(r=kw.pop("r", 4), lora_alpha=kw.pop("lora_alpha", 8), **kw)
+
+
+# name -> (base model, PEFT config factory, save_pretrained kwargs factory or None, init for the raw export)
+CASES = {
+    "list": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "v_proj"]), None),
+    "regex": ("llama_gqa_untied", lambda: _lora(target_modules=r".*\.(k_proj|down_proj)"), None),
+    "all_linear": ("llama_gqa_untied", lambda: _lora(target_modules="all-linear"), None),
+    "layers_to_transform": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
+                                                              layers_pattern="layers"), None),
+    "rank_alpha_pattern": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "v_proj", "o_proj"], rank_pattern={
+        "q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6}, alpha_pattern={"v_proj": 3, "o_proj": 16}), None),
+    "rslora": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "v_proj"], use_rslora=True,
+                                                 rank_pattern={"v_proj": 8}), None),
+    "modules_to_save": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj"], modules_to_save=["lm_head"]), None),
+    "bias_all": ("qwen2_bias", lambda: _lora(target_modules=["q_proj", "o_proj"], bias="all"), None),
+    "bias_lora_only": ("qwen2_bias", lambda: _lora(target_modules=["q_proj", "o_proj"], bias="lora_only"), None),
+    "gpt2_fan_in_fan_out": ("gpt2", lambda: _lora(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                                  bias="lora_only"), None),
+    "dora": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), None),
+    "dora_embedding": ("llama_gqa_untied", lambda: _lora(target_modules=["embed_tokens", "q_proj"], use_dora=True), None),
+    "pissa": ("qwen2_bias", lambda: _lora(target_modules=["q_proj", "up_proj"], init_lora_weights="pissa"), None),
+    "pissa_converted": ("qwen2_bias", lambda: _lora(target_modules=["q_proj", "up_proj"], init_lora_weights="pissa"),
+                        "convert"),
+    "olora": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "up_proj"], init_lora_weights="olora"), None),
+    "olora_converted": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "up_proj"],
+                                                          init_lora_weights="olora"), "convert"),
+    "trainable_tokens_tied": ("llama3_rope_tied_bias", lambda: _lora(target_modules=["q_proj"],
+                                                                     trainable_token_indices=[3, 5, 17]), None),
+    "trainable_tokens": ("llama_gqa_untied", lambda: _lora(target_modules=["v_proj"], trainable_token_indices=[2, 9]), None),
+}
+DEFAULT = ("list", "rank_alpha_pattern", "bias_lora_only", "dora_embedding", "pissa", "olora_converted",
+           "trainable_tokens_tied")
+IDS = np.random.default_rng(0).integers(2, 96, (2, 9))
+
+
+def _peft_model(bases, base, config):
+    import peft
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(bases[base][0]), config)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:  # adapters, magnitudes, saved modules, biases, token rows: all moved
+                p.add_(0.05 * torch.randn_like(p))
+    return pm.eval()
+
+
+def _save(pm, bases, base, out, how, config):
+    if how == "convert":  # PEFT's conversion of a PiSSA/OLoRA adapter to plain LoRA on the original base
+        import peft
+
+        init_dir = out.parent / (out.name + "_init")
+        torch.manual_seed(0)
+        init = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(bases[base][0]), config())
+        init.peft_config["default"].init_lora_weights = True  # as PEFT's docs: save the initial adapter so
+        init.save_pretrained(init_dir)
+        pm.save_pretrained(out, path_initial_model_for_weight_conversion=init_dir)
+    else:
+        pm.save_pretrained(out)
+
+
+def _round_trip(bases, base, out, tree, want, init=None):
+    """Export ``tree`` with save_peft and load it in PEFT on a fresh base: ``want`` again."""
+    import peft
+
+    d, model, params = bases[base]
+    save_peft(out, model, tree, base=params, init=init)
+    back = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(d), out).eval()
+    np.testing.assert_allclose(H.torch_out(back, IDS), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in DEFAULT else pytest.mark.slow) for c in CASES])
+def test_peft_writes_it_we_load_it_and_export_it_back(bases, case, tmp_path):
+    base, config, how = CASES[case]
+    pm = _peft_model(bases, base, config())
+    want = H.torch_out(pm, IDS)
+    _save(pm, bases, base, tmp_path / "theirs", how, config)
+    d, model, params = bases[base]
+    tree = load_peft(tmp_path / "theirs", model, params)
+    np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    init = pm.peft_config["default"].init_lora_weights if how is None else None
+    _round_trip(bases, base, tmp_path / "ours", tree, want, init=init if init in ("pissa", "olora") else None)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_with_and_without_saved_projections(bases, tmp_path, save_projection):
+    import peft
+
+    pm = _peft_model(bases, "llama_gqa_untied", peft.VeraConfig(r=16, target_modules=["q_proj", "down_proj"],
+                                                                save_projection=save_projection, projection_prng_key=7))
+    want = H.torch_out(pm, IDS)
+    pm.save_pretrained(tmp_path / "theirs")
+    d, model, params = bases["llama_gqa_untied"]
+    tree = load_peft(tmp_path / "theirs", model, params)
+    np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    _round_trip(bases, "llama_gqa_untied", tmp_path / "ours", tree, want)
+
+
+def test_vera_projections_equal_torch_generator_draws():
+    from peft.tuners.vera.model import _kaiming_init
+
+    for seed, (r, d_in, d_out) in [(0, (16, 4096, 1024)), (2**33 + 5, (3, 7, 11))]:
+        g = torch.Generator().manual_seed(seed)
+        a, b = _kaiming_init((r, d_in), generator=g), _kaiming_init((d_out, r), generator=g)
+        ours_a, ours_b = vera_projections(r, d_in, d_out, seed)
+        np.testing.assert_array_equal(ours_a, a.numpy().T)
+        np.testing.assert_array_equal(ours_b, b.numpy().T)
+
+
+def _adalora_stages(bases, tmp_path):
+    """A PEFT AdaLoRA model trained with its own update_and_allocate loop, saved at each stage."""
+    import peft
+
+    d = bases["llama_gqa_untied"][0]
+    torch.manual_seed(0)
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=10, lora_alpha=8,
+                             target_modules=["q_proj", "v_proj", "down_proj"])
+    pm = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(d), cfg)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=0.05)
+    ids = torch.as_tensor(np.random.default_rng(1).integers(2, 96, (4, 12)))
+    stages = {}
+    for step in range(10):
+        pm.train()
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+        if step in (0, 4, 7, 9):  # before any allocation, pruning, the final budget, after it
+            out = tmp_path / f"step{step}"
+            pm.save_pretrained(out)
+            stages[step] = (out, H.torch_out(pm.eval(), IDS))
+    return stages
+
+
+def test_adalora_trained_by_peft_at_every_stage_of_its_schedule(bases, tmp_path):
+    stages = _adalora_stages(bases, tmp_path)
+    d, model, params = bases["llama_gqa_untied"]
+    cfgs = {s: json.loads((out / "adapter_config.json").read_text()) for s, (out, _) in stages.items()}
+    assert cfgs[0]["rank_pattern"] is None and cfgs[9]["rank_pattern"]  # the stages PEFT went through
+    assert all(not k.endswith(".default") for k in cfgs[9]["rank_pattern"])
+    for step, (out, want) in stages.items():
+        tree = load_peft(out, model, params)
+        np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4,
+                                   err_msg=f"step {step}")
+        if step == 9:
+            kept = sum(int(np.asarray(n.rank_mask).sum()) for _, n in lv.leaves_with_paths(tree, nodes_are_leaves=True)
+                       if isinstance(n, lv.AdaLoraNode))
+            assert kept == 2 * 3 * 2  # target_r x modules x layers
+            _round_trip(bases, "llama_gqa_untied", tmp_path / "ours", tree, want)
+
+
+REFUSALS = {
+    "init_lora_weights": lambda c: c | {"init_lora_weights": "pissa_niter_4"},
+    "lora_bias": lambda c: c | {"lora_bias": True},
+    "layer_replication": lambda c: c | {"layer_replication": [[0, 2], [1, 2]]},
+    "target_parameters": lambda c: c | {"target_parameters": ["experts.gate_up_proj"]},
+    "future_switch": lambda c: c | {"future_switch": 3},
+    "peft_type": lambda c: c | {"peft_type": "LOHA"},
+}
+
+
+def test_what_we_cannot_represent_is_refused_naming_the_field(bases, tmp_path):
+    pm = _peft_model(bases, "llama_gqa_untied", _lora(target_modules=["q_proj"]))
+    pm.save_pretrained(tmp_path / "ok")
+    d, model, params = bases["llama_gqa_untied"]
+    for field, edit in REFUSALS.items():
+        bad = tmp_path / field
+        shutil.copytree(tmp_path / "ok", bad)
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps(edit(cfg)))
+        with pytest.raises(ValueError, match=field):
+            load_peft(bad, model, params)
+    # A tensor we cannot place is named, not dropped.
+    from safetensors.numpy import load_file, save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(tmp_path / "ok", extra)
+    tensors = load_file(extra / "adapter_model.safetensors") | {"base_model.model.model.mystery.weight": np.ones(3, np.float32)}
+    save_file(tensors, extra / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="mystery"):
+        load_peft(extra, model, params)
