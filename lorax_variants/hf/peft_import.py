@@ -44,11 +44,13 @@ from lorax_variants.hf.safetensors_io import SafetensorsFile
 from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.dora import DoraNode
+from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.vera import VeraNode
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["load_peft", "vera_projections"]
+__all__ = ["load_peft", "conform", "vera_projections"]
 
 PREFIX = "base_model.model."
 SUFFIXES = {  # adapter tensors, by PEFT type: suffix -> our name
@@ -160,11 +162,15 @@ def _read(d: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:
     return cfg, {k: np.asarray(st.get(k), np.float32) for k in st.keys()}, cfg_path
 
 
-def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any = 0) -> Any:
+def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any = 0, *, like: Any = None) -> Any:
     """A PEFT adapter directory -> our adapted tree over ``params`` (see the module docstring).
 
     Anything that does not fit ``model`` (a module it lacks, a shape that differs) or that we cannot
-    represent (a config field, a tensor) is an error naming it; never a silently different model."""
+    represent (a config field, a tensor) is an error naming it; never a silently different model.
+
+    ``like``: an adapted tree to take the place of (hot-swapping). The result has ``like``'s structure:
+    the same adapted paths, ranks (smaller ones zero-padded) and scales (a different ``alpha / r`` goes
+    into B), so a step or ``generate`` jitted for ``like`` runs it without compiling again."""
     from lorax_variants.adapt import adapt
 
     d = Path(adapter_dir)
@@ -229,7 +235,37 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     out = map_with_paths(fill, adapted, nodes_are_leaves=True)
     if ptype == "VERA":
         out = _vera_projections(out, cfg, tensors, cfg_path)
-    return out
+    return out if like is None else conform(out, like)
+
+
+def conform(tree: Any, like: Any) -> Any:
+    """``tree``'s LoRA/DoRA adapters in ``like``'s structure: ``like``'s rank per node (zero-padded) and
+    its scale (the ratio folded into B), over ``tree``'s frozen weights; the function is unchanged."""
+    mine = dict(leaves_with_paths(tree, nodes_are_leaves=True))
+    theirs = dict(leaves_with_paths(like, nodes_are_leaves=True))
+    lora = (LoraNode, DoraNode)
+    adapted = lambda t: {p for p, n in t.items() if isinstance(n, Node) and not isinstance(n, QuantizedNode)}  # noqa: E731
+    if adapted(mine) != adapted(theirs):
+        raise ValueError(f"hot-swap: the adapter adapts {sorted(adapted(mine))}, the tree it replaces "
+                         f"{sorted(adapted(theirs))}")
+
+    def one(path: str, n: Any) -> Any:
+        if path not in theirs or not isinstance(n, Node) or isinstance(n, QuantizedNode):
+            return n
+        t = theirs[path]
+        if type(n) is not type(t) or not isinstance(n, lora):
+            raise ValueError(f"hot-swap: {path} is a {type(n).__name__} here and a {type(t).__name__} in the tree "
+                             "it replaces (only LoRA and DoRA adapters are conformed)")
+        r, r_to = n.lora_a.shape[-1], t.lora_a.shape[-1]
+        if r > r_to:
+            raise ValueError(f"hot-swap: {path} has rank {r}, more than the {r_to} of the tree it replaces")
+        pad = [(0, 0)] * (n.lora_a.ndim - 1) + [(0, r_to - r)]
+        a = jnp.pad(n.lora_a, pad).astype(t.lora_a.dtype)
+        b = jnp.pad(n.lora_b * (n.scale / t.scale), pad[:-2] + [(0, r_to - r), (0, 0)]).astype(t.lora_b.dtype)
+        out = n.replace(lora_a=a, lora_b=b, scale=t.scale, dropout=t.dropout, freeze=t.freeze)
+        return out.replace(magnitude=n.magnitude.astype(t.magnitude.dtype)) if isinstance(n, DoraNode) else out
+
+    return map_with_paths(one, tree, nodes_are_leaves=True)
 
 
 def _with_base_changes(params: Any, base: dict[str, dict[int | None, np.ndarray]],

@@ -219,3 +219,52 @@ def test_what_we_cannot_represent_is_refused_naming_the_field(bases, tmp_path):
     save_file(tensors, extra / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="mystery"):
         load_peft(extra, model, params)
+
+
+def test_hot_swapping_an_adapter_does_not_recompile_the_train_step_or_generate(bases, tmp_path):
+    """Two PEFT adapters of other ranks and alphas, loaded ``like=`` the running tree: the jitted train step
+    and ``generate`` run them from the cache (one compiled entry each), with each adapter's own logits."""
+    import jax
+    import optax
+    from jax import random
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from lorax_variants.models.generate import _generate
+    from lorax_variants.sharding import make_mesh, state_shardings, tree_shardings
+    from train.step import make_steps
+
+    d, model, params = bases["llama_gqa_untied"]
+    running = lv.adapt(params, lv.AdapterSpec(targets=r"layers/attn/(q_proj|v_proj)", stacked=model.stacked, r=8,
+                                              alpha=16), 0)
+    mesh = make_mesh(1, 1, 1)
+    mask = lv.trainable_mask(running)
+    tr_sh, fr_sh = lv.split(tree_shardings(running, mesh), mask)
+    opt = optax.adam(1e-3)
+
+    def split_state(tree):  # copies: the step donates its trainable and optimizer-state arguments
+        trainable, frozen = lv.split(tree, mask)
+        trainable = jax.tree.map(jnp.copy, trainable)
+        return trainable, frozen, opt.init(trainable)
+
+    trainable, frozen, state = split_state(running)
+    opt_sh = state_shardings(jax.eval_shape(opt.init, trainable), trainable, tr_sh, NamedSharding(mesh, P()))
+    fns = make_steps(model, "causal_lm", opt, mesh=mesh, trainable_sh=tr_sh, frozen_sh=fr_sh, opt_sh=opt_sh)
+    ids = jnp.asarray(IDS[None])
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones_like(ids)}
+    fns.train(trainable, frozen, state, batch, jnp.int32(0), random.key(0))
+    model.generate(running, IDS[:, :4], max_new_tokens=3)
+    compiled = (fns.train._cache_size(), _generate._cache_size())
+    for i, (r, alpha) in enumerate([(4, 32), (2, 5)]):  # other ranks and scales than the running tree's
+        pm = _peft_model(bases, "llama_gqa_untied", _lora(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
+        pm.save_pretrained(tmp_path / f"a{i}")
+        swapped = load_peft(tmp_path / f"a{i}", model, params, like=running)
+        np.testing.assert_allclose(np.asarray(model.apply(swapped, jnp.asarray(IDS))), H.torch_out(pm, IDS),
+                                   rtol=1e-4, atol=1e-4)
+        fns.train(*split_state(swapped), batch, jnp.int32(1), random.key(0))
+        model.generate(swapped, IDS[:, :4], max_new_tokens=3)
+        assert (fns.train._cache_size(), _generate._cache_size()) == compiled, f"adapter {i} recompiled"
+    with pytest.raises(ValueError, match="rank 16, more than the 8"):
+        pm = _peft_model(bases, "llama_gqa_untied", _lora(r=16, target_modules=["q_proj", "v_proj"]))
+        pm.save_pretrained(tmp_path / "big")
+        load_peft(tmp_path / "big", model, params, like=running)
+
