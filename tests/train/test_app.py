@@ -117,7 +117,8 @@ def test_outputs_a_person_looks_at(assets, tmp_path, capsys):
     for name in ("metrics.jsonl", "summary.json", "config.json", "adapters.safetensors", "report/index.html"):
         assert (out / name).is_file(), name
     png = (out / "report" / "loss.png").read_bytes()  # (the figures themselves: test_report.py)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (1210, 440)
+    w, h = struct.unpack(">II", png[16:24])  # 11 x 4 in at 110 dpi, trimmed to what is drawn
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 1100 <= w <= 1250 and 400 <= h <= 480, (w, h)
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
     summary = json.loads((out / "summary.json").read_text())
