@@ -138,26 +138,6 @@ def test_import_from_peft_and_byte_stable_round_trip(base, variant, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def test_import_of_an_adapter_peft_wrote(base, tmp_path):
-    """An adapter trained (here: initialized and moved) by PEFT itself loads into our tree."""
-    import peft
-
-    name, hf_dir, model, params = base
-    targets = ["q_proj", "v_proj"] if name.startswith("llama") else ["c_attn"]
-    torch.manual_seed(0)
-    pm = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(hf_dir),
-                             peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, fan_in_fan_out=name == "gpt2",
-                                             use_dora=True))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n or "magnitude" in n:
-                p.add_(0.05 * torch.randn_like(p))
-    pm.save_pretrained(tmp_path / "theirs")
-    ours = load_peft(tmp_path / "theirs", model, params)
-    np.testing.assert_allclose(np.asarray(model.apply(ours, jnp.asarray(IDS))), H.torch_out(pm.eval(), IDS),
-                               rtol=1e-4, atol=1e-4)
-
-
 def test_refusals_name_the_problem(base, tmp_path, tmp_path_factory):
     name, hf_dir, model, params = base
     tree, _ = _adapted(name, model, params, "lora")

@@ -67,8 +67,8 @@ CASES = {
                                                                      trainable_token_indices=[3, 5, 17]), None),
     "trainable_tokens": ("llama_gqa_untied", lambda: _lora(target_modules=["v_proj"], trainable_token_indices=[2, 9]), None),
 }
-DEFAULT = ("list", "rank_alpha_pattern", "bias_lora_only", "dora_embedding", "pissa", "olora_converted",
-           "trainable_tokens_tied")
+DEFAULT = ("list", "rank_alpha_pattern", "bias_lora_only", "gpt2_fan_in_fan_out", "dora_embedding", "pissa",
+           "olora_converted", "trainable_tokens_tied")
 IDS = np.random.default_rng(0).integers(2, 96, (2, 9))
 
 
