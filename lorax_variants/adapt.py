@@ -168,17 +168,20 @@ def _target(path: str, leaf: Any, spec: AdapterSpec, stacked: list, key: jax.Arr
     shape = getattr(leaf, "shape", None)
     if shape is None:
         raise ValueError(f"{path} matches AdapterSpec.targets but is a {type(leaf).__name__}, not a weight")
-    want = 3 if matches(path, stacked) else 2
-    if len(shape) != want:
+    is_stacked = matches(path, stacked)
+    if len(shape) != 2 and not (is_stacked and len(shape) >= 3):
         hint = (
-            "its leading axis is stacked layers only if AdapterSpec.stacked matches it"
-            if len(shape) == 3 and want == 2
+            "its leading axes are stacked layers (and experts) only if AdapterSpec.stacked matches it"
+            if len(shape) >= 3
             else "reshape it to [in, out] or leave it out of the targets"
         )
         raise ValueError(
-            f"{path}: adapter targets must be {want}-D weights "
-            f"{'[L, in, out]' if want == 3 else '[in, out]'}, got shape {tuple(shape)} ({hint})"
+            f"{path}: adapter targets must be weights {'[L, (E,) in, out]' if is_stacked else '[in, out]'}, "
+            f"got shape {tuple(shape)} ({hint})"
         )
+    if is_stacked and len(shape) == 2:
+        raise ValueError(f"{path}: AdapterSpec.stacked matches it, so its first axis is layers, but it has shape "
+                         f"{tuple(shape)}: a stacked weight is [L, in, out] (or [L, E, in, out] for expert banks)")
     r = spec.rank_for(path)
     if r > min(shape[-2:]) and spec.variant != "vera":  # VeRA slices projections shared by every size
         raise ValueError(

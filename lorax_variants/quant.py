@@ -209,10 +209,11 @@ def quantize(params: Any, spec: QuantSpec) -> Any:
             return leaf.with_weight(one(path, leaf.weight))  # a variant's statistics of W follow it
         if isinstance(leaf, Node):
             raise ValueError(f"{path} is already a {type(leaf).__name__}; quantize a plain weight once")
-        want = 3 if matches(path, stacked) else 2
-        if len(leaf.shape) != want:
-            raise ValueError(f"{path}: quantization targets must be {want}-D weights, got shape {tuple(leaf.shape)}"
-                             + (" (set QuantSpec.stacked for stacked layers)" if len(leaf.shape) == 3 else ""))
+        is_stacked = matches(path, stacked)
+        if (len(leaf.shape) != 2 and not is_stacked) or (is_stacked and len(leaf.shape) < 3):
+            want = "[L, (E,) in, out]" if is_stacked else "[in, out]"
+            raise ValueError(f"{path}: quantization targets must be weights {want}, got shape {tuple(leaf.shape)}"
+                             + (" (set QuantSpec.stacked for stacked layers)" if len(leaf.shape) >= 3 else ""))
         return quantize_array(leaf, spec, path)
 
     return map_with_paths(one, params, nodes_are_leaves=True)

@@ -21,6 +21,22 @@ CONFIGS = {
     "qwen2_bias": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen2_layer_windows": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(
         **SMALL, num_key_value_heads=4, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+    "qwen3_windows": lambda: (T.Qwen3ForCausalLM, T.Qwen3Config(
+        **SMALL, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_sliding_window=True, sliding_window=3,
+        max_window_layers=1, layer_types=["full_attention", "sliding_attention"])),
+    "gemma3": lambda: (T.Gemma3ForCausalLM, T.Gemma3TextConfig(
+        **{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8, sliding_window=3, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], pad_token_id=0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma2_softcap": lambda: (T.Gemma2ForCausalLM, T.Gemma2Config(
+        **SMALL, num_key_value_heads=1, head_dim=8, sliding_window=3, query_pre_attn_scalar=8, pad_token_id=0,
+        attn_logit_softcapping=0.5, final_logit_softcapping=1.5)),
+    "qwen3_moe": lambda: (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
+        **SMALL, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True)),
+    "mixtral": lambda: (T.MixtralForCausalLM, T.MixtralConfig(
+        **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
     "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                      bos_token_id=0, eos_token_id=0)),
     "gpt2_untied": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,

@@ -120,12 +120,12 @@ def test_rank_larger_than_weight_names_path():
 
 
 def test_non_2d_target_is_refused_with_path_and_shape():
-    with pytest.raises(ValueError, match=r"attn/bias: adapter targets must be 2-D .* got shape \(24,\)"):
+    with pytest.raises(ValueError, match=r"attn/bias: adapter targets must be weights \[in, out\], got shape \(24,\)"):
         lv.adapt(params(), lv.AdapterSpec(targets="attn/bias"), 0)
     p = {"w": jnp.ones((2, 8, 8))}
     with pytest.raises(ValueError, match=r"w: .*got shape \(2, 8, 8\).*AdapterSpec.stacked"):
         lv.adapt(p, lv.AdapterSpec(targets="w", r=2), 0)
-    with pytest.raises(ValueError, match=r"w: adapter targets must be 3-D"):
+    with pytest.raises(ValueError, match=r"w: AdapterSpec.stacked matches it.*\[L, in, out\]"):
         lv.adapt({"w": jnp.ones((8, 8))}, lv.AdapterSpec(targets="w", r=2, stacked="w"), 0)
 
 

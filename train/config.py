@@ -38,7 +38,7 @@ class AdapterConfig:
     """``lorax_variants.AdapterSpec`` fields (``variant: none`` trains only ``train_extra``)."""
 
     variant: str = "lora"
-    targets: str | list[str] = r"layers/(attn|mlp)/(?!.*_bias$)\w+"  # every projection of every layer
+    targets: str | list[str] = r"layers/(attn|mlp|moe)/(?!.*_(bias|norm)$)(?!router$)\w+"  # every projection of every layer
     r: int = 8
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -56,7 +56,7 @@ class AdapterConfig:
 @dataclasses.dataclass
 class QuantConfig:
     kind: Literal["none", "nf4", "int4", "int8"] = "none"
-    targets: str | list[str] = r"layers/(attn|mlp)/(?!.*_bias$)\w+"
+    targets: str | list[str] = r"layers/(attn|mlp|moe)/(?!.*_(bias|norm)$)(?!router$)\w+"
     block_size: int = 64
     double_quant: bool = True
 

@@ -21,6 +21,7 @@ from lorax_variants.hf.convert import params_from_hf, to_hf
 from lorax_variants.hf.names import shape_items
 from lorax_variants.hf.safetensors_io import Checkpoint, atomic_dir, write_safetensors
 from lorax_variants.models.bert import Bert, BertConfig
+from lorax_variants.models.gemma import Gemma, GemmaConfig
 from lorax_variants.models.gpt2 import GPT2, GPT2Config
 from lorax_variants.models.layers import init_from_shapes
 from lorax_variants.models.llama import Llama, LlamaConfig
@@ -30,9 +31,12 @@ if TYPE_CHECKING:
 
 __all__ = ["from_pretrained", "from_config", "save_pretrained", "SUPPORTED", "load_hf_config"]
 
-SUPPORTED = ("bert", "gpt2", "llama", "mistral", "qwen2", "roberta")
+SUPPORTED = ("bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe",
+             "roberta")
 _CAUSAL_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 def _task_of(hf: Any, task: str | None) -> str:
@@ -64,8 +68,10 @@ def from_config(hf_config: Any, *, task: str | None = None, remat: str = "none",
     if mt not in SUPPORTED:
         raise ValueError(f"model_type {mt!r} is not supported; supported: {list(SUPPORTED)}")
     task = _task_of(hf_config, task)
-    if mt in ("llama", "mistral", "qwen2"):
+    if mt in _LLAMA_LIKE:
         model = Llama(LlamaConfig.from_hf(hf_config), remat=remat, scan=scan)
+    elif mt in ("gemma2", "gemma3_text"):
+        model = Gemma(GemmaConfig.from_hf(hf_config), remat=remat, scan=scan)
     elif mt == "gpt2":
         model = GPT2(GPT2Config.from_hf(hf_config), remat=remat, scan=scan)
     else:

@@ -20,6 +20,17 @@ from lorax_variants.tree import leaves_with_paths
 __all__ = ["params_from_hf", "to_hf"]
 
 
+def _indices(template: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The stacked positions of a template's tensors: ``(i,)`` per layer, ``(i, e)`` per layer and expert."""
+    if "{e}" in template:
+        return [(i, e) for i in range(shape[0]) for e in range(shape[1])]
+    return [(i,) for i in range(shape[0])] if "{i}" in template else [()]
+
+
+def _name(template: str, idx: tuple[int, ...]) -> str:
+    return template.format(**dict(zip(("i", "e"), idx))) if idx else template
+
+
 def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     *parents, last = path.split("/")
     for p in parents:
@@ -50,9 +61,10 @@ def params_from_hf(
     tab = names.table(model, prefix)
     want = dict(names.shape_items(model.shapes()))
     needed = {}
+    positions = {}
     for path, (template, _) in tab.items():
-        layers = want[path][0] if "{i}" in template else None
-        needed[path] = [template.format(i=i) for i in range(layers)] if layers is not None else [template]
+        positions[path] = _indices(template, want[path])
+        needed[path] = [_name(template, idx) for idx in positions[path]]
     filled = {}
     if fill is not None:
         for path, ns in list(needed.items()):
@@ -81,10 +93,10 @@ def params_from_hf(
         fn = per_tensor(path) if per_tensor else None
         out = None
         done = []
-        for i, name in enumerate(needed[path]):
+        for idx, name in zip(positions[path], needed[path]):
             t = np.asarray(tensors[name])
             t = t.T if kind == "linear" else t
-            got = ((len(needed[path]),) + t.shape) if "{i}" in template else t.shape
+            got = tuple(shape[: len(idx)]) + t.shape
             if got != tuple(shape):
                 layout = " (torch stores Linear weights [out, in]; ours are [in, out])" if kind == "linear" else ""
                 raise ValueError(
@@ -95,14 +107,16 @@ def params_from_hf(
             if fn is not None:
                 done.append(fn(t.astype(target)))
                 continue
-            if "{i}" not in template:
+            if not idx:
                 out = t.astype(target)
                 break
             if out is None:
                 out = np.empty(shape, target)
-            out[i] = t
+            out[idx] = t
         if fn is not None:
-            leaf = done[0] if "{i}" not in template else jax.tree.map(lambda *xs: jnp.stack(xs), *done)
+            lead = tuple(shape[: len(positions[path][0])])
+            leaf = done[0] if not lead else jax.tree.map(
+                lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *done)
             _set_path(params, path, leaf)
             continue
         _set_path(params, path, leaf_fn(path, out) if leaf_fn else out)
@@ -132,9 +146,7 @@ def to_hf(model: Any, params: Any) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, (template, kind) in tab.items():
         arr = np.asarray(leaves[path])
-        if "{i}" in template:
-            for i in range(arr.shape[0]):
-                out[template.format(i=i)] = np.ascontiguousarray(arr[i].T if kind == "linear" else arr[i])
-        else:
-            out[template] = np.ascontiguousarray(arr.T if kind == "linear" else arr)
+        for idx in _indices(template, arr.shape):
+            x = arr[idx]
+            out[_name(template, idx)] = np.ascontiguousarray(x.T if kind == "linear" else x)
     return out

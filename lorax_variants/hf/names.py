@@ -1,7 +1,7 @@
 """Our param paths <-> transformers' tensor names, per architecture.
 
 Each table maps a path of ``model.shapes()`` to ``(hf_name, kind)``: ``{i}`` in a name is the
-layer index of a stacked leaf; kind ``linear`` is a torch ``nn.Linear`` weight stored
+layer index of a stacked leaf, ``{e}`` the expert index of an expert bank (``[L, E, in, out]``); kind ``linear`` is a torch ``nn.Linear`` weight stored
 ``[out, in]`` (transposed to our ``[in, out]``), ``plain`` is stored as is (embeddings, norms,
 biases, GPT-2's Conv1D kernels, which are already ``[in, out]``).
 
@@ -43,12 +43,30 @@ def _llama(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
         "layers/attn_norm": (L + "input_layernorm.weight", "plain"),
         "layers/mlp_norm": (L + "post_attention_layernorm.weight", "plain"),
     }
+    moe = "block_sparse_moe" if model.config.model_type == "mixtral" else "mlp"
+    experts = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if moe == "block_sparse_moe" else {}
     for path in _paths(model.shapes()):
         parts = path.split("/")
         if parts[0] == "layers" and len(parts) == 3:
             mod, kind = _module(parts[2])
+            if parts[1] == "moe":
+                out[path] = (f"{L}{moe}.gate.weight", "linear") if mod == "router" else (
+                    f"{L}{moe}.experts.{{e}}.{experts.get(mod, mod)}.weight", "linear")
+                continue
             block = "self_attn" if parts[1] == "attn" else "mlp"
-            out[path] = (f"{L}{block}.{mod}.{kind}", "linear" if kind == "weight" else "plain")
+            linear = kind == "weight" and not mod.endswith("_norm")  # Qwen3's q_norm/k_norm are vectors
+            out[path] = (f"{L}{block}.{mod}.{kind}", "linear" if linear else "plain")
+    return out
+
+
+_GEMMA_NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
+
+
+def _gemma(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+    out = _llama(model, prefix)  # embeddings, projections, q/k norms and the final norm are named as Llama's
+    L = prefix + "layers.{i}."
+    out |= {f"layers/{ours}": (f"{L}{theirs}.weight", "plain") for ours, theirs in _GEMMA_NORMS.items()}
     return out
 
 
@@ -113,16 +131,17 @@ def _bert(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-_TABLES = {"llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert, "roberta": _bert}
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+_TABLES = {**{mt: _llama for mt in _LLAMA_LIKE}, "gemma2": _gemma, "gemma3_text": _gemma, "gpt2": _gpt2, "bert": _bert,
+           "roberta": _bert}
 
 
 def prefix_of(model: Any, names: list[str]) -> str:
     """The base-model prefix the checkpoint uses (``model.``, ``transformer.``, ``bert.``, ...)."""
     mt = model.config.model_type
-    options = {"llama": ["model."], "mistral": ["model."], "qwen2": ["model."], "gpt2": ["transformer.", ""],
-               "bert": ["bert.", ""], "roberta": ["roberta.", ""]}[mt]
-    probe = {"llama": "embed_tokens.weight", "mistral": "embed_tokens.weight", "qwen2": "embed_tokens.weight",
-             "gpt2": "wte.weight", "bert": "embeddings.word_embeddings.weight", "roberta": "embeddings.word_embeddings.weight"}[mt]
+    options = {"gpt2": ["transformer.", ""], "bert": ["bert.", ""], "roberta": ["roberta.", ""]}.get(mt, ["model."])
+    probe = {"gpt2": "wte.weight", "bert": "embeddings.word_embeddings.weight",
+             "roberta": "embeddings.word_embeddings.weight"}.get(mt, "embed_tokens.weight")
     for p in options:
         if p + probe in names:
             return p

@@ -1,15 +1,19 @@
-"""The Llama family as pure JAX functions: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2.
+"""The Llama family as pure JAX functions: Llama 2/3 (incl. llama3 RoPE scaling), Mistral, Qwen2,
+Qwen3, and the mixture-of-experts Qwen3-MoE and Mixtral.
 
-    h = x + W_o Attn(RoPE(W_q n(x)), RoPE(W_k n(x)), W_v n(x))     n = RMSNorm
-    x' = h + W_down (act(W_gate n(h)) ⊙ W_up n(h))                   (SwiGLU)
+    h = x + W_o Attn(RoPE(n_q(W_q n(x))), RoPE(n_k(W_k n(x))), W_v n(x))     n = RMSNorm
+    x' = h + W_down (act(W_gate n(h)) ⊙ W_up n(h))                           (SwiGLU)
+    x' = h + MoE(n(h))                                                       (Qwen3-MoE, Mixtral)
 
-Grouped-query attention (``num_key_value_heads`` < heads), optional q/k/v biases (Qwen2,
-``attention_bias``), optional MLP biases, per-layer sliding windows (Mistral, Qwen2's
-``layer_types``), tied or untied output head. Params (layer axis inside each leaf):
+n_q, n_k: Qwen3's per-head RMSNorm over head_dim (identity elsewhere). Grouped-query attention
+(``num_key_value_heads`` < heads), optional q/k/v biases (Qwen2, ``attention_bias``), optional MLP
+biases, per-layer sliding windows (Mistral, Qwen2/3's ``layer_types``), tied or untied output head.
+Params (layer axis inside each leaf):
 
     embed [V, d]; layers/attn_norm [L, d]; layers/attn/{q,k,v,o}_proj [L, in, out]
-    (+ {name}_bias [L, out]); layers/mlp_norm; layers/mlp/{gate,up,down}_proj;
-    final_norm [d]; lm_head [d, V] (absent when tied: logits = h · embedᵀ)
+    (+ {name}_bias [L, out]; Qwen3: layers/attn/{q,k}_norm [L, head_dim]); layers/mlp_norm;
+    layers/mlp/{gate,up,down}_proj, or (MoE) layers/moe/router [L, d, E] and
+    layers/moe/{gate,up,down}_proj [L, E, in, out]; final_norm [d]; lm_head [d, V] (absent when tied)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from lorax_variants.models.layers import (
     run_layers,
 )
 from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
 
@@ -62,6 +67,8 @@ class LlamaConfig:
     windows: tuple[int | None, ...]
     max_position_embeddings: int
     initializer_range: float = 0.02
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    moe: MoeConfig | None = None  # Qwen3-MoE, Mixtral: every layer's MLP is a mixture of experts
 
     @classmethod
     def from_hf(cls, hf: Any) -> "LlamaConfig":
@@ -83,11 +90,11 @@ class LlamaConfig:
         if heads % kv:
             raise ValueError(f"{mt} config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         n = hf.num_hidden_layers
-        if mt == "qwen2":
+        if mt in ("qwen2", "qwen3", "qwen3_moe"):
             types = getattr(hf, "layer_types", None) or ["full_attention"] * n
             window = getattr(hf, "sliding_window", None)
             windows = tuple(window if t == "sliding_attention" else None for t in types)
-        elif mt == "mistral":
+        elif mt in ("mistral", "mixtral"):
             windows = (getattr(hf, "sliding_window", None),) * n
         else:
             windows = (None,) * n
@@ -111,7 +118,32 @@ class LlamaConfig:
             windows=windows,
             max_position_embeddings=hf.max_position_embeddings,
             initializer_range=float(getattr(hf, "initializer_range", 0.02)),
+            qk_norm=mt in ("qwen3", "qwen3_moe"),
+            moe=_moe_config(hf),
         )
+
+
+def _moe_config(hf: Any) -> MoeConfig | None:
+    """The MoE settings of a Qwen3-MoE / Mixtral config; options we do not implement are refused by name."""
+    mt = hf.model_type
+    if mt not in ("qwen3_moe", "mixtral"):
+        return None
+    if getattr(hf, "output_router_logits", False):
+        raise ValueError(f"{mt} config: output_router_logits=True (the router's load-balancing loss) is not "
+                         "implemented; set it to false")
+    if float(getattr(hf, "router_jitter_noise", 0.0) or 0.0) != 0.0:
+        raise ValueError(f"{mt} config: router_jitter_noise={hf.router_jitter_noise} is not implemented; set it to 0")
+    if mt == "qwen3_moe":
+        if list(getattr(hf, "mlp_only_layers", None) or []):
+            raise ValueError(f"{mt} config: mlp_only_layers={hf.mlp_only_layers} (dense layers among MoE layers) is "
+                             "not supported: every layer must be a mixture of experts")
+        if int(getattr(hf, "decoder_sparse_step", 1)) != 1:
+            raise ValueError(f"{mt} config: decoder_sparse_step={hf.decoder_sparse_step} is not supported (only 1: "
+                             "every layer a mixture of experts)")
+        return MoeConfig(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                         intermediate_size=hf.moe_intermediate_size, normalize=bool(hf.norm_topk_prob))
+    return MoeConfig(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                     intermediate_size=hf.intermediate_size, normalize=True)
 
 
 class Llama(ZooModel):
@@ -132,14 +164,19 @@ class Llama(ZooModel):
             attn |= {"q_proj_bias": (L, q), "k_proj_bias": (L, kv), "v_proj_bias": (L, kv)}
         if c.o_bias:
             attn["o_proj_bias"] = (L, d)
-        mlp = {"gate_proj": (L, d, f), "up_proj": (L, d, f), "down_proj": (L, f, d)}
-        if c.mlp_bias:
-            mlp |= {"gate_proj_bias": (L, f), "up_proj_bias": (L, f), "down_proj_bias": (L, d)}
-        shapes = {
-            "embed": (c.vocab_size, d),
-            "layers": {"attn_norm": (L, d), "attn": attn, "mlp_norm": (L, d), "mlp": mlp},
-            "final_norm": (d,),
-        }
+        if c.qk_norm:
+            attn |= {"q_norm": (L, c.head_dim), "k_norm": (L, c.head_dim)}
+        layers = {"attn_norm": (L, d), "attn": attn, "mlp_norm": (L, d)}
+        if c.moe is not None:
+            E, fe = c.moe.num_experts, c.moe.intermediate_size
+            layers["moe"] = {"router": (L, d, E), "gate_proj": (L, E, d, fe), "up_proj": (L, E, d, fe),
+                             "down_proj": (L, E, fe, d)}
+        else:
+            mlp = {"gate_proj": (L, d, f), "up_proj": (L, d, f), "down_proj": (L, f, d)}
+            if c.mlp_bias:
+                mlp |= {"gate_proj_bias": (L, f), "up_proj_bias": (L, f), "down_proj_bias": (L, d)}
+            layers["mlp"] = mlp
+        shapes = {"embed": (c.vocab_size, d), "layers": layers, "final_norm": (d,)}
         if not c.tie_word_embeddings:
             shapes["lm_head"] = (d, c.vocab_size)
         return shapes
@@ -154,13 +191,17 @@ class Llama(ZooModel):
         q = project(h, a, "q_proj").reshape(b, t, c.num_attention_heads, c.head_dim)
         k = project(h, a, "k_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = project(h, a, "v_proj").reshape(b, t, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = rms_norm(q, a["q_norm"], c.rms_norm_eps), rms_norm(k, a["k_norm"], c.rms_norm_eps)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         pos = jnp.arange(t)
         mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
         x = x + project(attention(q, k, v, mask, 1.0 / math.sqrt(c.head_dim), causal=True), a, "o_proj")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        m = p["mlp"]
         act = activation(c.hidden_act)
+        if c.moe is not None:
+            return x + moe_mlp(h, p["moe"], act, c.moe)
+        m = p["mlp"]
         return x + project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
 
     def hidden(
