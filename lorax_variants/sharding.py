@@ -9,7 +9,8 @@ Adapter and quantized nodes derive their leaves' specs from the weight's (design
 ``lora_a [.., in, r]`` takes the weight's input axis, ``lora_b [.., r, out]`` its output axis,
 NF4 codes ``[.., in/2, out]`` and block scales ``[.., in/bs, out]`` both. A dimension that does
 not divide by its mesh axis stays unsplit (a tiny model on a big mesh still runs); leading
-stacked-layer axes are never split. Leaves no rule names (norms, biases) are replicated.
+stacked-layer axes are never split, except an expert bank's expert axis, which goes over fsdp. Leaves no
+rule names (norms, biases, routers) are replicated.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
     (r"(.*/)?(pos|token_type)", (None, "fsdp")),
     (r"(.*/)?classifier", ("fsdp", None)),  # [d, labels]
 )
+# Expert banks [L, E, in, out] (mixture-of-experts): the expert axis over fsdp (each device stores E/n
+# experts, ZeRO-3 style), the ffn dimension over tensor.
+EXPERT_AXIS = "fsdp"
+EXPERT_RULES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
+    (r"(.*/)?moe/(gate_proj|up_proj)", (None, "tensor")),
+    (r"(.*/)?moe/down_proj", ("tensor", None)),
+)
+
+
+def expert_spec(path: str, shape: tuple[int, ...]) -> tuple[str | None, str | None] | None:
+    """The (in, out) axes of an expert bank ``[L, E, in, out]`` at ``path``; None if it is not one."""
+    if len(shape) < 4:
+        return None
+    return next((spec for pattern, spec in EXPERT_RULES if re.fullmatch(pattern, path)), None)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -91,7 +106,8 @@ def weight_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
 def _node_specs(path: str, n: Node, mesh: Mesh, rules: Any) -> Node:
     d_in, d_out = n.shape[-2:]
     lead = len(n.shape) - 2
-    si, so = weight_spec(path, n.shape, mesh, rules)
+    experts = expert_spec(path, n.shape)
+    si, so = experts or weight_spec(path, n.shape, mesh, rules)
 
     def one(x: Any, quantized: bool) -> Any:
         if x is None or isinstance(x, Shared) or not hasattr(x, "shape"):
@@ -104,6 +120,8 @@ def _node_specs(path: str, n: Node, mesh: Mesh, rules: Any) -> Node:
             spec[-1] = _fit(d_out, so, mesh)
         if len(shape) >= lead + 2 and (shape[-2] == d_in or (quantized and shape[-1] == d_out)):
             spec[-2] = _fit(shape[-2], si, mesh)
+        if experts is not None and shape[lead - 1] == n.shape[lead - 1]:  # every leaf of a bank has the E axis
+            spec[lead - 1] = _fit(shape[lead - 1], EXPERT_AXIS, mesh)
         return P(*spec)
 
     def walk(m: Node, quantized: bool) -> Node:
@@ -133,6 +151,10 @@ def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, tuple[str | Non
         shape = tuple(getattr(x, "shape", ()))
         if len(shape) < 2:
             return P()
+        experts = expert_spec(path, shape)
+        if experts is not None:
+            return P(*([None] * (len(shape) - 3)), _fit(shape[-3], EXPERT_AXIS, mesh), _fit(shape[-2], experts[0], mesh),
+                     _fit(shape[-1], experts[1], mesh))
         si, so = weight_spec(path, shape, mesh, rules)
         return P(*([None] * (len(shape) - 2)), _fit(shape[-2], si, mesh), _fit(shape[-1], so, mesh))
 

@@ -63,6 +63,11 @@ def _expert(bank: Any, e: jax.Array) -> Any:
 
 def experts_mlp(x: jax.Array, experts: jax.Array, banks: dict[str, Any], act: Any, cfg: MoeConfig) -> jax.Array:
     """Each row of ``x [M, d]`` through the SwiGLU expert ``experts [M]`` names; ``[M, d]`` out."""
+    from lorax_variants.nodes.multitask import MultiTaskNode
+
+    if any(isinstance(b, MultiTaskNode) for b in banks.values()):
+        raise ValueError("multi-task routing (one adapter per example) on expert banks is not supported: the rows "
+                         "of an expert's tile come from many examples; adapt the attention projections instead")
     m, d = x.shape
     e_count = cfg.num_experts
     tile = max(1, min(cfg.tile, m))
