@@ -110,3 +110,46 @@ def test_task_selection(tmp_path):
     assert model.task == "base" and "head" not in params
     with pytest.raises(ValueError, match="causal_lm"):
         hf.from_config(T.LlamaConfig(**H.SMALL), task="masked_lm")
+
+
+REAL = {  # the configs of models people download (public config.json values)
+    "Qwen3-8B": lambda: T.Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                      tie_word_embeddings=False, max_position_embeddings=40960),
+    "Qwen3-30B-A3B": lambda: T.Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                              moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                                              num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                              norm_topk_prob=True, tie_word_embeddings=False),
+    "Mixtral-8x7B": lambda: T.MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                            num_local_experts=8, num_experts_per_tok=2),
+    "gemma-3-1b": lambda: T.Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                                             num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                                             head_dim=256, sliding_window=512),
+    "gemma-3-27b": lambda: T.Gemma3TextConfig(vocab_size=262208, hidden_size=5376, intermediate_size=21504,
+                                              num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16,
+                                              head_dim=128, query_pre_attn_scalar=168, sliding_window=1024),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_plans_todays_models_at_real_size_without_allocating(name):
+    """Parameter counts equal transformers' (built on the meta device: no memory), and LoRA on every projection
+    (expert banks too) plans under eval_shape."""
+    import torch
+
+    config = REAL[name]()
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in T.AutoModelForCausalLM.from_config(config).parameters())
+    model = hf.from_config(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    assert lv.count_params(shapes).total == theirs
+    spec = lv.AdapterSpec(targets=r"layers/(attn|mlp|moe)/(?!.*_norm$)(?!router$)\w+_proj", stacked=model.stacked, r=16)
+    planned = jax.eval_shape(lambda p: lv.adapt(p, spec, jax.random.PRNGKey(0)), shapes)
+    c, r = config, 16
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_layer = r * ((c.hidden_size + c.num_attention_heads * hd) * 2 + 2 * (c.hidden_size + c.num_key_value_heads * hd))
+    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 1
+    ffn = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    per_layer += experts * 3 * r * (c.hidden_size + ffn)
+    assert lv.count_params(planned).trainable == c.num_hidden_layers * per_layer

@@ -150,6 +150,37 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("name", ["Qwen3-8B", "Qwen3-30B-A3B", "gemma-3-27b"])
+def test_dry_run_plans_todays_models_at_real_size(name, assets, tmp_path, capsys):
+    """The app plans QLoRA on a real-size config (config.json + a tokenizer, no weights): every projection and
+    expert bank adapted, parameters as transformers counts them, NF4 bytes."""
+    import shutil
+
+    import torch
+    import transformers as T
+
+    from tests.hf.test_auto import REAL
+    from train.config import load
+    from train.plan import plan as make_plan
+
+    config = REAL[name]()
+    d = tmp_path / name
+    config.save_pretrained(d)
+    for f in assets["llama"].iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, d / f.name)
+    with torch.device("meta"):
+        total = sum(p.numel() for p in T.AutoModelForCausalLM.from_config(config).parameters())
+    sets = [f"model.path={d}", f"data.source={assets['lm']}", "data.seq_len=1024", "quant.kind=nf4", "adapter.r=16",
+            "model.param_dtype=bfloat16", "model.compute_dtype=bfloat16", f"train.output_dir={tmp_path / 'out'}"]
+    code, err = main([*sets, "--dry-run"], capsys)
+    assert code == 0, err
+    info = make_plan(load(None, sets))
+    assert info["trainable_params"] + info["frozen_params"] == total + info["trainable_params"]
+    # NF4 projections (0.52 bytes a weight) beside bf16 embeddings and head: well under half the bf16 bytes
+    assert info["bytes_per_device"]["frozen"] < 0.45 * 2 * total
+
+
 def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     from tests import hf_models as H
 
