@@ -128,7 +128,7 @@ def test_errors_name_the_path():
         lv.quantize(p, QuantSpec(targets="a"))
     with pytest.raises(ValueError, match=r"matched no leaf"):
         lv.quantize(p, QuantSpec(targets="c"))
-    with pytest.raises(ValueError, match=r"v: quantization targets must be 2-D"):
+    with pytest.raises(ValueError, match=r"v: quantization targets must be weights \[in, out\], got shape \(8,\)"):
         lv.quantize(p, QuantSpec(targets="v"))
     q = lv.quantize(p, QuantSpec(targets="b"))
     with pytest.raises(ValueError, match="b is already a QuantizedNode"):

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from lorax_variants.hf import names
+from lorax_variants.hf.peft_experts import export_experts, is_expert_path
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
 from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
@@ -116,6 +117,25 @@ def _module_list(model: Any, path: str, count: int) -> list[str]:
 
 def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, base: str | None,
                initial: dict[str, Node] | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    experts = {p: n for p, n in nodes if is_expert_path(p)}
+    if experts:  # expert banks: PEFT's target_parameters form (LoRA only)
+        expert_tensors, expert_config = export_experts(model, experts)
+        nodes = [(p, n) for p, n in nodes if not is_expert_path(p)]
+        if not nodes:
+            first = next(iter(experts.values()))
+            config = _config("LORA", [], base, False, r=first.lora_a.shape[-1], lora_alpha=_alpha(first.scale, first.lora_a.shape[-1]),
+                             use_rslora=False, use_dora=False, lora_dropout=0.0, bias="none", init_lora_weights=True)
+            config["target_modules"] = []
+            return config | expert_config, expert_tensors
+        config, tensors = _peft_dict(model, nodes, rank=rank, base=base, initial=initial)
+        if config["peft_type"] != "LORA" or config.get("use_dora"):
+            raise ValueError("PEFT holds expert-bank adapters as LoRA only: an adapter mixing them with "
+                             f"{config['peft_type'].title()}{' (DoRA)' if config.get('use_dora') else ''} elsewhere "
+                             "cannot be one PEFT adapter")
+        config["target_parameters"] = expert_config["target_parameters"]
+        config["rank_pattern"] = {**config["rank_pattern"], **expert_config["rank_pattern"]}
+        config["alpha_pattern"] = {**config["alpha_pattern"], **expert_config["alpha_pattern"]}
+        return config, tensors | expert_tensors
     kinds = {type(n) for _, n in nodes}
     gpt2 = model.config.model_type == "gpt2"
     tensors: dict[str, np.ndarray] = {}

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_variants.hf import names
+from lorax_variants.hf.peft_experts import check_target_parameters, import_experts
 from lorax_variants.hf.safetensors_io import SafetensorsFile
 from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
@@ -67,11 +68,10 @@ BENIGN = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_
           "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora", "runtime_config",
           "ensure_weight_tying", "qalora_group_size", "projection_prng_key", "save_projection", "vera_dropout",
           "d_initial", "init_weights", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-          "orth_reg_weight", "total_step"}
+          "orth_reg_weight", "total_step", "target_parameters"}
 UNSUPPORTED = {  # field -> what it means, refused when set
     "layer_replication": "layers duplicated by PEFT (layer_replication)",
     "lora_bias": "a trainable bias on lora_B (lora_bias)",
-    "target_parameters": "adapters on nn.Parameter targets such as MoE expert banks (target_parameters)",
     "use_qalora": "QA-LoRA's pooled adapter input (use_qalora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "arrow_config": "Arrow routing (arrow_config)", "velora_config": "VeLoRA (velora_config)",
@@ -176,6 +176,8 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     d = Path(adapter_dir)
     cfg, tensors, cfg_path = _read(d)
     residual_init = _check_config(cfg, cfg_path)
+    check_target_parameters(cfg, model, cfg_path)
+    experts, expert_keys = import_experts(cfg, tensors, model, cfg_path)
     ptype = cfg["peft_type"]
     prefix = names.default_prefix(model)
     table = names.table(model, prefix)  # our path -> (HF tensor name, kind)
@@ -186,7 +188,7 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     base: dict[str, dict[int | None, np.ndarray]] = {}  # our path -> layer -> new value (torch layout)
     tokens: dict[str, tuple[str, np.ndarray]] = {}  # our path -> (module, rows)
     for k, v in tensors.items():
-        if ptype == "VERA" and k in ("base_model.vera_A", "base_model.vera_B"):
+        if (ptype == "VERA" and k in ("base_model.vera_A", "base_model.vera_B")) or k in expert_keys:
             continue
         if not k.startswith(PREFIX):
             raise ValueError(f"{d}: tensor {k!r} is not under {PREFIX!r}; not a PEFT adapter tensor")
@@ -214,15 +216,19 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
             raise ValueError(f"{cfg_path}: tensor {k!r} is neither an adapter tensor nor a weight of "
                              f"{model.config.model_type} ({plain!r}); cannot place it")
         base.setdefault(hit[0], {})[hit[1]] = v
-    if not found:
+    if not found and not experts:
         raise ValueError(f"{d}: no {ptype} adapter tensors found")
     params = _with_base_changes(params, base, tokens, kinds, cfg, d)
     shapes = dict(leaves_with_paths(params, nodes_are_leaves=True))
     per_module = _module_scales(cfg, found, tensors, ptype, cfg_path)
-    spec = _spec(cfg, found, per_module, model, residual_init, cfg_path)
+    spec = _spec(cfg, found, per_module, model, residual_init, cfg_path,
+                 {p: (a.shape[-1], s) for p, (a, _, s) in experts.items()})
     adapted = adapt(params, spec, jax.random.key(key) if isinstance(key, int) else key)
 
     def fill(path: str, n: Any) -> Any:
+        if path in experts:
+            a, b, _ = experts[path]
+            return n.replace(lora_a=jnp.asarray(a, n.lora_a.dtype), lora_b=jnp.asarray(b, n.lora_b.dtype))
         if path not in found:
             return n
         lead = len(shapes[path].shape) - 2
@@ -340,8 +346,9 @@ def _module_scales(cfg: dict[str, Any], found: dict[str, dict[int, str]], tensor
 
 
 def _spec(cfg: dict[str, Any], found: dict[str, dict[int, str]], per_module: dict[str, tuple[int, float]], model: Any,
-          residual_init: str | None, cfg_path: Path) -> Any:
-    """One AdapterSpec: per path the largest rank of its modules and the first module's scale."""
+          residual_init: str | None, cfg_path: Path, experts: dict[str, tuple[int, float]]) -> Any:
+    """One AdapterSpec: per path the largest rank of its modules and the first module's scale (expert banks:
+    ``experts`` gives their rank and scale)."""
     from lorax_variants.spec import AdapterSpec
 
     ptype = cfg["peft_type"]
@@ -356,10 +363,13 @@ def _spec(cfg: dict[str, Any], found: dict[str, dict[int, str]], per_module: dic
         scale = next(iter(scales), 1.0) if ptype == "LORA" else None
         if scale is not None:
             alphas[path] = scale * (math.sqrt(ranks[path]) if cfg.get("use_rslora") else ranks[path])
+    for path, (r_path, scale) in experts.items():
+        ranks[path] = r_path
+        alphas[path] = scale * (math.sqrt(r_path) if cfg.get("use_rslora") else r_path)
     r = max(ranks.values())
     kw: dict[str, Any] = {}
     if ptype == "LORA":
-        alpha = alphas[next(iter(found))]
+        alpha = alphas[next(iter(found or experts))]
         kw = {"rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
               "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
               "rslora": bool(cfg.get("use_rslora")), "init": residual_init or "kaiming"}
@@ -368,7 +378,7 @@ def _spec(cfg: dict[str, Any], found: dict[str, dict[int, str]], per_module: dic
         if ptype == "ADALORA":
             r = int(cfg.get("init_r", 12))
     dropout = float(cfg.get("vera_dropout" if ptype == "VERA" else "lora_dropout", 0.0) or 0.0)
-    return AdapterSpec(targets=tuple(re.escape(p) for p in found), variant=variant, r=r, alpha=alpha,
+    return AdapterSpec(targets=tuple(re.escape(p) for p in [*found, *experts]), variant=variant, r=r, alpha=alpha,
                        stacked=model.stacked, dropout=dropout, d_initial=float(cfg.get("d_initial", 0.1)), **kw)
 
 

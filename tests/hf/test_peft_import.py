@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from lorax_variants.hf import from_pretrained, load_peft, save_peft
 from lorax_variants.hf.peft_import import vera_projections
 from tests import hf_models as H
 
-MODELS = ("llama_gqa_untied", "qwen2_bias", "gpt2", "llama3_rope_tied_bias")
+MODELS = ("llama_gqa_untied", "qwen2_bias", "gpt2", "llama3_rope_tied_bias", "qwen3_windows", "gemma3", "gemma2_softcap",
+          "qwen3_moe", "mixtral")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,12 @@ CASES = {
     "trainable_tokens_tied": ("llama3_rope_tied_bias", lambda: _lora(target_modules=["q_proj"],
                                                                      trainable_token_indices=[3, 5, 17]), None),
     "trainable_tokens": ("llama_gqa_untied", lambda: _lora(target_modules=["v_proj"], trainable_token_indices=[2, 9]), None),
+    "qwen3": ("qwen3_windows", lambda: _lora(target_modules="all-linear"), None),
+    "gemma3_dora": ("gemma3", lambda: _lora(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), None),
+    "gemma2": ("gemma2_softcap", lambda: _lora(target_modules=["q_proj", "o_proj", "gate_proj"]), None),
+    "qwen3_moe_attention": ("qwen3_moe", lambda: _lora(target_modules=["q_proj", "k_proj"]), None),
 }
-DEFAULT = ("list", "rank_alpha_pattern", "bias_lora_only", "gpt2_fan_in_fan_out", "dora_embedding", "pissa",
+DEFAULT = ("list", "qwen3", "rank_alpha_pattern", "bias_lora_only", "gpt2_fan_in_fan_out", "dora_embedding", "pissa",
            "olora_converted", "trainable_tokens_tied")
 IDS = np.random.default_rng(0).integers(2, 96, (2, 9))
 
@@ -268,3 +274,34 @@ def test_hot_swapping_an_adapter_does_not_recompile_the_train_step_or_generate(b
         pm.save_pretrained(tmp_path / "big")
         load_peft(tmp_path / "big", model, params, like=running)
 
+
+
+@pytest.mark.parametrize("base", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_expert_bank_adapters_in_peft_target_parameters_form(bases, base, tmp_path):
+    """PEFT's LoRA on the fused expert parameters (``target_parameters``) loads as LoRA on our gate/up/down
+    banks and exports back; our own bank LoRAs (gate and up apart, other scales) export to that form."""
+    pm = _peft_model(bases, base, _lora(r=2, lora_alpha=4, target_modules=["q_proj"], rank_pattern={"gate_up_proj": 3},
+                                        alpha_pattern={"down_proj": 7},
+                                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    want = H.torch_out(pm, IDS)
+    pm.save_pretrained(tmp_path / "theirs")
+    d, model, params = bases[base]
+    tree = load_peft(tmp_path / "theirs", model, params)
+    assert tree["layers"]["moe"]["gate_proj"].lora_a.shape[-1] == 3 and tree["layers"]["moe"]["down_proj"].scale == 3.5
+    np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    _round_trip(bases, base, tmp_path / "back", tree, want)
+    # Ours: LoRA on the three banks, gate and up with their own ranks and scales.
+    spec = lv.AdapterSpec(targets=r"layers/moe/\w+_proj", stacked=model.stacked, r=2, alpha=4,
+                          rank_pattern={"layers/moe/up_proj": 3}, alpha_pattern={"layers/moe/gate_proj": 10})
+    ours = lv.adapt(params, spec, 1)
+    ours = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05) if isinstance(n, lv.LoraNode) else n, ours,
+                        is_leaf=lambda n: isinstance(n, lv.LoraNode))
+    import peft
+
+    save_peft(tmp_path / "ours", model, ours)
+    back = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(d), tmp_path / "ours").eval()
+    np.testing.assert_allclose(H.torch_out(back, IDS), np.asarray(model.apply(ours, jnp.asarray(IDS))),
+                               rtol=1e-4, atol=1e-4)
+    dora = lv.adapt(params, lv.AdapterSpec(targets=r"layers/moe/\w+_proj", stacked=model.stacked, r=2, variant="dora"), 1)
+    with pytest.raises(ValueError, match="layers/moe/down_proj: PEFT holds expert-bank adapters as LoRA only"):
+        save_peft(tmp_path / "dora", model, dora)
