@@ -33,7 +33,7 @@ CONFIGS = {
         **SMALL, num_key_value_heads=1, head_dim=8, sliding_window=3, query_pre_attn_scalar=8, pad_token_id=0,
         attn_logit_softcapping=0.5, final_logit_softcapping=1.5)),
     "qwen3_moe": lambda: (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
-        **SMALL, num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        **SMALL, num_key_value_heads=2, head_dim=8, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
         norm_topk_prob=True)),
     "mixtral": lambda: (T.MixtralForCausalLM, T.MixtralConfig(
         **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),

@@ -63,7 +63,10 @@ def _task_of(hf: Any, task: str | None) -> str:
 
 
 def from_config(hf_config: Any, *, task: str | None = None, remat: str = "none", scan: bool = True) -> Any:
-    """Our model for a transformers config object (no weights)."""
+    """Our model for a transformers config object (no weights). A multimodal Gemma 3 config gives its text
+    model (``text_config``): what fine-tuning the language model needs; exports are text-only Gemma 3."""
+    if getattr(hf_config, "model_type", None) == "gemma3":
+        hf_config = hf_config.text_config
     mt = getattr(hf_config, "model_type", None)
     if mt not in SUPPORTED:
         raise ValueError(f"model_type {mt!r} is not supported; supported: {list(SUPPORTED)}")
@@ -95,7 +98,7 @@ def load_hf_config(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg}: not valid JSON ({e})") from None
     mt = raw.get("model_type")
-    if mt not in SUPPORTED:
+    if mt not in SUPPORTED and mt != "gemma3":
         raise ValueError(f"{cfg}: model_type {mt!r} is not supported; supported: {list(SUPPORTED)}")
     if raw.get("auto_map"):
         raise ValueError(f"{cfg}: custom code (auto_map) is never run; only built-in transformers configs load")

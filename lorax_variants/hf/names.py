@@ -139,7 +139,9 @@ _TABLES = {**{mt: _llama for mt in _LLAMA_LIKE}, "gemma2": _gemma, "gemma3_text"
 def prefix_of(model: Any, names: list[str]) -> str:
     """The base-model prefix the checkpoint uses (``model.``, ``transformer.``, ``bert.``, ...)."""
     mt = model.config.model_type
-    options = {"gpt2": ["transformer.", ""], "bert": ["bert.", ""], "roberta": ["roberta.", ""]}.get(mt, ["model."])
+    options = {"gpt2": ["transformer.", ""], "bert": ["bert.", ""], "roberta": ["roberta.", ""],
+               # Gemma 3's multimodal checkpoints hold the text model under language_model
+               "gemma3_text": ["model.", "language_model.model.", "model.language_model."]}.get(mt, ["model."])
     probe = {"gpt2": "wte.weight", "bert": "embeddings.word_embeddings.weight",
              "roberta": "embeddings.word_embeddings.weight"}.get(mt, "embed_tokens.weight")
     for p in options:
@@ -162,6 +164,8 @@ def table(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
 
 def ignorable(model: Any, prefix: str) -> list[re.Pattern]:
     pats = [r".*rotary_emb\.inv_freq", r".*\.attn\.(masked_)?bias", r".*position_ids", r"cls\.seq_relationship\..*"]
+    if prefix in ("language_model.model.", "model.language_model."):  # the text model of a multimodal checkpoint
+        pats += [r"(model\.)?vision_tower\..*", r"(model\.)?multi_modal_projector\..*", r"(language_model\.)?lm_head\..*"]
     if model.config.model_type in ("bert", "roberta"):
         # Heads of the other tasks (loading an MLM checkpoint's encoder as task="base", say).
         if model.task != "sequence_classification":

@@ -153,3 +153,22 @@ def test_plans_todays_models_at_real_size_without_allocating(name):
     ffn = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
     per_layer += experts * 3 * r * (c.hidden_size + ffn)
     assert lv.count_params(planned).trainable == c.num_hidden_layers * per_layer
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda: T.Gemma3TextConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, use_bidirectional_attention=True),
+     "use_bidirectional_attention"),
+    (lambda: T.Qwen3Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                             "rope_theta": 1e6,
+                                                                             "original_max_position_embeddings": 32}),
+     "rope_type 'yarn'"),
+    (lambda: T.MixtralConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4, router_jitter_noise=0.1), "router_jitter_noise"),
+    (lambda: T.Gemma2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            head_dim=8, attention_bias=True), "attention_bias"),
+])
+def test_options_of_the_new_families_we_do_not_implement_are_refused(config, match):
+    with pytest.raises(ValueError, match=match):
+        hf.from_config(config())

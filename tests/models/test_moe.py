@@ -151,7 +151,7 @@ def test_expert_banks_shard_their_expert_axis_and_compute_the_same(tmp_path):
     assert out["diff"] < 1e-5
     assert out["weight"] == "P(None, 'fsdp', None, 'tensor')"  # [L, E, d, f]: experts over fsdp
     assert out["a"] == "P(None, 'fsdp', None, None)" and out["b"] == "P(None, 'fsdp', None, 'tensor')"
-    assert out["per_device"] == [2, 1, 32, 8]  # 4 experts over fsdp 4, the 16-wide ffn over tensor 2
+    assert out["per_device"] == [2, 1, 32, 16]  # 4 experts over fsdp 4, the 32-wide ffn over tensor 2
 
 
 @pytest.mark.parametrize("field, value, match", [

@@ -90,3 +90,31 @@ def test_greedy_generate_equals_transformers(name, tmp_path):
         np.testing.assert_array_equal(row[:stop], theirs[:stop])
     sampled = model.generate(params, ids, attention_mask=mask, max_new_tokens=4, temperature=1.0, key=jax.random.key(0))
     assert sampled.shape == (2, 10) and np.array_equal(np.asarray(sampled[:, :6]), ids)
+
+
+def test_the_text_model_of_a_multimodal_gemma3_checkpoint(tmp_path):
+    """Gemma 3 4B+ ship as Gemma3ForConditionalGeneration (vision tower + language model): we load the language
+    model; its logits on text equal transformers' multimodal model's, and it exports as a text-only Gemma 3."""
+    import transformers as T
+
+    text = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, head_dim=8, sliding_window=3, pad_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    torch_model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=text, vision_config=vision,
+                                                                  mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for n, p in torch_model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    torch_model.save_pretrained(tmp_path / "mm")
+    model, params = hf.from_pretrained(tmp_path / "mm")
+    assert model.config.model_type == "gemma3_text"
+    ids, mask = H.inputs(96, 0)
+    _compare(torch_model, model, params, ids, mask)
+    out = hf.save_pretrained(tmp_path / "text", model, params)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_allclose(H.torch_out(reloaded, ids, mask)[mask.astype(bool)],
+                               H.torch_out(torch_model, ids, mask)[mask.astype(bool)], atol=1e-4)

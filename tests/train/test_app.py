@@ -181,6 +181,28 @@ def test_dry_run_plans_todays_models_at_real_size(name, assets, tmp_path, capsys
     assert info["bytes_per_device"]["frozen"] < 0.45 * 2 * total
 
 
+@pytest.mark.parametrize("name, extra", [("qwen3_moe", ["quant.kind=nf4", "quant.block_size=32"]),
+                                         pytest.param("gemma3", ["adapter.variant=dora"], marks=pytest.mark.slow)])
+def test_todays_families_train_through_the_app(name, extra, assets, tmp_path):
+    """QLoRA on a mixture-of-experts model (attention and every expert bank adapted, the router trained through
+    adapter.train_extra) and DoRA on Gemma 3: the app learns, and the expert banks' adapters moved."""
+    from tests import hf_models as H
+
+    d = tmp_path / name
+    H.tiny_run_model(name, d, H.lm_texts(200))
+    sets = ["adapter.train_extra=layers/moe/router"] if name == "qwen3_moe" else []
+    result = train(lm_args(assets, tmp_path / "run", f"model.path={d}", "train.steps=10", "optim.lr=0.01",
+                           *extra, *sets))
+    curve = losses(tmp_path / "run")
+    assert np.mean(curve[-3:]) < np.mean(curve[:3]), curve
+    if name == "qwen3_moe":
+        from lorax_variants import QuantizedNode
+
+        moe_t, moe_f = result.trainable["layers"]["moe"], result.frozen["layers"]["moe"]
+        assert isinstance(moe_f["gate_proj"].weight, QuantizedNode) and moe_t["router"] is not None
+        assert float(np.abs(np.asarray(moe_t["down_proj"].lora_b)).max()) > 0  # B left zero: the experts trained
+
+
 def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     from tests import hf_models as H
 
