@@ -50,7 +50,7 @@ def weight_trees(draw):
     return tree
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(tree=weight_trees(), variant=st.sampled_from(MERGEABLE), r=st.integers(1, 2), seed=st.integers(0, 999))
 def test_adapt_keeps_the_base_and_split_combine_merge_are_consistent(tree, variant, r, seed):
     extra = {"n_tasks": 2} if variant == "multitask" else {}
@@ -76,7 +76,7 @@ def test_adapt_keeps_the_base_and_split_combine_merge_are_consistent(tree, varia
         assert not path.endswith(("/w/weight", "/b")), path
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(d_in=st.integers(1, 12), d_out=st.integers(1, 12), r=st.integers(1, 4), rslora=st.booleans(),
        dtype=st.sampled_from(sorted(FLOATS)), seed=st.integers(0, 999))
 def test_lora_merge_is_w_plus_scaled_ab(d_in, d_out, r, rslora, dtype, seed):
@@ -99,7 +99,7 @@ def test_lora_merge_is_w_plus_scaled_ab(d_in, d_out, r, rslora, dtype, seed):
 _NF4_HALF_GAP = float(np.max(np.diff(NF4_CODE)) / 2)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(blocks=st.integers(1, 3), d_out=st.integers(1, 5), layers=st.sampled_from([0, 2]),
        magnitude=st.sampled_from([1e-30, 1e-3, 1.0, 1e30]), zero_block=st.booleans(), seed=st.integers(0, 999),
        dtype=st.sampled_from(["float32", "bfloat16"]))

@@ -10,6 +10,7 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
 
+@pytest.mark.slow  # the default run is time-boxed; `make test-all` runs it
 def test_small_run_matches_analytic_flops():
     res = bench.run(d=256, layers=2, seq=64, batch=2, r=4, reps=1)
     for mode in ("full", "lora"):

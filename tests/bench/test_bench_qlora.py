@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 spec = importlib.util.spec_from_file_location("bench_qlora", Path(__file__).parents[2] / "bench" / "bench_qlora.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
@@ -17,6 +19,7 @@ def test_weight_bytes_ratio_at_the_benchmark_size():
     assert frozen[1] / frozen[0] <= 0.27
 
 
+@pytest.mark.slow  # the default run is time-boxed; `make test-all` runs it
 def test_memory_analysis_and_timing_run_small():
     lora = bench.memory(256, 2, 32, 1, quantized=False, remat="full")
     qlora = bench.memory(256, 2, 32, 1, quantized=True, remat="full")

@@ -22,7 +22,8 @@ VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant
             "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=2", "optim.lora_drop_threshold=0.5"]}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v in ("lora_dropout", "adalora", "lora_drop") else pytest.mark.slow)
+                                     for v in VARIANTS])
 def test_stop_and_resume_is_bit_identical(assets, tmp_path, variant, capsys):
     extra = ["train.steps=8", *VARIANTS[variant]]
     whole, split = tmp_path / "whole", tmp_path / "split"

@@ -15,7 +15,7 @@ def single(assets, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mesh", [("1", "8", "1"), ("2", "2", "2"), pytest.param(("1", "2", "4"), marks=pytest.mark.slow)],
+@pytest.mark.parametrize("mesh", [("1", "8", "1"), pytest.param(("2", "2", "2"), marks=pytest.mark.slow), pytest.param(("1", "2", "4"), marks=pytest.mark.slow)],
                          ids=["fsdp8", "dp2_fsdp2_tp2", "fsdp2_tp4"])
 def test_sharded_run_equals_single_device(assets, single, tmp_path, mesh):
     out = tmp_path / "run"
