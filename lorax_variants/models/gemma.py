@@ -25,8 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (ZooModel, activation, apply_rope, attention, project, rope_inv_freq,
-                                          rope_tables, run_layers)
+from lorax_variants.models.layers import (KVCache, ZooModel, activation, apply_rope, attention, cached_attention, project,
+                                          rope_inv_freq, rope_tables, run_layers)
 from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.ops import dense_t, embed
 from lorax_variants.shared import resolve_shared
@@ -146,10 +146,15 @@ class Gemma(ZooModel):
         return jax.tree_util.tree_map_with_path(
             lambda kp, x: jnp.zeros_like(x) if "norm" in str(kp[-1].key) else x, params)
 
-    def _layer(self, x: jax.Array, layer: tuple[Any, jax.Array, jax.Array], base_mask: jax.Array,
-               ropes: tuple[tuple, tuple]) -> jax.Array:
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of a ``KVCache`` for this model."""
         c = self.config
-        p, window, is_global = layer
+        return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+
+    def _layer(self, x: jax.Array, layer: tuple, base_mask: jax.Array | None, ropes: tuple[tuple, tuple],
+               cache: KVCache | None = None) -> Any:
+        c = self.config
+        p, window, is_global = layer[:3]
         b, t, _ = x.shape
         eps = c.rms_norm_eps
         h = gemma_rms_norm(x, p["attn_norm"], eps)
@@ -162,18 +167,24 @@ class Gemma(ZooModel):
         (cos_g, sin_g), (cos_l, sin_l) = ropes
         cos, sin = jnp.where(is_global, cos_g, cos_l), jnp.where(is_global, sin_g, sin_l)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        pos = jnp.arange(t)
-        mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
-        out = attention(q, k, v, mask, 1.0 / math.sqrt(c.query_pre_attn_scalar), causal=True, softcap=c.attn_softcap)
+        scale = 1.0 / math.sqrt(c.query_pre_attn_scalar)
+        if cache is not None:
+            out, kv = cached_attention(q, k, v, layer[3], cache, window, scale, c.attn_softcap)
+        else:
+            pos = jnp.arange(t)
+            mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
+            out, kv = attention(q, k, v, mask, scale, causal=True, softcap=c.attn_softcap), None
         x = x + gemma_rms_norm(project(out, a, "o_proj"), p["post_attn_norm"], eps)
         h = gemma_rms_norm(x, p["mlp_norm"], eps)
         m = p["mlp"]
         act = activation(c.hidden_act, "hidden_activation")
         y = project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
-        return x + gemma_rms_norm(y, p["post_mlp_norm"], eps)
+        x = x + gemma_rms_norm(y, p["post_mlp_norm"], eps)
+        return x if cache is None else (x, kv)
 
     def hidden(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
+               position_ids: jax.Array | None = None, cache: KVCache | None = None) -> Any:
+        """Final hidden states; with a ``cache``, ``(hidden, cache')`` (see ``Llama.hidden``)."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
@@ -182,19 +193,28 @@ class Gemma(ZooModel):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
         ropes = tuple(rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(r))) for r in (c.rope_global, c.rope_local))
-        base_mask = make_mask(attention_mask, t, causal=True)
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         is_global = jnp.asarray([w is None for w in c.windows])
+        if cache is not None:
+            layer = lambda h, lp: self._layer(h, lp, None, ropes, cache)  # noqa: E731
+            x, (k, v) = run_layers(layer, x, (params["layers"], windows, is_global, (cache.k, cache.v)),
+                                   c.num_hidden_layers, scan=self.scan, remat="none", outputs=True)
+            return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
+        base_mask = make_mask(attention_mask, t, causal=True)
         layer = lambda h, lp: self._layer(h, lp, base_mask, ropes)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows, is_global), c.num_hidden_layers, scan=self.scan,
                        remat=self.remat)
         return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps)
 
-    def apply(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-              position_ids: jax.Array | None = None) -> jax.Array:
-        params = resolve_shared(params)
-        logits = dense_t(self.hidden(params, input_ids, attention_mask, position_ids), params["embed"])
+    def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
+        """Logits of hidden states: the tied head, then the final soft-cap where configured."""
+        logits = dense_t(h, params["embed"])
         cap = self.config.final_softcap
         if cap is not None:
             logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
         return logits
+
+    def apply(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
+              position_ids: jax.Array | None = None) -> jax.Array:
+        params = resolve_shared(params)
+        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))

@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import ZooModel, activation, attention, layer_norm, project, run_layers
+from lorax_variants.models.layers import (KVCache, ZooModel, activation, attention, cached_attention, layer_norm, project,
+                                          run_layers)
 from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
@@ -93,8 +94,15 @@ class GPT2(ZooModel):
         return shapes
 
 
-    def _layer(self, x: jax.Array, p: Any, mask: jax.Array) -> jax.Array:
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of a ``KVCache`` for this model."""
         c = self.config
+        return c.n_layer, c.n_head, c.n_embd // c.n_head
+
+    def _layer(self, x: jax.Array, p: Any, mask: jax.Array | None, cache: KVCache | None = None) -> Any:
+        c = self.config
+        if cache is not None:
+            p, layer_kv = p
         b, t, d = x.shape
         hd = d // c.n_head
         eps = c.layer_norm_epsilon
@@ -102,29 +110,50 @@ class GPT2(ZooModel):
         q, k, v = jnp.split(project(h, p["attn"], "c_attn"), 3, axis=-1)
         heads = lambda y: y.reshape(b, t, c.n_head, hd)  # noqa: E731
         scale = 1.0 / math.sqrt(hd) if c.scale_attn_weights else 1.0
-        x = x + project(attention(heads(q), heads(k), heads(v), mask, scale, causal=True), p["attn"], "c_proj")
+        if cache is not None:
+            out, kv = cached_attention(heads(q), heads(k), heads(v), layer_kv, cache, 2**30, scale)
+        else:
+            out, kv = attention(heads(q), heads(k), heads(v), mask, scale, causal=True), None
+        x = x + project(out, p["attn"], "c_proj")
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"], eps)
         act = activation(c.activation_function)
-        return x + project(act(project(h, p["mlp"], "c_fc")), p["mlp"], "c_proj")
+        x = x + project(act(project(h, p["mlp"], "c_fc")), p["mlp"], "c_proj")
+        return x if cache is None else (x, kv)
+
+    def hidden(
+        self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None, cache: KVCache | None = None,
+    ) -> Any:
+        """Final hidden states; with a ``cache``, ``(hidden, cache')`` (see ``Llama.hidden``)."""
+        params = resolve_shared(params)
+        c = self.config
+        b, t = input_ids.shape
+        if cache is None and t > c.n_positions:
+            raise ValueError(f"sequence length {t} exceeds gpt2 config n_positions={c.n_positions}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        x = embed(input_ids, params["embed"]) + embed(position_ids, params["pos"])
+        norm = lambda y: layer_norm(y, params["final_norm_scale"], params["final_norm_bias"], c.layer_norm_epsilon)  # noqa: E731
+        if cache is not None:
+            layer = lambda h, p: self._layer(h, p, None, cache)  # noqa: E731
+            x, (k, v) = run_layers(layer, x, (params["layers"], (cache.k, cache.v)), c.n_layer, scan=self.scan,
+                                   remat="none", outputs=True)
+            return norm(x), dataclasses.replace(cache, k=k, v=v)
+        mask = make_mask(attention_mask, t, causal=True)
+        layer = lambda h, p: self._layer(h, p, mask)  # noqa: E731
+        return norm(run_layers(layer, x, params["layers"], c.n_layer, scan=self.scan, remat=self.remat))
+
+    def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
+        """Logits of hidden states (the tied or untied output head)."""
+        if self.config.tie_word_embeddings:
+            return dense_t(h, params["embed"])
+        return dense(h, params["lm_head"])
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
         params = resolve_shared(params)
-        c = self.config
-        b, t = input_ids.shape
-        if t > c.n_positions:
-            raise ValueError(f"sequence length {t} exceeds gpt2 config n_positions={c.n_positions}")
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = embed(input_ids, params["embed"]) + embed(position_ids, params["pos"])
-        mask = make_mask(attention_mask, t, causal=True)
-        layer = lambda h, p: self._layer(h, p, mask)  # noqa: E731
-        x = run_layers(layer, x, params["layers"], c.n_layer, scan=self.scan, remat=self.remat)
-        x = layer_norm(x, params["final_norm_scale"], params["final_norm_bias"], c.layer_norm_epsilon)
-        if c.tie_word_embeddings:
-            return dense_t(x, params["embed"])
-        return dense(x, params["lm_head"])
+        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))
 
 

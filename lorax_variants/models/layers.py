@@ -8,6 +8,7 @@ row gives a uniform row instead of NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -30,6 +31,8 @@ __all__ = [
     "attention",
     "project",
     "run_layers",
+    "KVCache",
+    "cached_attention",
     "init_from_shapes",
     "ZooModel",
     "REMAT_POLICIES",
@@ -238,23 +241,67 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 def run_layers(
-    layer: Callable[[jax.Array, Any], jax.Array], x: jax.Array, stacked: Any, n_layers: int, *, scan: bool, remat: str
-) -> jax.Array:
-    """Apply ``layer(x, params_i)`` for each slice of the stacked params (scan or unrolled)."""
+    layer: Callable[[jax.Array, Any], Any], x: jax.Array, stacked: Any, n_layers: int, *, scan: bool, remat: str,
+    outputs: bool = False,
+) -> Any:
+    """Apply ``layer(x, params_i)`` for each slice of the stacked params (scan or unrolled).
+
+    With ``outputs``, ``layer`` returns ``(x, y)`` and this returns ``(x, ys)``, the ys stacked over layers
+    (a KV cache's updated layers)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+    step = layer if outputs else (lambda h, p: (layer(h, p), None))
     # Shared values (VeRA's projections, ...) are used by every layer: broadcast, not sliced.
     per_layer = jax.tree.map(lambda x: None if is_shared(x) else x, stacked, is_leaf=is_shared)
     common = jax.tree.map(lambda x: x if is_shared(x) else None, stacked, is_leaf=is_shared)
     join = lambda p: combine(p, common)  # noqa: E731
     if scan:
-        x, _ = jax.lax.scan(lambda h, p: (layer(h, join(p)), None), x, per_layer)
-        return x
+        x, ys = jax.lax.scan(lambda h, p: step(h, join(p)), x, per_layer)
+        return (x, ys) if outputs else x
+    ys = []
     for i in range(n_layers):
-        x = layer(x, join(jax.tree.map(lambda leaf: leaf[i], per_layer)))
-    return x
+        x, y = step(x, join(jax.tree.map(lambda leaf: leaf[i], per_layer)))
+        ys.append(y)
+    return (x, jax.tree.map(lambda *a: jnp.stack(a), *ys)) if outputs else x
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for a fixed buffer of ``S`` positions (static shapes under ``jit``).
+
+    ``k``, ``v`` [L, B, S, Hkv, D]; ``valid`` [B, S]: positions holding a real token (a prompt's padding and
+    positions not written yet are False); ``index``: where the next tokens are written. Prompts are
+    left-aligned, so a step writes the same index in every row."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @staticmethod
+    def empty(layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Any) -> "KVCache":
+        shape = (layers, batch, length, kv_heads, head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
+                       jnp.zeros((), jnp.int32))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_kv: tuple[jax.Array, jax.Array],
+                     cache: KVCache, window: Any, scale: float, softcap: float | None = None) -> tuple[jax.Array, Any]:
+    """Attention of ``t`` new queries over the cache after writing their keys and values at ``cache.index``.
+
+    A key at buffer index s is seen by the query at index i when it holds a real token (``valid``), s ≤ i
+    and i - s < window. Returns the output [B, t, H·D] and this layer's updated (k, v)."""
+    k_all = jax.lax.dynamic_update_slice_in_dim(layer_kv[0], k.astype(layer_kv[0].dtype), cache.index, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(layer_kv[1], v.astype(layer_kv[1].dtype), cache.index, axis=1)
+    t, s = q.shape[1], k_all.shape[1]
+    qi = cache.index + jnp.arange(t)[:, None]
+    si = jnp.arange(s)[None, :]
+    seen = cache.valid[:, None, :] & ((si <= qi) & ((qi - si) < window))[None]
+    out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), seen, scale, causal=False, softcap=softcap)
+    return out, (k_all, v_all)
 
 
 def init_from_shapes(shapes: dict[str, Any], key: jax.Array, std: float, dtype: Any) -> dict[str, Any]:

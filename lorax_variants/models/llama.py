@@ -36,6 +36,7 @@ from lorax_variants.models.layers import (
     rope_tables,
     run_layers,
 )
+from lorax_variants.models.layers import KVCache, cached_attention
 from lorax_variants.models.layers import attention_mask as make_mask
 from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
@@ -182,9 +183,15 @@ class Llama(ZooModel):
         return shapes
 
 
-    def _layer(self, x: jax.Array, layer: tuple[Any, jax.Array], base_mask: jax.Array, rope: tuple) -> jax.Array:
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim) of a ``KVCache`` for this model."""
         c = self.config
-        p, window = layer
+        return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+
+    def _layer(self, x: jax.Array, layer: tuple, base_mask: jax.Array | None, rope: tuple,
+               cache: KVCache | None = None) -> Any:
+        c = self.config
+        p, window = layer[0], layer[1]
         b, t, _ = x.shape
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         a = p["attn"]
@@ -194,20 +201,29 @@ class Llama(ZooModel):
         if c.qk_norm:
             q, k = rms_norm(q, a["q_norm"], c.rms_norm_eps), rms_norm(k, a["k_norm"], c.rms_norm_eps)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        pos = jnp.arange(t)
-        mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
-        x = x + project(attention(q, k, v, mask, 1.0 / math.sqrt(c.head_dim), causal=True), a, "o_proj")
+        scale = 1.0 / math.sqrt(c.head_dim)
+        if cache is not None:
+            attn, kv = cached_attention(q, k, v, layer[2], cache, window, scale)
+        else:
+            pos = jnp.arange(t)
+            mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
+            attn, kv = attention(q, k, v, mask, scale, causal=True), None
+        x = x + project(attn, a, "o_proj")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         act = activation(c.hidden_act)
         if c.moe is not None:
-            return x + moe_mlp(h, p["moe"], act, c.moe)
-        m = p["mlp"]
-        return x + project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
+            x = x + moe_mlp(h, p["moe"], act, c.moe)
+        else:
+            m = p["mlp"]
+            x = x + project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
+        return x if cache is None else (x, kv)
 
     def hidden(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        position_ids: jax.Array | None = None, cache: KVCache | None = None,
+    ) -> Any:
+        """Final hidden states [B, T, d]; with a ``cache`` (and ``position_ids``), ``(hidden, cache')``: the
+        tokens are written at ``cache.index`` and attend to everything cached before them."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
@@ -215,20 +231,26 @@ class Llama(ZooModel):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
         rope = rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(c.rope)))
-        base_mask = make_mask(attention_mask, t, causal=True)
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
+        if cache is not None:
+            layer = lambda h, lp: self._layer(h, lp, None, rope, cache)  # noqa: E731
+            x, (k, v) = run_layers(layer, x, (params["layers"], windows, (cache.k, cache.v)), c.num_hidden_layers,
+                                   scan=self.scan, remat="none", outputs=True)
+            return rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
+        base_mask = make_mask(attention_mask, t, causal=True)
         layer = lambda h, lp: self._layer(h, lp, base_mask, rope)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
         return rms_norm(x, params["final_norm"], c.rms_norm_eps)
+
+    def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
+        """Logits of hidden states (the tied or untied output head)."""
+        if self.config.tie_word_embeddings:
+            return dense_t(h, params["embed"])
+        return dense(h, params["lm_head"])
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
         params = resolve_shared(params)
-        h = self.hidden(params, input_ids, attention_mask, position_ids)
-        if self.config.tie_word_embeddings:
-            return dense_t(h, params["embed"])
-        return dense(h, params["lm_head"])
-
-
+        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))
