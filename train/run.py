@@ -212,8 +212,11 @@ def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
         return []
     rows = p.eval.arrays["input_ids"][: cfg.train.samples, :8]
     tree = lv.combine(trainable, frozen)
-    out = np.asarray(jax.device_get(model.generate(tree, rows, max_new_tokens=cfg.train.sample_tokens)))
-    return [f"{p.tokenizer.decode(r[:8])!r} -> {p.tokenizer.decode(r[8:])!r}" for r in out]
+    tok = p.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = np.asarray(jax.device_get(model.generate(tree, rows, max_new_tokens=cfg.train.sample_tokens,
+                                                   stop_tokens=tok.eos_token_id, pad_token_id=pad)))
+    return [f"{tok.decode(r[:8])!r} -> {tok.decode(r[8:], skip_special_tokens=True)!r}" for r in out]
 
 
 @dataclasses.dataclass
