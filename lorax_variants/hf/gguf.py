@@ -1,0 +1,143 @@
+"""GGUF files (llama.cpp) as our models: ``from_gguf(path)``, also ``from_pretrained("model.gguf")``.
+
+Read with the ``gguf`` package (llama.cpp's own reader, memory-mapped): every quantization type its
+``gguf.quants.dequantize`` knows (F32/F16/BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, the I-quants,
+...). The config and the tokenizer come from the file's metadata through transformers' GGUF support
+(``AutoConfig`` / ``AutoTokenizer`` with ``gguf_file=``: a fast tokenizer, chat template kept). Tensor
+names map through gguf's ``TensorNameMap`` (the table llama.cpp's converter writes with). llama.cpp's
+converter permutes the rows of q and k of Llama-architecture models for its interleaved RoPE:
+
+    w_gguf = w.reshape(heads, 2, d/heads/2, in).swapaxes(1, 2).reshape(d, in)
+
+and we undo it, ``w = w_gguf.reshape(heads, d/heads/2, 2, in).swapaxes(1, 2).reshape(d, in)`` (``heads`` =
+key-value heads for k). Tensors are dequantized one at a time as they are
+read (``GGUFTensors`` is a lazy mapping), so ``quantize=QuantSpec(...)`` re-quantizes to NF4 with a peak
+of the quantized model plus one float tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "GGUFTensors", "ARCHITECTURES"]
+
+# GGUF general.architecture -> whether llama.cpp permuted q/k rows (Llama's converter does; Qwen's do not).
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+_IGNORED = (r"rope_freqs\.weight",)  # llama.cpp's precomputed RoPE factors (we compute them from the config)
+
+
+def _reader(path: Path) -> Any:
+    import gguf
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds on a damaged file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _arch(reader: Any, path: Path) -> str:
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    return arch
+
+
+def gguf_config(path: str | os.PathLike) -> Any:
+    """The transformers config in a GGUF file's metadata."""
+    import transformers
+
+    p = Path(path)
+    reader = _reader(p)
+    arch = _arch(reader, p)
+    config = transformers.AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
+    if key_length is not None:  # transformers' qwen3 table leaves head_dim at its default (128)
+        config.head_dim = int(key_length.contents())
+    return config
+
+
+def gguf_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer in a GGUF file's metadata, as a transformers fast tokenizer (chat template kept)."""
+    import transformers
+
+    p = Path(path)
+    return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+
+
+class GGUFTensors(Mapping):
+    """A GGUF file's tensors under transformers' names, in torch layout, dequantized when read."""
+
+    def __init__(self, path: str | os.PathLike, model: Any):
+        import gguf
+
+        from lorax_variants.hf import names
+
+        self.path = Path(path)
+        self.reader = _reader(self.path)
+        self.arch = _arch(self.reader, self.path)
+        self.permute = ARCHITECTURES[self.arch]
+        c = model.config
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
+        tmap = gguf.get_tensor_name_map(arch_id, c.num_hidden_layers)
+        by_name = {t.name: t for t in self.reader.tensors}
+        self._tensors: dict[str, Any] = {}
+        hf_names = []
+        for template, _ in names.table(model, "model.").values():
+            hf_names += [template.format(i=i) for i in range(c.num_hidden_layers)] if "{i}" in template else [template]
+        hf_names.append("lm_head.weight")  # present in untied files only
+        mapped = set()
+        for name in hf_names:
+            theirs = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            if theirs in by_name:
+                self._tensors[name] = by_name[theirs]
+                mapped.add(theirs)
+        extra = [n for n in by_name if n not in mapped and not any(re.fullmatch(p, n) for p in _IGNORED)]
+        if extra:
+            raise ValueError(f"{self.path}: tensors {extra[:6]} have no place in {c.model_type} "
+                             f"({len(extra)} unplaced; a variant of the architecture we do not implement?)")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from gguf import quants
+
+        t = self._tensors[name]
+        try:
+            w = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
+        except NotImplementedError:
+            raise ValueError(f"{self.path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot "
+                             "dequantize") from None
+        w = w.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims fastest first
+        if self.permute and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
+            heads = self.heads if ".q_proj." in name else self.kv_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return w
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def from_gguf(path: str | os.PathLike, dtype: Any = None, *, remat: str = "none", scan: bool = True,
+              quantize: Any = None) -> tuple[Any, dict[str, Any]]:
+    """``(model, params)`` of a GGUF file (see the module docstring). ``quantize``: a ``QuantSpec`` applied
+    one tensor at a time as they are dequantized (e.g. NF4 for QLoRA on a Q4 download)."""
+    from lorax_variants.hf.auto import from_config, load_params
+
+    hf_config = gguf_config(path)
+    reader_names = {t.name for t in _reader(Path(path)).tensors}
+    hf_config.tie_word_embeddings = "output.weight" not in reader_names
+    model = from_config(hf_config, remat=remat, scan=scan)
+    params = load_params(model, GGUFTensors(path, model), dtype, quantize=quantize)
+    model.gguf_path = str(path)
+    return model, params
