@@ -35,7 +35,7 @@ from lorax_variants.nodes.base import AdapterNode, Node
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_paths, map_with_paths, matches
 
-__all__ = ["QuantSpec", "quantize", "quantize_array", "dequantize", "NF4_CODE", "DYNAMIC_CODE", "KINDS"]
+__all__ = ["QuantSpec", "quantize", "quantize_array", "dequantize", "NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "KINDS"]
 
 KINDS = ("nf4", "int4", "int8")
 
@@ -46,6 +46,11 @@ NF4_CODE = np.array([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ], np.float32)
+
+# bitsandbytes' FP4 code (e2m1, the order of its 4-bit patterns), for pre-quantized FP4 checkpoints.
+FP4_CODE = np.array([0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5,
+                     0.1666666716337204, 0.25, -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+                     -0.3333333432674408, -0.5, -0.1666666716337204, -0.25], np.float32)
 
 # bitsandbytes' signed 8-bit dynamic code (``create_dynamic_map(signed=True)``), as float32 bits.
 _DYNAMIC_HEX = (

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_variants.hf.bnb import bnb_reader, check_quantization_config
 from lorax_variants.hf.convert import params_from_hf, to_hf
 from lorax_variants.hf.names import shape_items
 from lorax_variants.hf.safetensors_io import Checkpoint, atomic_dir, write_safetensors
@@ -118,6 +119,9 @@ def from_pretrained(
 ) -> tuple[Any, dict[str, Any]]:
     """``(model, params)`` from an HF model directory (config.json + safetensors).
 
+    A pre-quantized bitsandbytes 4-bit checkpoint (NF4 or FP4, with or without double quantization)
+    loads its quantized weights as stored (``hf.bnb``); other quantization methods are refused by name.
+
     ``quantize``: a ``QuantSpec``; matching weights are quantized tensor by tensor as they are
     read (layers of a stacked leaf one at a time), so host memory peaks near the quantized
     size plus one full-precision tensor. ``dtype`` is the dtype the weights are cast to first
@@ -138,13 +142,16 @@ def from_pretrained(
     if num_labels is not None:
         hf_config.num_labels = num_labels
     model = from_config(hf_config, task=task, remat=remat, scan=scan)
-    return model, load_params(model, Checkpoint(path), dtype, quantize=quantize, new_head=new_head)
+    checkpoint = Checkpoint(path)
+    pre = bnb_reader(checkpoint, str(path)) if check_quantization_config(hf_config, str(path)) else None
+    return model, load_params(model, checkpoint, dtype, quantize=quantize, new_head=new_head, prequantized=pre)
 
 
 def load_params(model: Any, tensors: Any, dtype: Any = None, *, quantize: "QuantSpec | None" = None,
-                new_head: jax.Array | None = None) -> dict[str, Any]:
+                new_head: jax.Array | None = None, prequantized: Any = None) -> dict[str, Any]:
     """``model``'s params from a mapping of HF tensor names to numpy arrays (read lazily, one at a time),
-    cast to ``dtype`` and quantized per ``quantize`` as they are read."""
+    cast to ``dtype`` and quantized per ``quantize`` as they are read; ``prequantized``: a quantized
+    checkpoint's reader (``hf.bnb``), whose weights load as stored."""
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     per_tensor = None
     if quantize is not None:
@@ -161,7 +168,7 @@ def load_params(model: Any, tensors: Any, dtype: Any = None, *, quantize: "Quant
         per_tensor = lambda p: (lambda w: quantize_one(jnp.asarray(w), p)) if p in chosen else None  # noqa: E731
     model.new_leaves = []
     fill = _head_filler(model, new_head, dtype) if new_head is not None else None
-    return params_from_hf(model, tensors, np_dtype, lambda _, a: jnp.asarray(a), per_tensor, fill)
+    return params_from_hf(model, tensors, np_dtype, lambda _, a: jnp.asarray(a), per_tensor, fill, prequantized)
 
 
 

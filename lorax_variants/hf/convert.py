@@ -45,6 +45,7 @@ def params_from_hf(
     leaf_fn: Callable[[str, np.ndarray], Any] | None = None,
     per_tensor: Callable[[str], Callable[[np.ndarray], Any] | None] | None = None,
     fill: Callable[[str], Any] | None = None,
+    prequantized: tuple[Callable[[str], Any], set[str]] | None = None,
 ) -> dict[str, Any]:
     """Build ``model``'s params from HF-named tensors (numpy, torch layout).
 
@@ -54,7 +55,9 @@ def params_from_hf(
     read (one layer at a time, e.g. quantization), whose results are stacked over layers: peak
     host memory is then the transformed params plus one full-precision tensor.
     ``fill(path)`` may supply a leaf whose tensors are all absent (a new task head); it returns
-    None for leaves that must come from the checkpoint.
+    None for leaves that must come from the checkpoint. ``prequantized = (node_of, companions)``: a
+    quantized checkpoint's weights as ``QuantizedNode``s (``node_of(name)``, None for plain tensors) and
+    the names of their scale and state tensors (see ``hf.bnb``).
     """
     available = list(tensors)
     prefix = names.prefix_of(model, available)
@@ -74,7 +77,8 @@ def params_from_hf(
     missing = [n for ns in needed.values() for n in ns if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint for {model.config.model_type} is missing {len(missing)} tensor(s): {missing[:8]}")
-    used = {n for ns in needed.values() for n in ns}
+    used = {n for ns in needed.values() for n in ns} | (prequantized[1] if prequantized else set())
+    node_of = prequantized[0] if prequantized else (lambda name: None)
     tied = names.tied(model)
     ignore = names.ignorable(model, prefix)
     unexpected = [n for n in available if n not in used and n not in tied and not any(p.fullmatch(n) for p in ignore)]
@@ -94,6 +98,17 @@ def params_from_hf(
         out = None
         done = []
         for idx, name in zip(positions[path], needed[path]):
+            pre = node_of(name)
+            if pre is not None and out is not None:
+                raise ValueError(f"{path}: some layers of it are quantized in the checkpoint ({name!r}) and some are not")
+            if pre is not None:
+                if tuple(pre.in_out) != tuple(shape[-2:]) or kind != "linear":
+                    raise ValueError(f"quantized tensor {name!r} holds a weight {pre.in_out[::-1]} (torch layout); "
+                                     f"{path} needs {tuple(shape[-2:])[::-1]}")
+                done.append(pre)
+                continue
+            if done and fn is None:
+                raise ValueError(f"{path}: some layers of it are quantized in the checkpoint and {name!r} is not")
             t = np.asarray(tensors[name])
             t = t.T if kind == "linear" else t
             got = tuple(shape[: len(idx)]) + t.shape
@@ -113,7 +128,7 @@ def params_from_hf(
             if out is None:
                 out = np.empty(shape, target)
             out[idx] = t
-        if fn is not None:
+        if fn is not None or done:
             lead = tuple(shape[: len(positions[path][0])])
             leaf = done[0] if not lead else jax.tree.map(
                 lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *done)

@@ -19,7 +19,7 @@ __all__ = ["QuantizedNode"]
 
 
 def _dequant_2d(n: dict[str, jax.Array], kind: str, bs: int, bs2: int, d_in: int, d_out: int) -> jax.Array:
-    from lorax_variants.quant import DYNAMIC_CODE, NF4_CODE
+    from lorax_variants.quant import DYNAMIC_CODE, FP4_CODE, NF4_CODE
 
     if n.get("qabsmax") is not None:
         q8 = n["qabsmax"]
@@ -34,8 +34,9 @@ def _dequant_2d(n: dict[str, jax.Array], kind: str, bs: int, bs2: int, d_in: int
         values = codes.astype(jnp.float32)
     else:
         q = jnp.stack([codes >> 4, codes & 0xF], axis=1).reshape(d_in, d_out)
-        values = jnp.take(jnp.asarray(NF4_CODE), q.astype(jnp.int32)) if kind == "nf4" else q.astype(jnp.float32) - 8.0
-    scale = absmax if kind == "nf4" else absmax / (7.0 if kind == "int4" else 127.0)
+        table = {"nf4": NF4_CODE, "fp4": FP4_CODE}.get(kind)
+        values = jnp.take(jnp.asarray(table), q.astype(jnp.int32)) if table is not None else q.astype(jnp.float32) - 8.0
+    scale = absmax if kind in ("nf4", "fp4") else absmax / (7.0 if kind == "int4" else 127.0)
     return (values.reshape(d_in // bs, bs, d_out) * scale[:, None, :]).reshape(d_in, d_out)
 
 
