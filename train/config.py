@@ -80,6 +80,7 @@ class DataConfig:
     task_field: str | None = None  # multitask: column of task indices (or names listed in data.tasks)
     tasks: list[str] | None = None
     labels: list[str] | None = None  # class names in label-index order; default: sorted unique
+    drop_labels: list[str] | None = None  # classification: rows with these labels are left out (before the split)
     seq_len: int = 128
     packing: bool = True  # causal LM: concatenate and cut into seq_len chunks
     add_eos: bool = True

@@ -221,6 +221,18 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     return TokenData({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}, stats), None
 
 
+def _drop_labels(ds: Any, cfg: DataConfig, source: str) -> Any:
+    """``ds`` without the rows whose label is in ``data.drop_labels``."""
+    if not cfg.drop_labels:
+        return ds
+    _columns(ds, [("data.label_field", cfg.label_field)], source)
+    drop = {str(x) for x in cfg.drop_labels}
+    kept = ds.filter(lambda row: str(row[cfg.label_field]) not in drop)
+    if len(kept) == 0:
+        raise ConfigError(f"data.drop_labels={cfg.drop_labels} leaves no rows of {source!r}")
+    return kept
+
+
 _FIX_EVAL = ("raise data.eval_fraction, name a longer held-out file in data.eval_source, or lower data.seq_len "
              "(or set data.eval_fraction: 0 to train without eval)")
 
@@ -228,11 +240,12 @@ _FIX_EVAL = ("raise data.eval_fraction, name a longer held-out file in data.eval
 def load_data(cfg: DataConfig, task: str, tokenizer: Any) -> tuple[TokenData, TokenData | None, list[str] | None]:
     """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``."""
     ds = read_examples(cfg, cfg.source)
+    ds = _drop_labels(ds, cfg, cfg.source)
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
     eval_ds, splits = None, (None, None)
     if cfg.eval_source:
-        eval_ds = read_examples(cfg, cfg.eval_source, "data.eval_source")
+        eval_ds = _drop_labels(read_examples(cfg, cfg.eval_source, "data.eval_source"), cfg, cfg.eval_source)
         splits = (None, "the eval data (data.eval_source)")
     elif cfg.eval_fraction > 0:
         order = np.random.default_rng(cfg.seed).permutation(len(ds))
