@@ -61,6 +61,10 @@ def bnb_reader(tensors: Mapping[str, Any], where: str) -> tuple[Callable[[str], 
         if m:
             states[m.group(1)] = k
     companions = set(states.values()) | {f"{w}.{c}" for w in states for c in _COMPANIONS if f"{w}.{c}" in tensors}
+    orphans = sorted(k[: -len(".absmax")] for k in tensors if k.endswith(".absmax") and k[: -len(".absmax")] not in states)
+    if orphans:
+        raise ValueError(f"{where}: quantized weight {orphans[0]!r} has no quant_state.bitsandbytes__nf4/fp4 tensor "
+                         f"({len(orphans)} such weights): the checkpoint is incomplete, its quantization state is lost")
 
     def node_of(name: str) -> Any:
         if name not in states:

@@ -88,6 +88,17 @@ def test_lora_trains_over_a_prequantized_checkpoint_through_the_app(base, tmp_pa
     np.testing.assert_array_equal(np.asarray(node.codes[1]).T.reshape(-1), np.asarray(stored).reshape(-1))
 
 
+def test_a_checkpoint_missing_its_quant_state_is_refused_naming_the_weight(base, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _bnb(base, tmp_path / "q", "nf4", True)
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"]
+    save_file(tensors, tmp_path / "q" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has no quant_state"):
+        hf.from_pretrained(tmp_path / "q")
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda q: q | {"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
     (lambda q: q | {"load_in_8bit": True, "load_in_4bit": False, "_load_in_8bit": True}, "load_in_8bit"),
