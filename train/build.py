@@ -142,6 +142,7 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False)
         hf_config.num_labels = num_labels
     task = cfg.model.task
     model = auto.from_config(hf_config, task=task, remat=cfg.model.remat, scan=cfg.model.scan)
+    _configure(cfg, model)
     _check_model(cfg, model)
     stacked = model.stacked
     spec, quant = adapter_spec(cfg, stacked), quant_spec(cfg, stacked)
@@ -156,6 +157,7 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False)
     else:
         model, params = auto.from_pretrained(path, dtype, task=task, remat=cfg.model.remat, scan=cfg.model.scan,
                                              quantize=on_load, num_labels=num_labels, new_head=head_key)
+        _configure(cfg, model)
 
     def adapt(p: Any) -> Any:
         if spec is None:
@@ -196,6 +198,13 @@ def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None,
     early = tuple(re.escape(p) for p in paths if not matches(p, a))
     with_targets = lambda t: dataclasses.replace(quant, targets=t) if t else None  # noqa: E731
     return with_targets(early), with_targets(late)
+
+
+def _configure(cfg: Config, model: Any) -> None:
+    """Run settings the model object carries: the attention implementation; our batches pad on the right."""
+    model.attention_impl = cfg.model.attention
+    model.right_padded = True
+    model.mlp_chunk = cfg.model.mlp_chunk
 
 
 def rebuild(b: Built, adapted: Any) -> Built:

@@ -29,8 +29,11 @@ class ModelConfig:
     num_labels: int | None = None  # classification: defaults to the number of labels in the data
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights as stored in memory
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    remat: Literal["none", "full", "dots", "dots_no_batch", "offload", "nested"] = "none"
     scan: bool = True
+    attention: Literal["auto", "dense", "flash"] = "auto"  # auto: dense up to 1024 tokens, blockwise above
+    loss_chunk: int = 2048  # causal LM: tokens per chunk of the cross-entropy (logits never [tokens, vocab])
+    mlp_chunk: int | None = None  # long sequences: the MLP this many tokens at a time (its [T, ffn] activations)
 
 
 @dataclasses.dataclass
@@ -335,6 +338,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"{field}: {msg}, got {_get(cfg, field)!r}")
 
     need(cfg.train.steps >= 1, "train.steps", "must be at least 1")
+    need(cfg.model.loss_chunk >= 1, "model.loss_chunk", "must be at least 1")
     need(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
     need(cfg.train.grad_accum >= 1, "train.grad_accum", "must be at least 1")
     need(cfg.train.batch_size % cfg.train.grad_accum == 0, "train.batch_size",

@@ -50,7 +50,6 @@ def _perplexity(model, tree, rows) -> float:
     """exp(mean next-token cross-entropy) over held-out rows (loss where the mask says)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     @jax.jit
@@ -90,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     base, data = _prepare(out, args.held_from)
-
-    import jax
-    import numpy as np
 
     import lorax_variants as lv
     from lorax_variants import hf

@@ -122,7 +122,7 @@ def _steps(p: Prepared) -> Any:
         opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
         dylora=cfg.adapter.variant == "dylora", penalty=penalty(cfg),
         delta_lora=(cfg.optim.delta_lora_lambda, cfg.optim.delta_lora_start) if cfg.adapter.variant == "delta_lora" else None,
-        n_tasks=cfg.adapter.n_tasks,
+        n_tasks=cfg.adapter.n_tasks, loss_chunk=cfg.model.loss_chunk,
     )
 
 

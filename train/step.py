@@ -20,13 +20,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
+from lorax_variants.models.loss import token_cross_entropy
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.dylora import sample_rank
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.optim import delta_lora_update
 from lorax_variants.sharding import BATCH
 
-__all__ = ["cast_tree", "task_loss", "StepFns", "make_steps"]
+__all__ = ["cast_tree", "task_loss", "lm_rows", "StepFns", "make_steps"]
 
 
 def cast_tree(tree: Any, dtype: Any) -> Any:
@@ -55,10 +56,14 @@ def task_loss(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tupl
         correct = (jnp.argmax(logits, -1) == labels) * valid
         return ce * valid, valid, correct
     targets = batch["input_ids"][:, 1:]
-    mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    correct = (jnp.argmax(logits[:, :-1], -1) == targets) * mask
-    return jnp.sum(ce * mask, -1), jnp.sum(mask, -1), jnp.sum(correct, -1)
+    return lm_rows(ce, jnp.argmax(logits[:, :-1], -1) == targets, batch)
+
+
+def lm_rows(ce: jax.Array, correct: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row sums of next-token ``ce``/``correct`` [B, T-1] over the tokens the loss mask keeps."""
+    mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    return jnp.sum(ce * mask, -1), jnp.sum(mask, -1), jnp.sum(correct * mask, -1)
 
 
 @dataclasses.dataclass
@@ -72,7 +77,7 @@ def make_steps(
     model: Any, task: str, optimizer: optax.GradientTransformation, *, mesh: Any, trainable_sh: Any, frozen_sh: Any,
     opt_sh: Any, compute_dtype: str = "float32", dropout: bool = False, dylora: bool = False,
     penalty: Callable[[Any], jax.Array] | None = None, delta_lora: tuple[float, int] | None = None,
-    n_tasks: int = 1,
+    n_tasks: int = 1, loss_chunk: int = 2048,
 ) -> StepFns:
     """Jitted steps. Batches come as ``[accum, micro, ...]`` arrays (micro over data x fsdp)."""
 
@@ -84,8 +89,13 @@ def make_steps(
             tree = sample_rank(tree, jax.random.fold_in(key, 2))
         if "task_ids" in batch:
             tree = lv.route(tree, batch["task_ids"])
-        logits = model.apply(tree, batch["input_ids"], batch["attention_mask"])
-        rows = task_loss(task, logits, batch)
+        if task == "causal_lm":  # logits per chunk of tokens only (models.loss)
+            params = lv.resolve_shared(tree)
+            h = model.hidden(params, batch["input_ids"], batch["attention_mask"])
+            ce, correct = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:], chunk=loss_chunk)
+            rows = lm_rows(ce, correct, batch)
+        else:
+            rows = task_loss(task, model.apply(tree, batch["input_ids"], batch["attention_mask"]), batch)
         if not train:
             return rows
         total, count, correct = (jnp.sum(r) for r in rows)

@@ -22,8 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import ZooModel, activation, attention, layer_norm, project, run_layers
-from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.models.layers import ZooModel, activation, layer_norm, project, run_layers, self_attention
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense_t, embed
 
@@ -121,7 +120,9 @@ class Bert(ZooModel):
         hd = d // c.num_attention_heads
         heads = lambda y: y.reshape(b, t, c.num_attention_heads, hd)  # noqa: E731
         a = p["attn"]
-        o = attention(heads(project(x, a, "query")), heads(project(x, a, "key")), heads(project(x, a, "value")), mask, 1 / math.sqrt(hd))
+        o = self_attention(heads(project(x, a, "query")), heads(project(x, a, "key")), heads(project(x, a, "value")),
+                           scale=1 / math.sqrt(hd), causal=False, key_valid=mask, impl=self.attention_impl,
+                           right_padded=self.right_padded)
         x = layer_norm(x + project(o, a, "out"), p["attn_norm_scale"], p["attn_norm_bias"], c.layer_norm_eps)
         h = activation(c.hidden_act)(project(x, p["mlp"], "intermediate"))
         return layer_norm(x + project(h, p["mlp"], "output"), p["mlp_norm_scale"], p["mlp_norm_bias"], c.layer_norm_eps)
@@ -150,8 +151,7 @@ class Bert(ZooModel):
             token_type_ids = jnp.zeros((b, t), jnp.int32)
         x = embed(input_ids, params["embed"]) + embed(position_ids, params["pos"]) + embed(token_type_ids, params["token_type"])
         x = layer_norm(x, params["embed_norm_scale"], params["embed_norm_bias"], c.layer_norm_eps)
-        mask = make_mask(attention_mask, t, causal=False) if attention_mask is not None else None
-        layer = lambda h, p: self._layer(h, p, mask)  # noqa: E731
+        layer = lambda h, p: self._layer(h, p, attention_mask)  # noqa: E731
         return run_layers(layer, x, params["layers"], c.num_hidden_layers, scan=self.scan, remat=self.remat)
 
     def apply(

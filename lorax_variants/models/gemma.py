@@ -25,9 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (KVCache, ZooModel, activation, apply_rope, attention, cached_attention, project,
-                                          rope_inv_freq, rope_tables, run_layers)
-from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.models.layers import (KVCache, ZooModel, activation, apply_rope, cached_attention, project,
+                                          rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
 from lorax_variants.ops import dense_t, embed
 from lorax_variants.shared import resolve_shared
 
@@ -151,7 +150,7 @@ class Gemma(ZooModel):
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
 
-    def _layer(self, x: jax.Array, layer: tuple, base_mask: jax.Array | None, ropes: tuple[tuple, tuple],
+    def _layer(self, x: jax.Array, layer: tuple, key_valid: jax.Array | None, ropes: tuple[tuple, tuple],
                cache: KVCache | None = None) -> Any:
         c = self.config
         p, window, is_global = layer[:3]
@@ -171,14 +170,15 @@ class Gemma(ZooModel):
         if cache is not None:
             out, kv = cached_attention(q, k, v, layer[3], cache, window, scale, c.attn_softcap)
         else:
-            pos = jnp.arange(t)
-            mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
-            out, kv = attention(q, k, v, mask, scale, causal=True, softcap=c.attn_softcap), None
+            out = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid, window=window,
+                                 softcap=c.attn_softcap, impl=self.attention_impl, right_padded=self.right_padded)
+            kv = None
         x = x + gemma_rms_norm(project(out, a, "o_proj"), p["post_attn_norm"], eps)
         h = gemma_rms_norm(x, p["mlp_norm"], eps)
         m = p["mlp"]
         act = activation(c.hidden_act, "hidden_activation")
-        y = project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
+        y = token_chunks(lambda z: project(act(project(z, m, "gate_proj")) * project(z, m, "up_proj"), m, "down_proj"),
+                         h, self.mlp_chunk)
         x = x + gemma_rms_norm(y, p["post_mlp_norm"], eps)
         return x if cache is None else (x, kv)
 
@@ -200,8 +200,7 @@ class Gemma(ZooModel):
             x, (k, v) = run_layers(layer, x, (params["layers"], windows, is_global, (cache.k, cache.v)),
                                    c.num_hidden_layers, scan=self.scan, remat="none", outputs=True)
             return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
-        base_mask = make_mask(attention_mask, t, causal=True)
-        layer = lambda h, lp: self._layer(h, lp, base_mask, ropes)  # noqa: E731
+        layer = lambda h, lp: self._layer(h, lp, attention_mask, ropes)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows, is_global), c.num_hidden_layers, scan=self.scan,
                        remat=self.remat)
         return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps)

@@ -22,9 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (KVCache, ZooModel, activation, attention, cached_attention, layer_norm, project,
-                                          run_layers)
-from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.models.layers import (KVCache, ZooModel, activation, cached_attention, layer_norm, project, run_layers,
+                                          self_attention)
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
 
@@ -113,7 +112,9 @@ class GPT2(ZooModel):
         if cache is not None:
             out, kv = cached_attention(heads(q), heads(k), heads(v), layer_kv, cache, 2**30, scale)
         else:
-            out, kv = attention(heads(q), heads(k), heads(v), mask, scale, causal=True), None
+            out = self_attention(heads(q), heads(k), heads(v), scale=scale, causal=True, key_valid=mask,
+                                 impl=self.attention_impl, right_padded=self.right_padded)
+            kv = None
         x = x + project(out, p["attn"], "c_proj")
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"], eps)
         act = activation(c.activation_function)
@@ -139,8 +140,7 @@ class GPT2(ZooModel):
             x, (k, v) = run_layers(layer, x, (params["layers"], (cache.k, cache.v)), c.n_layer, scan=self.scan,
                                    remat="none", outputs=True)
             return norm(x), dataclasses.replace(cache, k=k, v=v)
-        mask = make_mask(attention_mask, t, causal=True)
-        layer = lambda h, p: self._layer(h, p, mask)  # noqa: E731
+        layer = lambda h, p: self._layer(h, p, attention_mask)  # noqa: E731
         return norm(run_layers(layer, x, params["layers"], c.n_layer, scan=self.scan, remat=self.remat))
 
     def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:

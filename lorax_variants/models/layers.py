@@ -15,7 +15,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from lorax_variants.models import fused as fused_kernels
+from lorax_variants.models.flash import flash_attention
 from lorax_variants.ops import dense
 from lorax_variants.shared import is_shared
 from lorax_variants.tree import combine
@@ -29,8 +32,11 @@ __all__ = [
     "apply_rope",
     "attention_mask",
     "attention",
+    "self_attention",
+    "DENSE_MAX",
     "project",
     "run_layers",
+    "token_chunks",
     "KVCache",
     "cached_attention",
     "init_from_shapes",
@@ -225,6 +231,68 @@ def _attention_bwd(scale, softcap, res, d_out):
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
+DENSE_MAX = 1024  # up to this many queries and keys the dense path (scores [T, S]) is used; above, blockwise
+ATTENTION_IMPLS = ("auto", "dense", "flash", "cudnn", "splash")
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
+                   key_valid: jax.Array | None = None, window: Any = None, softcap: float | None = None,
+                   q_offset: Any = 0, impl: str = "auto", right_padded: bool = False) -> jax.Array:
+    """Attention described by what decides the mask, never by a [T, S] mask: ``key_valid`` [B, S] (padding),
+    ``causal``, a sliding ``window`` (key s seen by the query at position t when t - s < window) and the
+    queries' offset ``q_offset`` in the keys (a KV cache). Returns [B, T, H·D].
+
+    ``impl``: ``"dense"`` forms the scores (fast at short lengths), ``"flash"`` goes blockwise with memory
+    linear in the length (``models.flash``); ``"cudnn"`` and ``"splash"`` are the GPU's and the TPU's fused
+    kernels (``models.fused``; an error where the kernel cannot take the call). ``"auto"`` takes the
+    backend's fused kernel where it accepts the call (GPU: bf16/fp16, no soft cap, no padding or
+    ``right_padded`` keys; TPU: lengths a multiple of 128, a static window), else dense up to ``DENSE_MAX``
+    queries and keys and blockwise above."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r}; choose from {ATTENTION_IMPLS}")
+    t, s = q.shape[1], k.shape[1]
+    kw = dict(scale=scale, causal=causal, key_valid=key_valid, window=window, softcap=softcap, q_offset=q_offset)
+    if impl in ("auto", "cudnn", "splash"):
+        backend = jax.default_backend()
+        if impl == "cudnn" or (impl == "auto" and backend == "gpu"):
+            fused = fused_kernels.cudnn_attention(q, k, v, right_padded=right_padded, **kw)
+        elif impl == "splash" or (impl == "auto" and backend == "tpu"):
+            fused = fused_kernels.splash_attention(q, k, v, **kw)
+        else:
+            fused = None
+        if fused is not None:
+            return fused
+        if impl != "auto":
+            raise ValueError(f"attention impl {impl!r} cannot take this call (backend {backend}, dtype {q.dtype}, "
+                             f"{t} queries, {s} keys, window {window!r}, softcap {softcap}); use 'auto'")
+    if impl == "flash" or (impl == "auto" and max(t, s) > DENSE_MAX):
+        return flash_attention(q, k, v, **kw)
+    qpos = jnp.asarray(q_offset) + jnp.arange(t)
+    kpos = jnp.arange(s)
+    seen = jnp.ones((t, s), bool)
+    if causal:
+        seen &= kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        seen &= (qpos[:, None] - kpos[None, :]) < window
+    mask = seen[None] if key_valid is None else seen[None] & key_valid.astype(bool)[:, None, :]
+    square = causal and t == s and isinstance(q_offset, int) and q_offset == 0
+    return attention(q, k, v, mask, scale, causal=square, softcap=softcap)
+
+
+def token_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
+    """``fn`` over ``x [B, T, d]`` ``chunk`` tokens at a time, each chunk rematerialized: a position-wise block
+    (the MLP) whose [T, ffn] intermediates then exist for one chunk at a time, in the forward and when the
+    backward recomputes it. ``None`` or a short sequence: ``fn(x)``."""
+    b, t = x.shape[:2]
+    if chunk is None or t <= chunk:
+        return fn(x)
+    pad = -t % chunk
+    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, x.shape[-1]).transpose(1, 0, 2, 3)
+    body = jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    _, ys = jax.lax.scan(lambda _, xc: (None, body(xc)), None, xs)
+    return ys.transpose(1, 0, 2, 3).reshape(b, -1, ys.shape[-1])[:, :t]
+
+
 def project(x: jax.Array, params: dict[str, Any], name: str) -> jax.Array:
     """``dense(x, params[name])`` plus ``params[name + '_bias']`` when the model has one."""
     y = dense(x, params[name])
@@ -237,7 +305,17 @@ REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # As "full", but each layer's input (what the backward restarts the layer from) lives in host memory
+    # until the backward needs it, where the backend has a host memory kind (CPU, GPU, TPU in JAX today).
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
 }
+
+
+def _nested_group(n_layers: int) -> int:
+    """Layers per group for two-level remat: the divisor of L nearest √L (saved: L/G + G layer inputs)."""
+    return min((g for g in range(1, n_layers + 1) if n_layers % g == 0), key=lambda g: (n_layers // g + g, g))
 
 
 def run_layers(
@@ -247,11 +325,22 @@ def run_layers(
     """Apply ``layer(x, params_i)`` for each slice of the stacked params (scan or unrolled).
 
     With ``outputs``, ``layer`` returns ``(x, y)`` and this returns ``(x, ys)``, the ys stacked over layers
-    (a KV cache's updated layers)."""
+    (a KV cache's updated layers).
+
+    ``remat="nested"``: two-level rematerialization (arXiv 1604.06174's √L checkpoints) under ``scan``: the
+    layers go in G groups (G the divisor of L nearest √L), each group a checkpointed scan of checkpointed
+    layers, so the forward keeps L/G group inputs and the backward, one group at a time, G layer inputs:
+    for 32 layers 8 + 4 = 12 [tokens, d] activations instead of 32, for one more forward of the layers."""
+    if remat == "nested" and scan and not outputs:
+        return _nested(layer, x, stacked, n_layers)
+    if remat == "nested":
+        remat = "full"
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES) + ['nested']}")
     if remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+        inner = layer
+        layer = jax.checkpoint(lambda h, p: inner(checkpoint_name(h, "layer_input"), p),
+                               policy=REMAT_POLICIES[remat])
     step = layer if outputs else (lambda h, p: (layer(h, p), None))
     # Shared values (VeRA's projections, ...) are used by every layer: broadcast, not sliced.
     per_layer = jax.tree.map(lambda x: None if is_shared(x) else x, stacked, is_leaf=is_shared)
@@ -296,12 +385,23 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer_kv: tuple[j
     and i - s < window. Returns the output [B, t, H·D] and this layer's updated (k, v)."""
     k_all = jax.lax.dynamic_update_slice_in_dim(layer_kv[0], k.astype(layer_kv[0].dtype), cache.index, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(layer_kv[1], v.astype(layer_kv[1].dtype), cache.index, axis=1)
-    t, s = q.shape[1], k_all.shape[1]
-    qi = cache.index + jnp.arange(t)[:, None]
-    si = jnp.arange(s)[None, :]
-    seen = cache.valid[:, None, :] & ((si <= qi) & ((qi - si) < window))[None]
-    out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), seen, scale, causal=False, softcap=softcap)
+    out = self_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), scale=scale, causal=True,
+                         key_valid=cache.valid, window=window, softcap=softcap, q_offset=cache.index)
     return out, (k_all, v_all)
+
+
+def _nested(layer: Callable[[jax.Array, Any], Any], x: jax.Array, stacked: Any, n_layers: int) -> jax.Array:
+    group = _nested_group(n_layers)
+    per_layer = jax.tree.map(lambda x: None if is_shared(x) else x, stacked, is_leaf=is_shared)
+    common = jax.tree.map(lambda x: x if is_shared(x) else None, stacked, is_leaf=is_shared)
+    inner = jax.checkpoint(lambda h, p: layer(h, combine(p, common)), policy=jax.checkpoint_policies.nothing_saveable)
+    grouped = jax.tree.map(lambda leaf: leaf.reshape((n_layers // group, group) + leaf.shape[1:]), per_layer)
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def one_group(h: jax.Array, p: Any) -> jax.Array:
+        return jax.lax.scan(lambda h, q: (inner(h, q), None), h, p)[0]
+
+    return jax.lax.scan(lambda h, p: (one_group(h, p), None), x, grouped)[0]
 
 
 def init_from_shapes(shapes: dict[str, Any], key: jax.Array, std: float, dtype: Any) -> dict[str, Any]:
@@ -321,10 +421,18 @@ def init_from_shapes(shapes: dict[str, Any], key: jax.Array, std: float, dtype: 
 
 
 class ZooModel:
-    """What every zoo model shares: ``init`` from its ``shapes()``, and ``generate`` if causal."""
+    """What every zoo model shares: ``init`` from its ``shapes()``, and ``generate`` if causal.
+
+    ``attention_impl``: ``"auto"`` (dense up to ``DENSE_MAX`` tokens, blockwise above, cuDNN on GPUs where
+    it applies), ``"dense"`` or ``"flash"`` (see ``self_attention``). ``right_padded``: the caller pads
+    sequences on the right only (the app does), which lets fused kernels take key lengths. ``mlp_chunk``:
+    run the MLP that many tokens at a time (long sequences: its [T, ffn] activations are the largest)."""
 
     causal = False
     stacked = r"layers/.*"
+    attention_impl = "auto"
+    right_padded = False
+    mlp_chunk: int | None = None  # tokens per MLP chunk (``token_chunks``) for long sequences
 
     def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
         """Random params (N(0, initializer_range²) weights, unit norms, zero biases); pure, so

@@ -25,19 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (
-    activation,
-    apply_rope,
-    attention,
-    ZooModel,
-    project,
-    rms_norm,
-    rope_inv_freq,
-    rope_tables,
-    run_layers,
-)
-from lorax_variants.models.layers import KVCache, cached_attention
-from lorax_variants.models.layers import attention_mask as make_mask
+from lorax_variants.models.layers import (KVCache, ZooModel, activation, apply_rope, cached_attention, project, rms_norm,
+                                          rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
 from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
 from lorax_variants.ops import dense, dense_t, embed
@@ -188,7 +177,7 @@ class Llama(ZooModel):
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
 
-    def _layer(self, x: jax.Array, layer: tuple, base_mask: jax.Array | None, rope: tuple,
+    def _layer(self, x: jax.Array, layer: tuple, key_valid: jax.Array | None, rope: tuple,
                cache: KVCache | None = None) -> Any:
         c = self.config
         p, window = layer[0], layer[1]
@@ -205,9 +194,9 @@ class Llama(ZooModel):
         if cache is not None:
             attn, kv = cached_attention(q, k, v, layer[2], cache, window, scale)
         else:
-            pos = jnp.arange(t)
-            mask = base_mask & ((pos[:, None] - pos[None, :]) < window)[None]
-            attn, kv = attention(q, k, v, mask, scale, causal=True), None
+            attn = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid, window=window,
+                                  impl=self.attention_impl, right_padded=self.right_padded)
+            kv = None
         x = x + project(attn, a, "o_proj")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         act = activation(c.hidden_act)
@@ -215,7 +204,8 @@ class Llama(ZooModel):
             x = x + moe_mlp(h, p["moe"], act, c.moe)
         else:
             m = p["mlp"]
-            x = x + project(act(project(h, m, "gate_proj")) * project(h, m, "up_proj"), m, "down_proj")
+            mlp = lambda y: project(act(project(y, m, "gate_proj")) * project(y, m, "up_proj"), m, "down_proj")  # noqa: E731
+            x = x + token_chunks(mlp, h, self.mlp_chunk)
         return x if cache is None else (x, kv)
 
     def hidden(
@@ -237,8 +227,7 @@ class Llama(ZooModel):
             x, (k, v) = run_layers(layer, x, (params["layers"], windows, (cache.k, cache.v)), c.num_hidden_layers,
                                    scan=self.scan, remat="none", outputs=True)
             return rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
-        base_mask = make_mask(attention_mask, t, causal=True)
-        layer = lambda h, lp: self._layer(h, lp, base_mask, rope)  # noqa: E731
+        layer = lambda h, lp: self._layer(h, lp, attention_mask, rope)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
         return rms_norm(x, params["final_norm"], c.rms_norm_eps)
 

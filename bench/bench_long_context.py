@@ -1,0 +1,210 @@
+"""Long context: device bytes of one train step of a Llama-3.1-8B-shaped model against sequence length, from
+the compiled program's memory analysis (abstract shapes: nothing is allocated, any machine measures it), and
+the longest sequence whose step fits in 80 GiB (binary search), for QLoRA r=32 on all 7 projections and for
+bf16 LoRA, batch 1, bf16 compute. "before": dense attention, full-vocab logits, remat "full" (the program
+before issue 20); "after": blockwise attention, chunked cross-entropy, two-level remat, chunked MLP.
+
+Bytes = arguments (frozen weights, adapters) + outputs (adapter gradients) + temporaries, as XLA plans them
+for this backend; host-offloaded bytes (``host_temp_size_in_bytes``) reported apart. Then the speed of the
+new program against the old at 256-1024 tokens on a small model, both timed in this run.
+
+With ``--tpu v5p`` the same programs are compiled for a TPU chip without one (XLA's TPU compiler from the
+``libtpu`` wheel, deviceless ahead-of-time compilation as MaxText's ``train_compile.py`` does; ``make
+libtpu`` fetches the pinned wheel into ``.cache/libtpu``): bf16 stays bf16 there (XLA:CPU widens bf16 dots
+and their temporaries to f32, so the CPU figures overstate an accelerator's), and ``remat="offload"``
+really moves the layer inputs to host memory.
+
+    python bench/bench_long_context.py [--quick] [--budget-gib 80] [--tpu v5p] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+LIBTPU = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "libtpu"
+if "--tpu" in sys.argv:  # before jax is imported: the CPU stays the default backend, XLA:TPU only compiles
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    sys.path.insert(0, str(LIBTPU))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+import lorax_variants as lv
+from lorax_variants import hf
+from lorax_variants.models.loss import token_cross_entropy
+
+GIB = 2**30
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 21,
+                tie_word_embeddings=False)
+TARGETS = r"layers/(attn|mlp)/\w+_proj"
+
+
+def _plain_loss(model, params, ids):
+    logp = jax.nn.log_softmax(model.apply(params, ids).astype(jnp.float32)[:, :-1])
+    return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+
+DEVICE = None  # the TPU device compiled for (--tpu), None: this machine's default device
+PROGRAMS = {"before": "dense attention, [T, vocab] logits, remat full",
+            "after": "blockwise attention, chunked loss, remat nested, MLP chunks",
+            "offload": "as after, layer inputs offloaded to host (remat offload)"}
+
+
+def _step(config: dict, variant: str, program: str, seq: int) -> tuple[int, int]:
+    """(device bytes, host bytes) of value_and_grad of the loss over the trainable leaves, compiled."""
+    cfg = transformers.LlamaConfig(**config)
+    after = program != "before"
+    model = hf.from_config(cfg, remat={"before": "full", "after": "nested", "offload": "offload"}[program])
+    model.attention_impl = "flash" if after else "dense"
+    model.mlp_chunk = 2048 if after else None
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.bfloat16), jax.random.key(0))
+    spec = lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=32, alpha=64)
+
+    def build(p):
+        if variant == "qlora":
+            p = lv.quantize(p, lv.QuantSpec(targets=TARGETS, stacked=model.stacked, kind="nf4", block_size=64))
+        return lv.adapt(p, spec, jax.random.key(0))
+
+    tree = jax.eval_shape(build, shapes)
+    trainable, frozen = lv.split(tree)
+    ids = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+    if DEVICE is not None:
+        place = jax.sharding.SingleDeviceSharding(DEVICE)
+        on = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place)  # noqa: E731
+        trainable, frozen, ids = jax.tree.map(on, (trainable, frozen, ids))
+
+    def loss(tr, fr, ids):
+        from train.step import cast_tree
+
+        params = lv.resolve_shared(cast_tree(lv.combine(tr, fr), jnp.bfloat16))
+        if not after:
+            return _plain_loss(model, params, ids)
+        h = model.hidden(params, ids)
+        ce, _ = token_cross_entropy(model, params, h[:, :-1], ids[:, 1:], chunk=1024)
+        return jnp.sum(ce)
+
+    try:
+        stats = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, ids).compile().memory_analysis()
+    except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over the chip's memory at compile time
+        if DEVICE is not None and "memory" in str(e).lower():
+            return 1 << 62, 0
+        raise
+    device = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    host = getattr(stats, "host_temp_size_in_bytes", 0) + getattr(stats, "host_argument_size_in_bytes", 0)
+    return device, host
+
+
+def _longest(config: dict, variant: str, program: str, budget: int, lo: int, hi: int, step: int) -> int:
+    """The longest multiple of ``step`` whose step fits ``budget`` bytes (binary search over compiles)."""
+    if _step(config, variant, program, lo)[0] > budget:
+        return 0
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if _step(config, variant, program, mid)[0] <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _speed(rounds: int) -> list[tuple[int, float, float]]:
+    """Train-step time of the new program over the old on a small Llama at 256/512/1024 tokens."""
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4)
+    out = []
+    for seq in (256, 512, 1024):
+        times = {}
+        fns = {}
+        for program in ("before", "after"):
+            model = hf.from_config(cfg, remat="full")
+            model.attention_impl = "auto" if program == "after" else "dense"
+            params = model.init(jax.random.key(0))
+            tree = lv.adapt(params, lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=16), 0)
+            tr, fr = lv.split(tree)
+            ids = jnp.asarray(np.random.default_rng(0).integers(0, 32000, (4, seq)), jnp.int32)
+
+            def loss(tr, fr, ids, model=model, program=program):
+                params = lv.resolve_shared(lv.combine(tr, fr))
+                if program == "before":
+                    return _plain_loss(model, params, ids)
+                h = model.hidden(params, ids)
+                return jnp.sum(token_cross_entropy(model, params, h[:, :-1], ids[:, 1:])[0])
+
+            fn = jax.jit(jax.grad(loss))
+            jax.block_until_ready(fn(tr, fr, ids))
+            fns[program] = (fn, tr, fr, ids)
+            times[program] = []
+        for _ in range(rounds):
+            for program, (fn, tr, fr, ids) in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(tr, fr, ids))
+                times[program].append(time.perf_counter() - t0)
+        out.append((seq, statistics.median(times["before"]), statistics.median(times["after"])))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a 2-layer model of the same width, no binary search")
+    ap.add_argument("--budget-gib", type=float, default=80.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--tpu", help="compile for this TPU generation instead (v5p, v5e, v6e; needs make libtpu)")
+    ap.add_argument("--no-speed", action="store_true", help="memory figures only")
+    a = ap.parse_args()
+    global DEVICE
+    if a.tpu:
+        from jax.experimental import topologies
+
+        if not (LIBTPU / "libtpu").is_dir():
+            sys.exit(f"--tpu needs the libtpu wheel unpacked in {LIBTPU}: run make libtpu")
+        DEVICE = topologies.get_topology_desc(topology_name=f"{a.tpu}:2x2x1" if a.tpu in ("v4", "v5p") else f"{a.tpu}:2x2",
+                                              platform="tpu").devices[0]
+    config = dict(LLAMA_8B, num_hidden_layers=2) if a.quick else LLAMA_8B
+    budget = int(a.budget_gib * GIB)
+    rows = []
+    lengths = (1024, 4096) if a.quick else (1024, 8192, 16384, 32768, 131072, 262144)
+    target = f"TPU {a.tpu} ({DEVICE.device_kind}), compiled without one" if DEVICE else f"backend {jax.default_backend()}"
+    programs = ("before", "after", "offload") if DEVICE else ("before", "after")
+    print(f"{target}; Llama-3.1-8B shape ({config['num_hidden_layers']} layers), batch 1, bf16")
+    for variant in ("qlora", "lora"):
+        for program in programs:
+            for seq in lengths:
+                if program == "before" and seq > 32768:
+                    continue
+                dev, host = _step(config, variant, program, seq)
+                rows.append({"variant": variant, "program": program, "seq": seq, "device_gib": dev / GIB,
+                             "host_gib": host / GIB})
+                print(f"{variant:5s} {program:6s} {seq:>8,} tokens: {dev / GIB:7.2f} GiB on device, {host / GIB:.2f} on host",
+                      flush=True)
+    longest = {}
+    if not a.quick:
+        for variant in ("qlora", "lora"):
+            longest[variant, "before"] = _longest(config, variant, "before", budget, 1024, 65536, 1024)
+            for program in programs[1:]:
+                longest[variant, program] = _longest(config, variant, program, budget, 16384, 1 << 21, 4096)
+            print(f"{variant}: longest sequence in {a.budget_gib:g} GiB: "
+                  + ", ".join(f"{p} {longest[variant, p]:,}" for p in programs)
+                  + " tokens (unsloth's published QLoRA on an 80 GB GPU: 342,733)", flush=True)
+    speed = [] if a.no_speed else _speed(a.rounds)
+    for seq, before, after in speed:
+        print(f"speed at {seq:5d} tokens (d=512, 4 layers, batch 4, LoRA): before {before * 1e3:7.1f} ms, "
+              f"after {after * 1e3:7.1f} ms, after/before {after / before:.2f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": rows, "longest": {f"{k[0]}/{k[1]}": v for k, v in longest.items()},
+                       "speed": speed}, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Next-token cross-entropy that never forms [tokens, vocab] logits beyond one chunk of tokens.
+
+    ce_n = logsumexp(head(h_n)) - head(h_n)[y_n]          (float32; head: the model's output head)
+
+The final hidden states [N, d] go through the head ``chunk`` tokens at a time in a ``scan`` whose body is
+rematerialized (``jax.checkpoint``): the forward keeps only each chunk's hidden states, and the backward
+recomputes that chunk's logits, takes softmax - onehot and sends it back through the head (its matmul,
+a LoRA on it, a tied embedding, Gemma's final soft-cap: whatever ``model.head`` is), so the largest
+temporary is [chunk, vocab] in float32 however long the sequence. The head's gradients sum over chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["token_cross_entropy"]
+
+
+def token_cross_entropy(model: Any, params: Any, hidden: jax.Array, targets: jax.Array,
+                        chunk: int = 2048) -> tuple[jax.Array, jax.Array]:
+    """Per token ``(cross-entropy float32, argmax == target)`` for ``hidden [..., d]`` and ``targets [...]``.
+
+    ``params``: the resolved tree ``model.head`` reads. Equal to the plain computation on full logits in
+    value and gradient (to float32 rounding)."""
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1).astype(jnp.int32)
+    n = h.shape[0]
+    if n <= chunk:  # one chunk: the plain computation (nothing to save by recomputing)
+        ce, correct = _ce(model, params, h, y)
+        return ce.reshape(shape), correct.reshape(shape)
+    c = max(1, chunk)
+    pad = -n % c
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, c, h.shape[-1])
+    y = jnp.pad(y, (0, pad)).reshape(-1, c)
+
+    one = jax.checkpoint(lambda h_c, y_c: _ce(model, params, h_c, y_c))  # the backward recomputes the logits
+    _, (ce, correct) = jax.lax.scan(lambda _, xs: (None, one(*xs)), None, (h, y))
+    return ce.reshape(-1)[:n].reshape(shape), correct.reshape(-1)[:n].reshape(shape)
+
+
+def _ce(model: Any, params: Any, h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = model.head(params, h).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    return lse - picked, jnp.argmax(logits, axis=-1) == y
