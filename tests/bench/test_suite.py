@@ -10,12 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-ALL = {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 memory", "4 FSDP", "5 compile", "5 merged"}
+ALL = {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 memory", "4 FSDP", "5 compile", "5 merged", "6 long"}
 
 
 @pytest.mark.parametrize("variants, only, figures", [
     ("lora", "peft,flops,fsdp", {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 FSDP"}),
-    pytest.param("lora,dora,vera,adalora,qlora,full", "peft,flops,memory,fsdp,compile,merged", ALL,
+    pytest.param("lora,dora,vera,adalora,qlora,full", "peft,flops,memory,fsdp,compile,merged,long", ALL,
                  marks=pytest.mark.slow),
 ])
 def test_suite_quick_prints_every_figure(tmp_path, variants, only, figures):
