@@ -8,7 +8,8 @@
 """
 
 from lorax_variants.adapt import Target, adapt, register_variant, variants
-from lorax_variants.nodes import AdapterNode, LoraNode, Node
+from lorax_variants.nodes import AdapterNode, Node
+from lorax_variants.nodes.lora import LoraNode, share_adapters
 from lorax_variants.nodes.adalora import AdaLoraNode, orthogonal_penalty
 from lorax_variants.nodes.dora import DoraNode
 from lorax_variants.nodes.dylora import DyLoraNode, sample_rank, truncate, with_rank
@@ -17,8 +18,8 @@ from lorax_variants.nodes.multitask import BASE, MultiTaskNode, route, select, s
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode, prune
 from lorax_variants.nodes.vera import VeraNode
-from lorax_variants.shared import Shared, resolve_shared, share_adapters
-from lorax_variants.ops import dense, merge, merged
+from lorax_variants.shared import Shared, resolve_shared
+from lorax_variants.ops import as_lora, dense, merge, merged
 from lorax_variants.quant import QuantSpec, dequantize, quantize
 from lorax_variants.per_call import with_dropout, without_dropout
 from lorax_variants.spec import AdapterSpec
@@ -67,6 +68,7 @@ __all__ = [
     "Shared",
     "resolve_shared",
     "share_adapters",
+    "as_lora",
     "QuantSpec",
     "quantize",
     "dequantize",

@@ -29,6 +29,7 @@ from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode
 from lorax_variants.sharding import to_host
 from lorax_variants.tree import leaves_with_paths
+from lorax_variants.optim.adalora import AllocatorState
 
 __all__ = ["magnitude_direction", "active_ranks"]
 
@@ -59,8 +60,6 @@ def magnitude_direction(tree: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def active_ranks(tree: Any, opt_state: Any = None) -> dict[str, np.ndarray]:
     """``{path: ranks in use}`` per adapter node (integer array over stacked layers)."""
-    from lorax_variants.optim.adalora import AllocatorState
-
     alloc = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AllocatorState))
              if isinstance(s, AllocatorState)] if opt_state is not None else []
     keep = iter(alloc[0].keep) if alloc else None

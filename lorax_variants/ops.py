@@ -1,4 +1,5 @@
-"""``dense(x, w)``: the one place where a weight of any kind meets an input.
+"""``dense(x, w)`` (defined with the node protocol in ``nodes.base``): the one place where a weight of
+any kind meets an input.
 
     y = x @ W                      for a plain array W [in, out]
     y = node.apply(x)              for a node (adapter, quantized, ...), in factored form
@@ -16,80 +17,33 @@ d x k delta inside the step; our own models take the factored path through ``den
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
-from lorax_variants.nodes.base import Node
+from lorax_variants.nodes.base import Node, dense, dense_t, embed
+from lorax_variants.shared import resolve_shared
+from lorax_variants.tree import leaves_with_paths
 
-__all__ = ["dense", "dense_t", "embed", "merge", "merged"]
-
-
-def dense(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ w`` for ``x [..., in]`` and a weight ``w [in, out]`` of any kind."""
-    if isinstance(w, Node):
-        return w.apply(x)
-    if w.ndim != 2:
-        raise ValueError(
-            f"dense expects a 2-D weight [in, out], got shape {tuple(w.shape)}; stacked "
-            "layers are applied one layer at a time (jax.lax.scan over the layer axis)"
-        )
-    return _matmul(x, w.astype(x.dtype))
+__all__ = ["dense", "dense_t", "embed", "merge", "merged", "as_lora"]  # dense, dense_t, embed: the node protocol's
 
 
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` whose weight gradient is one matmul of the tokens-flattened operands.
+def as_lora(tree: Any, **options: Any) -> Any:
+    """Every node that reduces to LoRA (``node.reduces_to_lora``) as its ``LoraNode`` (``node.as_lora``),
+    given the ``options`` its ``as_lora`` takes (DyLoRA's ``rank``, a multi-task node's ``task``; ``None``
+    values are left out); other nodes unchanged."""
+    def reduce(x: Any) -> Any:
+        if not (isinstance(x, Node) and getattr(x, "reduces_to_lora", False)):
+            return x
+        accepted = inspect.signature(x.as_lora).parameters
+        return x.as_lora(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
-    Autodiff's ``dW = xᵀ g`` let XLA:CPU fuse the producer of g (e.g. SiLU's backward) into a
-    transposing copy of the whole [tokens, out] gradient (56 ms per MLP layer at 2048 x 1344);
-    here g is materialized in its own layout and the transposed-operand matmul does the rest.
-    Full fine-tuning step of the d=512, 8-layer Llama on 2 cores: 3.62 s -> 2.91 s. A frozen
-    weight's gradient is never asked for and XLA drops it, as before.
-    """
-    return jnp.matmul(x, w)
-
-
-def _matmul_fwd(x, w):
-    return jnp.matmul(x, w), (x, w)
-
-
-def _matmul_bwd(res, g):
-    x, w = res
-    dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
-    return jnp.matmul(g, w.T), dw
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def embed(ids: jax.Array, w: Any) -> jax.Array:
-    """Rows ``w[ids]`` of an embedding table ``w [vocab, d]`` of any kind.
-
-    A node with a ``lookup`` method gathers in factored form (LoRA: ``W[ids] + s·A[ids] B``);
-    any other node is merged first (exact).
-    """
-    if isinstance(w, Node):
-        if hasattr(w, "lookup"):
-            return w.lookup(ids)
-        return jnp.take(w.merge(), ids, axis=0)
-    return jnp.take(w, ids, axis=0)
-
-
-def dense_t(x: jax.Array, w: Any) -> jax.Array:
-    """``x @ wᵀ`` for ``w [out, in]``: a tied output head that reuses the embedding table."""
-    if isinstance(w, Node):
-        if hasattr(w, "apply_t"):
-            return w.apply_t(x)
-        w = w.merge()
-    return jnp.matmul(x, w.astype(x.dtype).T)
+    return jax.tree.map(reduce, resolve_shared(tree), is_leaf=lambda x: isinstance(x, Node))
 
 
 def merge(tree: Any) -> Any:
     """The same tree with every node replaced by its dense weight (``node.merge()``)."""
-    from lorax_variants.shared import resolve_shared
-
     tree = resolve_shared(tree)
     return jax.tree.map(
         lambda x: x.merge() if isinstance(x, Node) else x,
@@ -99,8 +53,6 @@ def merge(tree: Any) -> Any:
 
 
 def _has_dropout_state(tree: Any) -> list[str]:
-    from lorax_variants.tree import leaves_with_paths
-
     return [
         p
         for p, x in leaves_with_paths(tree, nodes_are_leaves=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["Shared", "resolve_shared", "is_shared", "value_of", "share_adapters"]
+__all__ = ["Shared", "resolve_shared", "is_shared", "value_of"]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -70,35 +70,3 @@ def resolve_shared(tree: Any) -> Any:
         return Shared(x.name, owners[x.name])  # every use reads the owner's value
 
     return jax.tree.map(fill, tree, is_leaf=is_shared)
-
-
-def share_adapters(tree: Any, paths: list[str], name: str = "shared") -> Any:
-    """Make the LoRA nodes at ``paths`` use one adapter set (A, B): the first path's, stored once.
-
-    The others keep their own frozen weights and scales; after training, the owner's A and B hold
-    gradients summed over every use (LoRA-drop shares one set among its unselected layers).
-    """
-    from lorax_variants.nodes.lora import LoraNode
-    from lorax_variants.tree import leaves_with_paths, map_with_paths
-
-    nodes = dict(leaves_with_paths(tree, nodes_are_leaves=True))
-    missing = [p for p in paths if not isinstance(nodes.get(p), LoraNode)]
-    if missing:
-        raise ValueError(f"share_adapters: {missing} are not LoRA nodes of this tree")
-    owner = nodes[paths[0]]
-    a, b = value_of(owner.lora_a), value_of(owner.lora_b)
-    for p in paths[1:]:
-        n = nodes[p]
-        if value_of(n.lora_a).shape != a.shape or value_of(n.lora_b).shape != b.shape:
-            raise ValueError(f"share_adapters: {p} has A {value_of(n.lora_a).shape}, B {value_of(n.lora_b).shape}; "
-                             f"{paths[0]} has A {a.shape}, B {b.shape}")
-    wanted = {p: i for i, p in enumerate(paths)}
-
-    def wrap(path: str, x: Any) -> Any:
-        if path not in wanted:
-            return x
-        own = wanted[path] == 0
-        return x.replace(lora_a=Shared(f"{name}/lora_a", a if own else None),
-                         lora_b=Shared(f"{name}/lora_b", b if own else None))
-
-    return map_with_paths(wrap, tree, nodes_are_leaves=True)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from lorax_variants.tree import Patterns, trainable_mask
+from lorax_variants.nodes.quantized import QuantizedNode
 
 __all__ = ["ParamCount", "count_params", "tree_bytes", "leaf_bytes"]
 
@@ -60,8 +61,6 @@ def count_params(tree: Any, *, extra: Patterns = None) -> ParamCount:
 
     A quantized weight counts as the weights it represents (``in x out``), not its packed bytes.
     """
-    from lorax_variants.nodes.quantized import QuantizedNode
-
     tree = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, QuantizedNode) else x,
         tree,

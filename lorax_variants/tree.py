@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
+from lorax_variants.nodes.base import Node
+
 PyTree = Any
 Patterns = str | Sequence[str] | None
 
@@ -55,9 +57,6 @@ def path_str(keypath: Iterable[Any]) -> str:
 
 
 def _is_node(x: Any) -> bool:
-    # Imported lazily: nodes.base imports this module.
-    from lorax_variants.nodes.base import Node
-
     return isinstance(x, Node)
 
 

@@ -28,7 +28,7 @@ from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomi
 from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
-from lorax_variants.hf.auto import load_hf_config
+from lorax_variants.hf.build import load_hf_config
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, TokenData, eval_batches, load_data

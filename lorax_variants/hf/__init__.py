@@ -1,6 +1,7 @@
 """Hugging Face at the edges: load HF checkpoints into our models, export merged models and PEFT adapters."""
 
-from lorax_variants.hf.auto import SUPPORTED, from_config, from_pretrained, load_hf_config, save_pretrained
+from lorax_variants.hf.auto import from_pretrained
+from lorax_variants.hf.build import SUPPORTED, from_config, load_hf_config, save_pretrained
 from lorax_variants.hf.convert import params_from_hf, to_hf
 from lorax_variants.hf.export import save_merged
 from lorax_variants.hf.gguf import from_gguf, gguf_tokenizer

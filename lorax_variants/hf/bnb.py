@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from lorax_variants.nodes.quantized import QuantizedNode
+from lorax_variants.nodes.quantized import DYNAMIC_CODE, FP4_CODE, NF4_CODE
 
 __all__ = ["bnb_reader", "check_quantization_config"]
 
@@ -52,8 +54,6 @@ def check_quantization_config(hf_config: Any, where: str) -> bool:
 def bnb_reader(tensors: Mapping[str, Any], where: str) -> tuple[Callable[[str], Any], set[str]]:
     """``(node_of, companions)``: ``node_of(name)`` is the ``QuantizedNode`` of a quantized weight (None for a
     plain tensor); ``companions`` are the names of the scale and state tensors, read through ``node_of``."""
-    from lorax_variants.nodes.quantized import QuantizedNode
-    from lorax_variants.quant import DYNAMIC_CODE, FP4_CODE, NF4_CODE
 
     states = {}
     for k in tensors:

@@ -14,11 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.hf.auto import write_config
+from lorax_variants.hf.build import write_config
 from lorax_variants.hf.convert import to_hf
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
+from lorax_variants.ops import as_lora, merge
 
 __all__ = ["save_merged", "TOKENIZER_FILES"]
 
@@ -34,25 +37,9 @@ def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int 
     ``rank``: DyLoRA's rank. ``task``: the multi-task adapter to merge (required for multi-task
     trees). ``dtype``: cast the merged weights (default: as merged, float32 for adapted weights).
     """
-    import jax
-
-    from lorax_variants.nodes.dylora import DyLoraNode, with_rank
-    from lorax_variants.nodes.multitask import MultiTaskNode, select
-    from lorax_variants.ops import merge
-    from lorax_variants.tree import leaves_with_paths
-
-    kinds = {type(n) for _, n in leaves_with_paths(tree, nodes_are_leaves=True)}
-    if MultiTaskNode in kinds:
-        if task is None:
-            raise ValueError("a multi-task tree merges one task's adapter: pass task=k")
-        tree = select(tree, task)
-    if DyLoraNode in kinds and rank is not None:
-        tree = with_rank(tree, rank)
-    params = jax.device_get(merge(tree))
+    params = jax.device_get(merge(as_lora(tree, rank=rank, task=task)))
     tensors = to_hf(model, params)
     if dtype is not None:
-        import jax.numpy as jnp
-
         tensors = {k: v.astype(np.dtype(jnp.dtype(dtype))) for k, v in tensors.items()}
 
     def write(tmp: Path) -> None:
@@ -68,8 +55,6 @@ def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int 
 
 
 def jnp_name(dtype: Any) -> str:
-    import jax.numpy as jnp
-
     return jnp.dtype(dtype).name
 
 

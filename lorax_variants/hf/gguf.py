@@ -25,6 +25,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lorax_variants.hf import names
+from lorax_variants.hf.build import from_config, load_params
+
 __all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "GGUFTensors", "ARCHITECTURES"]
 
 # GGUF general.architecture -> whether llama.cpp permuted q/k rows (Llama's converter does; Qwen's do not).
@@ -79,7 +82,6 @@ class GGUFTensors(Mapping):
     def __init__(self, path: str | os.PathLike, model: Any):
         import gguf
 
-        from lorax_variants.hf import names
 
         self.path = Path(path)
         self.reader = _reader(self.path)
@@ -132,8 +134,6 @@ def from_gguf(path: str | os.PathLike, dtype: Any = None, *, remat: str = "none"
               quantize: Any = None) -> tuple[Any, dict[str, Any]]:
     """``(model, params)`` of a GGUF file (see the module docstring). ``quantize``: a ``QuantSpec`` applied
     one tensor at a time as they are dequantized (e.g. NF4 for QLoRA on a Q4 download)."""
-    from lorax_variants.hf.auto import from_config, load_params
-
     hf_config = gguf_config(path)
     reader_names = {t.name for t in _reader(Path(path)).tensors}
     hf_config.tie_word_embeddings = "output.weight" not in reader_names

@@ -10,10 +10,10 @@ Conv1D, with ``fan_in_fan_out``), under ``base_model.model.<module>``. What each
   rank 2r with ``A = [A'; A₀]``, ``B = [B', −B₀]``, so ``ΔW = s(B'A' − B₀A₀)`` on the untouched base.
 - DoRA: LoRA + ``lora_magnitude_vector``, ``use_dora``. VeRA: ``vera_lambda_d/b`` and the shared
   ``base_model.vera_A/B`` (``save_projection``). AdaLoRA: ``lora_A/E/B`` truncated to the kept
-  triplets with the final ``rank_pattern``. DyLoRA: LoRA of the chosen rank. SoRA: gates folded into
-  B, zero-gate ranks removed. LoRA-drop: the shared set written into each layer that uses it.
-  Multi-task: one adapter directory per task (``task_0``, ...). Delta-LoRA changes W: refused
-  (export it merged).
+  triplets with the final ``rank_pattern``. Every variant that reduces to LoRA is written as its
+  ``as_lora()`` (DyLoRA at the chosen rank, SoRA with its gates folded into B and zero-gate ranks
+  removed, LoRA-drop with the shared set in each layer that uses it); a multi-task tree as one adapter
+  directory per task (``task_0``, ...). Delta-LoRA changes W: refused (export it merged).
 """
 
 from __future__ import annotations
@@ -34,13 +34,10 @@ from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
 from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.dora import DoraNode
-from lorax_variants.nodes.dylora import DyLoraNode
 from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.nodes.lora_drop import LoraDropNode
-from lorax_variants.nodes.multitask import MultiTaskNode
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.nodes.sora import SoraNode
 from lorax_variants.nodes.vera import VeraNode
+from lorax_variants.ops import as_lora
 from lorax_variants.shared import resolve_shared, value_of
 from lorax_variants.tree import leaves_with_paths
 
@@ -66,32 +63,15 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
-def _lora_factors(n: Node, path: str, rank: int | None, pissa_initial: Node | None) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Per layer ``(A [r, in], B [out, r], scale)`` of a LoRA-like node, in torch layout."""
+def _lora_factors(n: Node, pissa_initial: Node | None) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Per layer ``(A [r, in], B [out, r], scale)`` of a LoRA or DoRA node, in torch layout."""
     lead = len(n.shape) - 2
-    if isinstance(n, DyLoraNode):
-        b = rank if rank is not None else n.lora_a.shape[-1]
-        if not n.r_min <= b <= n.lora_a.shape[-1]:
-            raise ValueError(f"{path}: DyLoRA rank {b} is outside [{n.r_min}, {n.lora_a.shape[-1]}]")
-        a_all, b_all, scale = _np(n.lora_a)[..., :b], _np(n.lora_b)[..., :b, :], n.alpha / b
-        return [(a.T, bb.T, scale) for a, bb in zip(_layers(a_all, lead), _layers(b_all, lead))]
-    if isinstance(n, SoraNode):
-        gate, a_all, b_all = _np(n.gate), _np(n.lora_a), _np(n.lora_b)
-        out = []
-        for g, a, bb in zip(_layers(gate, lead), _layers(a_all, lead), _layers(b_all, lead)):
-            keep = g != 0
-            out.append((a[:, keep].T, (g[keep, None] * bb[keep]).T, n.scale))
-        return out
-    if isinstance(n, LoraDropNode):
-        n = n.as_lora()  # every layer with the set it uses
-    if isinstance(n, (LoraNode, DoraNode)):
-        a_all, b_all = _np(n.lora_a), _np(n.lora_b)
-        if pissa_initial is None:
-            return [(a.T, bb.T, n.scale) for a, bb in zip(_layers(a_all, lead), _layers(b_all, lead))]
-        a0, b0 = _np(pissa_initial.lora_a), _np(pissa_initial.lora_b)
-        return [(np.concatenate([a, i], axis=1).T, np.concatenate([bb, -j], axis=0).T, n.scale)
-                for a, bb, i, j in zip(_layers(a_all, lead), _layers(b_all, lead), _layers(a0, lead), _layers(b0, lead))]
-    raise TypeError(type(n).__name__)
+    a_all, b_all = _np(n.lora_a), _np(n.lora_b)
+    if pissa_initial is None:
+        return [(a.T, bb.T, n.scale) for a, bb in zip(_layers(a_all, lead), _layers(b_all, lead))]
+    a0, b0 = _np(pissa_initial.lora_a), _np(pissa_initial.lora_b)
+    return [(np.concatenate([a, i], axis=1).T, np.concatenate([bb, -j], axis=0).T, n.scale)
+            for a, bb, i, j in zip(_layers(a_all, lead), _layers(b_all, lead), _layers(a0, lead), _layers(b0, lead))]
 
 
 def _alpha(scale: float, r: int) -> float:
@@ -115,7 +95,7 @@ def _module_list(model: Any, path: str, count: int) -> list[str]:
     return [template.format(i=i) for i in range(count)] if "{i}" in template else [template]
 
 
-def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, base: str | None,
+def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
                initial: dict[str, Node] | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     experts = {p: n for p, n in nodes if is_expert_path(p)}
     if experts:  # expert banks: PEFT's target_parameters form (LoRA only)
@@ -127,7 +107,7 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, b
                              use_rslora=False, use_dora=False, lora_dropout=0.0, bias="none", init_lora_weights=True)
             config["target_modules"] = []
             return config | expert_config, expert_tensors
-        config, tensors = _peft_dict(model, nodes, rank=rank, base=base, initial=initial)
+        config, tensors = _peft_dict(model, nodes, base=base, initial=initial)
         if config["peft_type"] != "LORA" or config.get("use_dora"):
             raise ValueError("PEFT holds expert-bank adapters as LoRA only: an adapter mixing them with "
                              f"{config['peft_type'].title()}{' (DoRA)' if config.get('use_dora') else ''} elsewhere "
@@ -172,7 +152,7 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, b
                        orth_reg_weight=0.5, lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False,
                        init_lora_weights=True, alpha_pattern={}), tensors
     dora = kinds <= {DoraNode}
-    if not kinds <= {LoraNode, DyLoraNode, SoraNode, LoraDropNode} and not dora:
+    if not kinds <= {LoraNode} and not dora:
         raise ValueError(f"PEFT has no format for a mix of {sorted(k.__name__ for k in kinds)} in one adapter")
     entries = []  # (module, r, alpha)
     for path, n in nodes:
@@ -180,7 +160,7 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, rank: int | None, b
         mods = _module_list(model, path, n.shape[0] if lead else 1)
         embed = _is_embedding(path)
         key_a, key_b = ("lora_embedding_A", "lora_embedding_B") if embed else ("lora_A.weight", "lora_B.weight")
-        factors = _lora_factors(n, path, rank, (initial or {}).get(path))
+        factors = _lora_factors(n, (initial or {}).get(path))
         for i, (m, (a, b, scale)) in enumerate(zip(mods, factors)):
             tensors[f"{PREFIX}{m}.{key_a}"], tensors[f"{PREFIX}{m}.{key_b}"] = a, b
             if dora:
@@ -230,20 +210,19 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     nodes = _adapter_nodes(tree)
     if not nodes:
         raise ValueError("save_peft: the tree has no adapter nodes")
-    kinds = {type(n) for _, n in nodes}
-    if MultiTaskNode in kinds:
-        from lorax_variants.nodes.multitask import select
-
-        n_tasks = nodes[0][1].lora_a.shape[len(nodes[0][1].shape) - 2]
+    n_tasks = max(getattr(n, "n_tasks", 0) for _, n in nodes)
+    if n_tasks:  # several adapters in one tree: one PEFT adapter each
 
         def write_all(tmp: Path) -> None:
             for k in range(n_tasks):
-                save_peft(tmp / f"task_{k}", model, select(tree, k), base_model=base_model,
+                save_peft(tmp / f"task_{k}", model, as_lora(tree, task=k), base_model=base_model,
                           modules_to_save=modules_to_save, base=base, overwrite=True)
 
         return atomic_dir(out_dir, overwrite, write_all)
+    tree = as_lora(tree, rank=rank)  # every variant that reduces to LoRA, as LoRA
+    nodes = _adapter_nodes(tree)
     init_nodes = dict(_adapter_nodes(initial)) if initial is not None else None
-    config, tensors = _peft_dict(model, nodes, rank=rank, base=base_model, initial=init_nodes)
+    config, tensors = _peft_dict(model, nodes, base=base_model, initial=init_nodes)
     if init in ("pissa", "olora") and initial is None:
         config["init_lora_weights"] = init
     elif init not in (None, "kaiming", "gaussian"):

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 import numpy as np
+from lorax_variants.nodes.lora import LoraNode
 
 __all__ = ["EXPERT_PATHS", "is_expert_path", "export_experts", "import_experts", "check_target_parameters"]
 
@@ -50,8 +51,6 @@ def _alpha(scale: float, r: int) -> float:
 
 def export_experts(model: Any, nodes: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """PEFT tensors and config fields (``target_parameters``, rank/alpha patterns) for the expert-bank nodes."""
-    from lorax_variants.nodes.lora import LoraNode
-
     for path, n in nodes.items():
         if type(n) is not LoraNode:
             raise ValueError(f"{path}: PEFT holds expert-bank adapters as LoRA only (target_parameters); a "

@@ -50,6 +50,8 @@ from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.vera import VeraNode
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
+from lorax_variants.adapt import adapt
+from lorax_variants.spec import AdapterSpec
 
 __all__ = ["load_peft", "conform", "vera_projections"]
 
@@ -171,8 +173,6 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     ``like``: an adapted tree to take the place of (hot-swapping). The result has ``like``'s structure:
     the same adapted paths, ranks (smaller ones zero-padded) and scales (a different ``alpha / r`` goes
     into B), so a step or ``generate`` jitted for ``like`` runs it without compiling again."""
-    from lorax_variants.adapt import adapt
-
     d = Path(adapter_dir)
     cfg, tensors, cfg_path = _read(d)
     residual_init = _check_config(cfg, cfg_path)
@@ -349,8 +349,6 @@ def _spec(cfg: dict[str, Any], found: dict[str, dict[int, str]], per_module: dic
           residual_init: str | None, cfg_path: Path, experts: dict[str, tuple[int, float]]) -> Any:
     """One AdapterSpec: per path the largest rank of its modules and the first module's scale (expert banks:
     ``experts`` gives their rank and scale)."""
-    from lorax_variants.spec import AdapterSpec
-
     ptype = cfg["peft_type"]
     variant = {"VERA": "vera", "ADALORA": "adalora"}.get(ptype, "dora" if cfg.get("use_dora") else "lora")
     ranks, alphas = {}, {}

@@ -22,9 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import ZooModel, activation, layer_norm, project, run_layers, self_attention
+from lorax_variants.models.zoo import ZooModel
+from lorax_variants.models.layers import activation, layer_norm, project, run_layers, self_attention
 from lorax_variants.shared import resolve_shared
-from lorax_variants.ops import dense_t, embed
+from lorax_variants.nodes.base import dense_t, embed
 
 __all__ = ["BertConfig", "Bert", "TASKS"]
 

@@ -50,7 +50,7 @@ def splash_attention(q, k, v, *, scale, causal, key_valid, window, softcap, q_of
     check it against the plain computation on a CPU; ``block``: its query and key block (a multiple
     of 128 dividing T). ``None`` when the call is outside the kernel's API."""
     b, t, h, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
+    s = k.shape[1]
     local = _static_window(window)
     if local is False or t != s or t % 128 or not (isinstance(q_offset, int) and q_offset == 0):
         return None

@@ -25,9 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (KVCache, ZooModel, activation, apply_rope, cached_attention, project,
+from lorax_variants.models.zoo import ZooModel
+from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project,
                                           rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
-from lorax_variants.ops import dense_t, embed
+from lorax_variants.nodes.base import dense_t, embed
 from lorax_variants.shared import resolve_shared
 
 __all__ = ["GemmaConfig", "Gemma", "gemma_rms_norm"]

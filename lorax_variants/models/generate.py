@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_variants.models.layers import KVCache
+from lorax_variants.nodes.multitask import route
 
 __all__ = ["generate", "sample"]
 
@@ -77,8 +78,6 @@ def generate(
     if not getattr(model, "causal", False) or not hasattr(model, "cache_dims"):
         raise ValueError(f"{type(model).__name__} is not a causal language model")
     if task_ids is not None:
-        from lorax_variants.nodes.multitask import route
-
         params = route(params, task_ids)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:

@@ -22,10 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (KVCache, ZooModel, activation, cached_attention, layer_norm, project, run_layers,
+from lorax_variants.models.zoo import ZooModel
+from lorax_variants.models.layers import (KVCache, activation, cached_attention, layer_norm, project, run_layers,
                                           self_attention)
 from lorax_variants.shared import resolve_shared
-from lorax_variants.ops import dense, dense_t, embed
+from lorax_variants.nodes.base import dense, dense_t, embed
 
 __all__ = ["GPT2Config", "GPT2"]
 

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lorax_variants.models import fused as fused_kernels
 from lorax_variants.models.flash import flash_attention
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.shared import is_shared
 from lorax_variants.tree import combine
 
@@ -40,7 +40,7 @@ __all__ = [
     "KVCache",
     "cached_attention",
     "init_from_shapes",
-    "ZooModel",
+    
     "REMAT_POLICIES",
 ]
 
@@ -418,28 +418,3 @@ def init_from_shapes(shapes: dict[str, Any], key: jax.Array, std: float, dtype: 
         else:
             leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-class ZooModel:
-    """What every zoo model shares: ``init`` from its ``shapes()``, and ``generate`` if causal.
-
-    ``attention_impl``: ``"auto"`` (dense up to ``DENSE_MAX`` tokens, blockwise above, cuDNN on GPUs where
-    it applies), ``"dense"`` or ``"flash"`` (see ``self_attention``). ``right_padded``: the caller pads
-    sequences on the right only (the app does), which lets fused kernels take key lengths. ``mlp_chunk``:
-    run the MLP that many tokens at a time (long sequences: its [T, ffn] activations are the largest)."""
-
-    causal = False
-    stacked = r"layers/.*"
-    attention_impl = "auto"
-    right_padded = False
-    mlp_chunk: int | None = None  # tokens per MLP chunk (``token_chunks``) for long sequences
-
-    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
-        """Random params (N(0, initializer_range²) weights, unit norms, zero biases); pure, so
-        ``jax.eval_shape(model.init, key)`` plans any size without allocating."""
-        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
-
-    def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
-        from lorax_variants.models.generate import generate
-
-        return generate(self, params, input_ids, **kwargs)

@@ -25,11 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.models.layers import (KVCache, ZooModel, activation, apply_rope, cached_attention, project, rms_norm,
+from lorax_variants.models.zoo import ZooModel
+from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project, rms_norm,
                                           rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
 from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
-from lorax_variants.ops import dense, dense_t, embed
+from lorax_variants.nodes.base import dense, dense_t, embed
 
 __all__ = ["LlamaConfig", "Llama"]
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_variants.models.layers import run_layers
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.shared import resolve_shared
 
 __all__ = ["TinyConfig", "TinyTransformer", "STACKED"]

@@ -12,6 +12,9 @@ Fields marked ``static`` are pytree metadata (Python values, part of the tree st
 others are children, so ``jax.tree`` maps, ``jit``, ``scan`` and ``eval_shape`` see straight
 through a node. A node's frozen weight may itself be a node (a quantized weight under a LoRA
 node), so variants compose.
+
+``dense(x, w)``, ``dense_t`` and ``embed`` are where a weight of any kind meets an input: a plain array
+by a matmul (or gather), a node by its own method. Models and nodes call them for every weight.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import dataclasses
 from typing import Any, ClassVar, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Node", "AdapterNode", "node", "param", "frozen", "static", "weight_of", "weight_shape"]
+__all__ = ["Node", "AdapterNode", "node", "param", "frozen", "static", "weight_of", "weight_shape", "dense",
+           "dense_t", "embed"]
 
 T = TypeVar("T")
 
@@ -106,6 +111,14 @@ class AdapterNode(Node):
     def dtype(self) -> Any:
         return self.weight.dtype  # type: ignore[attr-defined]
 
+    reduces_to_lora: ClassVar[bool] = False  # True where ``as_lora`` gives the same function as a LoraNode
+
+    def as_lora(self, **options: Any) -> Any:
+        """This adapter as a plain ``LoraNode`` (W + s·A B) where the variant reduces to LoRA: DyLoRA at a
+        rank, SoRA with its gates folded in, LoRA-drop expanded, a multi-task node's task. Export and
+        merge use it, so they know only LoRA and the variants that do not reduce (DoRA, VeRA, AdaLoRA)."""
+        raise TypeError(f"{type(self).__name__} does not reduce to LoRA")
+
     def with_weight(self, weight: Any) -> "AdapterNode":
         """This adapter over another frozen weight of the same shape (e.g. its quantized form).
 
@@ -122,3 +135,66 @@ def weight_of(w: Any) -> jax.Array:
 
 def weight_shape(w: Any) -> tuple[int, ...]:
     return tuple(w.shape) if not isinstance(w, np.ndarray) else w.shape
+
+
+# The node protocol's entry points: models call these for every weight, whatever its kind.
+
+
+def dense(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ w`` for ``x [..., in]`` and a weight ``w [in, out]`` of any kind."""
+    if isinstance(w, Node):
+        return w.apply(x)
+    if w.ndim != 2:
+        raise ValueError(
+            f"dense expects a 2-D weight [in, out], got shape {tuple(w.shape)}; stacked "
+            "layers are applied one layer at a time (jax.lax.scan over the layer axis)"
+        )
+    return _matmul(x, w.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` whose weight gradient is one matmul of the tokens-flattened operands.
+
+    Autodiff's ``dW = xᵀ g`` let XLA:CPU fuse the producer of g (e.g. SiLU's backward) into a
+    transposing copy of the whole [tokens, out] gradient (56 ms per MLP layer at 2048 x 1344);
+    here g is materialized in its own layout and the transposed-operand matmul does the rest.
+    Full fine-tuning step of the d=512, 8-layer Llama on 2 cores: 3.62 s -> 2.91 s. A frozen
+    weight's gradient is never asked for and XLA drops it, as before.
+    """
+    return jnp.matmul(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    dw = jnp.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+    return jnp.matmul(g, w.T), dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def embed(ids: jax.Array, w: Any) -> jax.Array:
+    """Rows ``w[ids]`` of an embedding table ``w [vocab, d]`` of any kind.
+
+    A node with a ``lookup`` method gathers in factored form (LoRA: ``W[ids] + s·A[ids] B``);
+    any other node is merged first (exact).
+    """
+    if isinstance(w, Node):
+        if hasattr(w, "lookup"):
+            return w.lookup(ids)
+        return jnp.take(w.merge(), ids, axis=0)
+    return jnp.take(w, ids, axis=0)
+
+
+def dense_t(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ wᵀ`` for ``w [out, in]``: a tied output head that reuses the embedding table."""
+    if isinstance(w, Node):
+        if hasattr(w, "apply_t"):
+            return w.apply_t(x)
+        w = w.merge()
+    return jnp.matmul(x, w.astype(x.dtype).T)

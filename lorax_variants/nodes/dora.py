@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
 from lorax_variants.nodes.lora import adapter_dropout, low_rank
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 
 __all__ = ["DoraNode"]
 
@@ -80,7 +80,7 @@ class DoraNode(AdapterNode):
 
 @register_variant("dora")
 def build_dora(t: Target) -> DoraNode:
-    weight, a, b = _lora_factors(t)
+    weight, a, b = lora_factors(t)
     w = weight_of(weight).astype(jnp.float32)
     sq = jnp.sum(w * w, axis=-2)
     full = w + t.scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, Node, frozen, node, param, static, weight_of
 from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.tree import map_with_paths
 
 __all__ = ["DyLoraNode", "with_rank", "sample_rank", "truncate"]
@@ -63,6 +63,17 @@ class DyLoraNode(AdapterNode):
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, a, b, 1.0, jnp.broadcast_to(scale[..., None], a.shape[-1:]))
 
+    reduces_to_lora: ClassVar[bool] = True
+
+    def as_lora(self, rank: int | None = None) -> LoraNode:
+        """The plain ``LoraNode`` of rank ``rank`` (default: the full trained rank): the first ``rank``
+        columns of A and rows of B, scale alpha / rank (arXiv 2210.07558)."""
+        b = self.r_max if rank is None else int(rank)
+        if not self.r_min <= b <= self.r_max:
+            raise ValueError(f"DyLoRA rank {b} outside the trained range [{self.r_min}, {self.r_max}]")
+        return LoraNode(weight=self.weight, lora_a=self.lora_a[..., :b], lora_b=self.lora_b[..., :b, :],
+                        scale=self.alpha / b, dropout=self.dropout)
+
     def merge(self) -> jax.Array:
         a, b, scale = self._factors(jnp.float32)
         w = weight_of(self.weight)
@@ -71,7 +82,7 @@ class DyLoraNode(AdapterNode):
 
 @register_variant("dylora")
 def build_dylora(t: Target) -> DyLoraNode:
-    weight, a, b = _lora_factors(t)
+    weight, a, b = lora_factors(t)
     return DyLoraNode(weight=weight, lora_a=a, lora_b=b, alpha=t.alpha, r_min=t.spec.r_min, dropout=t.spec.dropout)
 
 
@@ -100,10 +111,4 @@ def sample_rank(tree: Any, key: jax.Array) -> Any:
 
 def truncate(tree: Any, b: int) -> Any:
     """Every DyLoRA node as a plain ``LoraNode`` of rank ``b`` (scale alpha / b)."""
-    def cut(n: DyLoraNode) -> LoraNode:
-        if not n.r_min <= b <= n.r_max:
-            raise ValueError(f"DyLoRA rank {b} outside the trained range [{n.r_min}, {n.r_max}]")
-        return LoraNode(weight=n.weight, lora_a=n.lora_a[..., :b], lora_b=n.lora_b[..., :b, :],
-                        scale=n.alpha / b, dropout=n.dropout)
-
-    return _set(tree, cut)
+    return _set(tree, lambda n: n.as_lora(b))

@@ -20,11 +20,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.ops import dense, dense_t, embed
-from lorax_variants.shared import value_of
+from lorax_variants.nodes.base import AdapterNode, dense, dense_t, embed, frozen, node, param, static, weight_of
+from lorax_variants.registry import Target, lora_factors, register_variant
+from lorax_variants.shared import Shared, value_of
+from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["LoraNode", "adapter_dropout", "low_rank"]
+__all__ = ["LoraNode", "adapter_dropout", "low_rank", "share_adapters"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -99,6 +100,12 @@ class LoraNode(AdapterNode):
     dropout: float = static(default=0.0)
     freeze: tuple[str, ...] = static(default=())
 
+    reduces_to_lora: ClassVar[bool] = True
+
+    def as_lora(self) -> "LoraNode":
+        """Itself."""
+        return self
+
     @property
     def rank(self) -> int:
         return value_of(self.lora_a).shape[-1]
@@ -129,3 +136,42 @@ class LoraNode(AdapterNode):
     def merge(self) -> jax.Array:
         w = weight_of(self.weight)
         return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
+@register_variant("lora")
+def build_lora(t: Target) -> LoraNode:
+    weight, a, b = lora_factors(t)
+    return LoraNode(weight=weight, lora_a=a, lora_b=b, scale=t.scale, dropout=t.spec.dropout)
+
+
+@register_variant("lora_fa")
+def build_lora_fa(t: Target) -> LoraNode:
+    node = build_lora(t)
+    return node.replace(freeze=("lora_a",))
+
+
+def share_adapters(tree: Any, paths: list[str], name: str = "shared") -> Any:
+    """Make the LoRA nodes at ``paths`` use one adapter set (A, B): the first path's, stored once.
+
+    The others keep their own frozen weights and scales; after training, the owner's A and B hold
+    gradients summed over every use (LoRA-drop shares one set among its unselected layers).
+    """
+    nodes = dict(leaves_with_paths(tree, nodes_are_leaves=True))
+    missing = [p for p in paths if not isinstance(nodes.get(p), LoraNode)]
+    if missing:
+        raise ValueError(f"share_adapters: {missing} are not LoRA nodes of this tree")
+    owner = nodes[paths[0]]
+    a, b = value_of(owner.lora_a), value_of(owner.lora_b)
+    for p in paths[1:]:
+        n = nodes[p]
+        if value_of(n.lora_a).shape != a.shape or value_of(n.lora_b).shape != b.shape:
+            raise ValueError(f"share_adapters: {p} has A {value_of(n.lora_a).shape}, B {value_of(n.lora_b).shape}; "
+                             f"{paths[0]} has A {a.shape}, B {b.shape}")
+    wanted = {p: i for i, p in enumerate(paths)}
+
+    def wrap(path: str, x: Any) -> Any:
+        if path not in wanted:
+            return x
+        own = wanted[path] == 0
+        return x.replace(lora_a=Shared(f"{name}/lora_a", a if own else None),
+                         lora_b=Shared(f"{name}/lora_b", b if own else None))
+
+    return map_with_paths(wrap, tree, nodes_are_leaves=True)

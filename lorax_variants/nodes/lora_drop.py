@@ -21,7 +21,7 @@ import numpy as np
 
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
 from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.shared import Shared, value_of
 
 __all__ = ["LoraDropNode"]
@@ -65,6 +65,8 @@ class LoraDropNode(AdapterNode):
         a, b = self._factors(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, a, b, float(self.scale))
+
+    reduces_to_lora: ClassVar[bool] = True
 
     def as_lora(self) -> LoraNode:
         """The same weight as a plain ``LoraNode``: every layer with the set it uses (for merge and export)."""

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
 from lorax_variants.nodes.lora import LoraNode, adapter_dropout
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
 __all__ = ["MultiTaskNode", "route", "select", "stack", "BASE"]
@@ -63,6 +63,19 @@ class MultiTaskNode(AdapterNode):
         y = dense(x, self.weight)
         return y + low.reshape(y.shape)
 
+    reduces_to_lora: ClassVar[bool] = True
+
+    def as_lora(self, task: int | None = None) -> LoraNode:
+        """Adapter ``task`` as a plain ``LoraNode``."""
+        if task is None:
+            raise ValueError("a multi-task tree reduces to one task's adapter: pass task=k")
+        if not 0 <= task < self.n_tasks:
+            raise ValueError(f"task {task} out of range [0, {self.n_tasks})")
+        lead = len(self.shape) - 2
+        take = lambda m: jnp.take(m, task, axis=lead)  # noqa: E731
+        return LoraNode(weight=self.weight, lora_a=take(self.lora_a), lora_b=take(self.lora_b), scale=self.scale,
+                        dropout=self.dropout)
+
     def merge(self) -> jax.Array:
         raise ValueError(f"a multi-task adapter ({self.n_tasks} tasks) has no single merged weight: "
                          "merge(select(tree, task)) merges one of them")
@@ -72,7 +85,7 @@ class MultiTaskNode(AdapterNode):
 def build_multitask(t: Target) -> MultiTaskNode:
     n = t.spec.n_tasks
     keys = jax.random.split(t.key, n)
-    factors = [_lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
+    factors = [lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
     if t.spec.init in ("pissa", "olora"):
         raise ValueError(f"{t.path}: {t.spec.init} rewrites the base weight; it cannot be shared by {n} task adapters")
     lead = len(t.lead)
@@ -108,16 +121,10 @@ def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
 
 def select(tree: Any, task: int) -> Any:
     """Adapter ``task`` of every multi-task node as a plain ``LoraNode``."""
-    def pick(n: MultiTaskNode) -> LoraNode:
-        if not 0 <= task < n.n_tasks:
-            raise ValueError(f"task {task} out of range [0, {n.n_tasks})")
-        lead = len(n.shape) - 2
-        take = lambda m: jnp.take(m, task, axis=lead)  # noqa: E731
-        return LoraNode(weight=n.weight, lora_a=take(n.lora_a), lora_b=take(n.lora_b), scale=n.scale, dropout=n.dropout)
-
     if not _nodes(tree):
         raise ValueError("select: the tree has no multi-task nodes")
-    return map_with_paths(lambda p, x: pick(x) if isinstance(x, MultiTaskNode) else x, tree, nodes_are_leaves=True)
+    return map_with_paths(lambda p, x: x.as_lora(task) if isinstance(x, MultiTaskNode) else x, tree,
+                          nodes_are_leaves=True)
 
 
 def stack(trees: Sequence[Any]) -> Any:

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.adapt import Target, _lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
 from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.tree import map_with_paths
 
 __all__ = ["SoraNode", "prune"]
@@ -42,6 +42,18 @@ class SoraNode(AdapterNode):
         return dense(x, self.weight) + low_rank(xd, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype),
                                                 float(self.scale), self.gate.astype(x.dtype))
 
+    reduces_to_lora: ClassVar[bool] = True
+
+    def as_lora(self) -> LoraNode:
+        """A ``LoraNode`` without the zero-gate ranks, gates folded into B (concrete arrays only: the kept
+        ranks decide shapes). A stacked node keeps the union of its layers' ranks; a rank whose gate is
+        zero in one layer has a zero row of B there."""
+        g = np.asarray(self.gate)
+        keep = np.nonzero(np.any(g.reshape(-1, g.shape[-1]) != 0, axis=0))[0]
+        b = self.lora_b * self.gate[..., :, None]
+        return LoraNode(weight=self.weight, lora_a=self.lora_a[..., keep], lora_b=b[..., keep, :], scale=self.scale,
+                        dropout=self.dropout)
+
     def merge(self) -> jax.Array:
         w = weight_of(self.weight)
         a = self.lora_a.astype(jnp.float32) * self.gate.astype(jnp.float32)[..., None, :]
@@ -50,7 +62,7 @@ class SoraNode(AdapterNode):
 
 @register_variant("sora")
 def build_sora(t: Target) -> SoraNode:
-    weight, a, b = _lora_factors(t)
+    weight, a, b = lora_factors(t)
     return SoraNode(weight=weight, lora_a=a, lora_b=b, gate=jnp.ones(t.lead + (t.r,), a.dtype),
                     scale=t.scale, dropout=t.spec.dropout)
 
@@ -61,11 +73,4 @@ def prune(tree: Any) -> Any:
     Concrete arrays only (the kept ranks decide shapes). A stacked node keeps the union of its
     layers' ranks (a zero gate in one layer still zeroes that rank there).
     """
-    def cut(n: SoraNode) -> LoraNode:
-        g = np.asarray(n.gate)
-        keep = np.nonzero(np.any(g.reshape(-1, g.shape[-1]) != 0, axis=0))[0]
-        b = n.lora_b * n.gate[..., :, None]
-        return LoraNode(weight=n.weight, lora_a=n.lora_a[..., keep], lora_b=b[..., keep, :], scale=n.scale,
-                        dropout=n.dropout)
-
-    return map_with_paths(lambda p, x: cut(x) if isinstance(x, SoraNode) else x, tree, nodes_are_leaves=True)
+    return map_with_paths(lambda p, x: x.as_lora() if isinstance(x, SoraNode) else x, tree, nodes_are_leaves=True)

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.adapt import Target, register_variant
+from lorax_variants.registry import Target, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
 from lorax_variants.nodes.lora import adapter_dropout, low_rank
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.shared import Shared, value_of
 
 __all__ = ["VeraNode"]

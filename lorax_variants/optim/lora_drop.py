@@ -25,9 +25,11 @@ import numpy as np
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
 from lorax_variants.nodes.lora import LoraNode
 from lorax_variants.nodes.lora_drop import LoraDropNode, slots
-from lorax_variants.ops import dense
+from lorax_variants.nodes.base import dense
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
+from lorax_variants.tree import compile_patterns, matches
+from lorax_variants.tree import combine, split
 
 __all__ = ["importance", "select", "keep_mask", "apply_keep", "carry_state"]
 
@@ -71,8 +73,6 @@ class _Probed(AdapterNode):
 def importance(apply: Callable[[Any, Any], jax.Array], tree: Any, batches: Iterable[Any],
                stacked: str | None = None) -> dict[str, np.ndarray]:
     """Normalised I_i per LoRA path (an array over stacked layers), from ``apply(tree, batch)``."""
-    from lorax_variants.tree import compile_patterns, matches
-
     st = compile_patterns(stacked)
     lora = {p: n for p, n in leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(n, LoraNode)}
     if not lora:
@@ -168,8 +168,6 @@ def carry_state(state: Any, trainable: Any, frozen: Any, keep: dict[str, np.ndar
     takes its first dropped layer's, the dropped layers' go with them; counts are unchanged, so schedules
     and bias corrections go on. ``new_mask``: the trainable mask of the converted tree.
     """
-    from lorax_variants.tree import combine, split
-
     treedef = jax.tree.structure(trainable)
 
     def like_params(x: Any) -> bool:

@@ -21,6 +21,7 @@ import optax
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.lora import LoraNode
 from lorax_variants.tree import leaves_with_paths
+from lorax_variants.tree import map_with_paths
 
 __all__ = ["lorafa_projection"]
 
@@ -51,7 +52,6 @@ def lorafa_projection(tree: Any, delta: float = 1e-8) -> optax.GradientTransform
             g = u.lora_b
             return u.replace(lora_b=jnp.matmul(proj[path], g.astype(jnp.float32)).astype(g.dtype))
 
-        from lorax_variants.tree import map_with_paths
 
         return map_with_paths(one, updates, nodes_are_leaves=True), state
 

@@ -1,0 +1,40 @@
+"""``ZooModel``: what every model of the zoo shares (random init from its shapes, generation, the
+attention and chunking settings). Above ``layers`` and ``generate``, below the model files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorax_variants.models.generate import generate
+from lorax_variants.models.layers import init_from_shapes
+
+__all__ = ["ZooModel"]
+
+
+class ZooModel:
+    """What every zoo model shares: ``init`` from its ``shapes()``, and ``generate`` if causal.
+
+    ``attention_impl``: ``"auto"`` (the backend's fused kernel where it applies, else dense up to
+    ``DENSE_MAX`` tokens and blockwise above), ``"dense"``, ``"flash"``, ``"cudnn"``, ``"splash"`` (see
+    ``layers.self_attention``). ``right_padded``: the caller pads
+    sequences on the right only (the app does), which lets fused kernels take key lengths. ``mlp_chunk``:
+    run the MLP that many tokens at a time (long sequences: its [T, ffn] activations are the largest)."""
+
+    causal = False
+    stacked = r"layers/.*"
+    attention_impl = "auto"
+    right_padded = False
+    mlp_chunk: int | None = None  # tokens per MLP chunk (``token_chunks``) for long sequences
+
+    def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+        """Random params (N(0, initializer_range²) weights, unit norms, zero biases); pure, so
+        ``jax.eval_shape(model.init, key)`` plans any size without allocating."""
+        return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
+
+    def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
+        """Tokens after ``input_ids`` with a KV cache (``models.generate.generate``: greedy or sampled,
+        stop tokens, per-row adapters with ``task_ids``)."""
+        return generate(self, params, input_ids, **kwargs)

@@ -1,0 +1,129 @@
+"""The library's import structure: layers that import only downward, no circles, no function-local imports
+of the library (which would hide a circle), and no import of the app (``train``) from the library.
+
+Bottom to top: the node protocol; trees and shared values; the spec; the variant registry; the variants
+(one node module each, and the quantized node with its code tables); ops, quantization, ``adapt`` and the
+other tree transforms; optimizers and diagnostics; models; Hugging Face interop; the package's re-exports."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PKG = ROOT / "lorax_variants"
+
+LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a module may import its layer and below
+    {"nodes.base", "nodes"},
+    {"tree", "runtime", "inits", "shared"},
+    {"spec"},
+    {"registry"},
+    {"nodes.*"},
+    {"ops", "quant", "adapt", "per_call", "sharding", "stats"},
+    {"optim", "optim.*", "diagnostics"},
+    {"models", "models.*"},
+    {"hf", "hf.*"},
+    {""},  # lorax_variants/__init__.py
+]
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for f in PKG.rglob("*.py"):
+        rel = f.relative_to(PKG).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def _rank(name: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        for pat in layer:
+            if name == pat or (pat.endswith(".*") and name.startswith(pat[:-1])):
+                return i
+    raise AssertionError(f"lorax_variants.{name} is in no layer of tests/test_layering.py: place it")
+
+
+def _imports(path: pathlib.Path, modules: dict[str, pathlib.Path]):
+    """(target module, line, inside a function) for every import of the library or the app in ``path``."""
+    tree = ast.parse(path.read_text())
+    type_checking = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_checking.update(id(n) for n in ast.walk(node))
+    funcs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            funcs.update(id(n) for n in ast.walk(node) if n is not node)
+    for node in ast.walk(tree):
+        if id(node) in type_checking:
+            continue
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            prefix = node.module[len("lorax_variants"):].lstrip(".")
+            # ``from pkg import mod`` imports the module; ``from mod import name`` imports mod
+            names = [f"{node.module}.{a.name}" if f"{prefix}.{a.name}".lstrip(".") in modules else node.module
+                     for a in node.names]
+        for full in dict.fromkeys(names):
+            if full == "train" or full.startswith("train."):
+                yield "train", node.lineno, id(node) in funcs
+            if not full.startswith("lorax_variants"):
+                continue
+            rel = full[len("lorax_variants"):].lstrip(".")
+            if rel in modules:
+                yield rel, node.lineno, id(node) in funcs
+
+
+def _graph():
+    modules = _modules()
+    return modules, {m: list(_imports(f, modules)) for m, f in modules.items()}
+
+
+def test_the_library_never_imports_the_app():
+    _, graph = _graph()
+    bad = [(m, line) for m, edges in graph.items() for t, line, _ in edges if t == "train"]
+    assert not bad, f"lorax_variants imports train at {bad}"
+
+
+def test_no_function_local_imports_of_the_library():
+    _, graph = _graph()
+    local = [(f"lorax_variants/{m.replace('.', '/')}", line, t) for m, edges in graph.items()
+             for t, line, inside in edges if inside]
+    assert not local, f"imports inside functions (move them to the top; a circle they hide must be cut): {local}"
+
+
+def test_imports_point_down_the_layers():
+    _, graph = _graph()
+    up = [(m, line, t) for m, edges in graph.items() for t, line, _ in edges
+          if t != "train" and _rank(t) > _rank(m)]
+    assert not up, "imports that point up the layers (module, line, imported): " + repr(up)
+
+
+def test_no_import_circles():
+    _, graph = _graph()
+    edges = {m: sorted({t for t, _, _ in e if t not in ("train", m)}) for m, e in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in edges.get(m, []):
+            if t == "":
+                continue  # the package's __init__ re-exports everything; no module imports it
+            if state.get(t) == 1:
+                circles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
+    assert not circles, f"import circles: {circles}"
