@@ -1,10 +1,10 @@
-"""Reading and writing safetensors checkpoints with numpy only (no torch, never pickle).
+"""Safetensors checkpoints through the ``safetensors`` package, numpy side (no torch, never pickle).
 
-The format is an 8-byte little-endian header length, a JSON header mapping tensor names to
-``{dtype, shape, data_offsets}``, then the raw bytes. We memory-map the data, so a tensor is
-read only when asked for (loading a sharded 70B checkpoint touches one tensor at a time), and
-bfloat16 / float8 come through ``ml_dtypes``. Every header is checked against the file size:
-a truncated or corrupted file is an error naming the file and tensor.
+Files are memory-mapped and a tensor is read only when asked for, so loading a sharded 70B checkpoint
+holds one tensor at a time; bfloat16 and float8 come as ``ml_dtypes`` arrays. The package checks every
+header against the file size: a truncated or corrupted file is an error naming the file. Written
+here: what the package lacks (float8 reads into numpy, atomic writes, sharded directories with a
+hostile-index check).
 
 A directory holds ``model.safetensors`` or shards listed by ``model.safetensors.index.json``.
 """
@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
 
 __all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "write_bytes_atomic", "write_text_atomic", "DTYPES"]
 
@@ -34,43 +36,31 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class SafetensorsFile:
-    """One ``.safetensors`` file: ``keys()``, ``shape(name)``, ``dtype(name)``, ``get(name)``."""
+    """One ``.safetensors`` file: ``keys()``, ``shape(name)``, ``dtype(name)``, ``get(name)``, ``metadata``.
+
+    Through the ``safetensors`` package (``safe_open``, numpy): it memory-maps the file and checks the
+    header against its size. Float8 tensors are the one thing its numpy side cannot return (numpy has no
+    float8 type), so those few are sliced from the memory map here, by the offsets in the header, and
+    viewed as ``ml_dtypes``' float8."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{self.path}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"{self.path}: corrupted or truncated safetensors header (length {n}, file {size} bytes)")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{self.path}: corrupted safetensors header: {e}") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: corrupted safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        data_len = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                start, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{self.path}: tensor {name!r} has an invalid header entry {e!r}") from None
-            if end > data_len or start > end or (end - start) != int(np.prod(shape)) * dtype.itemsize:
-                raise ValueError(
-                    f"{self.path}: tensor {name!r} lies outside the file or has the wrong size "
-                    f"(offsets {start}-{end}, data {data_len} bytes): truncated or corrupted"
-                )
-            self._entries[name] = (dtype, shape, start, end)
-        self._data_len = data_len
-        self._map: np.memmap | None = None
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such safetensors file")
+        try:
+            self._file = safe_open(str(self.path), framework="np")
+        except SafetensorError as e:
+            raise ValueError(f"{self.path}: not a safetensors file, or a truncated or corrupted one ({e})") from None
+        self.metadata = dict(self._file.metadata() or {})
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        for name in self._file.keys():
+            info = self._file.get_slice(name)
+            kind = info.get_dtype()
+            if kind not in DTYPES:
+                raise ValueError(f"{self.path}: tensor {name!r} has dtype {kind}, which we do not read "
+                                 f"(known: {sorted(DTYPES)})")
+            self._entries[name] = (DTYPES[kind], tuple(int(n) for n in info.get_shape()))
+        self._offsets: dict[str, tuple[int, int]] | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -82,12 +72,22 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
-        dtype, shape, start, end = self._entries[name]
-        if self._map is None:
-            # (np.memmap refuses an empty mapping: a file whose tensors are all empty maps nothing.)
-            self._map = (np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start) if self._data_len > 0
-                         else np.zeros(0, np.uint8))
-        return self._map[start:end].view(dtype).reshape(shape)
+        dtype, shape = self._entries[name]
+        if dtype.name.startswith("float8"):
+            return self._float8(name, dtype, shape)
+        return self._file.get_tensor(name)
+
+    def _float8(self, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        if self._offsets is None:  # the header, already validated by safe_open: just its offsets
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            self._offsets = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                             for k, v in header.items() if k != "__metadata__"}
+        start, end = self._offsets[name]
+        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(end - start,)) if end > start \
+            else np.zeros(0, np.uint8)
+        return np.array(data).view(dtype).reshape(shape)
 
 
 class Checkpoint(Mapping[str, np.ndarray]):
@@ -140,28 +140,20 @@ class Checkpoint(Mapping[str, np.ndarray]):
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (numpy, any dtype in ``DTYPES``) atomically: a temporary file, then rename."""
+    """Write tensors (numpy, any dtype in ``DTYPES``) with the ``safetensors`` package, atomically: a
+    temporary file beside ``path``, fsync, rename."""
     path = Path(path)
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = []
+    arrays = {}
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
-        a = a if a.flags.c_contiguous else a.copy(order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
         if a.dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+        arrays[name] = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for a in arrays:
-                f.write(a.tobytes())
-            f.flush()
+        safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata or {"format": "pt"}))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
