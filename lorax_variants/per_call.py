@@ -35,6 +35,7 @@ def with_dropout(tree: Any, key: jax.Array) -> Any:
 
 
 def without_dropout(tree: Any) -> Any:
+    """The tree with every adapter's dropout key removed (evaluation: adapter-input dropout off)."""
     return map_with_paths(
         lambda _, x: x.replace(dropout_key=None) if hasattr(x, "dropout_key") else x,
         tree,

@@ -67,6 +67,7 @@ class QuantSpec:
             compile_patterns(self.stacked, what="QuantSpec.stacked")
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-able dict (saved with checkpoints and plans)."""
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
         return d

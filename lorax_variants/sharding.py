@@ -5,7 +5,7 @@ weights split their input/output dimensions over ``fsdp`` and ``tensor`` by path
 (Megatron-style: column-parallel projections put their output on ``tensor``, row-parallel ones
 their input), so frozen weights are stored once across a slice of the mesh (ZeRO-3 / FSDP).
 
-Adapter and quantized nodes derive their leaves' specs from the weight's (design point 8):
+Adapter and quantized nodes derive their leaves' specs from the weight's, so a sharded base shards its adapters alike:
 ``lora_a [.., in, r]`` takes the weight's input axis, ``lora_b [.., r, out]`` its output axis,
 NF4 codes ``[.., in/2, out]`` and block scales ``[.., in/bs, out]`` both. A dimension that does
 not divide by its mesh axis stays unsplit (a tiny model on a big mesh still runs); leading

@@ -27,6 +27,7 @@ class Shared:
         self.name, self.value = name, value
 
     def tree_flatten(self):
+        """Pytree protocol: the value is the child, the name static."""
         return (self.value,), self.name
 
     @classmethod
@@ -38,6 +39,7 @@ class Shared:
 
 
 def is_shared(x: Any) -> bool:
+    """Whether ``x`` is a ``Shared`` reference."""
     return isinstance(x, Shared)
 
 

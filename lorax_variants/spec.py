@@ -125,16 +125,21 @@ class AdapterSpec:
             raise ValueError(f"AdapterSpec.dtype must be a float dtype name, got {self.dtype!r}")
 
     def rank_for(self, path: str) -> int:
+        """Rank for the weight at ``path`` (``rank_pattern`` first, else ``r``)."""
         return next((v for p, v in self.rank_pattern if _fullmatch(p, path)), self.r)
 
     def alpha_for(self, path: str) -> float:
+        """Alpha for the weight at ``path`` (``alpha_pattern`` first, else ``alpha``)."""
         return next((v for p, v in self.alpha_pattern if _fullmatch(p, path)), self.alpha)
 
     def scale_for(self, path: str) -> float:
+        """The scale s of ΔW = s·A B at ``path``: alpha / r, or alpha / √r with ``use_rslora`` (arXiv
+        2312.03732)."""
         r, alpha = self.rank_for(path), self.alpha_for(path)
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-able dict (saved with checkpoints and plans)."""
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
         d["rank_pattern"] = dict(self.rank_pattern)

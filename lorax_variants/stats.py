@@ -38,6 +38,8 @@ def _size(x: Any) -> int:
 
 
 def leaf_bytes(x: Any) -> int:
+    """Bytes of one leaf (array or ShapeDtypeStruct): size times itemsize; PRNG keys count their key data; non-
+    arrays 0."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         return 0

@@ -127,3 +127,22 @@ def test_no_import_circles():
         if m not in state:
             visit(m)
     assert not circles, f"import circles: {circles}"
+
+
+def test_every_public_name_has_a_docstring():
+    """Every class and function a library module exports (its ``__all__``) says what it is."""
+    import importlib
+    import inspect
+
+    missing = []
+    for name in sorted(_modules()):
+        mod = importlib.import_module("lorax_variants" + ("." + name if name else ""))
+        for public in getattr(mod, "__all__", []):
+            obj = getattr(mod, public)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and not (obj.__doc__ or "").strip():
+                missing.append(f"{mod.__name__}.{public}")
+            if inspect.isclass(obj) and obj.__module__ == mod.__name__:
+                for attr, member in vars(obj).items():
+                    if not attr.startswith("_") and inspect.isfunction(member) and not (member.__doc__ or "").strip():
+                        missing.append(f"{mod.__name__}.{public}.{attr}")
+    assert not missing, f"{len(missing)} public names without a docstring: {sorted(set(missing))}"

@@ -158,11 +158,15 @@ def default_prefix(model: Any) -> str:
 
 
 def table(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+    """Our weight path -> (HF tensor name template with ``{i}`` for the layer, kind: linear/conv1d/plain) for
+    every leaf of ``model``, under ``prefix``."""
     full = _TABLES[model.config.model_type](model, prefix)
     return {p: full[p] for p in _paths(model.shapes())}
 
 
 def ignorable(model: Any, prefix: str) -> list[re.Pattern]:
+    """Patterns of checkpoint tensors we do not load (buffers transformers stores, heads of other tasks, the
+    vision tower of a multimodal checkpoint)."""
     pats = [r".*rotary_emb\.inv_freq", r".*\.attn\.(masked_)?bias", r".*position_ids", r"cls\.seq_relationship\..*"]
     if prefix in ("language_model.model.", "model.language_model."):  # the text model of a multimodal checkpoint
         pats += [r"(model\.)?vision_tower\..*", r"(model\.)?multi_modal_projector\..*", r"(language_model\.)?lm_head\..*"]

@@ -31,6 +31,7 @@ PARAMS = ("gate_up_proj", "down_proj")  # in transformers' definition order: the
 
 
 def is_expert_path(path: str) -> bool:
+    """Whether ``path`` is an expert bank (``layers/moe/{gate,up,down}_proj``)."""
     return path in EXPERT_PATHS
 
 
@@ -89,6 +90,8 @@ def export_experts(model: Any, nodes: dict[str, Any]) -> tuple[dict[str, np.ndar
 
 
 def check_target_parameters(cfg: dict[str, Any], model: Any, cfg_path: Any) -> None:
+    """Refuse a PEFT config whose ``target_parameters`` name anything but our expert banks
+    (``experts.gate_up_proj`` / ``experts.down_proj``), naming the config file and entry."""
     targets = cfg.get("target_parameters") or []
     if not targets:
         return

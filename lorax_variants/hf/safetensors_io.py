@@ -63,15 +63,19 @@ class SafetensorsFile:
         self._offsets: dict[str, tuple[int, int]] | None = None
 
     def keys(self) -> list[str]:
+        """Tensor names, in file order."""
         return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` (from the header, nothing read)."""
         return self._entries[name][1]
 
     def dtype(self, name: str) -> np.dtype:
+        """numpy dtype of tensor ``name`` (bfloat16/float8 as ml_dtypes)."""
         return self._entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
+        """Tensor ``name`` read from the memory-mapped file."""
         dtype, shape = self._entries[name]
         if dtype.name.startswith("float8"):
             return self._float8(name, dtype, shape)
@@ -136,6 +140,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
         return len(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of tensor ``name`` in whichever shard holds it (nothing read)."""
         return self._where[name].shape(name)
 
 
@@ -177,6 +182,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``write_bytes_atomic`` for text (UTF-8)."""
     write_bytes_atomic(path, text.encode())
 
 

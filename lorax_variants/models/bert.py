@@ -88,6 +88,7 @@ class Bert(ZooModel):
         return self.config.model_type == "roberta"
 
     def shapes(self) -> dict[str, Any]:
+        """Every parameter's shape and kind (stacked layers first), the tree ``init`` fills."""
         c = self.config
         L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         attn = {n: (L, d, d) for n in ("query", "key", "value", "out")} | {f"{n}_bias": (L, d) for n in ("query", "key", "value", "out")}
@@ -129,6 +130,8 @@ class Bert(ZooModel):
         return layer_norm(x + project(h, p["mlp"], "output"), p["mlp_norm_scale"], p["mlp_norm_bias"], c.layer_norm_eps)
 
     def positions(self, input_ids: jax.Array) -> jax.Array:
+        """Position ids: 0, 1, ... for BERT; RoBERTa's: pad_token_id plus the running count of real tokens
+        (pad_token_id itself at padding)."""
         b, t = input_ids.shape
         if self.roberta:
             real = (input_ids != self.config.pad_token_id).astype(jnp.int32)
@@ -139,6 +142,8 @@ class Bert(ZooModel):
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        """Last hidden states [B, T, d] of the encoder (post-LN blocks, bidirectional attention over real
+        tokens)."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
@@ -159,6 +164,8 @@ class Bert(ZooModel):
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        """Encoder outputs for ``input_ids`` [B, T]: the task head's output (classification logits [B, labels],
+        masked-LM logits) or the last hidden states."""
         params = resolve_shared(params)
         x = self.hidden(params, input_ids, attention_mask, token_type_ids, position_ids)
         c, head = self.config, params.get("head")

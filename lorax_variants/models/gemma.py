@@ -126,6 +126,7 @@ class Gemma(ZooModel):
         self.config, self.remat, self.scan = config, remat, scan
 
     def shapes(self) -> dict[str, Any]:
+        """Every parameter's shape and kind (stacked layers first), the tree ``init`` fills."""
         c = self.config
         L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -141,6 +142,7 @@ class Gemma(ZooModel):
         }
 
     def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+        """Random params as transformers initializes Gemma (norm weights zero: RMSNorm scales by 1 + w)."""
         params = super().init(key, dtype)
         # Gemma's norms scale by (1 + w): w = 0 is the identity (transformers initializes them to 0).
         return jax.tree_util.tree_map_with_path(
@@ -216,5 +218,6 @@ class Gemma(ZooModel):
 
     def apply(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
               position_ids: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, vocab] (soft-capped where the config says) for ``input_ids`` [B, T]."""
         params = resolve_shared(params)
         return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))

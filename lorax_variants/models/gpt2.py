@@ -68,6 +68,8 @@ class GPT2Config:
 
 
 class GPT2(ZooModel):
+    """GPT-2 (``GPT2LMHeadModel``): learned positions, pre-LN blocks, Conv1D kernels already [in, out], tied (or
+    untied) head."""
     causal = True
 
     def __init__(self, config: GPT2Config, *, remat: str = "none", scan: bool = True):
@@ -75,6 +77,7 @@ class GPT2(ZooModel):
         self.config, self.remat, self.scan = config, remat, scan
 
     def shapes(self) -> dict[str, Any]:
+        """Every parameter's shape and kind (stacked layers first), the tree ``init`` fills."""
         c = self.config
         L, d, f = c.n_layer, c.n_embd, c.n_inner
         shapes = {
@@ -154,6 +157,7 @@ class GPT2(ZooModel):
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T] (``attention_mask`` [B, T]: 1 real, 0 padding)."""
         params = resolve_shared(params)
         return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))
 

@@ -53,6 +53,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis in float32: (x − mean)/√(var + eps)·scale + bias, returned in x's dtype."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -72,6 +73,8 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def activation(name: str, where: str = "hidden_act") -> Callable[[jax.Array], jax.Array]:
+    """The activation function transformers names ``name`` (``hidden_act``); an unknown one is an error naming
+    the config field ``where``."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"unsupported {where} {name!r}; supported: {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]

@@ -147,6 +147,7 @@ class Llama(ZooModel):
         self.config, self.remat, self.scan = config, remat, scan
 
     def shapes(self) -> dict[str, Any]:
+        """Every parameter's shape and kind (stacked layers, expert banks), the tree ``init`` fills."""
         c = self.config
         L, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -242,5 +243,6 @@ class Llama(ZooModel):
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
     ) -> jax.Array:
+        """Logits [B, T, vocab] (or a classification head's [B, labels]) for ``input_ids`` [B, T]."""
         params = resolve_shared(params)
         return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))

@@ -51,6 +51,7 @@ class TinyTransformer:
         self.config = config
 
     def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
+        """Random params (normal weights, unit norms)."""
         c = self.config
         ks = iter(jax.random.split(key, 16))
 
@@ -95,6 +96,7 @@ class TinyTransformer:
         return x + dense(jax.nn.gelu(dense(h, p["mlp"]["up_proj"])), p["mlp"]["down_proj"])
 
     def apply(self, params: dict[str, Any], ids: jax.Array, *, scan: bool = True) -> jax.Array:
+        """Logits for ``ids`` [B, T] (causal self-attention, MLP, tied head)."""
         c = self.config
         params = resolve_shared(params)
         t = ids.shape[1]

@@ -4,7 +4,7 @@
 
 In our [in, out] layout: ``lora_a`` = Qᵀ [in, r], ``lora_e`` = Λ [r], ``lora_b`` = Pᵀ [r, out]
 (PEFT: lora_A (r, in), lora_E (r, 1), lora_B (out, r)). At init Λ = 0 and A, B ~ N(0, 0.02²).
-``rank_mask`` [r] (1 = kept) multiplies Λ; the rank allocator sets it (optimizer issue).
+``rank_mask`` [r] (1 = kept) multiplies Λ; the rank allocator (``optim.adalora``) sets it.
 ``orthogonal_penalty(tree)`` is the regulariser R = mean over matrices of ‖PᵀP − I‖_F and
 ‖QQᵀ − I‖_F (non-squared, as PEFT and the official code).
 """
@@ -42,11 +42,13 @@ class AdaLoraNode(AdapterNode):
         return (self.lora_e * self.rank_mask.astype(self.lora_e.dtype)).astype(dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + s·((x Qᵀ) ⊙ (Λ ⊙ mask)) Pᵀ: the SVD-form adapter (arXiv 2303.10512) with pruned triplets masked."""
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype),
                                                 float(self.scale), self._e(x.dtype))
 
     def merge(self) -> jax.Array:
+        """W + s·Qᵀ diag(Λ ⊙ mask) Pᵀ."""
         w = weight_of(self.weight)
         a = self.lora_a.astype(jnp.float32) * self._e(jnp.float32)[..., None, :]
         return (w.astype(jnp.float32) + self.scale * jnp.matmul(a, self.lora_b.astype(jnp.float32))).astype(w.dtype)

@@ -60,9 +60,11 @@ class Node:
     """Base of all nodes. Subclasses are declared with ``@node``."""
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """``x @ W`` for ``x [..., in]``, in the node's factored form (never the dense delta)."""
         raise NotImplementedError
 
     def merge(self) -> jax.Array:
+        """The dense weight ``W [..., in, out]`` the node stands for."""
         raise NotImplementedError
 
     @property
@@ -74,6 +76,7 @@ class Node:
         raise NotImplementedError
 
     def trainable_fields(self) -> tuple[str, ...]:
+        """Names of the fields that train: marked ``param()`` and not listed in ``freeze``."""
         frozen_names = set(getattr(self, "freeze", ()))
         return tuple(
             f.name
@@ -95,6 +98,7 @@ class Node:
         """Raise if the caller asks to train a leaf that cannot train (e.g. quantized codes)."""
 
     def replace(self, **changes: Any) -> "Node":
+        """A copy with the given fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
 
@@ -134,6 +138,7 @@ def weight_of(w: Any) -> jax.Array:
 
 
 def weight_shape(w: Any) -> tuple[int, ...]:
+    """The shape of a weight leaf or node."""
     return tuple(w.shape) if not isinstance(w, np.ndarray) else w.shape
 
 

@@ -4,7 +4,7 @@
 
 m [out] is trained (PEFT's ``lora_magnitude_vector``), initialised to ‖W + s·A B‖_c (= ‖W‖_c
 when B = 0). As in the paper (§4.3) and PEFT, the norm is a constant in the backward pass.
-It is computed without forming W + s·A B (the DESIGN's identity, per output unit o):
+It is computed without forming W + s·A B (which would cost a d x k matrix per step), per output unit o:
 
     ‖W_o + s (AB)_o‖² = ‖W_o‖² + 2s ⟨W_o, (AB)_o⟩ + s² ‖(AB)_o‖²,
     ⟨W_o, (AB)_o⟩ = Σ_r (Wᵀ A)_{o r} B_{r o},   ‖(AB)_o‖² = B_oᵀ (AᵀA) B_o
@@ -55,6 +55,8 @@ class DoraNode(AdapterNode):
         return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(sq, 0.0)))
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """DoRA (arXiv 2402.09353): m ⊙ (x W + s·x A B) / ‖W + s·A B‖_c, the column norm a constant of the
+        backward."""
         ratio = (self.magnitude.astype(jnp.float32) / self.norm()).astype(x.dtype)
         y = dense(x, self.weight)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
@@ -72,6 +74,7 @@ class DoraNode(AdapterNode):
         return moved.replace(magnitude=(self.magnitude.astype(jnp.float32) * factor).astype(self.magnitude.dtype))
 
     def merge(self) -> jax.Array:
+        """m ⊙ (W + s·A B) / ‖W + s·A B‖_c."""
         w = weight_of(self.weight)
         full = w.astype(jnp.float32) + self.scale * jnp.matmul(self.lora_a.astype(jnp.float32), self.lora_b.astype(jnp.float32))
         n = jnp.linalg.norm(full, axis=-2)

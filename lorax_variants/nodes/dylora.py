@@ -59,6 +59,7 @@ class DyLoraNode(AdapterNode):
         return a * keep[..., None, :], bm * keep[..., :, None], scale
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + (α/b)·(x A[:, :b]) B[:b]: the rank b in use (sampled per step in training, arXiv 2210.07558)."""
         a, b, scale = self._factors(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, a, b, 1.0, jnp.broadcast_to(scale[..., None], a.shape[-1:]))
@@ -75,6 +76,7 @@ class DyLoraNode(AdapterNode):
                         scale=self.alpha / b, dropout=self.dropout)
 
     def merge(self) -> jax.Array:
+        """W + (α/b)·A[:, :b] B[:b] at the rank in use."""
         a, b, scale = self._factors(jnp.float32)
         w = weight_of(self.weight)
         return (w.astype(jnp.float32) + scale[..., None, None] * jnp.matmul(a, b)).astype(w.dtype)

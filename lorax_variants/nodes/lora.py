@@ -111,6 +111,7 @@ class LoraNode(AdapterNode):
         return value_of(self.lora_a).shape[-1]
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + s·(dropout(x) A) B (arXiv 2106.09685), never forming A B."""
         y = dense(x, self.weight)
         xa = adapter_dropout(x, self.dropout, self.dropout_key)
         return y + low_rank(xa, value_of(self.lora_a).astype(x.dtype), value_of(self.lora_b).astype(x.dtype),
@@ -134,6 +135,7 @@ class LoraNode(AdapterNode):
         return self.scale * jnp.matmul(a, b)
 
     def merge(self) -> jax.Array:
+        """W + s·A B."""
         w = weight_of(self.weight)
         return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
 @register_variant("lora")

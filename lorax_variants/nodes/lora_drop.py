@@ -62,6 +62,7 @@ class LoraDropNode(AdapterNode):
         return a.astype(dtype), b.astype(dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + s·(x A_l) B_l with layer l's own set if kept, else the shared set (LoRA-drop, arXiv 2402.07721)."""
         a, b = self._factors(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, a, b, float(self.scale))
@@ -74,6 +75,7 @@ class LoraDropNode(AdapterNode):
         return LoraNode(weight=self.weight, lora_a=a, lora_b=b, scale=self.scale, dropout=self.dropout)
 
     def merge(self) -> jax.Array:
+        """W + s·A_l B_l per layer (kept layers their own set, the others the shared one)."""
         a, b = self._factors(jnp.float32)
         w = weight_of(self.weight)
         return (w.astype(jnp.float32) + self.scale * jnp.matmul(a, b)).astype(w.dtype)

@@ -48,6 +48,7 @@ class MultiTaskNode(AdapterNode):
         return self.lora_a.shape[-3]
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + s·(x A_t) B_t with t the adapter each row is routed to (``task_ids``; ``BASE`` rows get x W)."""
         if self.task_ids is None:
             raise ValueError("multi-task adapter without routing: call route(tree, task_ids) before the forward")
         ids = self.task_ids
@@ -77,6 +78,7 @@ class MultiTaskNode(AdapterNode):
                         dropout=self.dropout)
 
     def merge(self) -> jax.Array:
+        """Refused unless one task is selected: a multi-task weight has no single dense form."""
         raise ValueError(f"a multi-task adapter ({self.n_tasks} tasks) has no single merged weight: "
                          "merge(select(tree, task)) merges one of them")
 

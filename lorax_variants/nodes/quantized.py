@@ -108,6 +108,7 @@ class QuantizedNode(Node):
         return 8 if self.kind == "int8" else 4
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The dense weight Ŵ [..., in, out] in ``dtype`` (default: the original weight's)."""
         fields = {k: getattr(self, k) for k in ("codes", "absmax", "qabsmax", "absmax2", "offset")}
         fn = lambda f: _dequant_2d(f, self.kind, self.block_size, self.block_size2, *self.in_out)  # noqa: E731
         for _ in self.codes.shape[:-2]:
@@ -115,14 +116,17 @@ class QuantizedNode(Node):
         return fn(fields).astype(dtype or self.dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x Ŵ with Ŵ dequantized inside the step in x's dtype (NF4/FP4/int4/int8 blocks)."""
         if len(self.shape) != 2:
             raise ValueError(f"apply a stacked quantized weight {self.shape} one layer at a time (scan)")
         return jnp.matmul(x, self.dequantize(x.dtype))
 
     def merge(self) -> jax.Array:
+        """The dequantized weight (``dequantize()``)."""
         return self.dequantize()
 
     def check_can_train(self, field_path: str, full_path: str) -> None:
+        """Refuse training a quantized weight, naming ``full_path``."""
         raise ValueError(f"{full_path}: quantized weights cannot be trained (their codes are integers); "
                          "train an adapter over them instead")
 

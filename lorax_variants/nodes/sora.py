@@ -38,6 +38,7 @@ class SoraNode(AdapterNode):
     freeze: tuple[str, ...] = static(default=())
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + s·((x A) ⊙ g) B: the gate g [r] masks ranks (SoRA, arXiv 2311.11696)."""
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype),
                                                 float(self.scale), self.gate.astype(x.dtype))
@@ -55,6 +56,7 @@ class SoraNode(AdapterNode):
                         dropout=self.dropout)
 
     def merge(self) -> jax.Array:
+        """W + s·A diag(g) B."""
         w = weight_of(self.weight)
         a = self.lora_a.astype(jnp.float32) * self.gate.astype(jnp.float32)[..., None, :]
         return (w.astype(jnp.float32) + self.scale * jnp.matmul(a, self.lora_b.astype(jnp.float32))).astype(w.dtype)

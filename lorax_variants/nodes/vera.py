@@ -44,11 +44,14 @@ class VeraNode(AdapterNode):
         return value_of(self.vera_a)[:d_in].astype(dtype), value_of(self.vera_b)[:, :d_out].astype(dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
+        """x W + ((x A) ⊙ λ_d) B ⊙ λ_b with A, B frozen random projections shared by every layer (VeRA, arXiv
+        2310.11454)."""
         a, b = self._ab(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         return dense(x, self.weight) + low_rank(xd, a, b, 1.0, self.lambda_d.astype(x.dtype), self.lambda_b.astype(x.dtype))
 
     def merge(self) -> jax.Array:
+        """W + A diag(λ_d) B diag(λ_b)."""
         a, b = self._ab(jnp.float32)
         w = weight_of(self.weight)
         delta = jnp.matmul(a * self.lambda_d[..., None, :], b) * self.lambda_b[..., None, :]

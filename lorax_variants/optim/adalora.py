@@ -59,6 +59,10 @@ def adalora_allocator(
     base: optax.GradientTransformation, *, target_r: int, total_step: int, tinit: int = 0, tfinal: int = 0,
     delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85,
 ) -> optax.GradientTransformation:
+    """AdaLoRA's rank budget (arXiv 2303.10512, §3.3): wraps ``base`` and, between ``tinit`` and ``total_step -
+    tfinal``, every ``delta_t`` steps scores each triplet by the smoothed sensitivity |λ·∂L/∂λ| (EMA
+    ``beta1``) times its uncertainty (EMA ``beta2``) and keeps the top ones on a cubic schedule from the
+    initial rank to ``target_r`` per matrix on average (``rank_mask``), as PEFT's ``RankAllocator``."""
     if not (0 < beta1 < 1 and 0 < beta2 < 1):
         raise ValueError(f"beta1 and beta2 must be in (0, 1), got {beta1}, {beta2}")
     if total_step <= tinit + tfinal:

@@ -31,6 +31,9 @@ NO_DECAY = r".*(bias|_scale)"  # biases and LayerNorm scales (our LayerNorm leav
 
 def loraplus_labels(tree: Any, *, stacked: str | None = None, embeddings: str = EMBEDDINGS,
                     no_decay: str = NO_DECAY) -> Any:
+    """Optax labels for LoRA+ (arXiv 2402.12354): ``lora_a``, ``lora_b`` (its rate λ times A's), ``embedding_b``
+    for B of embedding adapters, ``no_decay`` for the paths ``no_decay`` matches, ``other`` for the rest; use
+    with ``optax.multi_transform``."""
     emb, nd = compile_patterns(embeddings), compile_patterns(no_decay)
 
     def label(path: str, field: str | None, ndim: int) -> str:
