@@ -20,7 +20,7 @@ LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a
     {"registry"},
     {"nodes.*"},
     {"ops", "quant", "adapt", "per_call", "sharding", "stats"},
-    {"optim", "optim.*", "diagnostics"},
+    {"optim", "optim.*", "diagnostics", "recipes"},
     {"models", "models.*"},
     {"hf", "hf.*"},
     {""},  # lorax_variants/__init__.py

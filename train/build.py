@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import lorax_variants as lv
+from lorax_variants import recipes
 from lorax_variants.hf import auto
 from lorax_variants.sharding import make_mesh, tree_shardings
 from train.config import Config, ConfigError
@@ -24,12 +25,6 @@ from train.data import resolve
 
 __all__ = ["init_distributed", "model_dir", "load_tokenizer", "adapter_spec", "quant_spec", "Built", "build", "rebuild"]
 
-# App variant -> (node variant, AdapterSpec changes). The rest of a variant lives in its optimizer.
-VARIANTS = {
-    "lora": "lora", "lora_fa": "lora_fa", "loraplus": "lora", "delta_lora": "lora", "dora": "dora", "vera": "vera",
-    "adalora": "adalora", "dylora": "dylora", "sora": "sora", "multitask": "multitask", "lora_drop": "lora",
-    "none": None,
-}
 
 
 def init_distributed(cfg: Config) -> None:
@@ -80,16 +75,16 @@ def load_tokenizer(path: Path) -> Any:
 
 def adapter_spec(cfg: Config, stacked: str) -> lv.AdapterSpec | None:
     a = cfg.adapter
-    if a.variant not in VARIANTS:
-        raise ConfigError(f"adapter.variant: unknown variant {a.variant!r}; choose from {sorted(VARIANTS)}")
-    node = VARIANTS[a.variant]
-    if node is None:
+    if a.variant not in recipes.RECIPES:
+        raise ConfigError(f"adapter.variant: unknown variant {a.variant!r}; choose from {sorted(recipes.RECIPES)}")
+    variant = recipes.recipe(a.variant)
+    if variant.node is None:
         return None
     try:
-        return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets, variant=node,
-                              r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern, alpha_pattern=a.alpha_pattern,
-                              init=a.init, rslora=a.rslora, dropout=a.dropout, stacked=stacked, r_min=a.r_min,
-                              d_initial=a.d_initial, n_tasks=a.n_tasks)
+        return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets,
+                              variant=variant.node, r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern,
+                              alpha_pattern=a.alpha_pattern, init=a.init, rslora=a.rslora, dropout=a.dropout,
+                              stacked=stacked, **variant.spec(a.settings()))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"adapter: {e}".replace("AdapterSpec.", "adapter.")) from None
 

@@ -1,8 +1,8 @@
 """Checkpoints with orbax: what a run needs to continue exactly, and nothing it can regenerate.
 
 Saved every ``train.checkpoint_every`` steps and at the end (the last ``train.keep`` kept):
-- ``state``: the trainable leaves, the optimizer state's leaves, the base RNG key, and (Delta-LoRA
-  only) the adapted frozen weights, which that variant changes;
+- ``state``: the trainable leaves, the optimizer state's leaves, the base RNG key, and the variant's
+  ``extras`` (its recipe's: Delta-LoRA's adapted frozen weights, which that variant changes);
 - ``meta`` (JSON): step, data position, the run's whole config, the base model's path and
   fingerprint, the adapter and quantization specs, the seeds, and the trainable paths and shapes.
 
@@ -28,10 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.tree import leaves_with_paths
 
-__all__ = ["fingerprint", "Checkpointer", "CheckpointMismatch", "delta_weights", "with_delta_weights"]
+__all__ = ["fingerprint", "Checkpointer", "CheckpointMismatch"]
 
 
 TRASH = ".trash"  # old steps are renamed here (atomic), then deleted
@@ -52,17 +50,6 @@ def fingerprint(model_dir: Path) -> str:
                 n = int.from_bytes(f.read(8), "little")
                 h.update(p.name.encode() + f.read(min(n, 1 << 26)) + str(p.stat().st_size).encode())
     return h.hexdigest()
-
-
-def delta_weights(frozen: Any) -> list[Any]:
-    """The frozen weights that Delta-LoRA changes (those under LoRA nodes), in path order."""
-    return [n.weight for _, n in leaves_with_paths(frozen, nodes_are_leaves=True) if isinstance(n, LoraNode)]
-
-
-def with_delta_weights(frozen: Any, weights: list[Any]) -> Any:
-    it = iter(weights)
-    return jax.tree.map(lambda n: n.replace(weight=next(it)) if isinstance(n, LoraNode) else n, frozen,
-                        is_leaf=lambda x: isinstance(x, LoraNode))
 
 
 def _abstract(x: Any) -> Any:

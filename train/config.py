@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lorax_variants import recipes
+
 __all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides"]
 
 
@@ -51,11 +53,21 @@ class AdapterConfig:
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     rslora: bool = False
     dropout: float = 0.0
-    r_min: int = 1
-    d_initial: float = 0.1
-    n_tasks: int = 1  # multitask: adapters per target; rows routed by data.task_field
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
     seed: int = 0  # adapter init (and VeRA's projections)
+    # Each variant's own settings (lorax_variants.recipes); only the section of adapter.variant is read.
+    loraplus: recipes.LoraPlus = dataclasses.field(default_factory=recipes.LoraPlus)
+    adalora: recipes.AdaLora = dataclasses.field(default_factory=recipes.AdaLora)
+    sora: recipes.Sora = dataclasses.field(default_factory=recipes.Sora)
+    delta_lora: recipes.DeltaLora = dataclasses.field(default_factory=recipes.DeltaLora)
+    dylora: recipes.DyLora = dataclasses.field(default_factory=recipes.DyLora)
+    vera: recipes.Vera = dataclasses.field(default_factory=recipes.Vera)
+    multitask: recipes.MultiTask = dataclasses.field(default_factory=recipes.MultiTask)
+    lora_drop: recipes.LoraDrop = dataclasses.field(default_factory=recipes.LoraDrop)
+
+    def settings(self) -> Any:
+        """The settings section of ``variant`` (``None`` for a variant without one)."""
+        return getattr(self, self.variant, None) if recipes.recipe(self.variant).settings else None
 
 
 @dataclasses.dataclass
@@ -107,22 +119,6 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
-    # Variant optimizers.
-    loraplus_ratio: float = 16.0
-    loraplus_lr_embedding: float = 1e-6
-    adalora_target_r: int = 4
-    adalora_tinit: int = 0
-    adalora_tfinal: int = 0
-    adalora_delta_t: int = 1
-    adalora_beta1: float = 0.85
-    adalora_beta2: float = 0.85
-    adalora_orth_reg: float = 0.1
-    sora_xi: float = 1e-4
-    delta_lora_lambda: float = 0.5
-    delta_lora_start: int = 0
-    lora_drop_select_at: int | None = None  # step of LoRA-drop's selection (None: a tenth of train.steps)
-    lora_drop_threshold: float = 0.9
-    lora_drop_batches: int = 4  # training batches the importance is measured on
 
 
 @dataclasses.dataclass
@@ -249,12 +245,28 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {t} at {where}")
 
 
+# Keys that moved into a variant's own section: an old config names the new key.
+MOVED = {
+    "optim.loraplus_ratio": "adapter.loraplus.ratio", "optim.loraplus_lr_embedding": "adapter.loraplus.lr_embedding",
+    **{f"optim.adalora_{k}": f"adapter.adalora.{k}"
+       for k in ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")},
+    "optim.sora_xi": "adapter.sora.xi", "optim.delta_lora_lambda": "adapter.delta_lora.update_ratio",
+    "optim.delta_lora_start": "adapter.delta_lora.start", "optim.lora_drop_select_at": "adapter.lora_drop.select_at",
+    "optim.lora_drop_threshold": "adapter.lora_drop.threshold", "optim.lora_drop_batches": "adapter.lora_drop.batches",
+    "adapter.r_min": "adapter.dylora.r_min", "adapter.d_initial": "adapter.vera.d_initial",
+    "adapter.n_tasks": "adapter.multitask.n_tasks",
+}
+
+
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
+        if path in MOVED:
+            raise ConfigError(f"config key {path!r} moved to {MOVED[path]!r} (each variant's settings are in its "
+                              "own section of adapter)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
@@ -359,11 +371,13 @@ def check(cfg: Config) -> None:
     need(cfg.adapter.r >= 1, "adapter.r", "must be at least 1")
     need(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
     need(0 <= cfg.adapter.dropout < 1, "adapter.dropout", "must be in [0, 1)")
-    need(cfg.optim.lora_drop_select_at is None or 1 <= cfg.optim.lora_drop_select_at < cfg.train.steps,
-         "optim.lora_drop_select_at", f"must be in [1, train.steps={cfg.train.steps})")
-    need(0 < cfg.optim.lora_drop_threshold <= 1, "optim.lora_drop_threshold", "must be in (0, 1]")
-    need(cfg.optim.lora_drop_batches >= 1, "optim.lora_drop_batches", "must be at least 1")
-    need(cfg.adapter.n_tasks >= 1, "adapter.n_tasks", "must be at least 1")
+    drop = cfg.adapter.lora_drop
+    need(drop.select_at is None or 1 <= drop.select_at < cfg.train.steps,
+         "adapter.lora_drop.select_at", f"must be in [1, train.steps={cfg.train.steps})")
+    need(0 < drop.threshold <= 1, "adapter.lora_drop.threshold", "must be in (0, 1]")
+    need(drop.batches >= 1, "adapter.lora_drop.batches", "must be at least 1")
+    need(cfg.adapter.multitask.n_tasks >= 1, "adapter.multitask.n_tasks", "must be at least 1")
+    need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
     need((cfg.adapter.variant == "multitask") == (cfg.data.task_field is not None), "data.task_field",
          "is needed by (and only by) adapter.variant=multitask")
     need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm", "data.packing",

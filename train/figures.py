@@ -180,17 +180,18 @@ def fig_adalora(run: Run, out: Path) -> list[Path]:
     fig, ax = pyplot.subplots(figsize=(7, 4))
     s, tot = run.series("ranks", "total")
     ax.plot(s, tot, lw=2, label="total rank kept")
-    target = run.config.get("optim", {}).get("adalora_target_r")
+    opt = run.config.get("adapter", {}).get("adalora", {})
+    target = opt.get("target_r")
     cells = int(np.isfinite(grid).sum())
     if target:
         ax.axhline(target * cells, color="tab:red", ls="--", label=f"target budget ({target} x {cells} weights)")
     ax.axhline(r * cells, color="gray", ls=":", label=f"initial budget ({r} x {cells})")
-    opt, steps = run.config.get("optim", {}), run.config.get("train", {}).get("steps")
+    steps = run.config.get("train", {}).get("steps")
     # The allocator's step t is the 0-based count: logged step t + 1.
-    if opt.get("adalora_tinit") is not None:
-        ax.axvline(opt["adalora_tinit"] + 1, color="tab:gray", alpha=0.6, lw=1, label="pruning starts after (tinit)")
-    if opt.get("adalora_tfinal") is not None and steps:
-        ax.axvline(steps - opt["adalora_tfinal"] + 1, color="tab:gray", alpha=0.6, lw=1, ls="-.",
+    if opt.get("tinit") is not None:
+        ax.axvline(opt["tinit"] + 1, color="tab:gray", alpha=0.6, lw=1, label="pruning starts after (tinit)")
+    if opt.get("tfinal") is not None and steps:
+        ax.axvline(steps - opt["tfinal"] + 1, color="tab:gray", alpha=0.6, lw=1, ls="-.",
                    label="target budget from (steps - tfinal)")
     ax.set(xlabel="step", ylabel="sum of ranks over adapted weights", title=f"{run.name}: AdaLoRA rank budget over training")
     ax.set_ylim(bottom=0)

@@ -1,7 +1,6 @@
-"""The run's Optax chain: schedule, clipping, base optimizer, weight-decay mask, the variant's pieces.
-
-    clip_by_global_norm -> [LoRA-FA projection] -> base (AdamW/Adam/SGD/Lion; LoRA+ per group)
-                        -> [SoRA proximal step] ; AdaLoRA's allocator wraps the whole base
+"""The run's Optax chain: schedule, clipping, base optimizer, weight-decay mask; the variant's recipe
+(``lorax_variants.recipes``) builds its chain around the base (LoRA-FA's projection, LoRA+'s groups,
+AdaLoRA's allocator, SoRA's proximal step).
 
 Learning-rate schedule: linear warmup to ``lr``, then constant, linear or cosine decay to
 ``min_lr_ratio * lr`` at ``train.steps`` (counted in optimizer steps). Weight decay never
@@ -15,12 +14,10 @@ from typing import Any, Callable
 import jax
 import optax
 
-import lorax_variants as lv
-from lorax_variants.optim import adalora_allocator, lorafa_projection, loraplus, sora_proximal
-from lorax_variants.optim.loraplus import loraplus_labels
+from lorax_variants import recipes
 from train.config import Config
 
-__all__ = ["schedule", "build_optimizer", "lr_groups"]
+__all__ = ["schedule", "build_optimizer", "lr_groups", "penalty", "context"]
 
 
 def schedule(cfg: Config) -> optax.Schedule:
@@ -57,46 +54,30 @@ def _base(cfg: Config) -> Callable[..., optax.GradientTransformation]:
     return lambda learning_rate, weight_decay=0.0, mask=None: optax.sgd(learning_rate, momentum=o.b1 or None)
 
 
+def context(cfg: Config, trainable: Any, adapted: Any, stacked: str | None) -> recipes.OptimContext:
+    """What the variant's recipe builds its chain on: the base optimizer, the schedule, the trees."""
+    o = cfg.optim
+    return recipes.OptimContext(make=_base(cfg), lr=schedule(cfg), base_lr=o.lr, weight_decay=o.weight_decay,
+                                decay_mask=_decay_mask(trainable), trainable=trainable, adapted=adapted,
+                                stacked=stacked, total_steps=cfg.train.steps)
+
+
 def build_optimizer(cfg: Config, trainable: Any, adapted: Any, stacked: str | None) -> optax.GradientTransformation:
-    """The chain for ``cfg.adapter.variant`` over the ``trainable`` tree (``adapted``: the whole tree)."""
-    o, variant, lr = cfg.optim, cfg.adapter.variant, schedule(cfg)
-    make = _base(cfg)
-    parts: list[optax.GradientTransformation] = []
-    if o.clip_norm is not None:
-        parts.append(optax.clip_by_global_norm(o.clip_norm))
-    if variant == "lora_fa" and not isinstance(jax.tree.leaves(adapted)[0], jax.ShapeDtypeStruct):
-        parts.append(lorafa_projection(adapted))  # (stateless: a plan of abstract trees leaves it out)
-    if variant == "loraplus":
-        base = loraplus(lambda learning_rate, **kw: make(learning_rate, **kw), lr, trainable, ratio=o.loraplus_ratio,
-                        lr_embedding=o.loraplus_lr_embedding, weight_decay=o.weight_decay, stacked=stacked)
-    else:
-        base = make(lr, o.weight_decay, _decay_mask(trainable) if o.weight_decay else None)
-    if variant == "adalora":
-        base = adalora_allocator(base, target_r=o.adalora_target_r, total_step=cfg.train.steps,
-                                 tinit=o.adalora_tinit, tfinal=o.adalora_tfinal, delta_t=o.adalora_delta_t,
-                                 beta1=o.adalora_beta1, beta2=o.adalora_beta2)
-    parts.append(base)
-    if variant == "sora":
-        parts.append(sora_proximal(lambda step: o.sora_xi * lr(step) / o.lr))
-    return optax.chain(*parts)
+    """Clipping, then the variant's chain (its recipe's ``optimizer``) over the ``trainable`` tree (``adapted``:
+    the whole tree)."""
+    variant = recipes.recipe(cfg.adapter.variant)
+    chain = variant.optimizer(cfg.adapter.settings(), context(cfg, trainable, adapted, stacked))
+    if cfg.optim.clip_norm is None:
+        return chain
+    return optax.chain(optax.clip_by_global_norm(cfg.optim.clip_norm), chain)
 
 
 def lr_groups(cfg: Config, trainable: Any, stacked: str | None) -> dict[str, Callable[[int], float]]:
     """Learning rate of each parameter group at a step (for logs and plots)."""
-    lr = schedule(cfg)
-    if cfg.adapter.variant != "loraplus":
-        return {"lr": lr}
-    labels = {x for x in jax.tree.leaves(loraplus_labels(trainable, stacked=stacked))}
-    out = {"lr": lr}
-    if "B" in labels or "B_no_decay" in labels:
-        out["lr_B"] = lambda s: cfg.optim.loraplus_ratio * lr(s)
-    if "embedding" in labels:
-        out["lr_embedding"] = lambda s: cfg.optim.loraplus_lr_embedding
-    return out
+    ctx = context(cfg, trainable, trainable, stacked)
+    return recipes.recipe(cfg.adapter.variant).lr_groups(cfg.adapter.settings(), ctx)
 
 
 def penalty(cfg: Config) -> Callable[[Any], Any] | None:
-    """Extra loss terms of the variant (AdaLoRA's orthogonal regularizer)."""
-    if cfg.adapter.variant == "adalora" and cfg.optim.adalora_orth_reg:
-        return lambda tree: cfg.optim.adalora_orth_reg * lv.orthogonal_penalty(tree)
-    return None
+    """Extra loss terms of the variant (its recipe's ``penalty``: AdaLoRA's orthogonal regularizer)."""
+    return recipes.recipe(cfg.adapter.variant).penalty(cfg.adapter.settings())

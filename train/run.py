@@ -24,17 +24,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
 from lorax_variants.diagnostics import active_ranks, magnitude_direction
+from lorax_variants.hf.build import load_hf_config
 from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomic
+from lorax_variants.recipes import recipe
 from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
-from lorax_variants.hf.build import load_hf_config
-from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir
+from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, TokenData, eval_batches, load_data
 from train.lock import RunLock
 from train.metrics import Metrics
-from train.optim import build_optimizer, lr_groups, penalty
+from train.optim import build_optimizer, lr_groups
 from train.step import make_steps
 
 __all__ = ["run", "restore", "Interrupted", "NonFinite", "Result"]
@@ -85,8 +86,8 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     check_positions(cfg, load_hf_config(path))  # before reading any data
     train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
     num_labels = None
-    if "task_ids" in train.arrays and int(train.arrays["task_ids"].max()) >= cfg.adapter.n_tasks:
-        raise ConfigError(f"adapter.n_tasks={cfg.adapter.n_tasks} but data.task_field has task index "
+    if "task_ids" in train.arrays and int(train.arrays["task_ids"].max()) >= cfg.adapter.multitask.n_tasks:
+        raise ConfigError(f"adapter.multitask.n_tasks={cfg.adapter.multitask.n_tasks} but data.task_field has task index "
                           f"{int(train.arrays['task_ids'].max())}")
     if cfg.model.task == "sequence_classification":
         num_labels = cfg.model.num_labels or len(labels)
@@ -120,45 +121,40 @@ def _steps(p: Prepared) -> Any:
     return make_steps(
         b.model, cfg.model.task, p.optimizer, mesh=b.mesh, trainable_sh=b.trainable_sh, frozen_sh=b.frozen_sh,
         opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
-        dylora=cfg.adapter.variant == "dylora", penalty=penalty(cfg),
-        delta_lora=(cfg.optim.delta_lora_lambda, cfg.optim.delta_lora_start) if cfg.adapter.variant == "delta_lora" else None,
-        n_tasks=cfg.adapter.n_tasks, loss_chunk=cfg.model.loss_chunk,
+        variant=recipe(cfg.adapter.variant), settings=cfg.adapter.settings(), n_tasks=cfg.adapter.multitask.n_tasks,
+        loss_chunk=cfg.model.loss_chunk,
     )
 
 
-def _drop_at(cfg: Config) -> int | None:
-    if cfg.adapter.variant != "lora_drop":
-        return None
-    return cfg.optim.lora_drop_select_at or max(1, cfg.train.steps // 10)
+def _reshape_at(cfg: Config) -> int | None:
+    """The step after which the variant reshapes its tree (LoRA-drop's selection), if it does."""
+    reshape = recipe(cfg.adapter.variant).reshape
+    return reshape.at(cfg.adapter.settings(), cfg.train.steps) if reshape else None
 
 
-def _lora_drop(p: Prepared, trainable: Any, frozen: Any, batches: Batches, fns: Any,
-               step: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """LoRA-drop's selection after ``step`` steps: the keep mask and the importance (on the next batches)."""
-    from lorax_variants.optim.lora_drop import importance, keep_mask
-
+def _reshape_choice(p: Prepared, trainable: Any, frozen: Any, batches: Batches, fns: Any,
+                    step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The variant's reshaping decision after ``step`` steps, made on the next training batches."""
     cfg, model = p.cfg, p.built.model
+    reshape, settings = recipe(cfg.adapter.variant).reshape, cfg.adapter.settings()
     sample = []
-    for i in range(cfg.optim.lora_drop_batches):
+    for i in range(reshape.batches(settings)):
         local = batches.local(step + i)
         sample.append({k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
                        for k, v in local.items()})
     apply = lambda tree, b: model.apply(tree, b["input_ids"], b["attention_mask"])  # noqa: E731
-    scores = importance(apply, lv.combine(trainable, frozen), sample, model.stacked)
-    return keep_mask(scores, cfg.optim.lora_drop_threshold), scores
+    return reshape.decide(settings, apply, lv.combine(trainable, frozen), sample, model.stacked)
 
 
-def _apply_keep(p: Prepared, trainable: Any, frozen: Any, keep: dict[str, np.ndarray]) -> Prepared:
-    from lorax_variants.optim.lora_drop import apply_keep
-    from train.build import rebuild
-
-    return _with_optimizer(p, rebuild(p.built, apply_keep(lv.combine(trainable, frozen), keep)))
+def _reshaped(p: Prepared, trainable: Any, frozen: Any, choice: dict[str, np.ndarray]) -> Prepared:
+    tree = recipe(p.cfg.adapter.variant).reshape.apply(lv.combine(trainable, frozen), choice)
+    return _with_optimizer(p, rebuild(p.built, tree))
 
 
-def _meta(cfg: Config, p: Prepared, step: int, keep: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def _meta(cfg: Config, p: Prepared, step: int, choice: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     b = p.built
     return {
-        "lora_drop_keep": {k: np.asarray(v).tolist() for k, v in keep.items()} if keep is not None else None,
+        "reshape": {k: np.asarray(v).tolist() for k, v in choice.items()} if choice is not None else None,
         "step": step, "rows_consumed": step * cfg.train.batch_size, "config": to_dict(cfg),
         "base_model": p.base[0], "base_fingerprint": p.base[1],
         "adapter_spec": b.spec.to_dict() if b.spec else None, "quant_spec": b.quant.to_dict() if b.quant else None,
@@ -225,7 +221,7 @@ class State:
     frozen: Any
     opt_state: Any
     key: Any
-    keep: dict[str, np.ndarray] | None  # LoRA-drop's selection, once made
+    keep: dict[str, np.ndarray] | None  # the variant's reshaping choice (LoRA-drop's selection), once made
     step: int
 
 
@@ -235,9 +231,9 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None) -> tuple[Pr
     keep, saved = None, None
     if step is not None:
         saved = saver.meta(step)
-        if saved.get("lora_drop_keep") is not None:  # the checkpoint is past LoRA-drop's selection
-            keep = {k: np.asarray(v, bool) for k, v in saved["lora_drop_keep"].items()}
-            p = _apply_keep(p, p.built.trainable, p.built.frozen, keep)
+        if saved.get("reshape") is not None:  # the checkpoint is past the variant's reshaping (LoRA-drop's selection)
+            keep = {k: np.asarray(v, bool) for k, v in saved["reshape"].items()}
+            p = _reshaped(p, p.built.trainable, p.built.frozen, keep)
     b = p.built
     key = jax.random.key(cfg.train.seed)
     trainable, frozen = b.trainable, b.frozen
@@ -247,13 +243,14 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None) -> tuple[Pr
     ckpt.check_meta(saved, _meta(cfg, p, step, keep), saver.directory / str(step))
     like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
             "key": np.asarray(jax.random.key_data(key))}
-    if cfg.adapter.variant == "delta_lora":
-        like["delta_weights"] = ckpt.delta_weights(frozen)
+    variant = recipe(cfg.adapter.variant)
+    if variant.extras is not None:
+        like["extras"] = variant.extras(frozen)
     state = saver.restore(step, like)
     trainable = jax.tree.unflatten(jax.tree.structure(trainable), state["trainable"])
     opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), state["opt_state"])
-    if "delta_weights" in state:
-        frozen = ckpt.with_delta_weights(frozen, state["delta_weights"])
+    if "extras" in state:
+        frozen = variant.with_extras(frozen, state["extras"])
     return p, State(trainable, frozen, opt_state, jax.random.wrap_key_data(jnp.asarray(state["key"])), keep, step)
 
 
@@ -288,6 +285,7 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
         for stale in out.glob(".adapters.safetensors.*"):  # the temporary file of a write that was killed
             stale.unlink()
     b, trainable, frozen, opt_state, key, keep, start = p.built, s.trainable, s.frozen, s.opt_state, s.key, s.keep, s.step
+    variant = recipe(cfg.adapter.variant)
 
     fns = _steps(p)
     batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
@@ -304,8 +302,8 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
             return
         state = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
                  "key": np.asarray(jax.random.key_data(key))}
-        if cfg.adapter.variant == "delta_lora":
-            state["delta_weights"] = ckpt.delta_weights(frozen)
+        if variant.extras is not None:
+            state["extras"] = variant.extras(frozen)
         # Logged first: a kill during the save leaves a row past the last checkpoint, dropped on resume and redone.
         _weight_changes(metrics, cfg, step, trainable, frozen)
         saver.save(step, state, _meta(cfg, p, step, keep))
@@ -330,20 +328,18 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
             trainable, frozen, opt_state, m = fns.train(trainable, frozen, opt_state, batch, jnp.int32(step), key)
             pending.append((step, m))
             done = step + 1
-            if done == _drop_at(cfg) and keep is None:
-                keep, scores = _lora_drop(p, trainable, frozen, batches, fns, done)
-                metrics.write("lora_drop", done, {"threshold": cfg.optim.lora_drop_threshold,
-                                                  "importance": {k: np.asarray(v).tolist() for k, v in scores.items()},
-                                                  "keep": {k: np.asarray(v).tolist() for k, v in keep.items()}})
+            if done == _reshape_at(cfg) and keep is None:
+                keep, report = _reshape_choice(p, trainable, frozen, batches, fns, done)
+                message = report.pop("message", None)
+                metrics.write(variant.name, done, report)
                 before = (trainable, frozen, opt_state)
-                p = _apply_keep(p, trainable, frozen, keep)
+                p = _reshaped(p, trainable, frozen, keep)
                 b = p.built
                 trainable, frozen = b.trainable, b.frozen
                 opt_state = _carry_state(p, *before, keep, done)
                 fns = _steps(p)
-                kept = sum(int(k.sum()) for k in keep.values())
-                metrics.echo(f"LoRA-drop at step {done}: {kept} of {sum(k.size for k in keep.values())} adapted "
-                             f"layers keep their own adapters, the rest share one set per shape")
+                if message:
+                    metrics.echo(f"step {done}: {message}")
             if step == start:  # time from the end of the first (compiling) step
                 jax.block_until_ready(m)
                 t0 = time.perf_counter()
@@ -367,7 +363,7 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
                         row.pop("accuracy", None)
                     metrics.write("train", s + 1, row)
                 pending = []
-                if cfg.adapter.variant in ("adalora", "sora"):  # the rank budget as it shrinks
+                if variant.tracks_ranks:  # the rank budget as it shrinks
                     ranks = active_ranks(trainable, opt_state)
                     metrics.write("ranks", done, {"total": float(sum(int(v.sum()) for v in ranks.values())),
                                                   "ranks": {k: v.tolist() for k, v in ranks.items()}})
@@ -406,13 +402,7 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
         "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start - 1),
         ("tokens_per_second" if lm else "examples_per_second"): tokens / max(elapsed, 1e-9), "output_dir": str(out),
     }
-    if cfg.adapter.variant == "adalora":
-        from lorax_variants.optim.adalora import AllocatorState, rank_pattern
-
-        alloc = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AllocatorState))
-                 if isinstance(s, AllocatorState)]
-        if alloc:
-            summary["adalora_ranks"] = [np.asarray(r).tolist() for r in rank_pattern(alloc[0])]
+    summary |= variant.summary(opt_state)
     host = to_host(trainable)
     if lead:
         write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
@@ -438,7 +428,7 @@ def _report(out: Path) -> None:
 
 def _weight_changes(metrics: Metrics, cfg: Config, step: int, trainable: Any, frozen: Any) -> None:
     """The DoRA paper's magnitude and direction change of every adapted weight (the report's scatter)."""
-    if cfg.adapter.variant in ("delta_lora", "multitask"):  # the base itself moves / no single merged weight
+    if not recipe(cfg.adapter.variant).weight_changes:  # the base itself moves / no single merged weight
         return
     changes = magnitude_direction(lv.combine(trainable, frozen))
     if changes:
@@ -451,9 +441,7 @@ def _carry_state(p: Prepared, trainable: Any, frozen: Any, opt_state: Any, keep:
     """The optimizer state after LoRA-drop's selection: the moments of what stays (kept layers' adapters,
     other trained leaves) carried over, the shared set's from the layer it starts from; a chain whose state
     does not follow the parameters that way starts afresh (its count, and so the schedule, goes on)."""
-    from lorax_variants.optim.lora_drop import carry_state
-
-    carried = carry_state(opt_state, trainable, frozen, keep, p.built.mask)
+    carried = recipe(p.cfg.adapter.variant).reshape.carry(opt_state, trainable, frozen, keep, p.built.mask)
     if jax.tree.structure(carried) == jax.tree.structure(p.opt_abstract):
         return jax.device_put(carried, p.opt_sh)
     return _set_count(jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(p.built.trainable), step)

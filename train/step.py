@@ -20,11 +20,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
+from lorax_variants import recipes
 from lorax_variants.models.loss import token_cross_entropy
 from lorax_variants.nodes.base import Node
-from lorax_variants.nodes.dylora import sample_rank
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.optim import delta_lora_update
 from lorax_variants.sharding import BATCH
 
 __all__ = ["cast_tree", "task_loss", "lm_rows", "StepFns", "make_steps"]
@@ -75,18 +74,21 @@ class StepFns:
 
 def make_steps(
     model: Any, task: str, optimizer: optax.GradientTransformation, *, mesh: Any, trainable_sh: Any, frozen_sh: Any,
-    opt_sh: Any, compute_dtype: str = "float32", dropout: bool = False, dylora: bool = False,
-    penalty: Callable[[Any], jax.Array] | None = None, delta_lora: tuple[float, int] | None = None,
-    n_tasks: int = 1, loss_chunk: int = 2048,
+    opt_sh: Any, compute_dtype: str = "float32", dropout: bool = False, variant: recipes.Recipe | None = None,
+    settings: Any = None, n_tasks: int = 1, loss_chunk: int = 2048,
 ) -> StepFns:
-    """Jitted steps. Batches come as ``[accum, micro, ...]`` arrays (micro over data x fsdp)."""
+    """Jitted steps. Batches come as ``[accum, micro, ...]`` arrays (micro over data x fsdp). ``variant``: the
+    recipe whose hooks the step calls (its penalty, the tree a training forward sees, the frozen leaves after an
+    update) with its ``settings``."""
+    variant = variant or recipes.recipe("lora")
+    penalty = variant.penalty(settings)
 
     def forward(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array | None, train: bool):
         tree = lv.combine(cast_tree(trainable, compute_dtype), cast_tree(frozen, compute_dtype))
         if train and dropout:
             tree = lv.with_dropout(tree, jax.random.fold_in(key, 1))
-        if train and dylora:
-            tree = sample_rank(tree, jax.random.fold_in(key, 2))
+        if train and variant.train_tree is not None:
+            tree = variant.train_tree(settings, tree, jax.random.fold_in(key, 2))
         if "task_ids" in batch:
             tree = lv.route(tree, batch["task_ids"])
         if task == "causal_lm":  # logits per chunk of tokens only (models.loss)
@@ -122,9 +124,8 @@ def make_steps(
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         new_frozen = frozen
-        if delta_lora is not None:
-            lam, start = delta_lora
-            new_frozen = delta_lora_update(frozen, trainable, new_trainable, step, lam=lam, start_step=start)
+        if variant.after_update is not None:
+            new_frozen = variant.after_update(settings, frozen, trainable, new_trainable, step)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_trainable))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
@@ -156,7 +157,7 @@ def make_steps(
         train_step,
         in_shardings=(trainable_sh, frozen_sh, opt_sh, None, replicated, replicated),
         out_shardings=(trainable_sh, frozen_sh, opt_sh, replicated),
-        donate_argnums=(0, 1, 2) if delta_lora is not None else (0, 2),
+        donate_argnums=(0, 1, 2) if variant.after_update is not None else (0, 2),
     )
     evaluate = jax.jit(eval_step, in_shardings=(trainable_sh, frozen_sh, None), out_shardings=replicated)
     return StepFns(train, evaluate, lambda ndim, accum=True: batch_sh(ndim, accum))

@@ -27,8 +27,8 @@ __all__ = ["lorafa_projection"]
 
 
 def lorafa_projection(tree: Any, delta: float = 1e-8) -> optax.GradientTransformation:
-    """LoRA-FA's update (arXiv 2308.03303): with A frozen, B's gradient is projected through (AᵀA + δI)⁻¹, so the
-    step on the product AB is the full-rank gradient's projection onto A's column space."""
+    """LoRA-FA (arXiv 2308.03303): with A frozen, B's gradient is projected by (AᵀA + δI)⁻¹ / s² (PEFT's
+    ``LoraFAOptimizer``), so the step on the product approximates the full-rank gradient's projection onto A."""
     nodes = {p: n for p, n in leaves_with_paths(tree, nodes_are_leaves=True)
              if isinstance(n, LoraNode) and "lora_a" in n.freeze}
     if not nodes:

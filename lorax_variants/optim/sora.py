@@ -30,9 +30,9 @@ class SoraState(NamedTuple):
 
 
 def sora_proximal(xi: float | optax.Schedule) -> optax.GradientTransformation:
-    """SoRA's proximal step on the gates (arXiv 2311.11696): after the base update, g ← sign(g)·max(|g| − η·ξ, 0)
-    (soft thresholding with the step's learning rate η times ``xi``), which drives gates of unneeded ranks to
-    exactly zero."""
+    """SoRA's proximal step on the gates (arXiv 2311.11696), after the base update: g ← sign(g)·max(|g| − ξ, 0),
+    soft thresholding that drives the gates of unneeded ranks to exactly zero; ``xi`` a number or a schedule of
+    the step."""
     def init(params: Any) -> SoraState:
         return SoraState(count=jnp.zeros((), jnp.int32))
 

@@ -18,10 +18,10 @@ VARIANTS = {
     "lora": [], "rslora": ["adapter.rslora=true"], "pissa": ["adapter.init=pissa", "optim.lr=0.002"],
     "lora_fa": ["adapter.variant=lora_fa"], "loraplus": ["adapter.variant=loraplus", "optim.lr=0.002"],
     "dora": ["adapter.variant=dora"], "vera": ["adapter.variant=vera", "adapter.r=16", "optim.lr=0.05"],
-    "adalora": ["adapter.variant=adalora", "optim.adalora_target_r=2", "optim.adalora_tinit=1", "optim.adalora_tfinal=2"],
+    "adalora": ["adapter.variant=adalora", "adapter.adalora.target_r=2", "adapter.adalora.tinit=1", "adapter.adalora.tfinal=2"],
     "delta_lora": ["adapter.variant=delta_lora"], "dylora": ["adapter.variant=dylora"],
-    "sora": ["adapter.variant=sora", "optim.sora_xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
-    "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=3", "optim.lora_drop_threshold=0.5"],
+    "sora": ["adapter.variant=sora", "adapter.sora.xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
+    "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=3", "adapter.lora_drop.threshold=0.5"],
     "pissa_nf4": ["adapter.init=pissa", "optim.lr=0.002", "quant.kind=nf4", "quant.block_size=32"],
 }
 
@@ -211,7 +211,7 @@ def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     data = tmp_path / "tasks.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
-    result = train(lm_args(assets, out, f"data.source={data}", "adapter.variant=multitask", "adapter.n_tasks=2",
+    result = train(lm_args(assets, out, f"data.source={data}", "adapter.variant=multitask", "adapter.multitask.n_tasks=2",
                            "data.task_field=task", "data.packing=false", "data.eval_fraction=0.2", "train.steps=10"))
     ev = result.summary["eval"]
     assert {"task0_loss", "task1_loss", "task0_tokens", "task1_tokens"} <= set(ev)

@@ -31,11 +31,32 @@ def test_defaults_overrides_and_types():
     ("adapter.dropout=1.5", "adapter.dropout: must be in [0, 1), got 1.5"),
     ("train.stop_at=500", "train.stop_at: must be in [1, train.steps=100]"),
     ("optim.warmup_steps=101", "optim.warmup_steps: must not exceed train.steps=100"),
+    ("adapter.adalora.target_r=x", "adapter.adalora.target_r: expected an integer, got 'x'"),
+    ("adapter.lora_drop.threshold=2", "adapter.lora_drop.threshold: must be in (0, 1], got 2.0"),
+    ("adapter.sora.xii=1", "unknown config key 'adapter.sora.xii' (did you mean adapter.sora.xi?)"),
+    ("adapter.variant=lorra", "adapter.variant: must be one of"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as e:
         load(None, [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("optim.adalora_target_r=2", "adapter.adalora.target_r"), ("optim.loraplus_ratio=4", "adapter.loraplus.ratio"),
+    ("optim.delta_lora_lambda=0.5", "adapter.delta_lora.update_ratio"), ("adapter.n_tasks=2", "adapter.multitask.n_tasks"),
+    ("optim.lora_drop_select_at=3", "adapter.lora_drop.select_at"), ("adapter.r_min=2", "adapter.dylora.r_min"),
+])
+def test_a_moved_key_names_its_new_place(old, new):
+    """Each variant's settings live in its own section; a config with the old flat key is told where it went."""
+    with pytest.raises(ConfigError, match=f"moved to '{new}'"):
+        load(None, [old])
+
+
+def test_variant_settings_come_from_their_section():
+    cfg = load(None, ["adapter.variant=adalora", "adapter.adalora.target_r=2", "adapter.sora.xi=0.5"])
+    assert cfg.adapter.settings().target_r == 2 and cfg.adapter.sora.xi == 0.5
+    assert load(None, ["adapter.variant=dora"]).adapter.settings() is None
 
 
 def test_unknown_key_lists_valid_keys():

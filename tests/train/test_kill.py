@@ -29,8 +29,8 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform
 BASE = ["train.steps=10", "train.checkpoint_every=2", "train.keep=2", "adapter.dropout=0.1", "data.eval_fraction=0.1",
         "train.eval_every=4"]
 VARIANTS = {"lora": [], "dylora": ["adapter.variant=dylora"],
-            "delta_lora": ["adapter.variant=delta_lora", "optim.delta_lora_start=1"],
-            "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=3", "optim.lora_drop_threshold=0.5"]}
+            "delta_lora": ["adapter.variant=delta_lora", "adapter.delta_lora.start=1"],
+            "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=3", "adapter.lora_drop.threshold=0.5"]}
 
 
 def _argv(args: list[str]) -> list[str]:

@@ -18,12 +18,12 @@ from train.metrics import read_jsonl
 COMMON = ["train.steps=12", "train.checkpoint_every=4", "data.eval_fraction=0.1", "train.eval_every=4"]
 RUNS = {
     "loraplus": ["adapter.variant=loraplus", "optim.lr=0.002", "optim.warmup_steps=4"],
-    "adalora": ["adapter.variant=adalora", "adapter.r=4", "optim.adalora_target_r=1", "optim.adalora_tinit=2",
-                "optim.adalora_tfinal=3", "optim.adalora_delta_t=1"],
-    "sora": ["adapter.variant=sora", "optim.sora_xi=0.09"],  # gates reach zero around step 11
+    "adalora": ["adapter.variant=adalora", "adapter.r=4", "adapter.adalora.target_r=1", "adapter.adalora.tinit=2",
+                "adapter.adalora.tfinal=3", "adapter.adalora.delta_t=1"],
+    "sora": ["adapter.variant=sora", "adapter.sora.xi=0.09"],  # gates reach zero around step 11
     "lora": [],
     "dora": ["adapter.variant=dora"],  # after "lora": its report finds the LoRA run beside it
-    "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=4", "optim.lora_drop_threshold=0.6"],
+    "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=4", "adapter.lora_drop.threshold=0.6"],
 }
 
 
@@ -35,7 +35,7 @@ def runs(assets, tmp_path_factory) -> dict[str, Path]:
         out[name] = d / name
         train(lm_args(assets, out[name], *COMMON, *extra))
     out["multitask"] = d / "multitask"
-    train(cls_args(assets, out["multitask"], "adapter.variant=multitask", "adapter.n_tasks=2", "data.task_field=task",
+    train(cls_args(assets, out["multitask"], "adapter.variant=multitask", "adapter.multitask.n_tasks=2", "data.task_field=task",
                    "data.tasks=[reviews, tweets]", "train.steps=12", "train.eval_every=4"))
     return out
 
@@ -77,7 +77,7 @@ def test_loraplus_learning_rates_per_group(runs):
     run = runs["loraplus"]
     assert {"loss.png", "lr.png"} <= _figs(run)
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
-    ratio = json.loads((run / "config.json").read_text())["optim"]["loraplus_ratio"]
+    ratio = json.loads((run / "config.json").read_text())["adapter"]["loraplus"]["ratio"]
     assert all(abs(r["lr_B"] - ratio * r["lr"]) <= 1e-9 * ratio * max(r["lr"], 1e-12) for r in rows)
     assert rows[0]["lr"] < rows[-1]["lr"]  # the warmup the figure shows
 

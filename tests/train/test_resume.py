@@ -15,11 +15,11 @@ from tests.train.conftest import ROOT, adapters, lm_args, losses, main, train
 
 # Dropout and DyLoRA's sampled rank make the RNG part of the state that must resume exactly.
 VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant=dylora"],
-            "adalora": ["adapter.variant=adalora", "optim.adalora_target_r=2", "optim.adalora_tinit=1",
-                        "optim.adalora_tfinal=2"],
-            "delta_lora": ["adapter.variant=delta_lora", "optim.delta_lora_start=1"],
+            "adalora": ["adapter.variant=adalora", "adapter.adalora.target_r=2", "adapter.adalora.tinit=1",
+                        "adapter.adalora.tfinal=2"],
+            "delta_lora": ["adapter.variant=delta_lora", "adapter.delta_lora.start=1"],
             # Stopped after the selection (step 2): the checkpoint carries the keep mask.
-            "lora_drop": ["adapter.variant=lora_drop", "optim.lora_drop_select_at=2", "optim.lora_drop_threshold=0.5"]}
+            "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=2", "adapter.lora_drop.threshold=0.5"]}
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v in ("lora_dropout", "adalora", "lora_drop") else pytest.mark.slow)
