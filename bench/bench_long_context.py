@@ -107,6 +107,7 @@ def _step_compiled(config: dict, variant: str, program: str, seq: int) -> tuple[
         stats = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen, ids).compile().memory_analysis()
     except Exception as e:  # noqa: BLE001 - XLA:TPU refuses a program over the chip's memory at compile time
         if DEVICE is not None and "memory" in str(e).lower():
+            print(f"  {variant} {program} {seq:,}: XLA:TPU refuses it ({str(e).splitlines()[0][:400]})", flush=True)
             return 1 << 62, 0
         raise
     device = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
@@ -184,6 +185,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--tpu", help="compile for this TPU generation instead (v5p, v5e, v6e; needs make libtpu)")
     ap.add_argument("--no-speed", action="store_true", help="memory figures only")
+    ap.add_argument("--no-search", action="store_true", help="the table only, no search for the longest sequence")
     ap.add_argument("--lengths", help="comma-separated sequence lengths of the table (default: 1k to 256k)")
     ap.add_argument("--variants", default="qlora,lora")
     ap.add_argument("--programs", help="comma-separated subset of " + ",".join(PROGRAMS))
@@ -216,7 +218,7 @@ def main() -> None:
                 print(f"{variant:5s} {program:6s} {seq:>8,} tokens: {dev / GIB:7.2f} GiB on device, {host / GIB:.2f} on host",
                       flush=True)
     longest = {}
-    if not a.quick:
+    if not a.quick and not a.no_search:
         for variant in a.variants.split(","):
             if "before" in programs:
                 longest[variant, "before"] = _longest(config, variant, "before", budget, 1024, 65536, 1024)

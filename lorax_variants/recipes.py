@@ -11,7 +11,7 @@ dataclass: the app's config section ``adapter.<name>``) and hooks, each optional
 - ``after_update(settings, frozen, old, new, step)``: new frozen leaves after an update (Delta-LoRA);
 - ``extras`` / ``with_extras``: state beyond the trainable leaves a checkpoint must hold (Delta-LoRA's weights);
 - ``reshape``: a one-time change of the tree during training (LoRA-drop's selection, ``Reshape``);
-- ``tracks_ranks``, ``summary(opt_state)``, ``weight_changes``: what a loop reports.
+- ``tracks_ranks``, ``summary(opt_state)``, ``weight_changes``, ``figures``: what a loop reports.
 
 A loop (the app's, or a user's) calls the hooks and never names a variant. Adding a variant: its node
 and builder (``nodes/<variant>.py``), its recipe here, a config, a test.
@@ -189,6 +189,7 @@ class Recipe:
     tracks_ranks: bool = False
     summary: Callable[[Any], dict[str, Any]] = _no_summary
     weight_changes: bool = True
+    figures: tuple[str, ...] = ()  # the report figures of the variant's own (names the app's report draws)
 
     def defaults(self) -> Any:
         """The settings with their defaults (``None`` for a variant without settings)."""
@@ -265,15 +266,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("dora", "dora"),
     Recipe("vera", "vera", Vera, spec=lambda s: {"d_initial": s.d_initial}),
     Recipe("adalora", "adalora", AdaLora, optimizer=_adalora, tracks_ranks=True, summary=_adalora_summary,
+           figures=("adalora",),
            penalty=lambda s: (lambda tree: s.orth_reg * orthogonal_penalty(tree)) if s.orth_reg else None),
     Recipe("dylora", "dylora", DyLora, spec=lambda s: {"r_min": s.r_min},
            train_tree=lambda s, tree, key: sample_rank(tree, key)),
-    Recipe("sora", "sora", Sora, optimizer=_sora, tracks_ranks=True),
+    Recipe("sora", "sora", Sora, optimizer=_sora, tracks_ranks=True, figures=("sora",)),
     Recipe("delta_lora", "lora", DeltaLora, weight_changes=False, extras=_delta_weights, with_extras=_with_delta_weights,
            after_update=lambda s, frozen, old, new, step: delta_lora_update(frozen, old, new, step, lam=s.update_ratio,
                                                                             start_step=s.start)),
-    Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"n_tasks": s.n_tasks}, weight_changes=False),
-    Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP),
+    Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"n_tasks": s.n_tasks}, weight_changes=False,
+           figures=("tasks",)),
+    Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("lora_drop",)),
     Recipe("none", None),
 ]}
 

@@ -129,10 +129,11 @@ def check_positions(cfg: Config, hf_config: Any) -> None:
                           f"model.path={cfg.model.path} ({hf_config.model_type} has learned position embeddings)")
 
 
-def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False) -> Built:
-    """Load (or, ``abstract``, plan) the model, quantize, adapt, split and shard."""
+def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False, hf_config: Any = None) -> Built:
+    """Load (or, ``abstract``, plan) the model, quantize, adapt, split and shard. ``hf_config``: the model's
+    config already read (``hf.load_hf_config``), so a run reads config.json once and builds the model once."""
     path = model_dir(cfg)
-    hf_config = auto.load_hf_config(path)
+    hf_config = hf_config if hf_config is not None else auto.load_hf_config(path)
     if num_labels is not None:
         hf_config.num_labels = num_labels
     task = cfg.model.task
@@ -150,9 +151,7 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False)
         if on_load is not None:
             params = jax.eval_shape(lambda p: lv.quantize(p, on_load), params)
     else:
-        model, params = auto.from_pretrained(path, dtype, task=task, remat=cfg.model.remat, scan=cfg.model.scan,
-                                             quantize=on_load, num_labels=num_labels, new_head=head_key)
-        _configure(cfg, model)
+        params = auto.load_pretrained(model, path, dtype, hf_config=hf_config, quantize=on_load, new_head=head_key)
 
     def adapt(p: Any) -> Any:
         if spec is None:

@@ -28,10 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from lorax_variants.recipes import RECIPES
 from train.figures import (SCATTER_VARIANTS, Run, fig_adalora, fig_dora, fig_lora_drop, fig_loss, fig_lr, fig_sora,
                            fig_tasks, plt, read_json, save, smooth)
 
 __all__ = ["report", "compare", "main", "accuracy_label"]
+
+# The figures a variant's recipe names (``Recipe.figures``), by name.
+VARIANT_FIGURES = {"adalora": fig_adalora, "sora": fig_sora, "lora_drop": fig_lora_drop, "tasks": fig_tasks}
 
 CAPTIONS = {
     "loss.png": "Training loss (faint: every logged step; solid: smoothed) and evaluation loss.",
@@ -118,8 +122,11 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
     for stale in out.glob("*.png"):  # figures of an earlier report that no longer apply
         stale.unlink()
     peers = _peers(run, [Run(o) for o in others])
-    figs: list[Path | None] = [fig_loss(run, out), fig_lr(run, out), *fig_adalora(run, out), fig_sora(run, out),
-                               fig_dora(run, peers, out), fig_lora_drop(run, out), fig_tasks(run, out)]
+    own = RECIPES[run.variant].figures if run.variant in RECIPES else ()  # the variant's figures (its recipe's)
+    figs: list[Path | None] = [fig_loss(run, out), fig_lr(run, out), fig_dora(run, peers, out)]
+    for name in own:
+        drawn = VARIANT_FIGURES[name](run, out)
+        figs += drawn if isinstance(drawn, list) else [drawn]
     paths = [p for p in figs if p is not None]
     summary = {k: v for k, v in run.summary.items() if not isinstance(v, (dict, list))}
     for k, v in (run.summary.get("eval") or {}).items():

@@ -83,7 +83,8 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     init_distributed(cfg)
     path = model_dir(cfg)
     tokenizer = load_tokenizer(path)
-    check_positions(cfg, load_hf_config(path))  # before reading any data
+    hf_config = load_hf_config(path)  # read once: the positions check and the model both use it
+    check_positions(cfg, hf_config)  # before reading any data
     train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
     num_labels = None
     if "task_ids" in train.arrays and int(train.arrays["task_ids"].max()) >= cfg.adapter.multitask.n_tasks:
@@ -94,7 +95,7 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
         if num_labels < len(labels):
             raise ConfigError(f"model.num_labels={num_labels} but the data has {len(labels)} labels: {labels}")
     vocab = train.arrays["input_ids"].max()
-    built = build(cfg, num_labels=num_labels, abstract=abstract)
+    built = build(cfg, num_labels=num_labels, abstract=abstract, hf_config=hf_config)
     split = built.mesh.shape["data"] * built.mesh.shape["fsdp"]
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % split:
@@ -270,9 +271,8 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
 
 
 def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
-    cfg = p.cfg
-    b, t = p.built, cfg.train
-    saver = ckpt.Checkpointer(out, t.keep)
+    """Restore (or start), then the loop's named steps until the last step, a stop or an interrupt."""
+    saver = ckpt.Checkpointer(out, p.cfg.train.keep)
     latest = saver.latest()
     if latest is not None and resume is False:
         raise ConfigError(f"train.output_dir: {out} already has checkpoints (step {latest}); pass --resume to continue "
@@ -281,137 +281,212 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
         raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
     p, s = restore(p, saver, latest)
     if lead:  # only once the checkpoint (if any) is known to belong to this run: a refused run changes nothing
-        write_text_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=2))
+        write_text_atomic(out / "config.json", json.dumps(to_dict(p.cfg), indent=2))
         for stale in out.glob(".adapters.safetensors.*"):  # the temporary file of a write that was killed
             stale.unlink()
-    b, trainable, frozen, opt_state, key, keep, start = p.built, s.trainable, s.frozen, s.opt_state, s.key, s.keep, s.step
-    variant = recipe(cfg.adapter.variant)
-
-    fns = _steps(p)
-    batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
-    groups = lr_groups(cfg, trainable, b.model.stacked)
-    metrics = Metrics(out, t.steps, start, active=lead, progress=t.progress)
-    if start == 0:
-        metrics.echo(f"{cfg.name}: {b.counts.trainable:,} trainable of {b.counts.total:,} params; "
-                     f"{p.train.stats['examples']} examples -> {len(p.train)} rows ({p.train.stats['truncated']} truncated)")
-    else:
-        metrics.echo(f"{cfg.name}: resumed from step {start} ({saver.directory / str(start)})")
-
-    def save(step: int) -> None:
-        if saver.latest() == step:
-            return
-        state = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
-                 "key": np.asarray(jax.random.key_data(key))}
-        if variant.extras is not None:
-            state["extras"] = variant.extras(frozen)
-        # Logged first: a kill during the save leaves a row past the last checkpoint, dropped on resume and redone.
-        _weight_changes(metrics, cfg, step, trainable, frozen)
-        saver.save(step, state, _meta(cfg, p, step, keep))
-
-    stop: list[int] = []
-    handlers = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            handlers[sig] = signal.signal(sig, lambda signum, _frame: stop.append(signum))
-        except ValueError:  # not the main thread
-            pass
-    pending: list[tuple[int, dict[str, Any]]] = []
-    skipped, tokens, t0, step = 0, 0.0, time.perf_counter(), start
-    row: dict[str, float] = {}
-    elapsed = 0.0
-    lm = cfg.model.task == "causal_lm"
-    unit = "tok/s" if lm else "ex/s"  # what the step counts: target tokens, or examples
-    last_eval: dict[str, float] = {}
+    loop = _Loop(p, s, saver, out, lead)
     try:
-        for step in range(start, t.steps):
-            batch = _global_batch(batches.local(step), t.grad_accum, fns)
-            trainable, frozen, opt_state, m = fns.train(trainable, frozen, opt_state, batch, jnp.int32(step), key)
-            pending.append((step, m))
-            done = step + 1
-            if done == _reshape_at(cfg) and keep is None:
-                keep, report = _reshape_choice(p, trainable, frozen, batches, fns, done)
-                message = report.pop("message", None)
-                metrics.write(variant.name, done, report)
-                before = (trainable, frozen, opt_state)
-                p = _reshaped(p, trainable, frozen, keep)
-                b = p.built
-                trainable, frozen = b.trainable, b.frozen
-                opt_state = _carry_state(p, *before, keep, done)
-                fns = _steps(p)
-                if message:
-                    metrics.echo(f"step {done}: {message}")
-            if step == start:  # time from the end of the first (compiling) step
-                jax.block_until_ready(m)
-                t0 = time.perf_counter()
-            if (t.log_every and done % t.log_every == 0) or done == t.steps or stop:
-                for s, mm in jax.device_get(pending):
-                    tokens += float(mm["tokens"]) if s > start else 0.0
-                    row = {k: float(v) for k, v in mm.items() if not k.startswith("finite")}
-                    if not bool(mm["finite"]):
-                        skipped += 1
-                        metrics.echo(_nonfinite_message(s + 1, mm, trainable, skipped, t.max_nonfinite))
-                        if t.max_nonfinite is not None and skipped > t.max_nonfinite:
-                            metrics.write("train", s + 1, row)
-                            last = saver.latest()
-                            raise NonFinite(
-                                f"{skipped} steps with a non-finite loss or gradients, more than train.max_nonfinite="
-                                f"{t.max_nonfinite}; stopped at step {s + 1} without saving"
-                                + (f" (the last checkpoint, step {last}, is intact)" if last is not None else "")
-                                + "; lower optim.lr, set optim.clip_norm, or check the data")
-                    row |= {name: float(fn(s)) for name, fn in groups.items()}
-                    if cfg.model.task == "causal_lm":
-                        row.pop("accuracy", None)
-                    metrics.write("train", s + 1, row)
-                pending = []
-                if variant.tracks_ranks:  # the rank budget as it shrinks
-                    ranks = active_ranks(trainable, opt_state)
-                    metrics.write("ranks", done, {"total": float(sum(int(v.sum()) for v in ranks.values())),
-                                                  "ranks": {k: v.tolist() for k, v in ranks.items()}})
-                rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                metrics.progress(done, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", unit: f"{rate:,.1f}"})
-            if p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
-                last_eval = _eval(p, fns, trainable, frozen)
-                metrics.write("eval", done, last_eval)
-                metrics.echo(f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-                save(done)
-            if stop:
-                save(done)
-                raise Interrupted(stop[0], done)
-            if t.stop_at is not None and done == t.stop_at and done != t.steps:
-                save(done)
-                metrics.echo(f"stopped at train.stop_at={done}; checkpoint saved, run again to resume")
-                return Result({"stopped_at": done, "output_dir": str(out)}, trainable, frozen, opt_state, b)
-        elapsed = time.perf_counter() - t0
-        if p.eval is not None:
-            last_eval = _eval(p, fns, trainable, frozen)
-            metrics.write("eval", t.steps, last_eval)
-        for i, s in enumerate(_samples(p, trainable, frozen)):
-            metrics.echo(f"sample {i}: {s}")
-            metrics.text("samples", t.steps, s)
-        save(t.steps)
+        with _signals() as stop:
+            for step in range(s.step, p.cfg.train.steps):
+                done = loop.train_step(step)
+                loop.reshape(done)
+                loop.log(done, flush=bool(stop))
+                loop.evaluate(done)
+                if loop.checkpoint(done, stop):
+                    return loop.stopped(done)
+            loop.finish()
     finally:
-        for sig, h in handlers.items():
+        loop.close()
+    return loop.result()
+
+
+class _signals:
+    """SIGTERM/SIGINT recorded (not raised) while the loop runs: it saves and stops at the step's end."""
+
+    def __enter__(self) -> list[int]:
+        self.stop: list[int] = []
+        self.handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.handlers[sig] = signal.signal(sig, lambda signum, _frame: self.stop.append(signum))
+            except ValueError:  # not the main thread
+                pass
+        return self.stop
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, h in self.handlers.items():
             signal.signal(sig, h)
-        metrics.close()
-        saver.close()
-    summary = {
-        "name": cfg.name, "variant": cfg.adapter.variant, "steps": t.steps, "resumed_from": start or None,
-        "trainable_params": b.counts.trainable, "total_params": b.counts.total,
-        "final_train_loss": row.get("loss"), "eval": last_eval, "skipped_steps": skipped,
-        "seconds": elapsed, "seconds_per_step": elapsed / max(1, t.steps - start - 1),
-        ("tokens_per_second" if lm else "examples_per_second"): tokens / max(elapsed, 1e-9), "output_dir": str(out),
-    }
-    summary |= variant.summary(opt_state)
-    host = to_host(trainable)
-    if lead:
-        write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
-                          {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, p, t.steps))})
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-        if t.report:
-            _report(out)
-        print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
-    return Result(summary, trainable, frozen, opt_state, b)
+
+
+class _Loop:
+    """The training loop's state and its steps: ``train_step``, ``reshape`` (the variant's one-time change of
+    the tree), ``log`` (metrics and the non-finite policy), ``evaluate``, ``checkpoint`` (and stops), ``finish``
+    (final eval, samples, save), ``result`` (summary and adapters)."""
+
+    def __init__(self, p: Prepared, s: State, saver: ckpt.Checkpointer, out: Path, lead: bool):
+        cfg, t = p.cfg, p.cfg.train
+        self.p, self.cfg, self.t, self.saver, self.out, self.lead = p, cfg, t, saver, out, lead
+        self.trainable, self.frozen, self.opt_state, self.key = s.trainable, s.frozen, s.opt_state, s.key
+        self.keep, self.start = s.keep, s.step
+        self.variant = recipe(cfg.adapter.variant)
+        self.fns = _steps(p)
+        self.batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
+        self.groups = lr_groups(cfg, self.trainable, p.built.model.stacked)
+        self.metrics = Metrics(out, t.steps, s.step, active=lead, progress=t.progress)
+        self.pending: list[tuple[int, dict[str, Any]]] = []
+        self.skipped, self.tokens, self.t0, self.elapsed = 0, 0.0, time.perf_counter(), 0.0
+        self.row: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.lm = cfg.model.task == "causal_lm"
+        b = p.built
+        if s.step == 0:
+            self.metrics.echo(f"{cfg.name}: {b.counts.trainable:,} trainable of {b.counts.total:,} params; "
+                              f"{p.train.stats['examples']} examples -> {len(p.train)} rows "
+                              f"({p.train.stats['truncated']} truncated)")
+        else:
+            self.metrics.echo(f"{cfg.name}: resumed from step {s.step} ({saver.directory / str(s.step)})")
+
+    def train_step(self, step: int) -> int:
+        """One optimizer step; the clock starts after the first (compiling) one. Returns the steps done."""
+        batch = _global_batch(self.batches.local(step), self.t.grad_accum, self.fns)
+        self.trainable, self.frozen, self.opt_state, m = self.fns.train(self.trainable, self.frozen, self.opt_state,
+                                                                        batch, jnp.int32(step), self.key)
+        self.pending.append((step, m))
+        if step == self.start:
+            jax.block_until_ready(m)
+            self.t0 = time.perf_counter()
+        return step + 1
+
+    def reshape(self, done: int) -> None:
+        """The variant's one-time change of the tree (LoRA-drop's selection) when its step comes."""
+        if done != _reshape_at(self.cfg) or self.keep is not None:
+            return
+        p = self.p
+        self.keep, report = _reshape_choice(p, self.trainable, self.frozen, self.batches, self.fns, done)
+        message = report.pop("message", None)
+        self.metrics.write(self.variant.name, done, report)
+        before = (self.trainable, self.frozen, self.opt_state)
+        self.p = _reshaped(p, self.trainable, self.frozen, self.keep)
+        self.trainable, self.frozen = self.p.built.trainable, self.p.built.frozen
+        self.opt_state = _carry_state(self.p, *before, self.keep, done)
+        self.fns = _steps(self.p)
+        if message:
+            self.metrics.echo(f"step {done}: {message}")
+
+    def log(self, done: int, flush: bool = False) -> None:
+        """Every ``log_every`` steps (and at the end or a stop): the pending steps' metrics, the non-finite
+        policy, the variant's rank budget, the progress line."""
+        t = self.t
+        if not ((t.log_every and done % t.log_every == 0) or done == t.steps or flush):
+            return
+        for s, mm in jax.device_get(self.pending):
+            self.tokens += float(mm["tokens"]) if s > self.start else 0.0
+            self.row = row = {k: float(v) for k, v in mm.items() if not k.startswith("finite")}
+            if not bool(mm["finite"]):
+                self._nonfinite(s, mm, row)
+            row |= {name: float(fn(s)) for name, fn in self.groups.items()}
+            if self.lm:
+                row.pop("accuracy", None)
+            self.metrics.write("train", s + 1, row)
+        self.pending = []
+        if self.variant.tracks_ranks:  # the rank budget as it shrinks
+            ranks = active_ranks(self.trainable, self.opt_state)
+            self.metrics.write("ranks", done, {"total": float(sum(int(v.sum()) for v in ranks.values())),
+                                               "ranks": {k: v.tolist() for k, v in ranks.items()}})
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        unit = "tok/s" if self.lm else "ex/s"  # what the step counts: target tokens, or examples
+        self.metrics.progress(done, {"loss": f"{self.row['loss']:.4f}", "lr": f"{self.row['lr']:.2e}",
+                                     unit: f"{rate:,.1f}"})
+
+    def _nonfinite(self, s: int, mm: dict[str, Any], row: dict[str, float]) -> None:
+        t = self.t
+        self.skipped += 1
+        self.metrics.echo(_nonfinite_message(s + 1, mm, self.trainable, self.skipped, t.max_nonfinite))
+        if t.max_nonfinite is not None and self.skipped > t.max_nonfinite:
+            self.metrics.write("train", s + 1, row)
+            last = self.saver.latest()
+            raise NonFinite(
+                f"{self.skipped} steps with a non-finite loss or gradients, more than train.max_nonfinite="
+                f"{t.max_nonfinite}; stopped at step {s + 1} without saving"
+                + (f" (the last checkpoint, step {last}, is intact)" if last is not None else "")
+                + "; lower optim.lr, set optim.clip_norm, or check the data")
+
+    def evaluate(self, done: int) -> None:
+        """Every ``eval_every`` steps (the last step's eval is ``finish``'s)."""
+        t = self.t
+        if self.p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
+            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen)
+            self.metrics.write("eval", done, self.last_eval)
+            self.metrics.echo(f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items()))
+
+    def checkpoint(self, done: int, stop: list[int]) -> bool:
+        """Every ``checkpoint_every`` steps; on a signal save and raise ``Interrupted``; at ``train.stop_at``
+        save and return True (the loop ends there)."""
+        t = self.t
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+            self.save(done)
+        if stop:
+            self.save(done)
+            raise Interrupted(stop[0], done)
+        if t.stop_at is not None and done == t.stop_at and done != t.steps:
+            self.save(done)
+            self.metrics.echo(f"stopped at train.stop_at={done}; checkpoint saved, run again to resume")
+            return True
+        return False
+
+    def save(self, step: int) -> None:
+        """A checkpoint of this step (once): trainable and optimizer leaves, the key, the variant's extras."""
+        if self.saver.latest() == step:
+            return
+        state = {"trainable": jax.tree.leaves(self.trainable), "opt_state": jax.tree.leaves(self.opt_state),
+                 "key": np.asarray(jax.random.key_data(self.key))}
+        if self.variant.extras is not None:
+            state["extras"] = self.variant.extras(self.frozen)
+        # Logged first: a kill during the save leaves a row past the last checkpoint, dropped on resume and redone.
+        _weight_changes(self.metrics, self.cfg, step, self.trainable, self.frozen)
+        self.saver.save(step, state, _meta(self.cfg, self.p, step, self.keep))
+
+    def finish(self) -> None:
+        """After the last step: the final eval, samples, the last checkpoint."""
+        t = self.t
+        self.elapsed = time.perf_counter() - self.t0
+        if self.p.eval is not None:
+            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen)
+            self.metrics.write("eval", t.steps, self.last_eval)
+        for i, s in enumerate(_samples(self.p, self.trainable, self.frozen)):
+            self.metrics.echo(f"sample {i}: {s}")
+            self.metrics.text("samples", t.steps, s)
+        self.save(t.steps)
+
+    def stopped(self, done: int) -> "Result":
+        return Result({"stopped_at": done, "output_dir": str(self.out)}, self.trainable, self.frozen, self.opt_state,
+                      self.p.built)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.saver.close()
+
+    def result(self) -> "Result":
+        """The summary (and the variant's part of it), ``adapters.safetensors``, ``summary.json``, the report."""
+        cfg, t, b, out = self.cfg, self.t, self.p.built, self.out
+        summary = {
+            "name": cfg.name, "variant": cfg.adapter.variant, "steps": t.steps, "resumed_from": self.start or None,
+            "trainable_params": b.counts.trainable, "total_params": b.counts.total,
+            "final_train_loss": self.row.get("loss"), "eval": self.last_eval, "skipped_steps": self.skipped,
+            "seconds": self.elapsed, "seconds_per_step": self.elapsed / max(1, t.steps - self.start - 1),
+            ("tokens_per_second" if self.lm else "examples_per_second"): self.tokens / max(self.elapsed, 1e-9),
+            "output_dir": str(out),
+        }
+        summary |= self.variant.summary(self.opt_state)
+        host = to_host(self.trainable)
+        if self.lead:
+            write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
+                              {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, self.p, t.steps))})
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+            if t.report:
+                _report(out)
+            print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
+        return Result(summary, self.trainable, self.frozen, self.opt_state, b)
 
 
 def _report(out: Path) -> None:

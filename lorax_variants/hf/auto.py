@@ -16,7 +16,7 @@ from lorax_variants.hf.gguf import from_gguf
 from lorax_variants.hf.safetensors_io import Checkpoint
 from lorax_variants.quant import QuantSpec
 
-__all__ = ["from_pretrained"]
+__all__ = ["from_pretrained", "load_pretrained"]
 
 
 def from_pretrained(
@@ -53,6 +53,14 @@ def from_pretrained(
     if num_labels is not None:
         hf_config.num_labels = num_labels
     model = from_config(hf_config, task=task, remat=remat, scan=scan)
+    return model, load_pretrained(model, path, dtype, hf_config=hf_config, quantize=quantize, new_head=new_head)
+
+
+def load_pretrained(model: Any, path: str | os.PathLike, dtype: Any = None, *, hf_config: Any,
+                    quantize: QuantSpec | None = None, new_head: jax.Array | None = None) -> dict[str, Any]:
+    """The params of an HF model directory for a model already built from its ``hf_config`` (what
+    ``from_pretrained`` does after building it; a caller that built the model to plan around it loads
+    into the same object, reading config.json once)."""
     checkpoint = Checkpoint(path)
     pre = bnb_reader(checkpoint, str(path)) if check_quantization_config(hf_config, str(path)) else None
-    return model, load_params(model, checkpoint, dtype, quantize=quantize, new_head=new_head, prequantized=pre)
+    return load_params(model, checkpoint, dtype, quantize=quantize, new_head=new_head, prequantized=pre)
