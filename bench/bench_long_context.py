@@ -120,13 +120,19 @@ def _longest(config: dict, variant: str, program: str, budget: int, lo: int, hi:
     interpolation (the bytes are close to linear in the length), every other guess a halving, so a curve
     that bends costs at most twice a binary search."""
     size = lambda n: _step(config, variant, program, n)[0]  # noqa: E731
+    # XLA:TPU aborts (a failed check, no exception) compiling arrays of 2^31 elements or more: [T, d] caps T.
+    cap = ((2**31 - 1) // config["hidden_size"]) // step * step if DEVICE is not None else 1 << 40
+    lo, hi = min(lo, cap), min(hi, cap)
     b_lo = size(lo)
     if b_lo > budget:
         return 0
     b_hi = size(hi)
     while b_hi <= budget:  # extend the bracket by linear extrapolation, at least doubling
+        if hi >= cap:
+            print(f"  {variant} {program}: fits at {hi:,} tokens, the longest XLA:TPU compiles ([T, d] < 2^31)")
+            return hi
         guess = hi + (budget - b_hi) * (hi - lo) // max(b_hi - b_lo, 1)
-        lo, b_lo, hi = hi, b_hi, max(2 * hi, guess // step * step + step)
+        lo, b_lo, hi = hi, b_hi, min(cap, max(2 * hi, guess // step * step + step))
         b_hi = size(hi)
     bisect = False
     while hi - lo > step:
@@ -186,6 +192,7 @@ def main() -> None:
     ap.add_argument("--tpu", help="compile for this TPU generation instead (v5p, v5e, v6e; needs make libtpu)")
     ap.add_argument("--no-speed", action="store_true", help="memory figures only")
     ap.add_argument("--no-search", action="store_true", help="the table only, no search for the longest sequence")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed of the new program against the old")
     ap.add_argument("--lengths", help="comma-separated sequence lengths of the table (default: 1k to 256k)")
     ap.add_argument("--variants", default="qlora,lora")
     ap.add_argument("--programs", help="comma-separated subset of " + ",".join(PROGRAMS))
@@ -207,7 +214,7 @@ def main() -> None:
     target = f"TPU {a.tpu} ({DEVICE.device_kind}), compiled without one" if DEVICE else f"backend {jax.default_backend()}"
     programs = tuple(a.programs.split(",")) if a.programs else ("before", "after", "offload") if DEVICE else ("before", "after")
     print(f"{target}; Llama-3.1-8B shape ({config['num_hidden_layers']} layers), batch 1, bf16")
-    for variant in a.variants.split(","):
+    for variant in [] if a.speed_only else a.variants.split(","):
         for program in programs:
             for seq in lengths:
                 if program == "before" and seq > (1024 if DEVICE else 32768):
@@ -218,7 +225,7 @@ def main() -> None:
                 print(f"{variant:5s} {program:6s} {seq:>8,} tokens: {dev / GIB:7.2f} GiB on device, {host / GIB:.2f} on host",
                       flush=True)
     longest = {}
-    if not a.quick and not a.no_search:
+    if not a.quick and not a.no_search and not a.speed_only:
         for variant in a.variants.split(","):
             if "before" in programs:
                 longest[variant, "before"] = _longest(config, variant, "before", budget, 1024, 65536, 1024)
