@@ -190,6 +190,7 @@ class Recipe:
     summary: Callable[[Any], dict[str, Any]] = _no_summary
     weight_changes: bool = True
     figures: tuple[str, ...] = ()  # the report figures of the variant's own (names the app's report draws)
+    routed: bool = False  # each example goes to one of several adapters: the data must say which (a task field)
 
     def defaults(self) -> Any:
         """The settings with their defaults (``None`` for a variant without settings)."""
@@ -275,7 +276,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            after_update=lambda s, frozen, old, new, step: delta_lora_update(frozen, old, new, step, lam=s.update_ratio,
                                                                             start_step=s.start)),
     Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"n_tasks": s.n_tasks}, weight_changes=False,
-           figures=("tasks",)),
+           figures=("tasks",), routed=True),
     Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("lora_drop",)),
     Recipe("none", None),
 ]}

@@ -378,8 +378,9 @@ def check(cfg: Config) -> None:
     need(drop.batches >= 1, "adapter.lora_drop.batches", "must be at least 1")
     need(cfg.adapter.multitask.n_tasks >= 1, "adapter.multitask.n_tasks", "must be at least 1")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
-    need((cfg.adapter.variant == "multitask") == (cfg.data.task_field is not None), "data.task_field",
-         "is needed by (and only by) adapter.variant=multitask")
+    routed = [name for name, r in recipes.RECIPES.items() if r.routed]
+    need(recipes.RECIPES[cfg.adapter.variant].routed == (cfg.data.task_field is not None), "data.task_field",
+         f"is needed by (and only by) adapter.variant in {routed}")
     need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm", "data.packing",
          "must be false with data.task_field (a packed row would mix tasks)")
     need(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")

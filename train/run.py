@@ -485,7 +485,7 @@ class _Loop:
             write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
             if t.report:
                 _report(out)
-            print(json.dumps({k: v for k, v in summary.items() if k != "adalora_ranks"}, indent=2), flush=True)
+            print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2), flush=True)
         return Result(summary, self.trainable, self.frozen, self.opt_state, b)
 
 
