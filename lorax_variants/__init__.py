@@ -8,6 +8,7 @@
 """
 
 from lorax_variants.adapt import Target, adapt, register_variant, variants
+from lorax_variants.loftq import loftq
 from lorax_variants.nodes import AdapterNode, Node
 from lorax_variants.nodes.lora import LoraNode, share_adapters
 from lorax_variants.nodes.adalora import AdaLoraNode, orthogonal_penalty
@@ -69,6 +70,7 @@ __all__ = [
     "resolve_shared",
     "share_adapters",
     "as_lora",
+    "loftq",
     "QuantSpec",
     "quantize",
     "dequantize",
