@@ -83,7 +83,8 @@ def adapter_spec(cfg: Config, stacked: str) -> lv.AdapterSpec | None:
     try:
         return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets,
                               variant=variant.node, r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern,
-                              alpha_pattern=a.alpha_pattern, init=a.init, rslora=a.rslora, dropout=a.dropout,
+                              alpha_pattern=a.alpha_pattern, init="gaussian" if a.init == "loftq" else a.init,
+                              rslora=a.rslora, dropout=a.dropout,
                               stacked=stacked, **variant.spec(a.settings()))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"adapter: {e}".replace("AdapterSpec.", "adapter.")) from None
@@ -144,7 +145,8 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     spec, quant = adapter_spec(cfg, stacked), quant_spec(cfg, stacked)
     dtype = jnp.dtype(cfg.model.param_dtype)
     head_key = jax.random.key(cfg.adapter.seed + 1)
-    on_load, on_residual = _pissa_quant_split(model, spec, quant)
+    loftq = cfg.adapter.init == "loftq"
+    on_load, on_residual = _pissa_quant_split(model, spec, quant, late=loftq)
     if abstract:
         model.new_leaves = []
         params = jax.eval_shape(lambda k: model.init(k, dtype), head_key)
@@ -156,7 +158,10 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     def adapt(p: Any) -> Any:
         if spec is None:
             return p
-        tree = lv.adapt(p, spec, jax.random.key(cfg.adapter.seed))
+        key = jax.random.key(cfg.adapter.seed)
+        if loftq and on_residual is not None:  # LoftQ: the adapted weights' bases and A, B together
+            return lv.loftq(p, spec, on_residual, key, iters=cfg.adapter.loftq_iters)
+        tree = lv.adapt(p, spec, key)
         return lv.quantize(tree, on_residual) if on_residual is not None else tree
 
     try:
@@ -175,13 +180,14 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
 
 
-def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None,
-                       quant: lv.QuantSpec | None) -> tuple[lv.QuantSpec | None, lv.QuantSpec | None]:
+def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None, quant: lv.QuantSpec | None,
+                       late: bool = False) -> tuple[lv.QuantSpec | None, lv.QuantSpec | None]:
     """``(quantized as read, quantized after adapting)``. PiSSA takes the top singular triplets of the
     full-precision weight and leaves the residual as the base, so with quantization the weights it adapts
     are read in full precision, adapted, and their residuals quantized (PiSSA + NF4, as QLoRA users of PiSSA
-    do); every other quantized weight is quantized as it is read."""
-    if quant is None or spec is None or spec.init not in ("pissa", "olora"):
+    do); every other quantized weight is quantized as it is read. ``late``: the same for another init that
+    needs the full-precision weight (LoftQ)."""
+    if quant is None or spec is None or (spec.init not in ("pissa", "olora") and not late):
         return quant, None
     from lorax_variants.hf.names import shape_items
     from lorax_variants.tree import compile_patterns, matches

@@ -50,7 +50,8 @@ class AdapterConfig:
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming"  # loftq: with quant (NF4 etc.)
+    loftq_iters: int = 1  # LoftQ's alternations of quantization and SVD
     rslora: bool = False
     dropout: float = 0.0
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
@@ -377,6 +378,11 @@ def check(cfg: Config) -> None:
     need(0 < drop.threshold <= 1, "adapter.lora_drop.threshold", "must be in (0, 1]")
     need(drop.batches >= 1, "adapter.lora_drop.batches", "must be at least 1")
     need(cfg.adapter.multitask.n_tasks >= 1, "adapter.multitask.n_tasks", "must be at least 1")
+    need(cfg.adapter.loftq_iters >= 1, "adapter.loftq_iters", "must be at least 1")
+    need(cfg.adapter.init != "loftq" or cfg.quant.kind != "none", "adapter.init",
+         "loftq initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
+    need(cfg.adapter.init != "loftq" or cfg.adapter.variant in ("lora", "loraplus", "delta_lora", "lora_drop", "lora_fa"),
+         "adapter.init", f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
     routed = [name for name, r in recipes.RECIPES.items() if r.routed]
     need(recipes.RECIPES[cfg.adapter.variant].routed == (cfg.data.task_field is not None), "data.task_field",

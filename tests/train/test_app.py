@@ -23,6 +23,7 @@ VARIANTS = {
     "sora": ["adapter.variant=sora", "adapter.sora.xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
     "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=3", "adapter.lora_drop.threshold=0.5"],
     "pissa_nf4": ["adapter.init=pissa", "optim.lr=0.002", "quant.kind=nf4", "quant.block_size=32"],
+    "loftq": ["adapter.init=loftq", "adapter.loftq_iters=2", "quant.kind=nf4", "quant.block_size=32"],
 }
 
 
@@ -65,6 +66,20 @@ def test_every_variant_trains(assets, tmp_path, variant):
         for path, node in lv.leaves_with_paths(want, nodes_are_leaves=True):
             if isinstance(node, lv.LoraNode):
                 assert isinstance(node.weight, lv.QuantizedNode)
+                for x, y in zip(jax.tree.leaves(node.weight), jax.tree.leaves(got[path].weight)):
+                    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if variant == "loftq":  # the run's frozen bases are LoftQ's (library, same key), read at full precision
+        import jax
+
+        import lorax_variants as lv
+        from lorax_variants.hf import from_pretrained
+
+        _, params = from_pretrained(assets["llama"])
+        b = result.built
+        want = lv.loftq(params, b.spec, b.quant, jax.random.key(0), iters=2)
+        got = dict(lv.leaves_with_paths(result.frozen, nodes_are_leaves=True))
+        for path, node in lv.leaves_with_paths(want, nodes_are_leaves=True):
+            if isinstance(node, lv.LoraNode):
                 for x, y in zip(jax.tree.leaves(node.weight), jax.tree.leaves(got[path].weight)):
                     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     if variant == "qlora":
