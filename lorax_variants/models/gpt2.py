@@ -26,7 +26,7 @@ from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, cached_attention, layer_norm, project, run_layers,
                                           self_attention)
 from lorax_variants.shared import resolve_shared
-from lorax_variants.nodes.base import dense, dense_t, embed
+from lorax_variants.nodes.base import embed
 
 __all__ = ["GPT2Config", "GPT2"]
 
@@ -146,12 +146,6 @@ class GPT2(ZooModel):
             return norm(x), dataclasses.replace(cache, k=k, v=v)
         layer = lambda h, p: self._layer(h, p, attention_mask)  # noqa: E731
         return norm(run_layers(layer, x, params["layers"], c.n_layer, scan=self.scan, remat=self.remat))
-
-    def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
-        """Logits of hidden states (the tied or untied output head)."""
-        if self.config.tie_word_embeddings:
-            return dense_t(h, params["embed"])
-        return dense(h, params["lm_head"])
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -30,7 +30,7 @@ from lorax_variants.models.layers import (KVCache, activation, apply_rope, cache
                                           rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
 from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
-from lorax_variants.nodes.base import dense, dense_t, embed
+from lorax_variants.nodes.base import embed
 
 __all__ = ["LlamaConfig", "Llama"]
 
@@ -232,12 +232,6 @@ class Llama(ZooModel):
         layer = lambda h, lp: self._layer(h, lp, attention_mask, rope)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
         return rms_norm(x, params["final_norm"], c.rms_norm_eps)
-
-    def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
-        """Logits of hidden states (the tied or untied output head)."""
-        if self.config.tie_word_embeddings:
-            return dense_t(h, params["embed"])
-        return dense(h, params["lm_head"])
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from lorax_variants.models.generate import generate
 from lorax_variants.models.layers import init_from_shapes
+from lorax_variants.nodes.base import dense, dense_t
 
 __all__ = ["ZooModel"]
 
@@ -33,6 +34,13 @@ class ZooModel:
         """Random params (N(0, initializer_range²) weights, unit norms, zero biases); pure, so
         ``jax.eval_shape(model.init, key)`` plans any size without allocating."""
         return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
+
+    def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
+        """Logits of hidden states: the tied (``embed``ᵀ) or untied (``lm_head``) output head of a causal LM
+        (Gemma overrides it with its soft-cap)."""
+        if self.config.tie_word_embeddings:
+            return dense_t(h, params["embed"])
+        return dense(h, params["lm_head"])
 
     def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
         """Tokens after ``input_ids`` with a KV cache (``models.generate.generate``: greedy or sampled,
