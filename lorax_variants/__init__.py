@@ -16,11 +16,12 @@ from lorax_variants.nodes.dora import DoraNode
 from lorax_variants.nodes.dylora import DyLoraNode, sample_rank, truncate, with_rank
 from lorax_variants.nodes.lora_drop import LoraDropNode
 from lorax_variants.nodes.multitask import BASE, MultiTaskNode, route, select, stack
+from lorax_variants.nodes.qalora import QaLoraNode
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode, prune
 from lorax_variants.nodes.vera import VeraNode
 from lorax_variants.shared import Shared, resolve_shared
-from lorax_variants.ops import as_lora, dense, merge, merged
+from lorax_variants.ops import as_lora, dense, merge, merge_quantized, merged
 from lorax_variants.quant import QuantSpec, dequantize, quantize
 from lorax_variants.per_call import with_dropout, without_dropout
 from lorax_variants.spec import AdapterSpec
@@ -36,6 +37,7 @@ __all__ = [
     "combine",
     "merge",
     "merged",
+    "merge_quantized",
     "dense",
     "count_params",
     "tree_bytes",
@@ -57,6 +59,7 @@ __all__ = [
     "SoraNode",
     "MultiTaskNode",
     "LoraDropNode",
+    "QaLoraNode",
     "orthogonal_penalty",
     "with_rank",
     "sample_rank",

@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 import jax
 
-from lorax_variants.nodes.base import Node, dense, dense_t, embed
+from lorax_variants.nodes.base import AdapterNode, Node, dense, dense_t, embed
 from lorax_variants.shared import resolve_shared
-from lorax_variants.tree import leaves_with_paths
+from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["dense", "dense_t", "embed", "merge", "merged", "as_lora"]  # dense, dense_t, embed: the node protocol's
+__all__ = ["dense", "dense_t", "embed", "merge", "merged", "merge_quantized", "as_lora"]  # dense, dense_t, embed: the node protocol's
 
 
 def as_lora(tree: Any, **options: Any) -> Any:
@@ -50,6 +50,22 @@ def merge(tree: Any) -> Any:
         tree,
         is_leaf=lambda x: isinstance(x, Node),
     )
+
+
+def merge_quantized(tree: Any) -> Any:
+    """The tree with every adapter folded into its quantized base, which stays quantized (QA-LoRA's merge:
+    ``node.merge_quantized``); quantized weights without an adapter stay as they are. An adapter that cannot
+    fold (a LoRA over NF4: its update is not constant over quantization blocks) is an error naming its path;
+    ``merge`` gives the dense model instead."""
+    def one(path: str, x: Any) -> Any:
+        if not isinstance(x, AdapterNode):
+            return x
+        if not hasattr(x, "merge_quantized"):
+            raise ValueError(f"{path}: a {type(x).__name__} cannot merge into a quantized weight and keep it "
+                             "quantized (only QA-LoRA can); use merge() for a dense merged model")
+        return x.merge_quantized(path)
+
+    return map_with_paths(one, resolve_shared(tree), nodes_are_leaves=True)
 
 
 def _has_dropout_state(tree: Any) -> list[str]:

@@ -9,6 +9,10 @@ row-major [out, in] tensor:
     NF4:   q = #{midpoints m_j of the sorted NF4 code : m_j < clip(w · (1/absmax_b), -1, 1)}
            (nearest code, a tie goes to the lower one, as ``torch.bucketize``)
     int4:  q = round(w / (absmax_b / 7)) ∈ [-7, 7];  int8: q = round(w / (absmax_b / 127))
+    int4_asym (min-max with a zero point, as GPTQ/AWQ/HQQ groups): range_b = max_b - min_b,
+           q = round((w - min_b) / (range_b / 15)) ∈ [0, 15],  ŵ = q · range_b / 15 + zero_b,  zero_b = min_b.
+           The zero point is a float (float32) per block, so an adapter constant over a block folds into it
+           exactly (QA-LoRA, ``nodes/qalora.py``); the range is stored where the others keep absmax.
 
 Double quantization (QLoRA §3): c = mean(absmax); absmax - c is quantized to 8 bits with
 bitsandbytes' signed dynamic code in blocks of 256 (in bitsandbytes' flat order), with one
@@ -18,7 +22,8 @@ dequantized absmax = code8[q8] · scale + c.
 Storage keeps the weight's 2-D layout, so the weight's sharding applies unchanged:
 4-bit codes ``[in/2, out]`` uint8 (rows 2i and 2i+1 in the high and low nibble), int8 codes
 ``[in, out]``, absmax (or its 8-bit codes) ``[in/block, out]``; the second-level scales
-``[n/256]`` and the offset are tiny and replicated. NF4 with double quantization costs
+``[n/256]`` and the offset are tiny and replicated; int4_asym's zero points ``[in/block, out]`` float32.
+Double quantization applies to absmax (the range for int4_asym), never to zero points. NF4 with double quantization costs
 4 + 8/64 + 32/(64·256) ≈ 4.127 bits per weight.
 """
 
@@ -36,7 +41,7 @@ from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_pat
 
 __all__ = ["QuantSpec", "quantize", "quantize_array", "dequantize", "NF4_CODE", "FP4_CODE", "DYNAMIC_CODE", "KINDS"]
 
-KINDS = ("nf4", "int4", "int8")
+KINDS = ("nf4", "int4", "int4_asym", "int8")
 
 
 
@@ -109,6 +114,11 @@ def _quantize_2d(w: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
     blocks = w.astype(jnp.float32).T.reshape(d_out * d_in // bs, bs)
     if spec.kind == "nf4":
         q, absmax = _blockwise(blocks, jnp.asarray(NF4_CODE))
+    elif spec.kind == "int4_asym":
+        low, high = jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1)
+        absmax = high - low  # the block's range
+        step = jnp.maximum(absmax, 1e-38) / 15.0
+        q = jnp.clip(jnp.round((blocks - low[:, None]) / step[:, None]), 0, 15).astype(jnp.uint8)
     else:
         qmax = 7.0 if spec.kind == "int4" else 127.0
         absmax = jnp.max(jnp.abs(blocks), axis=-1)
@@ -123,6 +133,8 @@ def _quantize_2d(w: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
         codes = ((q[:, 0::2] << 4) | q[:, 1::2]).T  # [in/2, out]
     absmax = absmax.reshape(d_out, d_in // bs).T  # [in/bs, out]
     out = {"codes": codes}
+    if spec.kind == "int4_asym":
+        out["zeros"] = low.reshape(d_out, d_in // bs).T
     if spec.double_quant:
         out["qabsmax"], out["absmax2"], out["offset"] = _double_quant(absmax, spec.block_size2)
     else:

@@ -38,7 +38,7 @@ from lorax_variants.optim.sora import sora_proximal
 from lorax_variants.tree import leaves_with_paths
 
 __all__ = ["Recipe", "OptimContext", "Reshape", "RECIPES", "recipe", "LoraPlus", "AdaLora", "Sora", "DeltaLora",
-           "DyLora", "Vera", "MultiTask", "LoraDrop"]
+           "DyLora", "Vera", "MultiTask", "LoraDrop", "QaLora"]
 
 
 # The variants' own settings (the app reads each from its config section ``adapter.<variant>``).
@@ -101,6 +101,14 @@ class MultiTask:
     """``n_tasks`` adapters per target; each row is routed to its task's adapter."""
 
     n_tasks: int = 1
+
+
+@dataclasses.dataclass
+class QaLora:
+    """QA-LoRA (arXiv 2309.14717): the adapter reads the input pooled over ``group_size`` features (default: the
+    quantization block size, ``quant.block_size``), so it folds into an ``int4_asym`` base's zero points."""
+
+    group_size: int | None = None
 
 
 @dataclasses.dataclass
@@ -278,6 +286,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"n_tasks": s.n_tasks}, weight_changes=False,
            figures=("tasks",), routed=True),
     Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("lora_drop",)),
+    Recipe("qalora", "qalora", QaLora, spec=lambda s: {"group_size": s.group_size}),
     Recipe("none", None),
 ]}
 

@@ -63,7 +63,8 @@ class AdapterSpec:
         (layers stacked for ``scan``); each layer gets its own A, B.
       dtype: dtype of the adapter leaves (float32 by default, whatever the base dtype).
       r_min: DyLoRA's smallest rank (ranks r_min..r are trained). n_tasks: adapters stacked per
-        target for multi-task routing. d_initial: VeRA's initial λ_d.
+        target for multi-task routing. d_initial: VeRA's initial λ_d. group_size: QA-LoRA's pooling group
+        (default: the quantized weight's block size).
 
     Leaves to train besides the adapters (biases, a head) are named at ``split(tree,
     extra=...)``; everything else is frozen by default.
@@ -83,6 +84,7 @@ class AdapterSpec:
     r_min: int = 1
     n_tasks: int = 1
     d_initial: float = 0.1
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -112,6 +114,9 @@ class AdapterSpec:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"AdapterSpec.{field} must be a positive integer, got {v!r}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ValueError(f"AdapterSpec.group_size must be a positive integer or None, got {self.group_size!r}")
         if self.r_min > self.r:
             raise ValueError(f"AdapterSpec.r_min={self.r_min} exceeds AdapterSpec.r={self.r}")
         if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):

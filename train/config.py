@@ -65,6 +65,7 @@ class AdapterConfig:
     vera: recipes.Vera = dataclasses.field(default_factory=recipes.Vera)
     multitask: recipes.MultiTask = dataclasses.field(default_factory=recipes.MultiTask)
     lora_drop: recipes.LoraDrop = dataclasses.field(default_factory=recipes.LoraDrop)
+    qalora: recipes.QaLora = dataclasses.field(default_factory=recipes.QaLora)
 
     def settings(self) -> Any:
         """The settings section of ``variant`` (``None`` for a variant without one)."""
@@ -73,7 +74,7 @@ class AdapterConfig:
 
 @dataclasses.dataclass
 class QuantConfig:
-    kind: Literal["none", "nf4", "int4", "int8"] = "none"
+    kind: Literal["none", "nf4", "int4", "int4_asym", "int8"] = "none"  # int4_asym: zero points (QA-LoRA)
     targets: str | list[str] = r"layers/(attn|mlp|moe)/(?!.*_(bias|norm)$)(?!router$)\w+"
     block_size: int = 64
     double_quant: bool = True

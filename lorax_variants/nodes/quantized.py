@@ -75,7 +75,13 @@ def _dequant_2d(n: dict[str, jax.Array], kind: str, bs: int, bs2: int, d_in: int
     else:
         q = jnp.stack([codes >> 4, codes & 0xF], axis=1).reshape(d_in, d_out)
         table = {"nf4": NF4_CODE, "fp4": FP4_CODE}.get(kind)
-        values = jnp.take(jnp.asarray(table), q.astype(jnp.int32)) if table is not None else q.astype(jnp.float32) - 8.0
+        if table is not None:
+            values = jnp.take(jnp.asarray(table), q.astype(jnp.int32))
+        else:  # int4: codes 0..15 stand for -8..7; int4_asym: steps 0..15 above the block's zero point
+            values = q.astype(jnp.float32) - (0.0 if kind == "int4_asym" else 8.0)
+    if kind == "int4_asym":
+        w = values.reshape(d_in // bs, bs, d_out) * (absmax / 15.0)[:, None, :] + n["zeros"][:, None, :]
+        return w.reshape(d_in, d_out)
     scale = absmax if kind in ("nf4", "fp4") else absmax / (7.0 if kind == "int4" else 127.0)
     return (values.reshape(d_in // bs, bs, d_out) * scale[:, None, :]).reshape(d_in, d_out)
 
@@ -89,6 +95,7 @@ class QuantizedNode(Node):
     qabsmax: jax.Array | None = frozen(default=None)
     absmax2: jax.Array | None = frozen(default=None)
     offset: jax.Array | None = frozen(default=None)
+    zeros: jax.Array | None = frozen(default=None)  # int4_asym: per-block zero points [in/bs, out] (float32)
     kind: str = static()
     block_size: int = static()
     block_size2: int = static(default=256)
@@ -109,14 +116,14 @@ class QuantizedNode(Node):
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The dense weight Ŵ [..., in, out] in ``dtype`` (default: the original weight's)."""
-        fields = {k: getattr(self, k) for k in ("codes", "absmax", "qabsmax", "absmax2", "offset")}
+        fields = {k: getattr(self, k) for k in ("codes", "absmax", "qabsmax", "absmax2", "offset", "zeros")}
         fn = lambda f: _dequant_2d(f, self.kind, self.block_size, self.block_size2, *self.in_out)  # noqa: E731
         for _ in self.codes.shape[:-2]:
             fn = jax.vmap(fn)
         return fn(fields).astype(dtype or self.dtype)
 
     def apply(self, x: jax.Array) -> jax.Array:
-        """x Ŵ with Ŵ dequantized inside the step in x's dtype (NF4/FP4/int4/int8 blocks)."""
+        """x Ŵ with Ŵ dequantized inside the step in x's dtype (NF4/FP4/int4/int4_asym/int8 blocks)."""
         if len(self.shape) != 2:
             raise ValueError(f"apply a stacked quantized weight {self.shape} one layer at a time (scan)")
         return jnp.matmul(x, self.dequantize(x.dtype))

@@ -27,7 +27,7 @@ VARIANTS = {
     "lora": {}, "rslora": {"rslora": True}, "lora_fa": {"variant": "lora_fa"}, "pissa": {"init": "pissa"},
     "dora": {"variant": "dora"}, "vera": {"variant": "vera", "r": 8}, "adalora": {"variant": "adalora"},
     "dylora": {"variant": "dylora"}, "sora": {"variant": "sora"}, "lora_drop": {}, "multitask": {"variant": "multitask", "n_tasks": 2},
-    "qlora": {},
+    "qlora": {}, "qalora": {"variant": "qalora", "group_size": 16},
 }
 
 

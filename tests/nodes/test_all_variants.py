@@ -18,7 +18,7 @@ def _adapted(variant, quantized=False):
     tree = {"w": w}
     if quantized:
         tree = lv.quantize(tree, lv.QuantSpec(targets="w"))
-    spec = lv.AdapterSpec(targets="w", r=4, variant=variant, n_tasks=2, r_min=2)
+    spec = lv.AdapterSpec(targets="w", r=4, variant=variant, n_tasks=2, r_min=2, group_size=64)
     trainable, frozen = lv.split(lv.adapt(tree, spec, 0))
     tree = lv.combine(jax.tree.map(lambda x: x + 0.05, trainable), frozen)  # move every trainable leaf off init
     if variant == "multitask":
@@ -79,7 +79,8 @@ def test_parameter_counts_follow_each_formula():
     r, n = 4, D_IN * D_OUT
     expect = {"lora": r * (D_IN + D_OUT), "lora_fa": r * D_OUT, "dora": r * (D_IN + D_OUT) + D_OUT,
               "vera": r + D_OUT, "adalora": r * (D_IN + D_OUT) + r, "dylora": r * (D_IN + D_OUT),
-              "sora": r * (D_IN + D_OUT) + r, "multitask": 2 * r * (D_IN + D_OUT)}
+              "sora": r * (D_IN + D_OUT) + r, "multitask": 2 * r * (D_IN + D_OUT),
+              "qalora": r * (D_IN // 64 + D_OUT)}
     frozen_extra = {"lora_fa": D_IN * r, "vera": D_IN * r + r * D_OUT, "dora": D_OUT}  # A; projections; ‖W‖²
     assert set(expect) == set(VARIANTS)
     for v, k in expect.items():

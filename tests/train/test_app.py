@@ -24,6 +24,7 @@ VARIANTS = {
     "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=3", "adapter.lora_drop.threshold=0.5"],
     "pissa_nf4": ["adapter.init=pissa", "optim.lr=0.002", "quant.kind=nf4", "quant.block_size=32"],
     "loftq": ["adapter.init=loftq", "adapter.loftq_iters=2", "quant.kind=nf4", "quant.block_size=32"],
+    "qalora": ["adapter.variant=qalora", "quant.kind=int4_asym", "quant.block_size=32", "optim.lr=0.003"],
 }
 
 
@@ -87,6 +88,19 @@ def test_every_variant_trains(assets, tmp_path, variant):
 
         kinds = {type(n.weight).__name__ for n in result.frozen["layers"]["attn"].values() if hasattr(n, "weight")}
         assert kinds == {QuantizedNode.__name__}
+    if variant == "qalora":  # trained over int4 with zero points; folded, the model is int4 with the same logits
+        import jax
+        import jax.numpy as jnp
+
+        import lorax_variants as lv
+
+        tree = lv.combine(result.trainable, result.frozen)
+        merged = lv.merge_quantized(tree)
+        nodes = [n for _, n in lv.leaves_with_paths(merged, nodes_are_leaves=True) if isinstance(n, lv.Node)]
+        assert nodes and all(isinstance(n, lv.QuantizedNode) and n.kind == "int4_asym" for n in nodes)
+        ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)))
+        model = result.built.model
+        np.testing.assert_allclose(model.apply(merged, ids), model.apply(tree, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_delta_lora_changes_the_frozen_weights_and_lora_does_not(assets, tmp_path):
