@@ -17,6 +17,8 @@ from lorax_variants.nodes.dylora import DyLoraNode, sample_rank, truncate, with_
 from lorax_variants.nodes.lora_drop import LoraDropNode
 from lorax_variants.nodes.multitask import BASE, MultiTaskNode, route, select, stack
 from lorax_variants.nodes.qalora import QaLoraNode
+from lorax_variants.nodes.multi import MultiAdapterNode, sort_by_adapter
+from lorax_variants.multi import adapter_names, adapters, join_trees, pick
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode, prune
 from lorax_variants.nodes.vera import VeraNode
@@ -60,6 +62,12 @@ __all__ = [
     "MultiTaskNode",
     "LoraDropNode",
     "QaLoraNode",
+    "MultiAdapterNode",
+    "adapters",
+    "join_trees",
+    "pick",
+    "adapter_names",
+    "sort_by_adapter",
     "orthogonal_penalty",
     "with_rank",
     "sample_rank",

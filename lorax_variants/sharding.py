@@ -133,6 +133,8 @@ def _node_specs(path: str, n: Node, mesh: Mesh, rules: Any) -> Node:
                 changes[name] = one(value, quantized) if value is not None else None
             elif isinstance(value, Shared):
                 changes[name] = jax.tree.map(lambda _: P(), value)
+            elif isinstance(value, tuple):  # one leaf per adapter (many adapters at once), None where absent
+                changes[name] = tuple(None if v is None else one(v, quantized) for v in value)
         return m.replace(**changes)
 
     return walk(n, isinstance(n, QuantizedNode))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from lorax_variants.nodes.base import dense
 from lorax_variants.shared import is_shared
+from lorax_variants.nodes.multi import MultiAdapterNode
 from lorax_variants.nodes.multitask import MultiTaskNode
 
 __all__ = ["MoeConfig", "route", "experts_mlp", "moe_mlp"]
@@ -64,8 +65,8 @@ def _expert(bank: Any, e: jax.Array) -> Any:
 
 def experts_mlp(x: jax.Array, experts: jax.Array, banks: dict[str, Any], act: Any, cfg: MoeConfig) -> jax.Array:
     """Each row of ``x [M, d]`` through the SwiGLU expert ``experts [M]`` names; ``[M, d]`` out."""
-    if any(isinstance(b, MultiTaskNode) for b in banks.values()):
-        raise ValueError("multi-task routing (one adapter per example) on expert banks is not supported: the rows "
+    if any(isinstance(b, (MultiTaskNode, MultiAdapterNode)) for b in banks.values()):
+        raise ValueError("per-example adapter routing (one adapter per example) on expert banks is not supported: the rows "
                          "of an expert's tile come from many examples; adapt the attention projections instead")
     m, d = x.shape
     e_count = cfg.num_experts

@@ -47,6 +47,14 @@ class MultiTaskNode(AdapterNode):
     def n_tasks(self) -> int:
         return self.lora_a.shape[-3]
 
+    @property
+    def n_routes(self) -> int:
+        return self.n_tasks
+
+    def routed(self, ids: jax.Array) -> "MultiTaskNode":
+        """This node with each example's task index set (``ids`` [batch]; −1: the base model)."""
+        return self.replace(task_ids=jnp.broadcast_to(ids, self.shape[:-2] + ids.shape))
+
     def apply(self, x: jax.Array) -> jax.Array:
         """x W + s·(x A_t) B_t with t the adapter each row is routed to (``task_ids``; ``BASE`` rows get x W)."""
         if self.task_ids is None:
@@ -101,7 +109,8 @@ def _nodes(tree: Any) -> list[tuple[str, MultiTaskNode]]:
 
 
 def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
-    """Set each example's adapter index (``BASE`` = -1: base model only) on every multi-task node."""
+    """Set each example's adapter index (``BASE`` = -1: base model only) on every node that routes rows: the
+    multi-task nodes (``task`` k) and the many-adapter nodes (``nodes.multi``: adapter k of their names)."""
     # Constant ids (a list, a numpy array, a concrete jax array) are checked on the host; under
     # ``jit`` jnp makes even constants into tracers, so the check must not go through jnp.
     host = None if isinstance(task_ids, jax.core.Tracer) else np.asarray(task_ids)
@@ -111,14 +120,22 @@ def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
     if host is not None and host.size and not np.issubdtype(host.dtype, np.integer):
         raise TypeError(f"route() takes integer task ids, got dtype {host.dtype}")
 
-    def set_ids(n: MultiTaskNode) -> MultiTaskNode:
+    def set_ids(n: Any) -> Any:
         if host is not None:
-            bad = [int(i) for i in host.reshape(-1) if not BASE <= int(i) < n.n_tasks]
+            bad = [int(i) for i in host.reshape(-1) if not BASE <= int(i) < n.n_routes]
             if bad:
-                raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_tasks})")
-        return n.replace(task_ids=jnp.broadcast_to(ids, n.shape[:-2] + ids.shape))
+                raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_routes})")
+            if getattr(n, "impl", None) == "ragged" and not _grouped(host):
+                raise ValueError(f"adapter ids {host.tolist()[:16]} are not sorted by adapter (BASE rows last), as "
+                                 "impl='ragged' needs: reorder the batch with sort_by_adapter(ids)")
+        return n.routed(ids)
 
-    return map_with_paths(lambda p, x: set_ids(x) if isinstance(x, MultiTaskNode) else x, tree, nodes_are_leaves=True)
+    return map_with_paths(lambda p, x: set_ids(x) if hasattr(x, "routed") else x, tree, nodes_are_leaves=True)
+
+
+def _grouped(ids: np.ndarray) -> bool:
+    key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    return bool(np.all(key[1:] >= key[:-1]))
 
 
 def select(tree: Any, task: int) -> Any:

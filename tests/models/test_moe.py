@@ -101,8 +101,12 @@ def test_every_variant_on_the_expert_banks_factored_equals_merged(variant):
 
 def test_multitask_on_expert_banks_is_refused():
     tree = lv.adapt(_params(), lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=2, variant="multitask", n_tasks=2), 0)
-    with pytest.raises(ValueError, match="multi-task"):
+    with pytest.raises(ValueError, match="per-example adapter routing"):
         moe_mlp(jnp.ones((1, 3, D)), lv.route(tree, [0]), jax.nn.silu, CFG)
+    many = lv.adapters(_params(), {"a": lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=2),
+                                   "b": lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=4)}, 0)
+    with pytest.raises(ValueError, match="per-example adapter routing"):
+        moe_mlp(jnp.ones((1, 3, D)), lv.route(many, [1]), jax.nn.silu, CFG)
 
 
 def test_router_trains_through_split_extra():

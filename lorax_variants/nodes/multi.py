@@ -1,0 +1,233 @@
+"""Many adapters over one frozen weight, trained together: k named adapters of their own ranks and
+variants (LoRA or DoRA, any mix), each example of a batch routed to one of them or to none.
+
+    y_e = x_e W + s_t (x_e A_t) B_t                                   (adapter t_e = t is LoRA)
+    y_e = x_e W + (m_t/n_t − 1) ⊙ x_e W + (m_t/n_t) ⊙ s_t (x_e A_t) B_t   (DoRA, n_t = ‖W + s_t A_t B_t‖_c)
+    y_e = x_e W                                                        (t_e = BASE = −1)
+
+Each example's tokens meet only their own adapter's factors, so the low-rank FLOPs are those of one
+adapter over the batch, whatever k. Two ways, chosen by ``impl``:
+
+- ``"gather"``: each example gathers its adapter's A and B (padded to the largest rank) and the rank-r
+  products are batched matmuls over examples (Punica's BGMV). Any order of examples. The default on CPU.
+- ``"ragged"``: examples sorted by adapter (``sort_by_adapter``; rows of BASE last), the tokens of each
+  adapter one group of ``jax.lax.ragged_dot`` (a grouped matmul: MegaBlox on TPU, a native kernel on
+  GPU). XLA:CPU computes ragged_dot as every group over every row, so ``"auto"`` takes it on TPU/GPU only.
+  Unsorted ids under ``jit`` give NaN outputs (never a silently wrong result); concrete ids are checked.
+
+Adapters keep their own leaves (``lora_a[i] [..., in, r_i]``, ``lora_b[i]``, DoRA's ``magnitude[i]``):
+gradients, optimizer state and checkpoints see each at its own rank, and an adapter absent from this
+weight is ``None``. ``pick(tree, name)`` gives one adapter as a plain LoRA/DoRA tree (merge, export).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
+from lorax_variants.nodes.dora import DoraNode
+from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+
+__all__ = ["MultiAdapterNode", "sort_by_adapter", "join", "IMPLS"]
+
+IMPLS = ("auto", "gather", "ragged")
+
+
+def sort_by_adapter(ids: Any) -> np.ndarray:
+    """The stable permutation that groups examples by adapter (0, 1, ..., k−1, then BASE rows), as the
+    ``ragged`` implementation needs: ``batch[perm]``, then ``route(tree, ids[perm])``."""
+    ids = np.asarray(ids)
+    return np.argsort(np.where(ids < 0, np.iinfo(np.int32).max, ids), kind="stable")
+
+
+@node
+class MultiAdapterNode(AdapterNode):
+    """k named adapters (LoRA or DoRA, each its own rank and scale) over one frozen ``weight``."""
+
+    variant: ClassVar[str] = "multi"
+
+    weight: Any = frozen()
+    lora_a: tuple = param()  # per adapter [..., in, r_i] or None
+    lora_b: tuple = param()  # per adapter [..., r_i, out] or None
+    magnitude: tuple = param()  # per adapter: DoRA's m [..., out], None for LoRA (or absent)
+    weight_sq_norm: jax.Array | None = frozen(default=None)  # ‖W‖² per output unit when any adapter is DoRA
+    adapter_ids: jax.Array | None = frozen(default=None)  # int32 [..., batch], per call (``route``)
+    dropout_key: jax.Array | None = frozen(default=None)
+    names: tuple[str, ...] = static()
+    kinds: tuple[str | None, ...] = static()  # "lora" | "dora" | None (absent here)
+    scales: tuple[float, ...] = static()
+    dropout: float = static(default=0.0)
+    impl: str = static(default="auto")
+
+    @property
+    def n_routes(self) -> int:
+        return len(self.names)
+
+    def routed(self, ids: jax.Array) -> "MultiAdapterNode":
+        """This node with each example's adapter index set (``ids`` [batch]; −1: none)."""
+        return self.replace(adapter_ids=jnp.broadcast_to(ids, self.shape[:-2] + ids.shape))
+
+    def _rank(self) -> int:
+        return max([a.shape[-1] for a in self.lora_a if a is not None] + [1])
+
+    def _stacks(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """``A [k+1, in, R]`` and ``s·B [k+1, R, out]``: every adapter padded to the largest rank R, the last
+        slot zeros (rows routed to none)."""
+        d_in, d_out = self.shape[-2:]
+        rank = self._rank()
+        a_s, b_s = [], []
+        for a, b, s in zip(self.lora_a, self.lora_b, self.scales):
+            if a is None:
+                a_s.append(jnp.zeros((d_in, rank), dtype))
+                b_s.append(jnp.zeros((rank, d_out), dtype))
+                continue
+            pad = rank - a.shape[-1]
+            a_s.append(jnp.pad(a.astype(dtype), ((0, 0), (0, pad))))
+            b_s.append(jnp.pad(b.astype(dtype) * jnp.asarray(s, dtype), ((0, pad), (0, 0))))
+        a_s.append(jnp.zeros((d_in, rank), dtype))
+        b_s.append(jnp.zeros((rank, d_out), dtype))
+        return jnp.stack(a_s), jnp.stack(b_s)
+
+    def _ratios(self) -> jax.Array | None:
+        """DoRA's m/‖W + s·A B‖_c per adapter ``[k+1, out]`` float32 (1 for LoRA, absent and none rows)."""
+        if "dora" not in self.kinds:
+            return None
+        w = weight_of(self.weight).astype(jnp.float32)
+        rows = []
+        for kind, a, b, m, s in zip(self.kinds, self.lora_a, self.lora_b, self.magnitude, self.scales):
+            if kind != "dora":
+                rows.append(jnp.ones(self.shape[-1:], jnp.float32))
+                continue
+            norm = DoraNode(weight=w, lora_a=a, lora_b=b, magnitude=m, weight_sq_norm=self.weight_sq_norm,
+                            scale=s).norm()
+            rows.append(m.astype(jnp.float32) / norm)
+        rows.append(jnp.ones(self.shape[-1:], jnp.float32))
+        return jnp.stack(rows)
+
+    def _impl(self) -> str:
+        if self.impl != "auto":
+            return self.impl
+        return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "gather"
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """Each example through its own adapter (or none): see the module docstring."""
+        if len(self.shape) != 2:
+            raise ValueError(f"apply a stacked multi-adapter weight {self.shape} one layer at a time (scan)")
+        if self.adapter_ids is None:
+            raise ValueError(f"multi-adapter weight ({', '.join(self.names)}) without routing: call "
+                             "route(tree, adapter_ids) before the forward")
+        ids = self.adapter_ids
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(f"route() gave {ids.shape[0]} adapter ids for a batch of {x.shape[0]}")
+        k = self.n_routes
+        slot = jnp.where(ids < 0, k, jnp.minimum(ids, k - 1)).astype(jnp.int32)
+        a_stack, b_stack = self._stacks(x.dtype)
+        xd = adapter_dropout(x, self.dropout, self.dropout_key)
+        x3 = xd.reshape(x.shape[0], -1, x.shape[-1])
+        if self._impl() == "ragged":
+            per_row = x3.shape[1]
+            sizes = jnp.bincount(slot, length=k + 1).astype(jnp.int32) * per_row
+            flat = x3.reshape(-1, x.shape[-1])
+            h = jax.lax.ragged_dot(flat, a_stack, sizes)
+            low = jax.lax.ragged_dot(h, b_stack, sizes).reshape(x3.shape[:2] + (-1,))
+            ordered = jnp.all(slot[1:] >= slot[:-1])
+            low = jnp.where(ordered, low, jnp.nan)  # unsorted rows: loud, never silently wrong
+        elif self._impl() == "gather":
+            a = jnp.take(a_stack, slot, axis=0)  # [batch, in, R]
+            b = jnp.take(b_stack, slot, axis=0)  # [batch, R, out]
+            low = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x3, a), b)
+        else:
+            raise ValueError(f"MultiAdapterNode.impl must be one of {IMPLS}, got {self.impl!r}")
+        y = dense(x, self.weight)
+        ratios = self._ratios()
+        if ratios is None:
+            return y + low.reshape(y.shape)
+        r = jnp.take(ratios, slot, axis=0).astype(x.dtype)[:, None, :]  # [batch, 1, out]
+        y3 = y.reshape(x3.shape[:2] + (-1,))
+        base_d = y3 if xd is x else dense(x3, self.weight)
+        return (y3 + (r - 1) * base_d + r * low).reshape(y.shape)
+
+    def as_one(self, name: str) -> Any:
+        """Adapter ``name`` alone: a ``LoraNode`` or ``DoraNode`` over the same weight (the weight itself where
+        the adapter is absent)."""
+        if name not in self.names:
+            raise ValueError(f"no adapter named {name!r}; adapters: {list(self.names)}")
+        i = self.names.index(name)
+        kind = self.kinds[i]
+        if kind is None:
+            return self.weight
+        common = dict(weight=self.weight, lora_a=self.lora_a[i], lora_b=self.lora_b[i], scale=self.scales[i],
+                      dropout=self.dropout)
+        if kind == "dora":
+            return DoraNode(**common, magnitude=self.magnitude[i], weight_sq_norm=self.weight_sq_norm)
+        return LoraNode(**common)
+
+    def with_weight(self, weight: Any) -> "MultiAdapterNode":
+        """Over another frozen weight of the same shape (each DoRA adapter keeps its ratio m/‖·‖)."""
+        if "dora" not in self.kinds:
+            return self.replace(weight=weight)
+        moved = [self.as_one(n).with_weight(weight) if k == "dora" else None for n, k in zip(self.names, self.kinds)]
+        mags = tuple(m.magnitude if m is not None else None for m in moved)
+        sq = next(m.weight_sq_norm for m in moved if m is not None)
+        return self.replace(weight=weight, magnitude=mags, weight_sq_norm=sq)
+
+    def merge(self) -> jax.Array:
+        """Refused: k adapters have no single dense weight (``pick(tree, name)`` then ``merge``)."""
+        raise ValueError(f"a multi-adapter weight ({', '.join(self.names)}) has no single merged weight: "
+                         "merge(pick(tree, name)) merges one of them")
+
+
+def join(path: str, nodes: dict[str, Any], impl: str = "auto") -> Any:
+    """One ``MultiAdapterNode`` at ``path`` from each adapter's node there (``LoraNode``/``DoraNode``, or the
+    plain weight where that adapter leaves ``path`` alone); every node must stand over the same weight."""
+    adapted = {n: x for n, x in nodes.items() if isinstance(x, AdapterNode)}
+    if not adapted:
+        return next(iter(nodes.values()))
+    first = next(iter(adapted.values()))
+    names, kinds, a_s, b_s, m_s, scales = [], [], [], [], [], []
+    sq = None
+    for name, x in nodes.items():
+        names.append(name)
+        if not isinstance(x, AdapterNode):
+            kinds.append(None), a_s.append(None), b_s.append(None), m_s.append(None), scales.append(0.0)
+            continue
+        if type(x) not in (LoraNode, DoraNode) or getattr(x, "freeze", ()):
+            raise ValueError(f"{path}: adapter {name!r} is a {type(x).__name__}; many adapters at once take LoRA "
+                             "and DoRA adapters")
+        if x.shape != first.shape or not _same(x.weight, first.weight):
+            raise ValueError(f"{path}: adapter {name!r} stands over another base weight than "
+                             f"{next(iter(adapted))!r}; adapters trained together share the frozen weights")
+        kinds.append("dora" if isinstance(x, DoraNode) else "lora")
+        a_s.append(x.lora_a), b_s.append(x.lora_b), scales.append(float(x.scale))
+        m_s.append(x.magnitude if isinstance(x, DoraNode) else None)
+        if isinstance(x, DoraNode):
+            sq = x.weight_sq_norm
+    rates = {float(x.dropout) for x in adapted.values()}
+    if len(rates) > 1:
+        raise ValueError(f"{path}: adapters trained together share one dropout rate, got {sorted(rates)}")
+    return MultiAdapterNode(weight=first.weight, lora_a=tuple(a_s), lora_b=tuple(b_s), magnitude=tuple(m_s),
+                            weight_sq_norm=sq, names=tuple(names), kinds=tuple(kinds), scales=tuple(scales),
+                            dropout=rates.pop(), impl=impl)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    if jax.tree.structure(a) != jax.tree.structure(b) or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if x is y:
+            continue
+        if x.shape != y.shape:
+            return False
+        if not all(isinstance(v, (jax.Array, np.ndarray)) and not isinstance(v, jax.core.Tracer) for v in (x, y)):
+            continue  # abstract (planning, tracing): shapes were compared; values cannot be
+        if not bool(jnp.array_equal(x, y)):
+            return False
+    return True
+
