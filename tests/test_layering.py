@@ -19,7 +19,7 @@ LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a
     {"spec"},
     {"registry"},
     {"nodes.*"},
-    {"ops", "quant", "adapt", "per_call", "sharding", "stats", "loftq"},
+    {"ops", "quant", "adapt", "per_call", "sharding", "stats", "loftq", "multi"},
     {"optim", "optim.*", "diagnostics", "recipes"},
     {"models", "models.*"},
     {"hf", "hf.*"},
