@@ -18,7 +18,7 @@ from lorax_variants.nodes.lora_drop import LoraDropNode
 from lorax_variants.nodes.multitask import BASE, MultiTaskNode, route, select, stack
 from lorax_variants.nodes.qalora import QaLoraNode
 from lorax_variants.nodes.multi import MultiAdapterNode, sort_by_adapter
-from lorax_variants.multi import adapter_names, adapters, join_trees, pick
+from lorax_variants.multi import adapter_means, adapter_names, adapters, join_trees, pick
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.sora import SoraNode, prune
 from lorax_variants.nodes.vera import VeraNode
@@ -67,6 +67,7 @@ __all__ = [
     "join_trees",
     "pick",
     "adapter_names",
+    "adapter_means",
     "sort_by_adapter",
     "orthogonal_penalty",
     "with_rank",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from lorax_variants.adapt import adapt
 from lorax_variants.nodes.base import AdapterNode
@@ -23,7 +24,7 @@ from lorax_variants.nodes.multi import MultiAdapterNode, join
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["adapters", "join_trees", "pick", "adapter_names"]
+__all__ = ["adapters", "join_trees", "pick", "adapter_names", "adapter_means"]
 
 
 def adapters(params: Any, specs: Mapping[str, AdapterSpec], key: Any, *, impl: str = "auto") -> Any:
@@ -82,3 +83,13 @@ def pick(tree: Any, name: str) -> Any:
         raise ValueError(f"no adapter named {name!r}; adapters: {list(names)}")
     return map_with_paths(lambda p, x: x.as_one(name) if isinstance(x, MultiAdapterNode) else x, tree,
                           nodes_are_leaves=True)
+
+
+def adapter_means(sums: jax.Array, counts: jax.Array, routes: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """``(means [n], counts [n])``: per adapter, the summed loss of its rows over their count (tokens or
+    examples; rows routed to BASE count for none). ``jnp.sum(means)`` as the loss gives each adapter the
+    gradient of training it alone on its rows with a mean loss, whatever the others' share of the batch."""
+    onehot = jax.nn.one_hot(routes, n, dtype=jnp.float32)  # BASE (-1) rows: all zeros
+    total = onehot.T @ sums.astype(jnp.float32)
+    count = onehot.T @ counts.astype(jnp.float32)
+    return total / jnp.maximum(count, 1.0), count

@@ -14,6 +14,8 @@ adapter over the batch, whatever k. Two ways, chosen by ``impl``:
   adapter one group of ``jax.lax.ragged_dot`` (a grouped matmul: MegaBlox on TPU, a native kernel on
   GPU). XLA:CPU computes ragged_dot as every group over every row, so ``"auto"`` takes it on TPU/GPU only.
   Unsorted ids under ``jit`` give NaN outputs (never a silently wrong result); concrete ids are checked.
+- ``"masked"``: every adapter over every row, each row keeping its own (k dense rank-r passes): the
+  formulation the others avoid, kept as the benchmark's baseline; never chosen by ``"auto"``.
 
 Adapters keep their own leaves (``lora_a[i] [..., in, r_i]``, ``lora_b[i]``, DoRA's ``magnitude[i]``):
 gradients, optimizer state and checkpoints see each at its own rank, and an adapter absent from this
@@ -34,7 +36,7 @@ from lorax_variants.nodes.lora import LoraNode, adapter_dropout
 
 __all__ = ["MultiAdapterNode", "sort_by_adapter", "join", "IMPLS"]
 
-IMPLS = ("auto", "gather", "ragged")
+IMPLS = ("auto", "gather", "ragged", "masked")
 
 
 def sort_by_adapter(ids: Any) -> np.ndarray:
@@ -140,6 +142,10 @@ class MultiAdapterNode(AdapterNode):
             a = jnp.take(a_stack, slot, axis=0)  # [batch, in, R]
             b = jnp.take(b_stack, slot, axis=0)  # [batch, R, out]
             low = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x3, a), b)
+        elif self._impl() == "masked":
+            onehot = jax.nn.one_hot(slot, k + 1, dtype=x.dtype)  # [batch, k+1]
+            h = jnp.einsum("bti,kir->bktr", x3, a_stack)
+            low = jnp.einsum("bk,bkto->bto", onehot, jnp.einsum("bktr,kro->bkto", h, b_stack))
         else:
             raise ValueError(f"MultiAdapterNode.impl must be one of {IMPLS}, got {self.impl!r}")
         y = dense(x, self.weight)
