@@ -11,7 +11,11 @@ dataclass: the app's config section ``adapter.<name>``) and hooks, each optional
 - ``after_update(settings, frozen, old, new, step)``: new frozen leaves after an update (Delta-LoRA);
 - ``extras`` / ``with_extras``: state beyond the trainable leaves a checkpoint must hold (Delta-LoRA's weights);
 - ``reshape``: a one-time change of the tree during training (LoRA-drop's selection, ``Reshape``);
-- ``tracks_ranks``, ``summary(opt_state)``, ``weight_changes``, ``figures``: what a loop reports.
+- ``tracks_ranks``, ``summary(opt_state)``, ``weight_changes``, ``figures``: what a loop reports;
+- ``adapt(settings, params, spec, key)``: the adapted tree, where ``adapt(params, spec, key)`` is not it (many
+  adapters: one spec each); ``routes(settings)``: the adapters rows go to and where their rows come from
+  (``Route``); ``route_mean``: the loss is each route's mean over its rows, summed (each adapter trains as if
+  alone); ``clip(max_norm)``: the gradient clipping (per adapter for many adapters).
 
 A loop (the app's, or a user's) calls the hooks and never names a variant. Adding a variant: its node
 and builder (``nodes/<variant>.py``), its recipe here, a config, a test.
@@ -35,10 +39,13 @@ from lorax_variants.optim.delta_lora import delta_lora_update
 from lorax_variants.optim.lorafa import lorafa_projection
 from lorax_variants.optim.loraplus import loraplus, loraplus_labels
 from lorax_variants.optim.sora import sora_proximal
+from lorax_variants.optim.multi import clip_by_adapter_norm
+from lorax_variants.multi import adapters as many_adapters
+from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import leaves_with_paths
 
 __all__ = ["Recipe", "OptimContext", "Reshape", "RECIPES", "recipe", "LoraPlus", "AdaLora", "Sora", "DeltaLora",
-           "DyLora", "Vera", "MultiTask", "LoraDrop", "QaLora"]
+           "DyLora", "Vera", "MultiTask", "LoraDrop", "QaLora", "Many", "ManyAdapter", "Route"]
 
 
 # The variants' own settings (the app reads each from its config section ``adapter.<variant>``).
@@ -109,6 +116,40 @@ class QaLora:
     quantization block size, ``quant.block_size``), so it folds into an ``int4_asym`` base's zero points."""
 
     group_size: int | None = None
+
+
+@dataclasses.dataclass
+class ManyAdapter:
+    """One of many adapters trained together: its ``name``, ``variant`` (lora | dora), rank ``r``, ``alpha``,
+    ``rslora`` and ``targets`` (each defaults to the ``adapter`` section's), and where its rows come from:
+    ``task``, the value of ``data.task_field`` its rows of ``data.source`` carry, or ``source``, a data file
+    (read as ``data`` says) all of whose rows are its own."""
+
+    name: str = ""
+    variant: str = "lora"
+    r: int | None = None
+    alpha: float | None = None
+    rslora: bool | None = None
+    targets: str | list[str] | None = None
+    task: str | None = None
+    source: str | None = None
+
+
+@dataclasses.dataclass
+class Many:
+    """Many adapters trained at once over one frozen model (``lv.adapters``), each example routed to its own."""
+
+    adapters: list[ManyAdapter] = dataclasses.field(default_factory=list)
+    impl: str = "auto"  # nodes.multi: gather (any order), ragged (grouped matmuls over sorted rows), auto by backend
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where an adapter's rows come from: a ``task`` label of ``data.task_field`` or a ``source`` file."""
+
+    name: str
+    task: str | None
+    source: str | None
 
 
 @dataclasses.dataclass
@@ -199,6 +240,10 @@ class Recipe:
     weight_changes: bool = True
     figures: tuple[str, ...] = ()  # the report figures of the variant's own (names the app's report draws)
     routed: bool = False  # each example goes to one of several adapters: the data must say which (a task field)
+    adapt: Callable[[Any, Any, AdapterSpec, jax.Array], Any] | None = None
+    routes: Callable[[Any], list[Route]] | None = None
+    route_mean: bool = False
+    clip: Callable[[float], optax.GradientTransformation] = optax.clip_by_global_norm
 
     def defaults(self) -> Any:
         """The settings with their defaults (``None`` for a variant without settings)."""
@@ -265,6 +310,37 @@ def _drop_decide(s: LoraDrop, apply: Callable, tree: Any, batches: list[Any], st
                   "keep": {k: np.asarray(v).tolist() for k, v in keep.items()}}
 
 
+def _many_routes(s: Many) -> list[Route]:
+    """The adapters in route order, each with the one place its rows come from."""
+    if not s.adapters:
+        raise ValueError("adapter.many.adapters: list at least one adapter (name, variant, r, task or source)")
+    seen: set[str] = set()
+    out = []
+    for i, a in enumerate(s.adapters):
+        where = f"adapter.many.adapters[{i}]"
+        if not a.name or a.name in seen or "/" in a.name:
+            raise ValueError(f"{where}.name: each adapter needs a unique name without '/', got {a.name!r}")
+        seen.add(a.name)
+        if a.variant not in ("lora", "dora"):
+            raise ValueError(f"{where}.variant: many adapters at once are 'lora' or 'dora', got {a.variant!r}")
+        if (a.task is None) == (a.source is None):
+            raise ValueError(f"{where} ({a.name}): give exactly one of task (a value of data.task_field) or source "
+                             "(a data file of its own)")
+        out.append(Route(a.name, None if a.task is None else str(a.task), a.source))
+    return out
+
+
+def _many_adapt(s: Many, params: Any, spec: AdapterSpec, key: jax.Array) -> Any:
+    """One spec per adapter from the ``adapter`` section's, with the adapter's own fields where it sets them."""
+    _many_routes(s)
+    specs = {}
+    for a in s.adapters:
+        own = {"variant": a.variant, "r": a.r, "alpha": a.alpha, "rslora": a.rslora,
+               "targets": tuple(a.targets) if isinstance(a.targets, list) else a.targets}
+        specs[a.name] = dataclasses.replace(spec, **{k: v for k, v in own.items() if v is not None})
+    return many_adapters(params, specs, key, impl=s.impl)
+
+
 _LORA_DROP = Reshape(at=lambda s, total: s.select_at or max(1, total // 10), decide=_drop_decide,
                      apply=lora_drop.apply_keep, carry=lora_drop.carry_state, batches=lambda s: s.batches)
 
@@ -287,6 +363,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            figures=("tasks",), routed=True),
     Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("lora_drop",)),
     Recipe("qalora", "qalora", QaLora, spec=lambda s: {"group_size": s.group_size}),
+    Recipe("many", "lora", Many, adapt=_many_adapt, routes=_many_routes, route_mean=True, clip=clip_by_adapter_norm,
+           weight_changes=False, figures=("tasks",), routed=True),
     Recipe("none", None),
 ]}
 

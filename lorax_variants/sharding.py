@@ -15,6 +15,8 @@ rule names (norms, biases, routers) are replicated.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from typing import Any, Sequence
 
@@ -126,7 +128,10 @@ def _node_specs(path: str, n: Node, mesh: Mesh, rules: Any) -> Node:
 
     def walk(m: Node, quantized: bool) -> Node:
         changes = {}
+        static = {f.name for f in dataclasses.fields(m) if f.metadata.get("static")}
         for name, value in vars(m).items():
+            if name in static:
+                continue
             if isinstance(value, Node):
                 changes[name] = walk(value, isinstance(value, QuantizedNode))
             elif isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct) or value is None:

@@ -66,6 +66,7 @@ class AdapterConfig:
     multitask: recipes.MultiTask = dataclasses.field(default_factory=recipes.MultiTask)
     lora_drop: recipes.LoraDrop = dataclasses.field(default_factory=recipes.LoraDrop)
     qalora: recipes.QaLora = dataclasses.field(default_factory=recipes.QaLora)
+    many: recipes.Many = dataclasses.field(default_factory=recipes.Many)
 
     def settings(self) -> Any:
         """The settings section of ``variant`` (``None`` for a variant without one)."""
@@ -386,8 +387,20 @@ def check(cfg: Config) -> None:
          "adapter.init", f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
     routed = [name for name, r in recipes.RECIPES.items() if r.routed]
-    need(recipes.RECIPES[cfg.adapter.variant].routed == (cfg.data.task_field is not None), "data.task_field",
-         f"is needed by (and only by) adapter.variant in {routed}")
+    variant = recipes.RECIPES[cfg.adapter.variant]
+    labelled = variant.routed
+    if variant.routes is not None:
+        try:
+            table = variant.routes(cfg.adapter.settings())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        labelled = any(r.task is not None for r in table)
+        need(labelled or not cfg.data.source, "data.source", "holds the rows of adapters with a task label; every "
+             "adapter here names its own source, so leave data.source empty")
+        need(not cfg.data.tasks, "data.tasks", "is not used with adapter.many (each adapter names its task label)")
+    need(labelled == (cfg.data.task_field is not None), "data.task_field",
+         f"is needed by (and only by) adapter.variant in {routed}" + (" with adapters that name a task label"
+                                                                       if variant.routes is not None else ""))
     need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm", "data.packing",
          "must be false with data.task_field (a packed row would mix tasks)")
     need(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")

@@ -131,10 +131,17 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def task_ids(ds: Any, cfg: DataConfig, source: str) -> np.ndarray:
-    """Multi-task routing: one task index per example, from ``data.task_field``."""
+def task_ids(ds: Any, cfg: DataConfig, source: str, index: dict[str, int] | None = None) -> np.ndarray:
+    """Multi-task routing: one task index per example, from ``data.task_field`` (``index``: label -> adapter, for
+    many adapters each naming its task label)."""
     _columns(ds, [("data.task_field", cfg.task_field)], source)
     raw = list(ds[cfg.task_field])
+    if index is not None:
+        bad = sorted({str(v) for v in raw} - set(index))
+        if bad:
+            raise ConfigError(f"data.task_field: rows of {source!r} labelled {bad[:5]} go to no adapter; the adapters' "
+                              f"task labels (adapter.many.adapters[].task) are {sorted(index)}")
+        return np.array([index[str(v)] for v in raw], np.int32)
     if cfg.tasks:
         index = {n: i for i, n in enumerate(cfg.tasks)}
         bad = sorted({str(v) for v in raw} - set(index))
@@ -148,13 +155,14 @@ def task_ids(ds: Any, cfg: DataConfig, source: str) -> np.ndarray:
 
 
 def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
-             label_names: list[str] | None = None, split: str | None = None) -> tuple[TokenData, list[str] | None]:
+             label_names: list[str] | None = None, split: str | None = None,
+             index: dict[str, int] | None = None) -> tuple[TokenData, list[str] | None]:
     """Token rows for ``task`` (``causal_lm`` or ``sequence_classification``).
 
     ``split`` says which part of the data this is, for errors (``"the eval split (...)"``)."""
     data, names = _tokenize(ds, cfg, task, tokenizer, source, label_names, split)
     if cfg.task_field is not None:
-        data.arrays["task_ids"] = task_ids(ds, cfg, source)
+        data.arrays["task_ids"] = task_ids(ds, cfg, source, index)
     return data, names
 
 
@@ -237,9 +245,11 @@ _FIX_EVAL = ("raise data.eval_fraction, name a longer held-out file in data.eval
              "(or set data.eval_fraction: 0 to train without eval)")
 
 
-def load_data(cfg: DataConfig, task: str, tokenizer: Any) -> tuple[TokenData, TokenData | None, list[str] | None]:
-    """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``."""
-    ds = read_examples(cfg, cfg.source)
+def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.source",
+              index: dict[str, int] | None = None) -> tuple[TokenData, TokenData | None, list[str] | None]:
+    """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``. ``field``: the config
+    field that named ``cfg.source`` (for errors); ``index``: task label -> adapter (many adapters)."""
+    ds = read_examples(cfg, cfg.source, field)
     ds = _drop_labels(ds, cfg, cfg.source)
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
@@ -255,10 +265,45 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any) -> tuple[TokenData, To
         eval_ds, ds = ds.select(sorted(order[:k])), ds.select(sorted(order[k:]))
         splits = (f"the training split ({n - k} of {n} examples)",
                   f"the eval split ({k} of {n} examples, held out by data.eval_fraction={cfg.eval_fraction})")
-    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, split=splits[0])
+    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, split=splits[0], index=index)
     held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names,
-                    split=splits[1])[0] if eval_ds is not None else None
+                    split=splits[1], index=index)[0] if eval_ds is not None else None
     return train, held, names
+
+
+def load_routed(cfg: DataConfig, task: str, tokenizer: Any,
+                routes: list[Any]) -> tuple[TokenData, TokenData | None, list[str] | None]:
+    """Rows for many adapters (``routes``: name, task label or source, in adapter order): the rows of
+    ``data.source`` whose ``data.task_field`` is an adapter's label, and every row of an adapter's own source
+    (split for eval by ``data.eval_fraction`` each); ``task_ids`` holds each row's adapter."""
+    labelled = {r.task: i for i, r in enumerate(routes) if r.task is not None}
+    parts: list[tuple[TokenData, TokenData | None]] = []
+    names = cfg.labels
+    if labelled:
+        train, held, names = load_data(cfg, task, tokenizer, index=labelled)
+        parts.append((train, held))
+    for i, r in enumerate(routes):
+        if r.source is None:
+            continue
+        if task == "sequence_classification" and not cfg.labels and len(routes) > 1:
+            raise ConfigError("data.labels: with adapters reading their own sources, list the class names so that "
+                              "every source's labels mean the same classes")
+        own = dataclasses.replace(cfg, source=r.source, task_field=None, tasks=None, eval_source=None)
+        train, held, names = load_data(own, task, tokenizer, field=f"adapter.many.adapters[{i}].source")
+        for data in (train, held):
+            if data is not None:
+                data.arrays["task_ids"] = np.full(len(data), i, np.int32)
+        parts.append((train, held))
+    train = _concat([p[0] for p in parts])
+    evals = [p[1] for p in parts if p[1] is not None]
+    return train, _concat(evals) if evals else None, names
+
+
+def _concat(parts: list[TokenData]) -> TokenData:
+    keys = set(parts[0].arrays)
+    arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in keys}
+    stats = {k: sum(p.stats.get(k, 0) for p in parts) for k in parts[0].stats}
+    return TokenData(arrays, stats)
 
 
 class Batches:

@@ -20,7 +20,8 @@ __all__ = ["main", "export"]
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, rank: int | None = None,
-           task: int | None = None, step: int | None = None, dtype: str | None = None) -> Path:
+           task: int | None = None, step: int | None = None, dtype: str | None = None,
+           adapter: str | None = None) -> Path:
     import lorax_variants as lv
     from lorax_variants.hf import save_merged, save_peft
     from train import checkpoint as ckpt
@@ -48,9 +49,16 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
         saver.close()
     tree = lv.combine(state.trainable, state.frozen)
     model = p.built.model
+    many = [x.names for _, x in lv.leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(x, lv.MultiAdapterNode)]
+    if adapter is not None and (not many or adapter not in many[0]):
+        raise ConfigError(f"--adapter {adapter!r}: the run's adapters are {list(many[0]) if many else 'not named'}")
     if fmt == "merged":
-        return save_merged(out, model, tree, rank=rank, task=task, dtype=dtype, tokenizer_from=model_dir(cfg),
-                           overwrite=overwrite)
+        if many and adapter is None:
+            raise ConfigError(f"--adapter: the run trained adapters {list(many[0])}; merge one of them (--adapter NAME)")
+        return save_merged(out, model, tree, rank=rank, task=task, adapter=adapter, dtype=dtype,
+                           tokenizer_from=model_dir(cfg), overwrite=overwrite)
+    if adapter is not None:
+        tree = lv.pick(tree, adapter)
     if cfg.quant.kind != "none":
         import sys
 
@@ -61,10 +69,13 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
               f"quantized the same way{how}, or export --format merged (dequantized base + delta)", file=sys.stderr)
     extra = [path for path, x in lv.leaves_with_paths(state.trainable, nodes_are_leaves=True)
              if not isinstance(x, lv.Node)]  # trained plain leaves: a head, biases
-    path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=cfg.adapter.variant,
+    variant = None if many else cfg.adapter.variant  # many adapters: each one's own (LoRA or DoRA, in the tree)
+    path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=variant,
                      initial=initial if cfg.adapter.init in ("pissa", "olora") else None, modules_to_save=extra or None,
                      overwrite=overwrite)
     _copy_tokenizer(model_dir(cfg), path)
+    for name in many[0] if many and adapter is None else []:  # one PEFT adapter directory per adapter
+        _copy_tokenizer(model_dir(cfg), path / name)
     return path
 
 
@@ -87,10 +98,12 @@ def main(argv: list[str]) -> Any:
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--rank", type=int, help="DyLoRA: the rank to export")
     ap.add_argument("--task", type=int, help="multi-task, merged: the task whose adapter to merge")
+    ap.add_argument("--adapter", help="many adapters: the one to export (merged: required; peft: default all, "
+                                      "one directory each)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged: weight dtype")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     a = ap.parse_args(argv)
     path = export(a.checkpoint, a.format, a.out, overwrite=a.overwrite, rank=a.rank, task=a.task, step=a.step,
-                  dtype=a.dtype)
+                  dtype=a.dtype, adapter=a.adapter)
     print(f"wrote {a.format} export to {path}")
     return path

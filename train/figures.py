@@ -362,7 +362,11 @@ def fig_tasks(run: Run, out: Path) -> Path | None:
     tasks = sorted({int(m.group(1)) for r in evals for k in r for m in [re.match(r"task(\d+)_loss$", k)] if m})
     if not tasks:
         return None
-    names = run.config.get("data", {}).get("tasks") or [f"task {t}" for t in tasks]
+    adapter = run.config.get("adapter", {})
+    section = adapter.get(adapter.get("variant", ""), {})
+    listed = section.get("adapters") if isinstance(section, dict) else None  # many adapters: their names
+    names = ([a.get("name") for a in listed] if listed else None) or run.config.get("data", {}).get("tasks") or \
+        [f"task {t}" for t in tasks]
     metric = next((k for k in ("accuracy", "token_accuracy") if f"task{tasks[0]}_{k}" in evals[-1]), None)
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2 if metric else 1, figsize=(11 if metric else 6, 4), squeeze=False)

@@ -63,13 +63,13 @@ def context(cfg: Config, trainable: Any, adapted: Any, stacked: str | None) -> r
 
 
 def build_optimizer(cfg: Config, trainable: Any, adapted: Any, stacked: str | None) -> optax.GradientTransformation:
-    """Clipping, then the variant's chain (its recipe's ``optimizer``) over the ``trainable`` tree (``adapted``:
+    """Clipping (the recipe's: per adapter for many adapters), then the variant's chain (its recipe's ``optimizer``) over the ``trainable`` tree (``adapted``:
     the whole tree)."""
     variant = recipes.recipe(cfg.adapter.variant)
     chain = variant.optimizer(cfg.adapter.settings(), context(cfg, trainable, adapted, stacked))
     if cfg.optim.clip_norm is None:
         return chain
-    return optax.chain(optax.clip_by_global_norm(cfg.optim.clip_norm), chain)
+    return optax.chain(variant.clip(cfg.optim.clip_norm), chain)
 
 
 def lr_groups(cfg: Config, trainable: Any, stacked: str | None) -> dict[str, Callable[[int], float]]:

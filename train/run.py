@@ -32,7 +32,7 @@ from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
 from train.config import Config, ConfigError, to_dict
-from train.data import Batches, TokenData, eval_batches, load_data
+from train.data import Batches, TokenData, eval_batches, load_data, load_routed
 from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups
@@ -85,9 +85,13 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     tokenizer = load_tokenizer(path)
     hf_config = load_hf_config(path)  # read once: the positions check and the model both use it
     check_positions(cfg, hf_config)  # before reading any data
-    train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
+    table = routes(cfg)
+    if table is not None:  # many adapters: each adapter's rows from its task label or its own source
+        train, held, labels = load_routed(cfg.data, cfg.model.task, tokenizer, table)
+    else:
+        train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
     num_labels = None
-    if "task_ids" in train.arrays and int(train.arrays["task_ids"].max()) >= cfg.adapter.multitask.n_tasks:
+    if "task_ids" in train.arrays and table is None and int(train.arrays["task_ids"].max()) >= n_routes(cfg):
         raise ConfigError(f"adapter.multitask.n_tasks={cfg.adapter.multitask.n_tasks} but data.task_field has task index "
                           f"{int(train.arrays['task_ids'].max())}")
     if cfg.model.task == "sequence_classification":
@@ -109,6 +113,24 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
 
 
+def routes(cfg: Config) -> list[Any] | None:
+    """The adapters rows are routed to, with where their rows come from (many adapters), else None."""
+    variant = recipe(cfg.adapter.variant)
+    return variant.routes(cfg.adapter.settings()) if variant.routes is not None else None
+
+
+def n_routes(cfg: Config) -> int:
+    """How many adapters rows are routed to (multi-task's tasks, or many adapters)."""
+    table = routes(cfg)
+    return len(table) if table is not None else cfg.adapter.multitask.n_tasks
+
+
+def route_names(cfg: Config) -> list[str] | None:
+    """Names of the routes for metrics and figures (the adapters' names, or data.tasks)."""
+    table = routes(cfg)
+    return [r.name for r in table] if table is not None else cfg.data.tasks
+
+
 def _with_optimizer(p: Prepared, built: Built) -> Prepared:
     """``p`` with ``built`` and the optimizer (and its state's shardings) for its trainable tree."""
     optimizer = build_optimizer(p.cfg, built.trainable, lv.combine(built.trainable, built.frozen), built.model.stacked)
@@ -122,7 +144,7 @@ def _steps(p: Prepared) -> Any:
     return make_steps(
         b.model, cfg.model.task, p.optimizer, mesh=b.mesh, trainable_sh=b.trainable_sh, frozen_sh=b.frozen_sh,
         opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
-        variant=recipe(cfg.adapter.variant), settings=cfg.adapter.settings(), n_tasks=cfg.adapter.multitask.n_tasks,
+        variant=recipe(cfg.adapter.variant), settings=cfg.adapter.settings(), n_tasks=n_routes(cfg),
         loss_chunk=cfg.model.loss_chunk,
     )
 
@@ -168,7 +190,18 @@ def _meta(cfg: Config, p: Prepared, step: int, choice: dict[str, np.ndarray] | N
     }
 
 
+def _grouped(local: dict[str, np.ndarray], accum: int = 1) -> dict[str, np.ndarray]:
+    """Each micro-batch's rows grouped by adapter when rows are routed (grouped matmuls need it; the order of
+    rows in a batch changes nothing else)."""
+    if "task_ids" not in local:
+        return local
+    ids = local["task_ids"].reshape(accum, -1)
+    order = np.concatenate([m * ids.shape[1] + lv.sort_by_adapter(row) for m, row in enumerate(ids)])
+    return {k: v[order] for k, v in local.items()}
+
+
 def _global_batch(local: dict[str, np.ndarray], accum: int, steps_fns: Any) -> dict[str, jax.Array]:
+    local = _grouped(local, accum)
     out = {}
     for k, v in local.items():
         v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
@@ -182,7 +215,7 @@ def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float
     for batch in eval_batches(p.eval, cfg.train.batch_size, cfg.train.eval_batches, jax.process_index(),
                               jax.process_count()):
         arrays = {k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
-                  for k, v in batch.items()}
+                  for k, v in _grouped(batch).items()}
         out = jax.device_get(fns.eval(trainable, frozen, arrays))
         sums = {k: sums.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
 
@@ -211,8 +244,10 @@ def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
     tree = lv.combine(trainable, frozen)
     tok = p.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    routed = p.eval.arrays.get("task_ids")  # each sample through its own adapter
     out = np.asarray(jax.device_get(model.generate(tree, rows, max_new_tokens=cfg.train.sample_tokens,
-                                                   stop_tokens=tok.eos_token_id, pad_token_id=pad)))
+                                                   stop_tokens=tok.eos_token_id, pad_token_id=pad,
+                                                   task_ids=None if routed is None else routed[: len(rows)])))
     return [f"{tok.decode(r[:8])!r} -> {tok.decode(r[8:], skip_special_tokens=True)!r}" for r in out]
 
 

@@ -102,6 +102,8 @@ def make_steps(
             return rows
         total, count, correct = (jnp.sum(r) for r in rows)
         extra = penalty(tree).astype(jnp.float32) * count if penalty is not None else 0.0
+        if "row_weight" in batch:  # each route's mean over its rows of the whole batch (already normalized)
+            return jnp.sum(rows[0] * batch["row_weight"]), (total, count, correct)
         return total + extra, (total, count, correct)
 
     grad_fn = jax.grad(forward, has_aux=True)
@@ -115,12 +117,15 @@ def make_steps(
             gsum, tsum, csum, ksum = carry
             return (jax.tree.map(jnp.add, gsum, g), tsum + total, csum + count, ksum + correct), None
 
+        per_route = variant.route_mean and "task_ids" in batch
+        if per_route:
+            batch = dict(batch, row_weight=_route_weights(batch))
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
         n_micro = batch["input_ids"].shape[0]
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
         (gsum, total, count, correct), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), gsum, trainable)
+        grads = jax.tree.map(lambda g, p: (g / (1.0 if per_route else denom)).astype(p.dtype), gsum, trainable)
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         new_frozen = frozen
@@ -133,6 +138,18 @@ def make_steps(
                    "finite": ok,  # and where not: one bool per trainable leaf, gradient and updated value (for the log)
                    "finite_grads": _finite_norms(grads), "finite_params": _finite_norms(new_trainable)}
         return keep(new_trainable, trainable), keep(new_frozen, frozen), keep(new_opt, opt_state), metrics
+
+    def _route_weights(batch):
+        """``[accum, micro]``: 1 / (the loss count of the row's route over the whole batch), 0 for rows routed to
+        none, so that Σ rows' loss × weight is the sum over routes of each one's mean (every adapter's gradient
+        is the one it would get alone on its rows)."""
+        if task == "sequence_classification":
+            counts = (batch["labels"] >= 0).astype(jnp.float32)
+        else:
+            counts = jnp.sum((batch["loss_mask"][..., 1:] * batch["attention_mask"][..., 1:]).astype(jnp.float32), -1)
+        onehot = jax.nn.one_hot(batch["task_ids"], n_tasks, dtype=jnp.float32)  # [accum, micro, n]
+        per = jnp.einsum("amn,am->n", onehot, counts)
+        return jnp.einsum("amn,n->am", onehot, 1.0 / jnp.maximum(per, 1.0))
 
     def _finite_norms(tree):
         """Per leaf: is its norm finite (no NaN/Inf, and the sum of squares does not overflow)?"""

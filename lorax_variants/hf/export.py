@@ -21,6 +21,7 @@ import numpy as np
 from lorax_variants.hf.build import write_config
 from lorax_variants.hf.convert import to_hf
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
+from lorax_variants.multi import pick
 from lorax_variants.ops import as_lora, merge
 
 __all__ = ["save_merged", "TOKENIZER_FILES"]
@@ -30,13 +31,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int | None = None, task: int | None = None,
-                dtype: Any = None, tokenizer_from: str | os.PathLike | None = None, max_shard_bytes: int = 5 << 30,
+                adapter: str | None = None, dtype: Any = None, tokenizer_from: str | os.PathLike | None = None, max_shard_bytes: int = 5 << 30,
                 overwrite: bool = False) -> Path:
     """Merge ``tree``'s adapters into its weights and write an HF model directory transformers loads.
 
     ``rank``: DyLoRA's rank. ``task``: the multi-task adapter to merge (required for multi-task
-    trees). ``dtype``: cast the merged weights (default: as merged, float32 for adapted weights).
+    trees). ``adapter``: the named adapter of a tree of many (``lv.adapters``; required for those).
+    ``dtype``: cast the merged weights (default: as merged, float32 for adapted weights).
     """
+    if adapter is not None:
+        tree = pick(tree, adapter)
     params = jax.device_get(merge(as_lora(tree, rank=rank, task=task)))
     tensors = to_hf(model, params)
     if dtype is not None:

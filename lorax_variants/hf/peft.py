@@ -35,6 +35,8 @@ from lorax_variants.nodes.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.dora import DoraNode
 from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.multi import pick
+from lorax_variants.nodes.multi import MultiAdapterNode
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.nodes.vera import VeraNode
 from lorax_variants.ops import as_lora
@@ -201,7 +203,7 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     bias tensors (``bias: all``; ``base_layer.bias`` inside adapted modules), a few changed rows of an
     embedding as ``trainable_token_indices``, anything else as ``modules_to_save`` (whole modules, each
     layer's for stacked leaves, torch layout). Multi-task trees write one adapter per task in
-    ``out_dir/task_<k>``.
+    ``out_dir/task_<k>``; trees of many adapters (``lv.adapters``) one per adapter in ``out_dir/<name>``.
     """
     if variant == "delta_lora":
         raise ValueError("Delta-LoRA changes the frozen base weights, which a PEFT adapter cannot carry: "
@@ -210,6 +212,15 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     nodes = _adapter_nodes(tree)
     if not nodes:
         raise ValueError("save_peft: the tree has no adapter nodes")
+    many = next((n.names for _, n in nodes if isinstance(n, MultiAdapterNode)), None)
+    if many:  # many adapters trained together: one PEFT adapter each, by name
+
+        def write_each(tmp: Path) -> None:
+            for name in many:
+                save_peft(tmp / name, model, pick(tree, name), base_model=base_model, modules_to_save=modules_to_save,
+                          base=base, overwrite=True)
+
+        return atomic_dir(out_dir, overwrite, write_each)
     n_tasks = max(getattr(n, "n_tasks", 0) for _, n in nodes)
     if n_tasks:  # several adapters in one tree: one PEFT adapter each
 

@@ -18,9 +18,11 @@ from functools import partial
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from lorax_variants.models.layers import KVCache
+from lorax_variants.nodes.multi import sort_by_adapter
 from lorax_variants.nodes.multitask import route
 
 __all__ = ["generate", "sample"]
@@ -66,7 +68,9 @@ def generate(
     """``[B, T + max_new_tokens]`` token ids: the prompts (left-aligned: padding first) and what follows.
 
     ``stop_tokens``: ids that end a row (its EOS); later positions of that row hold ``pad_token_id``.
-    ``task_ids``: with multi-task adapters, each row's adapter (``route``)."""
+    ``task_ids``: with multi-task or many adapters, each row's adapter (``route``; −1: the base model). Rows
+    are grouped by adapter for the step and returned in the order given (with sampling, a row's random
+    draws depend on its place in the grouped batch)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
@@ -77,15 +81,21 @@ def generate(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if not getattr(model, "causal", False) or not hasattr(model, "cache_dims"):
         raise ValueError(f"{type(model).__name__} is not a causal language model")
-    if task_ids is not None:
-        params = route(params, task_ids)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
+    order = None
+    if task_ids is not None:
+        if not isinstance(task_ids, jax.core.Tracer):  # rows grouped by adapter (grouped matmuls need it), restored
+            order = sort_by_adapter(task_ids)
+            task_ids = np.asarray(task_ids)[order]
+            input_ids, attention_mask = input_ids[order], jnp.asarray(attention_mask)[order]
+        params = route(params, task_ids)
     stops = tuple(sorted({int(s) for s in ([stop_tokens] if isinstance(stop_tokens, int) else stop_tokens or [])}))
     key = jax.random.key(0) if key is None else key
-    return _generate(model, float(temperature), top_k, top_p, int(max_new_tokens), stops, int(pad_token_id), params,
-                     input_ids, jnp.asarray(attention_mask, jnp.int32), key)
+    out = _generate(model, float(temperature), top_k, top_p, int(max_new_tokens), stops, int(pad_token_id), params,
+                    input_ids, jnp.asarray(attention_mask, jnp.int32), key)
+    return out if order is None else out[np.argsort(order)]
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))

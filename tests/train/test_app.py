@@ -274,3 +274,51 @@ def test_non_finite_updates_are_skipped_and_leave_the_adapters_as_they_were(asse
     assert result.summary["skipped_steps"] == 6
     b = np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_b)
     assert np.all(b == 0) and np.all(np.isfinite(np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_a)))
+
+
+def test_many_adapters_train_together_each_on_its_rows(assets, tmp_path):
+    """Three adapters (LoRA r=4 and r=2 from task labels, DoRA r=8 from a file of its own) in one run: per-adapter
+    eval metrics, one PEFT adapter per name that PEFT loads with our logits, a merged export of one of them."""
+    import jax.numpy as jnp
+    import peft
+    import torch  # noqa: F401
+    import transformers as T
+
+    import lorax_variants as lv
+    from tests import hf_models as H
+    from train.export import export
+
+    rows = [{"text": t, "task": "fwd"} for t in H.lm_texts(60, seed=1)]
+    rows += [{"text": " ".join(sorted(t.split())), "task": "sorted"} for t in H.lm_texts(60, seed=3)]
+    labelled, own = tmp_path / "tasks.jsonl", tmp_path / "reversed.jsonl"
+    labelled.write_text("\n".join(json.dumps(r) for r in rows))
+    own.write_text("\n".join(json.dumps({"text": " ".join(reversed(t.split()))}) for t in H.lm_texts(60, seed=2)))
+    adapters = (f"[{{name: fwd, r: 4, task: fwd}}, {{name: rev, variant: dora, r: 8, alpha: 8, source: '{own}'}}, "
+                "{name: sorted, r: 2, task: sorted}]")
+    out = tmp_path / "run"
+    result = train(lm_args(assets, out, f"data.source={labelled}", "adapter.variant=many", f"adapter.many.adapters={adapters}",
+                           "data.task_field=task", "data.packing=false", "data.eval_fraction=0.2", "train.steps=10"))
+    ev = result.summary["eval"]
+    assert all(ev[f"task{t}_tokens"] > 0 for t in range(3))
+    np.testing.assert_allclose(sum(ev[f"task{t}_tokens"] for t in range(3)), ev["tokens"])
+    q = result.trainable["layers"]["attn"]["q_proj"]
+    assert isinstance(q, lv.MultiAdapterNode) and q.names == ("fwd", "rev", "sorted") and q.kinds == ("lora", "dora", "lora")
+    assert [a.shape[-1] for a in q.lora_a] == [4, 8, 2]
+    assert all(float(np.abs(np.asarray(b)).max()) > 0 for b in q.lora_b)  # every adapter trained
+
+    peft_dir = export(out, "peft", tmp_path / "peft")
+    tree = lv.combine(result.trainable, result.frozen)
+    model = result.built.model
+    ids = np.random.default_rng(0).integers(0, 96, (2, 9))
+    for name in ("fwd", "rev", "sorted"):
+        ours = np.asarray(model.apply(lv.pick(tree, name), jnp.asarray(ids)))
+        base = T.AutoModelForCausalLM.from_pretrained(assets["llama"])
+        theirs = H.torch_out(peft.PeftModel.from_pretrained(base, peft_dir / name).eval(), ids)
+        np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4, err_msg=name)
+    routed = np.asarray(model.apply(lv.route(tree, [1, 0]), jnp.asarray(ids)))  # rows through their own adapters
+    np.testing.assert_allclose(routed[0], np.asarray(model.apply(lv.pick(tree, "rev"), jnp.asarray(ids[:1])))[0],
+                               rtol=1e-4, atol=1e-5)
+    merged = export(out, "merged", tmp_path / "merged", adapter="rev")
+    m = T.AutoModelForCausalLM.from_pretrained(merged).eval()
+    np.testing.assert_allclose(H.torch_out(m, ids), np.asarray(model.apply(lv.pick(tree, "rev"), jnp.asarray(ids))),
+                               rtol=1e-4, atol=1e-4)
