@@ -142,10 +142,11 @@ class MultiAdapterNode(AdapterNode):
             a = jnp.take(a_stack, slot, axis=0)  # [batch, in, R]
             b = jnp.take(b_stack, slot, axis=0)  # [batch, R, out]
             low = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x3, a), b)
-        elif self._impl() == "masked":
-            onehot = jax.nn.one_hot(slot, k + 1, dtype=x.dtype)  # [batch, k+1]
-            h = jnp.einsum("bti,kir->bktr", x3, a_stack)
-            low = jnp.einsum("bk,bkto->bto", onehot, jnp.einsum("bktr,kro->bkto", h, b_stack))
+        elif self._impl() == "masked":  # every row times every adapter's A, the others' ranks masked to zero
+            rank = a_stack.shape[-1]
+            a_all = jnp.transpose(a_stack, (1, 0, 2)).reshape(x.shape[-1], -1)  # [in, (k+1)·R]
+            keep = jnp.repeat(jax.nn.one_hot(slot, k + 1, dtype=x.dtype), rank, axis=-1)  # [batch, (k+1)·R]
+            low = jnp.matmul(jnp.matmul(x3, a_all) * keep[:, None, :], b_stack.reshape(-1, b_stack.shape[-1]))
         else:
             raise ValueError(f"MultiAdapterNode.impl must be one of {IMPLS}, got {self.impl!r}")
         y = dense(x, self.weight)
