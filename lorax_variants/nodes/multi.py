@@ -110,7 +110,8 @@ class MultiAdapterNode(AdapterNode):
         rows.append(jnp.ones(self.shape[-1:], jnp.float32))
         return jnp.stack(rows)
 
-    def _impl(self) -> str:
+    def resolved_impl(self) -> str:
+        """The implementation ``apply`` takes here: ``impl``, or for ``"auto"`` ragged on TPU/GPU, gather elsewhere."""
         if self.impl != "auto":
             return self.impl
         return "ragged" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "gather"
@@ -130,7 +131,7 @@ class MultiAdapterNode(AdapterNode):
         a_stack, b_stack = self._stacks(x.dtype)
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
         x3 = xd.reshape(x.shape[0], -1, x.shape[-1])
-        if self._impl() == "ragged":
+        if self.resolved_impl() == "ragged":
             per_row = x3.shape[1]
             sizes = jnp.bincount(slot, length=k + 1).astype(jnp.int32) * per_row
             flat = x3.reshape(-1, x.shape[-1])
@@ -138,11 +139,11 @@ class MultiAdapterNode(AdapterNode):
             low = jax.lax.ragged_dot(h, b_stack, sizes).reshape(x3.shape[:2] + (-1,))
             ordered = jnp.all(slot[1:] >= slot[:-1])
             low = jnp.where(ordered, low, jnp.nan)  # unsorted rows: loud, never silently wrong
-        elif self._impl() == "gather":
+        elif self.resolved_impl() == "gather":
             a = jnp.take(a_stack, slot, axis=0)  # [batch, in, R]
             b = jnp.take(b_stack, slot, axis=0)  # [batch, R, out]
             low = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x3, a), b)
-        elif self._impl() == "masked":  # every row times every adapter's A, the others' ranks masked to zero
+        elif self.resolved_impl() == "masked":  # every row times every adapter's A, the others' ranks masked to zero
             rank = a_stack.shape[-1]
             a_all = jnp.transpose(a_stack, (1, 0, 2)).reshape(x.shape[-1], -1)  # [in, (k+1)·R]
             keep = jnp.repeat(jax.nn.one_hot(slot, k + 1, dtype=x.dtype), rank, axis=-1)  # [batch, (k+1)·R]

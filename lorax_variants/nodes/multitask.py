@@ -125,7 +125,7 @@ def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
             bad = [int(i) for i in host.reshape(-1) if not BASE <= int(i) < n.n_routes]
             if bad:
                 raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_routes})")
-            if getattr(n, "impl", None) == "ragged" and not _grouped(host):
+            if hasattr(n, "resolved_impl") and n.resolved_impl() == "ragged" and not _grouped(host):
                 raise ValueError(f"adapter ids {host.tolist()[:16]} are not sorted by adapter (BASE rows last), as "
                                  "impl='ragged' needs: reorder the batch with sort_by_adapter(ids)")
         return n.routed(ids)

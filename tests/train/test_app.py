@@ -168,6 +168,12 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys):
     elif "models/bert" in text or "base: bert_example.yaml" in text:
         sets += [f"model.path={assets['bert']}", f"data.source={assets['cls']}", "data.text_field=sentence",
                  "data.label_field=sentiment", "data.seq_len=12"]
+    if "variant: many" in text:  # rows labelled with the adapters' task labels
+        from tests import hf_models as H
+
+        rows = [{"text": t, "task": ("support", "legal", "code")[i % 3]} for i, t in enumerate(H.lm_texts(60))]
+        (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        sets += [f"data.source={tmp_path / 'tasks.jsonl'}"]
     code, err = main(["--config", str(config), *sets, "--dry-run"], capsys)
     assert code == 0, err
     from train.config import load
