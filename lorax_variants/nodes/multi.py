@@ -42,8 +42,8 @@ IMPLS = ("auto", "gather", "ragged", "masked")
 def sort_by_adapter(ids: Any) -> np.ndarray:
     """The stable permutation that groups examples by adapter (0, 1, ..., k−1, then BASE rows), as the
     ``ragged`` implementation needs: ``batch[perm]``, then ``route(tree, ids[perm])``."""
-    ids = np.asarray(ids)
-    return np.argsort(np.where(ids < 0, np.iinfo(np.int32).max, ids), kind="stable")
+    ids = np.asarray(ids, np.int64)
+    return np.argsort(np.where(ids < 0, np.iinfo(np.int64).max, ids), kind="stable")
 
 
 @node

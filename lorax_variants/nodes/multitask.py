@@ -134,6 +134,7 @@ def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
 
 
 def _grouped(ids: np.ndarray) -> bool:
+    ids = np.asarray(ids, np.int64)
     key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
     return bool(np.all(key[1:] >= key[:-1]))
 

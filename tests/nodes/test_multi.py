@@ -152,3 +152,51 @@ def test_refusals_name_the_problem(setup):
     other = lv.adapt(jax.tree.map(lambda x: x + 1, params), SPECS["small"], 0)
     with pytest.raises(ValueError, match="stands over another base weight"):
         lv.join_trees({"a": lv.adapt(params, SPECS["small"], 0), "b": other})
+
+
+SHARDED = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+import lorax_variants as lv
+from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
+from lorax_variants.sharding import make_mesh, tree_shardings
+model = TinyTransformer(TinyConfig(d_model=32, n_heads=2, d_ff=64, n_layers=2))
+params = model.init(jax.random.key(0))
+proj = r"layers/(attn|mlp)/\w+_proj"
+tree = lv.adapters(params, {"a": lv.AdapterSpec(proj, stacked=STACKED, r=4),
+                            "b": lv.AdapterSpec(proj, stacked=STACKED, r=2, variant="dora")}, 1, impl="IMPL")
+t, f = lv.split(tree)
+t = jax.tree.map(lambda x: x + 0.1, t)
+ids = jax.random.randint(jax.random.key(2), (8, 8), 0, 256)
+routes = jnp.asarray(ROUTES)
+loss = lambda t, f, ids: jnp.mean(model.apply(lv.route(lv.combine(t, f), routes), ids) ** 2)
+step = jax.jit(jax.value_and_grad(loss))
+l1, g1 = step(t, f, ids)
+mesh = make_mesh(2, 2, 2)
+tsh, fsh = lv.split(tree_shardings(lv.combine(t, f), mesh), lv.trainable_mask(tree))
+ids_sh = jax.device_put(ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+l8, g8 = step(jax.device_put(t, tsh), jax.device_put(f, fsh), ids_sh)
+q = jax.device_put(f, fsh)["layers"]["attn"]["q_proj"].weight
+diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)))
+print(json.dumps({"loss": abs(float(l1) - float(l8)), "grads": diff, "weight": str(q.sharding.spec),
+                  "b1": str(jax.device_put(t, tsh)["layers"]["attn"]["q_proj"].lora_b[1].sharding.spec)}))
+"""
+
+
+@pytest.mark.parametrize("impl, routes", [("gather", [1, 0, -1, 1, 0, 0, 1, -1]), ("ragged", [0, 0, 0, 1, 1, 1, -1, -1])])
+def test_sharded_over_data_fsdp_tensor_equals_one_device(impl, routes):
+    """The batch over data x fsdp, the frozen and adapter leaves over fsdp/tensor as a single adapter's (8 simulated
+    devices): the same loss and gradients as on one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    script = SHARDED.replace("IMPL", impl).replace("ROUTES", repr(routes))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["loss"] < 1e-6 and out["grads"] < 1e-5, out
+    assert out["weight"] == "P(None, 'fsdp', 'tensor')" and out["b1"] == "P(None, None, 'tensor')", out
