@@ -182,7 +182,8 @@ print(json.dumps({"loss": abs(float(l1) - float(l8)), "grads": diff, "weight": s
 """
 
 
-@pytest.mark.parametrize("impl, routes", [("gather", [1, 0, -1, 1, 0, 0, 1, -1]), ("ragged", [0, 0, 0, 1, 1, 1, -1, -1])])
+@pytest.mark.parametrize("impl, routes", [("gather", [1, 0, -1, 1, 0, 0, 1, -1]),
+                                          pytest.param("ragged", [0, 0, 0, 1, 1, 1, -1, -1], marks=pytest.mark.slow)])
 def test_sharded_over_data_fsdp_tensor_equals_one_device(impl, routes):
     """The batch over data x fsdp, the frozen and adapter leaves over fsdp/tensor as a single adapter's (8 simulated
     devices): the same loss and gradients as on one device."""

@@ -62,6 +62,7 @@ def test_frozen_weights_are_split_over_devices(assets, tmp_path):
     assert got["fsdp8nf4"]["frozen"] < got["fsdp8none"]["frozen"] / 2  # NF4 codes are sharded too
 
 
+@pytest.mark.slow  # the default run checks the sharded many-adapter step in tests/nodes/test_multi.py
 def test_many_adapters_sharded_equal_single_device(assets, tmp_path):
     """Many adapters (LoRA and DoRA of different ranks, rows routed by a task column) over FSDP 4 x tensor 2 give
     the single-device run's losses and adapters."""
