@@ -125,12 +125,6 @@ def n_routes(cfg: Config) -> int:
     return len(table) if table is not None else cfg.adapter.multitask.n_tasks
 
 
-def route_names(cfg: Config) -> list[str] | None:
-    """Names of the routes for metrics and figures (the adapters' names, or data.tasks)."""
-    table = routes(cfg)
-    return [r.name for r in table] if table is not None else cfg.data.tasks
-
-
 def _with_optimizer(p: Prepared, built: Built) -> Prepared:
     """``p`` with ``built`` and the optimizer (and its state's shardings) for its trainable tree."""
     optimizer = build_optimizer(p.cfg, built.trainable, lv.combine(built.trainable, built.frozen), built.model.stacked)

@@ -82,6 +82,8 @@ def make_steps(
     update) with its ``settings``."""
     variant = variant or recipes.recipe("lora")
     penalty = variant.penalty(settings)
+    if variant.route_mean and penalty is not None:
+        raise ValueError(f"recipe {variant.name!r}: a per-route mean loss with a penalty term is not supported")
 
     def forward(trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array | None, train: bool):
         tree = lv.combine(cast_tree(trainable, compute_dtype), cast_tree(frozen, compute_dtype))

@@ -19,13 +19,16 @@ VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant
                         "adapter.adalora.tfinal=2"],
             "delta_lora": ["adapter.variant=delta_lora", "adapter.delta_lora.start=1"],
             # Stopped after the selection (step 2): the checkpoint carries the keep mask.
-            "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=2", "adapter.lora_drop.threshold=0.5"]}
+            "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=2", "adapter.lora_drop.threshold=0.5"],
+            # Many adapters: tuples of per-adapter leaves (None where an adapter is absent) in the checkpoint.
+            "many": ["adapter.variant=many", "data.source=", "adapter.many.adapters=[{name: a, r: 4, source: LM_FILE}, "
+                     "{name: b, variant: dora, r: 2, targets: 'layers/attn/(q|v)_proj', source: LM_FILE}]"]}
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v in ("lora_dropout", "adalora", "lora_drop") else pytest.mark.slow)
                                      for v in VARIANTS])
 def test_stop_and_resume_is_bit_identical(assets, tmp_path, variant, capsys):
-    extra = ["train.steps=8", *VARIANTS[variant]]
+    extra = ["train.steps=8", *(a.replace("LM_FILE", str(assets["lm"])) for a in VARIANTS[variant])]
     whole, split = tmp_path / "whole", tmp_path / "split"
     train(lm_args(assets, whole, *extra))
     first = train(lm_args(assets, split, *extra, "train.stop_at=3"))
