@@ -1,6 +1,7 @@
 """Many adapters in one step against k separate steps, and against the masked-dense formulation.
 
     python bench/bench_multi_adapter.py [--d 512 --layers 4 --seq 128 --batch 16 --ks 1,4,16 --rounds 5]
+    python bench/bench_multi_adapter.py --tpu v5p [--d 2048 --seq 512]   # compiled for a TPU, nothing run
 
 Model: the tiny pre-norm transformer (stacked layers, scan), fp32, Adam; adapters on all 6 projections of
 every layer, ranks cycling 8, 16, 32 and every fourth adapter DoRA. The batch's rows are split evenly
@@ -14,14 +15,25 @@ in this process (medians over ``--rounds``):
 
 Printed: seconds per step of all k adapters and the ratios separate/together and masked/together (> 1:
 together is faster), and each program's FLOPs from XLA's cost analysis (scan bodies counted once).
+
+``--tpu v5p`` (needs ``make libtpu``): the same programs compiled for a TPU chip without one (deviceless, as
+``bench_long_context.py``), with ``impl="ragged"`` (what ``auto`` takes there: ``jax.lax.ragged_dot``, which
+XLA:TPU lowers as a grouped matmul), and their FLOPs and device bytes from XLA:TPU's analyses; no times.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+LIBTPU = Path(__file__).resolve().parents[1] / ".cache" / "libtpu"
+if "--tpu" in sys.argv:  # before jax is imported: the CPU stays the default backend, XLA:TPU only compiles
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    sys.path.insert(0, str(LIBTPU))
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +140,54 @@ def run(a: argparse.Namespace) -> list[dict[str, float]]:
     return out
 
 
+def tpu_figures(a: argparse.Namespace) -> None:
+    """FLOPs and device bytes of each program compiled for one TPU chip (abstract shapes, nothing allocated)."""
+    from jax.experimental import topologies
+
+    if not (LIBTPU / "libtpu").is_dir():
+        raise SystemExit(f"--tpu needs the libtpu wheel unpacked in {LIBTPU}: run make libtpu")
+    device = topologies.get_topology_desc(topology_name=f"{a.tpu}:2x2x1" if a.tpu in ("v4", "v5p") else f"{a.tpu}:2x2",
+                                          platform="tpu").devices[0]
+    place = jax.sharding.SingleDeviceSharding(device)
+    on = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), t)  # noqa: E731
+    config = TinyConfig(vocab_size=256, d_model=a.d, n_heads=max(1, a.d // 64), d_ff=4 * a.d, n_layers=a.layers,
+                        max_len=a.seq + 1)
+    model = TinyTransformer(config)
+    params = jax.eval_shape(lambda k: model.init(k), jax.random.key(0))
+    opt = optax.adam(1e-4)
+    print(f"compiled for TPU {a.tpu} ({device.device_kind}) without one: d={a.d} L={a.layers} seq={a.seq} "
+          f"batch={a.batch}; FLOPs and bytes from XLA:TPU's analyses", flush=True)
+
+    def figures(step: Callable, trainable: Any, frozen: Any, rows: int) -> tuple[float, float]:
+        ids = jax.ShapeDtypeStruct((rows, a.seq + 1), jnp.int32, sharding=place)
+        state = on((trainable, jax.eval_shape(opt.init, trainable)))
+        compiled = step.lower(*state, on(frozen), ids).compile()
+        mem = compiled.memory_analysis()
+        used = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        return float(compiled.cost_analysis().get("flops", float("nan"))), float(used)
+
+    print("| k | one step, ragged: GFLOP | GiB | one step, gather: GFLOP | k separate steps: GFLOP | masked: GFLOP | GiB "
+          "| masked/ragged FLOPs |\n|---|---|---|---|---|---|---|---|")
+    for k in a.ks:
+        routes = np.sort(np.arange(a.batch) % k)
+        tree = jax.eval_shape(lambda p: lv.adapters(p, specs(k), jax.random.key(1)), params)
+        out = {}
+        for impl in ("ragged", "gather", "masked"):
+            trainable, frozen = lv.split(with_impl(tree, impl))
+            out[impl] = figures(make_step(model, opt, routes, k), trainable, frozen, a.batch)
+        step_alone, separate, seen = make_step(model, opt, None, 1), 0.0, {}
+        for i, (name, spec) in enumerate(specs(k).items()):
+            rows = int(np.sum(routes == i))
+            if (spec.r, spec.variant, rows) not in seen:  # the same program for adapters of one rank and variant
+                trainable, frozen = lv.split(lv.pick(tree, name))
+                seen[spec.r, spec.variant, rows] = figures(step_alone, trainable, frozen, rows)[0]
+            separate += seen[spec.r, spec.variant, rows]
+        gib = 2.0**30
+        print(f"| {k} | {out['ragged'][0] / 1e9:.1f} | {out['ragged'][1] / gib:.2f} | {out['gather'][0] / 1e9:.1f} | "
+              f"{separate / 1e9:.1f} | {out['masked'][0] / 1e9:.1f} | {out['masked'][1] / gib:.2f} | "
+              f"{out['masked'][0] / out['ragged'][0]:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=512)
@@ -136,7 +196,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tpu", help="compile for this TPU generation instead of timing (v5p, v5e, v6e; make libtpu)")
     a = ap.parse_args()
+    if a.tpu:
+        return tpu_figures(a)
     print(f"many adapters in one step: d={a.d} L={a.layers} seq={a.seq} batch={a.batch}, ranks {RANKS} "
           f"(every 4th DoRA), JAX {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     rows = run(a)
