@@ -64,7 +64,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
 
         how = (f" (bitsandbytes: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
                f"bnb_4bit_use_double_quant={cfg.quant.double_quant}), block size {cfg.quant.block_size})"
-               if cfg.quant.kind == "nf4" else "")
+               if cfg.quant.kind == "nf4" else " (int4_asym: no transformers quantizer makes it; the dequantized base is "
+               "what lorax_variants.hf.save_merged writes of the unadapted tree)" if cfg.quant.kind == "int4_asym" else "")
         print(f"train export: note: these adapters were trained over a {cfg.quant.kind} base; load them on the base "
               f"quantized the same way{how}, or export --format merged (dequantized base + delta)", file=sys.stderr)
     extra = [path for path, x in lv.leaves_with_paths(state.trainable, nodes_are_leaves=True)
