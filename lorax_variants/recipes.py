@@ -140,7 +140,7 @@ class Many:
     """Many adapters trained at once over one frozen model (``lv.adapters``), each example routed to its own."""
 
     adapters: list[ManyAdapter] = dataclasses.field(default_factory=list)
-    impl: str = "auto"  # nodes.multi: gather (any order), ragged (grouped matmuls over sorted rows), auto by backend
+    impl: str = "auto"  # nodes.multi: gather (any row order; what auto takes) or ragged (ragged_dot over sorted rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,7 +163,7 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
             return lv.loftq(p, spec, on_residual, key, iters=cfg.adapter.loftq_iters)
         variant = recipes.recipe(cfg.adapter.variant)
         if variant.adapt is not None:  # e.g. many adapters, one spec each
-            tree = variant.adapt(_settings_for_mesh(cfg), p, spec, key)
+            tree = variant.adapt(cfg.adapter.settings(), p, spec, key)
         else:
             tree = lv.adapt(p, spec, key)
         return lv.quantize(tree, on_residual) if on_residual is not None else tree
@@ -182,16 +182,6 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from None
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
-
-
-def _settings_for_mesh(cfg: Config) -> Any:
-    """The variant's settings; many adapters over a batch split between devices or hosts take the per-example
-    gather (the grouped ``ragged`` matmul needs each device's rows sorted by adapter)."""
-    settings = cfg.adapter.settings()
-    split = cfg.mesh.data * max(cfg.mesh.fsdp, 1) > 1 or cfg.mesh.fsdp == -1 and jax.device_count() > 1
-    if getattr(settings, "impl", None) == "auto" and (split or jax.process_count() > 1):
-        return dataclasses.replace(settings, impl="gather")
-    return settings
 
 
 def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None, quant: lv.QuantSpec | None,
