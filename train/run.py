@@ -507,6 +507,9 @@ class _Loop:
             "output_dir": str(out),
         }
         summary |= self.variant.summary(self.opt_state)
+        table = routes(cfg)
+        if table is not None:  # eval's task<i>_* metrics are these adapters'
+            summary["routes"] = [r.name for r in table]
         host = to_host(self.trainable)
         if self.lead:
             write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),

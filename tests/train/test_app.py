@@ -311,6 +311,7 @@ def test_many_adapters_train_together_each_on_its_rows(assets, tmp_path):
     result = train(lm_args(assets, out, f"data.source={labelled}", "adapter.variant=many", f"adapter.many.adapters={adapters}",
                            "data.task_field=task", "data.packing=false", "data.eval_fraction=0.2", "train.steps=10"))
     ev = result.summary["eval"]
+    assert result.summary["routes"] == ["fwd", "rev", "sorted"]  # the names of the task<i>_* metrics
     assert all(ev[f"task{t}_tokens"] > 0 for t in range(3))
     np.testing.assert_allclose(sum(ev[f"task{t}_tokens"] for t in range(3)), ev["tokens"])
     q = result.trainable["layers"]["attn"]["q_proj"]
