@@ -52,7 +52,7 @@ def test_each_adapter_is_what_adapt_gives_it_alone(setup):
             np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged", "masked"])
+@pytest.mark.parametrize("impl", ["gather", "ragged", pytest.param("masked", marks=pytest.mark.slow)])
 def test_routed_batch_equals_each_example_alone(setup, impl):
     model, params, tree, ids = setup
     routes = np.array([1, 0, lv.BASE, 2, 1, 0])
@@ -74,7 +74,7 @@ def _per_adapter_loss(model, tree, ids, routes, targets):
     return jnp.sum(means)
 
 
-@pytest.mark.parametrize("impl", ["gather", "ragged"])
+@pytest.mark.parametrize("impl", ["gather", pytest.param("ragged", marks=pytest.mark.slow)])
 def test_each_adapters_gradient_equals_training_it_alone_on_its_rows(setup, impl):
     model, params, tree, ids = setup
     routes = np.array([0, 0, 1, 1, 1, 2]) if impl == "ragged" else np.array([1, 0, 2, 1, lv.BASE, 0])
