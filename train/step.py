@@ -61,8 +61,13 @@ def task_loss(task: str, logits: jax.Array, batch: dict[str, jax.Array]) -> tupl
 
 def lm_rows(ce: jax.Array, correct: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per row sums of next-token ``ce``/``correct`` [B, T-1] over the tokens the loss mask keeps."""
-    mask = (batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]).astype(jnp.float32)
+    mask = _lm_mask(batch)
     return jnp.sum(ce * mask, -1), jnp.sum(mask, -1), jnp.sum(correct * mask, -1)
+
+
+def _lm_mask(batch: dict[str, jax.Array]) -> jax.Array:
+    """Which next-token predictions count: kept by the loss mask and not padding ([..., T-1], float32)."""
+    return (batch["loss_mask"][..., 1:] * batch["attention_mask"][..., 1:]).astype(jnp.float32)
 
 
 @dataclasses.dataclass
@@ -148,7 +153,7 @@ def make_steps(
         if task == "sequence_classification":
             counts = (batch["labels"] >= 0).astype(jnp.float32)
         else:
-            counts = jnp.sum((batch["loss_mask"][..., 1:] * batch["attention_mask"][..., 1:]).astype(jnp.float32), -1)
+            counts = jnp.sum(_lm_mask(batch), -1)
         onehot = jax.nn.one_hot(batch["task_ids"], n_tasks, dtype=jnp.float32)  # [accum, micro, n]
         per = jnp.einsum("amn,am->n", onehot, counts)
         return jnp.einsum("amn,n->am", onehot, 1.0 / jnp.maximum(per, 1.0))

@@ -36,7 +36,7 @@ from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, s
 from lorax_variants.nodes.dora import DoraNode
 from lorax_variants.nodes.lora import LoraNode, adapter_dropout
 
-__all__ = ["MultiAdapterNode", "sort_by_adapter", "join", "IMPLS"]
+__all__ = ["MultiAdapterNode", "sort_by_adapter", "is_grouped", "join", "IMPLS"]
 
 IMPLS = ("auto", "gather", "ragged", "masked")
 
@@ -44,8 +44,19 @@ IMPLS = ("auto", "gather", "ragged", "masked")
 def sort_by_adapter(ids: Any) -> np.ndarray:
     """The stable permutation that groups examples by adapter (0, 1, ..., k−1, then BASE rows), as the
     ``ragged`` implementation needs: ``batch[perm]``, then ``route(tree, ids[perm])``."""
+    return np.argsort(_route_key(ids), kind="stable")
+
+
+def is_grouped(ids: Any) -> bool:
+    """Whether examples are grouped by adapter as ``sort_by_adapter`` leaves them (BASE rows last)."""
+    key = _route_key(ids)
+    return bool(np.all(key[1:] >= key[:-1]))
+
+
+def _route_key(ids: Any) -> np.ndarray:
+    """Each example's adapter index as a sort key, BASE (−1) rows after every adapter."""
     ids = np.asarray(ids, np.int64)
-    return np.argsort(np.where(ids < 0, np.iinfo(np.int64).max, ids), kind="stable")
+    return np.where(ids < 0, np.iinfo(np.int64).max, ids)
 
 
 @node

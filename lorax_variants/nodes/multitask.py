@@ -22,6 +22,7 @@ import numpy as np
 from lorax_variants.registry import Target, lora_factors, register_variant
 from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
 from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+from lorax_variants.nodes.multi import is_grouped
 from lorax_variants.nodes.base import dense
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
@@ -125,18 +126,12 @@ def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
             bad = [int(i) for i in host.reshape(-1) if not BASE <= int(i) < n.n_routes]
             if bad:
                 raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_routes})")
-            if hasattr(n, "resolved_impl") and n.resolved_impl() == "ragged" and not _grouped(host):
+            if hasattr(n, "resolved_impl") and n.resolved_impl() == "ragged" and not is_grouped(host):
                 raise ValueError(f"adapter ids {host.tolist()[:16]} are not sorted by adapter (BASE rows last), as "
                                  "impl='ragged' needs: reorder the batch with sort_by_adapter(ids)")
         return n.routed(ids)
 
     return map_with_paths(lambda p, x: set_ids(x) if hasattr(x, "routed") else x, tree, nodes_are_leaves=True)
-
-
-def _grouped(ids: np.ndarray) -> bool:
-    ids = np.asarray(ids, np.int64)
-    key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    return bool(np.all(key[1:] >= key[:-1]))
 
 
 def select(tree: Any, task: int) -> Any:
