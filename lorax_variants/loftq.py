@@ -10,7 +10,6 @@ alpha. Stacked layers are done one at a time (one full-precision layer in memory
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from lorax_variants.adapt import adapt
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.quant import QuantSpec, dequantize, quantize_array
+from lorax_variants.quant import QuantSpec, dequantize, quantize_array, quantize_paths, quantized_paths
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import map_with_paths
 
@@ -46,15 +45,19 @@ def loftq_factors(w: jax.Array, r: int, scale: float, qspec: QuantSpec, iters: i
 
 
 def loftq(params: Any, spec: AdapterSpec, qspec: QuantSpec, key: Any, iters: int = 1) -> Any:
-    """``params`` with every LoRA target (``spec``, variant ``"lora"``) adapted and its base quantized
-    (``qspec``) by LoftQ: the tree QLoRA would give, with A, B from ``loftq_factors`` instead of (Gaussian,
-    zero). Targets must be full-precision weights; stacked ones are done layer by layer."""
+    """``params`` adapted (``spec``, variant ``"lora"``) and quantized (``qspec``) as QLoRA would give them,
+    ``quantize(adapt(params, spec, key), qspec)``, except that every adapter over a weight ``qspec.targets``
+    quantizes gets LoftQ's A, B (``loftq_factors``) instead of its usual start. Adapters over weights left in
+    full precision keep ``spec.init`` (there is no quantization error to make up for); quantized weights
+    without an adapter are quantized plainly. Stacked weights are done layer by layer."""
     if spec.variant != "lora":
         raise ValueError(f"LoftQ initializes LoRA adapters; AdapterSpec.variant is {spec.variant!r}")
-    adapted = adapt(params, dataclasses.replace(spec, init="gaussian"), key)
+    chosen = quantized_paths(params, qspec)
+    adapted = adapt(params, spec, key)
+    done: set[str] = set()
 
     def one(path: str, node: Any) -> Any:
-        if not isinstance(node, LoraNode):
+        if not isinstance(node, LoraNode) or path not in chosen:
             return node
         w = node.weight
         if isinstance(w, Node) or not jnp.issubdtype(getattr(w, "dtype", np.int8), jnp.floating):
@@ -66,7 +69,9 @@ def loftq(params: Any, spec: AdapterSpec, qspec: QuantSpec, key: Any, iters: int
         stack = lambda xs: jnp.stack(xs).reshape(lead + xs[0].shape)  # noqa: E731
         q = parts[0][0] if not lead else jax.tree.map(lambda *xs: stack(list(xs)), *[p[0] for p in parts])
         dtype = node.lora_a.dtype
+        done.add(path)
         return node.replace(weight=q, lora_a=stack([p[1] for p in parts]).astype(dtype),
                             lora_b=stack([p[2] for p in parts]).astype(dtype))
 
-    return map_with_paths(one, adapted, nodes_are_leaves=True)
+    out = map_with_paths(one, adapted, nodes_are_leaves=True)
+    return quantize_paths(out, qspec, chosen - done)

@@ -171,14 +171,24 @@ def quantize(params: Any, spec: QuantSpec) -> Any:
     then QLoRA on top). Errors name the path: a pattern matching nothing, a leaf already
     quantized, a non-2-D weight (3-D under ``spec.stacked``), an input dim not divisible by the block.
     """
+    return quantize_paths(params, spec, quantized_paths(params, spec))
+
+
+def quantized_paths(params: Any, spec: QuantSpec) -> set[str]:
+    """The paths of ``params`` that ``quantize(params, spec)`` quantizes (an error if there are none)."""
     targets = compile_patterns(spec.targets, what="QuantSpec.targets")
-    stacked = compile_patterns(spec.stacked, what="QuantSpec.stacked")
     leaves = leaves_with_paths(params, nodes_are_leaves=True)
     chosen = {p for p, _ in leaves if matches(p, targets)}
     if not chosen:
         shown = spec.targets if isinstance(spec.targets, str) else "|".join(spec.targets)
         raise ValueError(f"QuantSpec.targets {spec.targets!r} matched no leaf. Closest paths: "
                          f"{closest_paths(shown, [p for p, _ in leaves])}")
+    return chosen
+
+
+def quantize_paths(params: Any, spec: QuantSpec, chosen: set[str]) -> Any:
+    """``params`` with the leaves at ``chosen`` paths quantized per ``spec`` (its targets are not consulted)."""
+    stacked = compile_patterns(spec.stacked, what="QuantSpec.stacked")
 
     def one(path: str, leaf: Any) -> Any:
         if path not in chosen:

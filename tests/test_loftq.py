@@ -73,3 +73,28 @@ def test_loftq_refuses_what_it_cannot_start():
         loftq(lv.quantize(params, qspec), lv.AdapterSpec(targets="w", r=2), qspec, 0)
     with pytest.raises(ValueError, match="at least one iteration"):
         loftq_factors(params["w"], 2, 1.0, qspec, 0)
+
+
+def test_loftq_quantizes_exactly_what_quantize_does():
+    """QuantSpec.targets decides what is quantized, as in ``quantize``: an adapted weight outside it stays in
+    full precision with the usual LoRA start; a target without an adapter is quantized plainly."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    params = {"layers": {n: jax.random.normal(k, (2, 128, 64)) * 0.05 for n, k in zip("qvo", keys)},
+              "head": jnp.ones((64, 16))}
+    spec = lv.AdapterSpec(targets=r"layers/(q|v)", stacked=r"layers/.*", r=4, alpha=8)
+    qspec = lv.QuantSpec(targets=r"layers/(v|o)", stacked=r"layers/.*", kind="nf4", block_size=64)
+    tree = loftq(params, spec, qspec, jax.random.key(0))
+    qlora = lv.quantize(lv.adapt(params, spec, jax.random.key(0)), qspec)
+
+    def quantized(t):
+        return {p for p, x in lv.leaves_with_paths(t, nodes_are_leaves=True)
+                if isinstance(x, lv.QuantizedNode) or isinstance(getattr(x, "weight", None), lv.QuantizedNode)}
+
+    assert quantized(tree) == quantized(qlora) == {"layers/v", "layers/o"}
+    assert jax.tree.structure(tree) == jax.tree.structure(qlora)
+    q, v = tree["layers"]["q"], tree["layers"]["v"]
+    np.testing.assert_array_equal(np.asarray(q.weight), np.asarray(params["layers"]["q"]))  # not quantized
+    np.testing.assert_array_equal(np.asarray(q.lora_a), np.asarray(qlora["layers"]["q"].lora_a))  # spec's own start
+    assert not np.asarray(q.lora_b).any()
+    assert np.asarray(v.lora_b).any()  # LoftQ's factors where the base is quantized
+    np.testing.assert_array_equal(np.asarray(tree["layers"]["o"].codes), np.asarray(qlora["layers"]["o"].codes))

@@ -13,6 +13,13 @@ so a checkpoint is never read half-written; an old step is first renamed into ``
 and only then deleted, so a kill during that deletion cannot leave a half-deleted step that still
 looks like a checkpoint. Temporary directories of a killed save are removed when the next run opens
 the directory.
+
+Damage: once a step is committed, ``manifest.json`` beside its items records every file's size and
+sha256. Before a step is read, the manifest is checked: a file cut short, zeroed, replaced or deleted is
+named (``CheckpointDamaged``) before orbax reads anything; the training app then sets the step aside
+(``set_aside``: moved, never deleted) and resumes from the previous good one. A step without a manifest
+(written before manifests, or killed in the moment between the commit and the manifest's write) is read
+unverified; orbax's own checksums of the array data still apply, and its errors are reported the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +38,66 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.fingerprint import same_base
 
-__all__ = ["fingerprint", "Checkpointer", "CheckpointMismatch"]
+
+__all__ = ["Checkpointer", "CheckpointMismatch", "CheckpointDamaged", "check_base", "check_meta"]
 
 
 TRASH = ".trash"  # old steps are renamed here (atomic), then deleted
+MANIFEST = "manifest.json"  # in each step directory: every other file's size and sha256
+DAMAGED = "damaged-checkpoints"  # beside checkpoints/: steps set aside because a file of theirs is damaged
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that belongs to another model, variant or data layout."""
 
 
-def fingerprint(model_dir: Path) -> str:
-    """sha256 over config.json, the safetensors headers and file sizes (cheap for any model size)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(model_dir).iterdir()):
-        if p.name == "config.json":
-            h.update(p.read_bytes())
-        elif p.suffix == ".safetensors":
-            with open(p, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                h.update(p.name.encode() + f.read(min(n, 1 << 26)) + str(p.stat().st_size).encode())
-    return h.hexdigest()
+class CheckpointDamaged(ValueError):
+    """A checkpoint step that cannot be read as written: ``path`` is the file at fault (or the step)."""
+
+    def __init__(self, step: int, path: Path, reason: str):
+        super().__init__(f"checkpoint step {step} is damaged: {path}: {reason}")
+        self.step, self.path, self.reason = step, path, reason
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _quiet_closed_loop() -> None:
+    """Orbax reads arrays concurrently; when one read fails, the others' callbacks find its event loop
+    closed and Python prints each as an unraisable exception. Those (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_lorax_quiet", False):
+        return
+
+    def hook(u: Any) -> None:
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        previous(u)
+
+    hook._lorax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _file_in(message: str, step_dir: Path) -> Path:
+    """The file an orbax/tensorstore error names (the step directory when it names none)."""
+    for m in re.finditer(r'(?:local file|file|path)[:\s]+"?([^"\s\]]+)', message):
+        candidate = Path(m.group(1))
+        if str(candidate).startswith(str(step_dir)):
+            return candidate
+    return step_dir
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).split(" [tensorstore_spec", 1)[0]  # the spec that follows is kilobytes of JSON
+    return f"{type(e).__name__}: {text[:400]}"
 
 
 def _abstract(x: Any) -> Any:
@@ -78,6 +126,7 @@ class Checkpointer:
             absl.setLevel(level)
         self.read_only = read_only
         self._empty_trash()
+        _quiet_closed_loop()
 
     def _empty_trash(self) -> None:
         if not self.read_only and jax.process_index() == 0:
@@ -86,28 +135,111 @@ class Checkpointer:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            self._write_manifest(step)
         self._empty_trash()
 
+    def _write_manifest(self, step: int) -> None:
+        from lorax_variants.hf.safetensors_io import write_text_atomic
+
+        d = self.directory / str(step)
+        files = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(d)}
+        write_text_atomic(d / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+
+    def verify(self, step: int) -> str | None:
+        """Check step ``step``'s files against its manifest: ``CheckpointDamaged`` naming the first file that
+        differs; a note (to log) when the step has no manifest and is read unverified."""
+        d = self.directory / str(step)
+        try:
+            manifest = json.loads((d / MANIFEST).read_text())
+            files = manifest["files"]
+            if manifest.get("step") != step or not isinstance(files, dict):
+                raise ValueError(f"it is the manifest of step {manifest.get('step')!r}")
+        except FileNotFoundError:
+            return (f"note: checkpoint step {step} has no {MANIFEST} (written before manifests, or the run was killed "
+                    "as it wrote one); read without checking its files")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointDamaged(step, d / MANIFEST, f"unreadable ({type(e).__name__}: {e})") from None
+        for name, entry in sorted(files.items()):
+            p = d / name
+            if not p.is_file():
+                raise CheckpointDamaged(step, p, "missing")
+            size = p.stat().st_size
+            if size != entry.get("size"):
+                raise CheckpointDamaged(step, p, f"{size} bytes, {entry.get('size')} when written (cut short or replaced)")
+            if _sha256(p) != entry.get("sha256"):
+                raise CheckpointDamaged(step, p, "its content changed since it was written (sha256 differs)")
+        return None
+
     def meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds for unreadable items
+            raise self._damaged(step, e, self.directory / str(step) / "meta" / "metadata") from None
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise CheckpointDamaged(step, self.directory / str(step) / "meta" / "metadata",
+                                    f"it holds the metadata of step {meta.get('step') if isinstance(meta, dict) else meta!r}")
+        return meta
 
     def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
         """The state at ``step``, laid out (shapes, dtypes, shardings) like ``like``."""
         abstract = jax.tree.map(_abstract, like)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # noqa: BLE001
+            raise self._damaged(step, e, self.directory / str(step) / "state") from None
         return out["state"]
+
+    def _damaged(self, step: int, e: BaseException, default: Path) -> CheckpointDamaged:
+        path = _file_in(str(e), self.directory / str(step))
+        return CheckpointDamaged(step, default if path == self.directory / str(step) else path, _reason(e))
+
+    def set_aside(self, step: int) -> Path:
+        """Move damaged step ``step`` out of the checkpoints (to ``<output_dir>/damaged-checkpoints/``), never
+        deleting it; the manager forgets it."""
+        where = self.directory.parent / DAMAGED
+        where.mkdir(exist_ok=True)
+        dest, n = where / str(step), 1
+        while dest.exists():
+            dest, n = where / f"{step}.{n}", n + 1
+        os.replace(self.directory / str(step), dest)
+        return dest
+
+    def reload(self) -> None:
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()
 
 
+def check_base(saved: dict[str, Any], current: dict[str, Any], where: Path, force: bool = False) -> str | None:
+    """Refuse a checkpoint trained on other base weights than ``model.path`` holds now, naming both paths;
+    ``force`` (``--force-base``) lets it through and returns the warning to log."""
+    if same_base(saved.get("base_fingerprint"), current.get("base_fingerprint"), current.get("base_model") or "."):
+        return None
+    then, now = saved.get("base_model"), current.get("base_model")
+    what = (f"checkpoint {where} was trained on the base model at {then} (weights {_short(saved.get('base_fingerprint'))}); "
+            f"model.path={now} holds other weights ({_short(current.get('base_fingerprint'))})")
+    if force:
+        return f"warning: --force-base: {what}; resuming on the new base as asked"
+    raise CheckpointMismatch(f"{what}. Point model.path at the model it was trained on, use another train.output_dir, "
+                             "or pass --force-base to go on with these weights")
+
+
+def _short(fp: Any) -> str:
+    return str(fp).removeprefix("sha256:")[:12] if fp else "unknown"
+
+
 def check_meta(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Refuse a checkpoint written by a different model, variant or data layout."""
-    keys = ("base_fingerprint", "adapter_spec", "quant_spec", "task", "trainable", "batch_size", "grad_accum",
+    """Refuse a checkpoint written by a different variant or data layout (the base model: ``check_base``)."""
+    keys = ("adapter_spec", "quant_spec", "task", "trainable", "batch_size", "grad_accum",
             "data_source", "seq_len", "optimizer")
     for k in keys:
         a, b = saved.get(k), current.get(k)
@@ -120,7 +252,7 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: Path) -> N
                     (f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y), "length")
             else:
                 detail = f"checkpoint {a!r}, this run {b!r}"
-            what = {"base_fingerprint": "base model weights (model.path)", "data_source": "data.source",
+            what = {"data_source": "data.source",
                     "seq_len": "data.seq_len", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum"}.get(k, k)
             raise CheckpointMismatch(f"checkpoint {where} was written by a different run ({what} differs: {detail}); "
                                      "use another train.output_dir or start fresh")

@@ -1,4 +1,5 @@
-"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]``;
+"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]
+[--force-base]``;
 ``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``);
 ``python -m train report RUN_DIR [RUN_DIR ...]`` (figures and a page, see ``train.report``).
 
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="continue from the output dir's latest checkpoint (automatic when one exists)")
     ap.add_argument("--fresh", dest="resume", action="store_false",
                     help="refuse to start if the output dir already has checkpoints")
+    ap.add_argument("--force-base", action="store_true", help="resume even when model.path holds other weights "
+                    "than the checkpoint was trained on (a warning is logged)")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     return ap
 
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, force_base=args.force_base)
         return 0
     except Interrupted as e:
         print(f"train: {e}", file=sys.stderr)

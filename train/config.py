@@ -107,6 +107,7 @@ class DataConfig:
     eval_fraction: float = 0.0  # fixed held-out split (by seed) for eval
     eval_source: str | None = None  # or a separate eval file
     max_examples: int | None = None
+    skip_bad_rows: bool = False  # rows with a null/non-text value or a null label: refused (false) or left out, counted
     seed: int = 0  # shuffling
 
 

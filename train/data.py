@@ -4,6 +4,9 @@ Causal LM: texts are tokenized, joined with EOS and cut into ``seq_len`` chunks 
 or truncated/padded one per row. Instruction data (``prompt_field`` + ``response_field``) masks
 the prompt out of the loss. Sequence classification: one padded row per example plus its label.
 
+Bad rows (a null or a number where text belongs, a null label) are refused naming the file, the row
+and the field, or left out and counted (``skipped_rows`` in the data stats) with ``data.skip_bad_rows``.
+
 Batches are deterministic: global row ``i`` of the stream is ``perm(epoch)[i % N]`` with the
 permutation seeded by ``(data.seed, epoch)``, so the data position of a run is just its step;
 each host materializes only its rows of every global batch.
@@ -82,6 +85,69 @@ def _fasttext(files: list[Path], encoding: str) -> dict[str, list[str]]:
             labels.append(head[len("__label__"):])
             texts.append(text.strip())
     return {"text": texts, "label": labels}
+
+
+def _file_of_row(files: list[Path], fmt: str, cfg: DataConfig, row: int) -> tuple[Path, int]:
+    """(the file, the row within it) of global row ``row`` (0-based) of ``files`` read in order."""
+    import datasets
+
+    if len(files) == 1:
+        return files[0], row
+    for f in files:
+        if fmt == "fasttext":
+            n = len(_fasttext([f], cfg.encoding)["text"])
+        else:
+            kwargs = {"encoding": cfg.encoding} if fmt in ("text", "csv") else {}
+            n = len(datasets.load_dataset(fmt, data_files=[str(f)], split="train", **kwargs))
+        if row < n:
+            return f, row
+        row -= n
+    return files[-1], row
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+
+def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "data.source") -> tuple[Any, int]:
+    """``ds`` without its bad rows, and how many were left out: a text column (``data.text_field``, the prompt
+    and response fields) must hold a string, a label or task column a value (not null). A bad row is an
+    error naming the file, the row and the field, unless ``data.skip_bad_rows`` leaves such rows out."""
+    wanted: list[tuple[str, str, bool]] = []  # (config field, column, must be a string)
+    if task == "sequence_classification":
+        wanted += [("data.text_field", cfg.text_field, True), ("data.label_field", cfg.label_field, False)]
+    elif cfg.prompt_field:
+        wanted += [("data.prompt_field", cfg.prompt_field, True), ("data.response_field", cfg.response_field, True)]
+    else:
+        wanted.append(("data.text_field", cfg.text_field, True))
+    if cfg.task_field:
+        wanted.append(("data.task_field", cfg.task_field, False))
+    dropped = {str(x) for x in cfg.drop_labels or []}  # rows data.drop_labels leaves out are not checked
+    labels = ds[cfg.label_field] if dropped and cfg.label_field in ds.column_names else None
+    bad: dict[int, tuple[str, str, Any]] = {}
+    for what, column, text in wanted:
+        if column not in ds.column_names:
+            continue  # named by the tokenizer's column check
+        for i, v in enumerate(ds[column]):
+            if (v is None or (text and not isinstance(v, str))) and i not in bad and (
+                    labels is None or str(labels[i]) not in dropped):
+                bad[i] = (what, column, v)
+    if not bad:
+        return ds, 0
+    if not cfg.skip_bad_rows:
+        first = min(bad)
+        what, column, v = bad[first]
+        files = _files(source, field)
+        path, row = _file_of_row(files, _format(files, cfg.format, field), cfg, first)
+        raise ConfigError(f"{what}: row {row + 1} of {path} has {_kind(v)} in column {column!r}"
+                          + ("" if column == cfg.label_field or column == cfg.task_field else ", not text")
+                          + f" ({len(bad)} such row{'s' if len(bad) > 1 else ''} in {source!r}); fix the data, or set "
+                          "data.skip_bad_rows: true to leave such rows out (counted in the data stats)")
+    kept = ds.select([i for i in range(len(ds)) if i not in bad])
+    if len(kept) == 0:
+        raise ConfigError(f"{field}: every row of {source!r} is bad (e.g. {_kind(bad[min(bad)][2])} in column "
+                          f"{bad[min(bad)][1]!r}); data.skip_bad_rows leaves nothing to train on")
+    return kept, len(bad)
 
 
 def read_examples(cfg: DataConfig, source: str, field: str = "data.source") -> Any:
@@ -249,13 +315,16 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
               index: dict[str, int] | None = None) -> tuple[TokenData, TokenData | None, list[str] | None]:
     """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``. ``field``: the config
     field that named ``cfg.source`` (for errors); ``index``: task label -> adapter (many adapters)."""
-    ds = read_examples(cfg, cfg.source, field)
+    ds, skipped = check_rows(read_examples(cfg, cfg.source, field), cfg, task, cfg.source, field)
     ds = _drop_labels(ds, cfg, cfg.source)
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
     eval_ds, splits = None, (None, None)
+    skipped_eval = 0
     if cfg.eval_source:
-        eval_ds = _drop_labels(read_examples(cfg, cfg.eval_source, "data.eval_source"), cfg, cfg.eval_source)
+        eval_ds, skipped_eval = check_rows(read_examples(cfg, cfg.eval_source, "data.eval_source"), cfg, task,
+                                           cfg.eval_source, "data.eval_source")
+        eval_ds = _drop_labels(eval_ds, cfg, cfg.eval_source)
         splits = (None, "the eval data (data.eval_source)")
     elif cfg.eval_fraction > 0:
         order = np.random.default_rng(cfg.seed).permutation(len(ds))
@@ -266,8 +335,11 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
         splits = (f"the training split ({n - k} of {n} examples)",
                   f"the eval split ({k} of {n} examples, held out by data.eval_fraction={cfg.eval_fraction})")
     train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, split=splits[0], index=index)
+    train.stats["skipped_rows"] = skipped  # bad rows of data.source left out (data.skip_bad_rows), before any split
     held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names,
                     split=splits[1], index=index)[0] if eval_ds is not None else None
+    if held is not None:
+        held.stats["skipped_rows"] = skipped_eval
     return train, held, names
 
 
@@ -302,7 +374,7 @@ def load_routed(cfg: DataConfig, task: str, tokenizer: Any,
 def _concat(parts: list[TokenData]) -> TokenData:
     keys = set(parts[0].arrays)
     arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in keys}
-    stats = {k: sum(p.stats.get(k, 0) for p in parts) for k in parts[0].stats}
+    stats = {k: sum(p.stats.get(k, 0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p.stats)}
     return TokenData(arrays, stats)
 
 

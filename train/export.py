@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ __all__ = ["main", "export"]
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, rank: int | None = None,
            task: int | None = None, step: int | None = None, dtype: str | None = None,
-           adapter: str | None = None) -> Path:
+           adapter: str | None = None, force_base: bool = False) -> Path:
     import lorax_variants as lv
     from lorax_variants.hf import save_merged, save_peft
     from train import checkpoint as ckpt
@@ -30,23 +31,35 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     from train.run import _prepare, restore
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--checkpoint: {run_dir} is not a run directory (no config.json)")
-    raw = json.loads((run_dir / "config.json").read_text())
-    raw.setdefault("train", {})["output_dir"] = str(run_dir)
-    cfg = from_dict(raw)
-    saver = ckpt.Checkpointer(run_dir, cfg.train.keep, read_only=True)
+    if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").is_dir():
+        raise ConfigError(f"--checkpoint: {run_dir} is not a run directory (no config.json, no checkpoints/)")
+    saver = ckpt.Checkpointer(run_dir, 1, read_only=True)
     try:
         which = step if step is not None else saver.latest()
         if which is None:
             raise ConfigError(f"--checkpoint: {saver.directory} has no checkpoint")
-        if step is not None and step not in saver.manager.all_steps():
-            raise ConfigError(f"--step {step}: {saver.directory} has steps {sorted(saver.manager.all_steps())}")
-        p = _prepare(cfg, abstract=False)
-        initial = lv.combine(p.built.trainable, p.built.frozen)
-        p, state = restore(p, saver, which)
+        if step is not None and step not in saver.steps():
+            raise ConfigError(f"--step {step}: {saver.directory} has steps {saver.steps()}")
+        try:
+            note = saver.verify(which)
+            raw = _run_config(run_dir, saver, which)
+            raw.setdefault("train", {})["output_dir"] = str(run_dir)
+            cfg = from_dict(raw)
+            p = _prepare(cfg, abstract=False)
+            initial = lv.combine(p.built.trainable, p.built.frozen)
+            p, state = restore(p, saver, which, force_base=force_base)
+        except ckpt.CheckpointMismatch as e:
+            raise ckpt.CheckpointMismatch(f"{e} (export rebuilt the run from {run_dir / 'config.json'}; if that file "
+                                          "is wrong, remove it and the checkpoint's own copy of the config is used)") from None
+        except ckpt.CheckpointDamaged as e:
+            earlier = [s for s in saver.steps() if s < which]
+            raise ckpt.CheckpointDamaged(e.step, e.path, e.reason + (
+                f"; export an earlier step with --step {earlier[-1]} (resuming the run sets the damaged step aside)"
+                if earlier else "")) from None
     finally:
         saver.close()
+    for line in ([note] if note else []) + state.notes:
+        print(f"train export: {line}", file=sys.stderr)
     tree = lv.combine(state.trainable, state.frozen)
     model = p.built.model
     many = [x.names for _, x in lv.leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(x, lv.MultiAdapterNode)]
@@ -60,8 +73,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     if adapter is not None:
         tree = lv.pick(tree, adapter)
     if cfg.quant.kind != "none":
-        import sys
-
         how = (f" (bitsandbytes: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
                f"bnb_4bit_use_double_quant={cfg.quant.double_quant}), block size {cfg.quant.block_size})"
                if cfg.quant.kind == "nf4" else " (int4_asym: no transformers quantizer makes it; the dequantized base is "
@@ -78,6 +89,24 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     for name in many[0] if many and adapter is None else []:  # one PEFT adapter directory per adapter
         _copy_tokenizer(model_dir(cfg), path / name)
     return path
+
+
+def _run_config(run_dir: Path, saver: Any, step: int) -> dict[str, Any]:
+    """The run's config: ``config.json``, or, where that is missing or damaged, the copy every checkpoint
+    keeps in its metadata (said on stderr)."""
+    path = run_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return raw
+    except (OSError, ValueError) as e:
+        why = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({type(e).__name__}: {e})"
+    raw = saver.meta(step).get("config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: {why}, and checkpoint step {step} holds no copy of the config")
+    print(f"train export: note: {path} is {why}; using the config saved with checkpoint step {step}", file=sys.stderr)
+    return raw
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -102,9 +131,11 @@ def main(argv: list[str]) -> Any:
     ap.add_argument("--adapter", help="many adapters: the one to export (merged: required; peft: default all, "
                                       "one directory each)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged: weight dtype")
+    ap.add_argument("--force-base", action="store_true", help="export even if model.path now holds other weights "
+                    "than the run was trained on")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     a = ap.parse_args(argv)
     path = export(a.checkpoint, a.format, a.out, overwrite=a.overwrite, rank=a.rank, task=a.task, step=a.step,
-                  dtype=a.dtype, adapter=a.adapter)
+                  dtype=a.dtype, adapter=a.adapter, force_base=a.force_base)
     print(f"wrote {a.format} export to {path}")
     return path

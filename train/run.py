@@ -32,6 +32,7 @@ from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
 from train.config import Config, ConfigError, to_dict
+from train.fingerprint import fingerprint
 from train.data import Batches, TokenData, eval_batches, load_data, load_routed
 from train.lock import RunLock
 from train.metrics import Metrics
@@ -109,7 +110,7 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     if model_vocab is not None and vocab >= model_vocab:
         raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "
                           f"{model_vocab} (tokenizer and model do not match)")
-    base = (str(path), None if abstract else ckpt.fingerprint(path))  # read once, recorded in every checkpoint
+    base = (str(path), None if abstract else fingerprint(path))  # read once, recorded in every checkpoint
     return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
 
 
@@ -253,10 +254,13 @@ class State:
     key: Any
     keep: dict[str, np.ndarray] | None  # the variant's reshaping choice (LoRA-drop's selection), once made
     step: int
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the restore let through and must be logged
 
 
-def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None) -> tuple[Prepared, State]:
-    """The state at checkpoint ``step`` (``None``: the initial state), checked against this run."""
+def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None, *,
+            force_base: bool = False) -> tuple[Prepared, State]:
+    """The state at checkpoint ``step`` (``None``: the initial state), checked against this run
+    (``force_base``: a checkpoint of other base weights is let through, with a note)."""
     cfg = p.cfg
     keep, saved = None, None
     if step is not None:
@@ -270,7 +274,9 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None) -> tuple[Pr
     opt_state = jax.jit(p.optimizer.init, out_shardings=p.opt_sh)(trainable)
     if step is None:
         return p, State(trainable, frozen, opt_state, key, None, 0)
-    ckpt.check_meta(saved, _meta(cfg, p, step, keep), saver.directory / str(step))
+    current = _meta(cfg, p, step, keep)
+    note = ckpt.check_base(saved, current, saver.directory / str(step), force_base)
+    ckpt.check_meta(saved, current, saver.directory / str(step))
     like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
             "key": np.asarray(jax.random.key_data(key))}
     variant = recipe(cfg.adapter.variant)
@@ -281,11 +287,13 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None) -> tuple[Pr
     opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), state["opt_state"])
     if "extras" in state:
         frozen = variant.with_extras(frozen, state["extras"])
-    return p, State(trainable, frozen, opt_state, jax.random.wrap_key_data(jnp.asarray(state["key"])), keep, step)
+    return p, State(trainable, frozen, opt_state, jax.random.wrap_key_data(jnp.asarray(state["key"])), keep, step,
+                    [note] if note else [])
 
 
-def run(cfg: Config, *, resume: bool | None = None) -> "Result":
-    """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto).
+def run(cfg: Config, *, resume: bool | None = None, force_base: bool = False) -> "Result":
+    """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto;
+    ``force_base``: even one trained on other base weights, with a warning in the log).
 
     Writes ``adapters.safetensors`` (the trainable leaves by path, the run's meta as metadata),
     ``summary.json``, ``metrics.jsonl``, TensorBoard events and ``report/`` (figures); returns the
@@ -296,27 +304,36 @@ def run(cfg: Config, *, resume: bool | None = None) -> "Result":
     if lead:
         out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, active=lead):  # before anything in the directory is read, cleaned or written
-        return _train(p, out, lead, resume)
+        return _train(p, out, lead, resume, force_base)
 
 
-def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
+def _train(p: Prepared, out: Path, lead: bool, resume: bool | None, force_base: bool) -> "Result":
     """Restore (or start), then the loop's named steps until the last step, a stop or an interrupt."""
-    saver = ckpt.Checkpointer(out, p.cfg.train.keep)
+    t = p.cfg.train
+    saver = ckpt.Checkpointer(out, t.keep)
     latest = saver.latest()
     if latest is not None and resume is False:
         raise ConfigError(f"train.output_dir: {out} already has checkpoints (step {latest}); pass --resume to continue "
                           "or choose another directory")
     if latest is None and resume:
         raise ConfigError(f"--resume: {saver.directory} has no checkpoint")
-    p, s = restore(p, saver, latest)
+    if latest is not None and latest > t.steps:  # never relabel or prune a run that went further
+        raise ConfigError(f"train.steps={t.steps}: {out} holds a checkpoint at step {latest}, past this run's end; "
+                          f"set train.steps to {latest} or more to continue it, or choose another train.output_dir "
+                          "to start fresh (nothing was changed)")
+    p, s = _restore_latest(p, saver, lead, force_base)
     if lead:  # only once the checkpoint (if any) is known to belong to this run: a refused run changes nothing
         write_text_atomic(out / "config.json", json.dumps(to_dict(p.cfg), indent=2))
         for stale in out.glob(".adapters.safetensors.*"):  # the temporary file of a write that was killed
             stale.unlink()
     loop = _Loop(p, s, saver, out, lead)
     try:
+        if t.stop_at is not None and t.stop_at <= s.step < t.steps:
+            loop.metrics.echo(f"already at step {s.step}, at or past train.stop_at={t.stop_at}: nothing to do; raise "
+                              "train.stop_at (or unset it) to go on")
+            return loop.stopped(s.step)
         with _signals() as stop:
-            for step in range(s.step, p.cfg.train.steps):
+            for step in range(s.step, t.steps):
                 done = loop.train_step(step)
                 loop.reshape(done)
                 loop.log(done, flush=bool(stop))
@@ -327,6 +344,43 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None) -> "Result":
     finally:
         loop.close()
     return loop.result()
+
+
+def _restore_latest(p: Prepared, saver: ckpt.Checkpointer, lead: bool, force_base: bool) -> tuple[Prepared, State]:
+    """The state of the latest checkpoint that reads back whole (the initial state if there is none).
+
+    A damaged step (a file cut short, zeroed, replaced or missing) is passed over for the one before it;
+    once a good one is found, the damaged steps after it are moved to ``damaged-checkpoints/`` (never
+    deleted) and the move is logged. If no step reads back, nothing is moved and the error names each."""
+    damaged: list[ckpt.CheckpointDamaged] = []
+    for step in reversed(saver.steps()):
+        try:
+            note = saver.verify(step)
+            q, s = restore(p, saver, step, force_base=force_base)
+        except ckpt.CheckpointDamaged as e:
+            damaged.append(e)
+            continue
+        s.notes += [note] if note else []
+        if damaged:
+            for e in damaged:
+                where = saver.set_aside(e.step) if lead else saver.directory.parent / ckpt.DAMAGED
+                s.notes.append(f"warning: {e}; moved to {where}; resuming from step {step}")
+            _barrier("set_aside")
+            saver.reload()
+        return q, s
+    if damaged:
+        raise ckpt.CheckpointDamaged(damaged[0].step, damaged[0].path, damaged[0].reason + "".join(
+            f"; and step {e.step}: {e.path}: {e.reason}" for e in damaged[1:])
+            + "; no checkpoint reads back (nothing was changed): restore the files, or start fresh in another "
+            "train.output_dir")
+    return restore(p, saver, None)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class _signals:
@@ -362,7 +416,8 @@ class _Loop:
         self.batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
         self.groups = lr_groups(cfg, self.trainable, p.built.model.stacked)
         self.metrics = Metrics(out, t.steps, s.step, active=lead, progress=t.progress)
-        self.pending: list[tuple[int, dict[str, Any]]] = []
+        self.pending: list[tuple[int, dict[str, Any]]] = []  # metrics of queued steps, on the device
+        self.checked: list[tuple[int, dict[str, Any]]] = []  # fetched and passed by the non-finite policy, to log
         self.skipped, self.tokens, self.t0, self.elapsed = 0, 0.0, time.perf_counter(), 0.0
         self.row: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -371,9 +426,14 @@ class _Loop:
         if s.step == 0:
             self.metrics.echo(f"{cfg.name}: {b.counts.trainable:,} trainable of {b.counts.total:,} params; "
                               f"{p.train.stats['examples']} examples -> {len(p.train)} rows "
-                              f"({p.train.stats['truncated']} truncated)")
+                              f"({p.train.stats['truncated']} truncated"
+                              + (f", {p.train.stats['skipped_rows']} bad rows left out by data.skip_bad_rows"
+                                 if p.train.stats.get("skipped_rows") else "") + ")")
         else:
             self.metrics.echo(f"{cfg.name}: resumed from step {s.step} ({saver.directory / str(s.step)})")
+        for note in s.notes:  # what the restore let through or set aside: on screen and in metrics.jsonl
+            self.metrics.echo(note)
+            self.metrics.write("event", s.step, {"message": note})
 
     def train_step(self, step: int) -> int:
         """One optimizer step; the clock starts after the first (compiling) one. Returns the steps done."""
@@ -384,7 +444,20 @@ class _Loop:
         if step == self.start:
             jax.block_until_ready(m)
             self.t0 = time.perf_counter()
+        self._police(keep_last=True)  # the step before this one (done by now): the step just queued keeps running
         return step + 1
+
+    def _police(self, keep_last: bool = False) -> None:
+        """The non-finite policy, every step: fetch the pending steps' metrics (all but the one just queued
+        with ``keep_last``), count non-finite ones, and stop at the limit before anything is saved."""
+        n = len(self.pending) - (1 if keep_last else 0)
+        if n <= 0:
+            return
+        fetched, self.pending = jax.device_get(self.pending[:n]), self.pending[n:]
+        for s, mm in fetched:
+            self.checked.append((s, mm))
+            if not bool(mm["finite"]):
+                self._nonfinite(s, mm)
 
     def reshape(self, done: int) -> None:
         """The variant's one-time change of the tree (LoRA-drop's selection) when its step comes."""
@@ -408,16 +481,8 @@ class _Loop:
         t = self.t
         if not ((t.log_every and done % t.log_every == 0) or done == t.steps or flush):
             return
-        for s, mm in jax.device_get(self.pending):
-            self.tokens += float(mm["tokens"]) if s > self.start else 0.0
-            self.row = row = {k: float(v) for k, v in mm.items() if not k.startswith("finite")}
-            if not bool(mm["finite"]):
-                self._nonfinite(s, mm, row)
-            row |= {name: float(fn(s)) for name, fn in self.groups.items()}
-            if self.lm:
-                row.pop("accuracy", None)
-            self.metrics.write("train", s + 1, row)
-        self.pending = []
+        self._police()
+        self._write_rows()
         if self.variant.tracks_ranks:  # the rank budget as it shrinks
             ranks = active_ranks(self.trainable, self.opt_state)
             self.metrics.write("ranks", done, {"total": float(sum(int(v.sum()) for v in ranks.values())),
@@ -427,12 +492,23 @@ class _Loop:
         self.metrics.progress(done, {"loss": f"{self.row['loss']:.4f}", "lr": f"{self.row['lr']:.2e}",
                                      unit: f"{rate:,.1f}"})
 
-    def _nonfinite(self, s: int, mm: dict[str, Any], row: dict[str, float]) -> None:
+    def _write_rows(self) -> None:
+        """The checked steps' rows into the metrics."""
+        for s, mm in self.checked:
+            self.tokens += float(mm["tokens"]) if s > self.start else 0.0
+            self.row = row = {k: float(v) for k, v in mm.items() if not k.startswith("finite")}
+            row |= {name: float(fn(s)) for name, fn in self.groups.items()}
+            if self.lm:
+                row.pop("accuracy", None)
+            self.metrics.write("train", s + 1, row)
+        self.checked = []
+
+    def _nonfinite(self, s: int, mm: dict[str, Any]) -> None:
         t = self.t
         self.skipped += 1
         self.metrics.echo(_nonfinite_message(s + 1, mm, self.trainable, self.skipped, t.max_nonfinite))
         if t.max_nonfinite is not None and self.skipped > t.max_nonfinite:
-            self.metrics.write("train", s + 1, row)
+            self._write_rows()  # up to and including this step
             last = self.saver.latest()
             raise NonFinite(
                 f"{self.skipped} steps with a non-finite loss or gradients, more than train.max_nonfinite="
@@ -465,6 +541,7 @@ class _Loop:
 
     def save(self, step: int) -> None:
         """A checkpoint of this step (once): trainable and optimizer leaves, the key, the variant's extras."""
+        self._police()  # a step past the non-finite limit stops the run before anything is saved
         if self.saver.latest() == step:
             return
         state = {"trainable": jax.tree.leaves(self.trainable), "opt_state": jax.tree.leaves(self.opt_state),
@@ -478,6 +555,7 @@ class _Loop:
     def finish(self) -> None:
         """After the last step: the final eval, samples, the last checkpoint."""
         t = self.t
+        self._police()
         self.elapsed = time.perf_counter() - self.t0
         if self.p.eval is not None:
             self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen)
@@ -504,7 +582,7 @@ class _Loop:
             "final_train_loss": self.row.get("loss"), "eval": self.last_eval, "skipped_steps": self.skipped,
             "seconds": self.elapsed, "seconds_per_step": self.elapsed / max(1, t.steps - self.start - 1),
             ("tokens_per_second" if self.lm else "examples_per_second"): self.tokens / max(self.elapsed, 1e-9),
-            "output_dir": str(out),
+            "data": dict(self.p.train.stats), "output_dir": str(out),
         }
         summary |= self.variant.summary(self.opt_state)
         table = routes(cfg)

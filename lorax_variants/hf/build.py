@@ -153,10 +153,13 @@ def save_pretrained(out_dir: str | os.PathLike, model: Any, params: Any, *, over
     return atomic_dir(out_dir, overwrite, write)
 
 
-def write_config(directory: Path, model: Any, dtype: str | None = None) -> None:
-    """``config.json`` of ``model`` as transformers reads it (its architecture, optionally a dtype)."""
+def write_config(directory: Path, model: Any, dtype: str | None = None, untied_head: bool = False) -> None:
+    """``config.json`` of ``model`` as transformers reads it (its architecture, optionally a dtype;
+    ``untied_head``: the weights hold a head of their own although ``model`` ties it)."""
     config = model.hf_config.to_dict()
     config["architectures"] = [_architecture(model)]
+    if untied_head:
+        config["tie_word_embeddings"] = False
     if dtype is not None:
         config["dtype"] = dtype
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

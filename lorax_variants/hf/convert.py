@@ -153,11 +153,14 @@ def to_hf(model: Any, params: Any) -> dict[str, np.ndarray]:
     if nodes:
         raise ValueError(f"to_hf needs plain params; these are adapter/quantized nodes: {nodes[:5]} "
                          "(merge them first with lorax_variants.merge)")
-    tab = names.table(model, names.default_prefix(model))
     leaves = dict(leaves_with_paths(params))
+    tab = names.table(model, names.default_prefix(model), untied_head=names.untied_head(model, leaves))
     missing = sorted(set(tab) - set(leaves))
     if missing:
         raise ValueError(f"params lack {missing[:8]} for {model.config.model_type}")
+    unknown = sorted(set(leaves) - set(tab))
+    if unknown:  # never dropped without a word
+        raise ValueError(f"params hold {unknown[:8]}, which {model.config.model_type} has no tensor for")
     out: dict[str, np.ndarray] = {}
     for path, (template, kind) in tab.items():
         arr = np.asarray(leaves[path])

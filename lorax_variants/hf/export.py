@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_variants.hf import names
 from lorax_variants.hf.build import write_config
 from lorax_variants.hf.convert import to_hf
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
@@ -48,7 +49,8 @@ def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int 
 
     def write(tmp: Path) -> None:
         _write_shards(tmp, tensors, max_shard_bytes)
-        write_config(tmp, model, jnp_name(dtype) if dtype is not None else None)
+        write_config(tmp, model, jnp_name(dtype) if dtype is not None else None,
+                     untied_head=names.untied_head(model, [n[: -len(".weight")] for n in tensors]))
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name

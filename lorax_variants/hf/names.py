@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["table", "ignorable", "tied", "prefix_of", "shape_items"]
+__all__ = ["table", "ignorable", "tied", "untied_head", "prefix_of", "shape_items"]
 
 
 def shape_items(shapes: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
@@ -157,11 +157,22 @@ def default_prefix(model: Any) -> str:
     return {"gpt2": "transformer."}.get(mt, "model.")
 
 
-def table(model: Any, prefix: str) -> dict[str, tuple[str, str]]:
+def table(model: Any, prefix: str, *, untied_head: bool = False) -> dict[str, tuple[str, str]]:
     """Our weight path -> (HF tensor name template with ``{i}`` for the layer, kind: linear/conv1d/plain) for
-    every leaf of ``model``, under ``prefix``."""
+    every leaf of ``model``, under ``prefix``; ``untied_head``: with the ``lm_head`` of a model whose config
+    ties it (a head PEFT's ``modules_to_save`` untied, see ``untied_head``)."""
     full = _TABLES[model.config.model_type](model, prefix)
-    return {p: full[p] for p in _paths(model.shapes())}
+    paths = _paths(model.shapes())
+    if untied_head and "lm_head" in full and "lm_head" not in paths:
+        paths.append("lm_head")
+    return {p: full[p] for p in paths}
+
+
+def untied_head(model: Any, paths: Any) -> bool:
+    """Whether a tree with these leaf ``paths`` holds its own ``lm_head`` although ``model``'s config ties the
+    head to the embedding (the head then reads ``lm_head``: ``ZooModel.head``)."""
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and getattr(model, "causal", False) \
+        and "lm_head" in set(paths)
 
 
 def ignorable(model: Any, prefix: str) -> list[re.Pattern]:

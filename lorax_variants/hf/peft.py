@@ -258,6 +258,9 @@ def _changed_leaves(tree: Any, base: Any) -> list[str]:
     before = dict(leaves_with_paths(base, nodes_are_leaves=True))
     out = []
     for path, x in leaves_with_paths(tree, nodes_are_leaves=True):
+        if path == "lm_head" and path not in before and not isinstance(x, Node):
+            out.append(path)  # a head untied from the embedding: saved whole, as PEFT's modules_to_save does
+            continue
         if isinstance(x, Node) or path not in before or isinstance(before[path], Node):
             continue
         if not np.array_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(before[path]))):
@@ -267,8 +270,8 @@ def _changed_leaves(tree: Any, base: Any) -> list[str]:
 
 def _plain_tensors(model: Any, tree: Any, paths: list[str], base: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """HF tensors (torch layout) and config fields for the plain leaves at ``paths``."""
-    table = names.table(model, names.default_prefix(model))
     leaves = dict(leaves_with_paths(tree, nodes_are_leaves=True))
+    table = names.table(model, names.default_prefix(model), untied_head=names.untied_head(model, leaves))
     before = dict(leaves_with_paths(base, nodes_are_leaves=True)) if base is not None else {}
     adapted = {table[p][0].rsplit(".", 1)[0] for p, x in leaves.items() if isinstance(x, Node) and p in table}
     out: dict[str, np.ndarray] = {}

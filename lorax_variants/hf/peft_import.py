@@ -16,7 +16,8 @@ we represent or the load fails naming the field. What PEFT writes, and where it 
 - VeRA ``vera_lambda_d/b`` and ``base_model.vera_A/B``; without ``save_projection`` the projections are
   regenerated exactly as PEFT does (kaiming-uniform from a ``torch.Generator`` seeded with
   ``projection_prng_key``: MT19937, reproduced here with numpy, no torch needed).
-- Base changes: ``modules_to_save`` (``<module>.weight``), biases (``bias: all | lora_only``:
+- Base changes: ``modules_to_save`` (``<module>.weight``; ``lm_head`` of a model with a tied head becomes a
+  head of its own, ``lm_head``, as PEFT unties it on load), biases (``bias: all | lora_only``:
   ``<module>.bias``, ``<module>.base_layer.bias``), ``<module>.base_layer.weight`` (embeddings saved with
   their adapter), ``trainable_token_indices`` (``token_adapter.trainable_tokens_delta``: the new rows):
   written into the params before adapting.
@@ -180,7 +181,8 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     experts, expert_keys = import_experts(cfg, tensors, model, cfg_path)
     ptype = cfg["peft_type"]
     prefix = names.default_prefix(model)
-    table = names.table(model, prefix)  # our path -> (HF tensor name, kind)
+    # our path -> (HF tensor name, kind); a tied model's head too: PEFT unties it for modules_to_save
+    table = names.table(model, prefix, untied_head=names.untied_head(model, ["lm_head"]))
     weights = {p: t[: -len(".weight")] for p, (t, _) in table.items() if t.endswith(".weight")}
     module_of, tensor_of = _matcher(weights), _matcher({p: t for p, (t, _) in table.items()})
     kinds = {p: k for p, (_, k) in table.items()}
@@ -278,6 +280,19 @@ def _with_base_changes(params: Any, base: dict[str, dict[int | None, np.ndarray]
                        tokens: dict[str, tuple[str, np.ndarray]], kinds: dict[str, str], cfg: dict[str, Any],
                        d: Path) -> Any:
     """``params`` with the saved whole modules, biases and token rows written in (our layout)."""
+    if "lm_head" in base and "lm_head" not in dict(leaves_with_paths(params, nodes_are_leaves=True)):
+        # modules_to_save=["lm_head"] over a tied head: PEFT's saved copy is a head of its own (untied on
+        # load, as PEFT does); ZooModel.head reads it instead of the embedding
+        if cfg.get("ensure_weight_tying") and "embed" in base:
+            raise ValueError(f"{d}: ensure_weight_tying: the adapter saves both the embedding and the head of a model "
+                             "that ties them; only one of them (or ensure_weight_tying=false) can be loaded")
+        (v,) = base["lm_head"].values()
+        if v.shape != tuple(params["embed"].shape):
+            raise ValueError(f"{d}: saved lm_head has shape {v.shape}; this model's embedding is "
+                             f"{tuple(params['embed'].shape)}")
+        params = {**params, "lm_head": jnp.asarray(v.T, params["embed"].dtype)}
+        base = {k: v for k, v in base.items() if k != "lm_head"}
+
     def change(path: str, leaf: Any) -> Any:
         if path not in base and path not in tokens:
             return leaf

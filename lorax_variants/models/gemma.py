@@ -9,7 +9,8 @@ Every norm n is Gemma's RMSNorm with scale (1 + w), computed in float32. Attenti
 ``q·k / √query_pre_attn_scalar``, soft-capped ``c_a·tanh(s/c_a)`` where ``attn_logit_softcapping`` is
 set (Gemma 2). Layers interleave sliding-window and global attention (``layer_types``); Gemma 3's
 layer types each have their RoPE (``rope_parameters`` per type: local base 10k, global 1M, optionally
-scaled) and per-head q/k norms (n_q, n_k); Gemma 2 has one RoPE and no q/k norms. The head is tied.
+scaled) and per-head q/k norms (n_q, n_k); Gemma 2 has one RoPE and no q/k norms. The head is tied (untied
+where the config says so).
 
 Params: as Llama's (``embed``, ``layers/attn/{q,k,v,o}_proj``, ``layers/mlp/{gate,up,down}_proj``,
 ``final_norm``) with ``layers/{attn_norm, post_attn_norm, mlp_norm, post_mlp_norm}`` [L, d] and, Gemma 3,
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project,
                                           rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
-from lorax_variants.nodes.base import dense_t, embed
+from lorax_variants.nodes.base import embed
 from lorax_variants.shared import resolve_shared
 
 __all__ = ["GemmaConfig", "Gemma", "gemma_rms_norm"]
@@ -85,8 +86,6 @@ class GemmaConfig:
             raise ValueError(f"{mt} config: use_bidirectional_attention=True (EmbeddingGemma) is not supported")
         if getattr(hf, "attention_bias", False):
             raise ValueError(f"{mt} config: attention_bias=True is not supported")
-        if not getattr(hf, "tie_word_embeddings", True):
-            raise ValueError(f"{mt} config: tie_word_embeddings=False is not supported (Gemma ties its head)")
         n, heads = hf.num_hidden_layers, hf.num_attention_heads
         kv = getattr(hf, "num_key_value_heads", None) or heads
         if heads % kv:
@@ -113,6 +112,7 @@ class GemmaConfig:
             rope_global=glob, rope_local=local, qk_norm=mt == "gemma3_text",
             max_position_embeddings=hf.max_position_embeddings,
             initializer_range=float(getattr(hf, "initializer_range", 0.02)),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
         )
 
 
@@ -133,13 +133,16 @@ class Gemma(ZooModel):
         attn = {"q_proj": (L, d, q), "k_proj": (L, d, kv), "v_proj": (L, d, kv), "o_proj": (L, q, d)}
         if c.qk_norm:
             attn |= {"q_norm": (L, c.head_dim), "k_norm": (L, c.head_dim)}
-        return {
+        shapes = {
             "embed": (c.vocab_size, d),
             "layers": {"attn_norm": (L, d), "attn": attn, "post_attn_norm": (L, d), "mlp_norm": (L, d),
                        "mlp": {"gate_proj": (L, d, f), "up_proj": (L, d, f), "down_proj": (L, f, d)},
                        "post_mlp_norm": (L, d)},
             "final_norm": (d,),
         }
+        if not c.tie_word_embeddings:
+            shapes["lm_head"] = (d, c.vocab_size)
+        return shapes
 
     def init(self, key: jax.Array, dtype: Any = jnp.float32) -> dict[str, Any]:
         """Random params as transformers initializes Gemma (norm weights zero: RMSNorm scales by 1 + w)."""
@@ -209,8 +212,8 @@ class Gemma(ZooModel):
         return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps)
 
     def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
-        """Logits of hidden states: the tied head, then the final soft-cap where configured."""
-        logits = dense_t(h, params["embed"])
+        """Logits of hidden states: the head (``ZooModel.head``), then the final soft-cap where configured."""
+        logits = super().head(params, h)
         cap = self.config.final_softcap
         if cap is not None:
             logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)

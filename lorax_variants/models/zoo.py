@@ -36,11 +36,12 @@ class ZooModel:
         return init_from_shapes(self.shapes(), key, self.config.initializer_range, dtype)
 
     def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
-        """Logits of hidden states: the tied (``embed``ᵀ) or untied (``lm_head``) output head of a causal LM
-        (Gemma overrides it with its soft-cap)."""
-        if self.config.tie_word_embeddings:
-            return dense_t(h, params["embed"])
-        return dense(h, params["lm_head"])
+        """Logits of hidden states: the untied head ``lm_head`` where the params hold one (an untied config, or
+        a tied one whose head PEFT's ``modules_to_save`` untied), else the tied ``embed``ᵀ (Gemma adds its
+        soft-cap)."""
+        if "lm_head" in params:
+            return dense(h, params["lm_head"])
+        return dense_t(h, params["embed"])
 
     def generate(self, params: dict[str, Any], input_ids: jax.Array, **kwargs: Any) -> jax.Array:
         """Tokens after ``input_ids`` with a KV cache (``models.generate.generate``: greedy or sampled,

@@ -53,6 +53,10 @@ CASES = {
     "rslora": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "v_proj"], use_rslora=True,
                                                  rank_pattern={"v_proj": 8}), None),
     "modules_to_save": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj"], modules_to_save=["lm_head"]), None),
+    # PEFT unties a tied head it saves whole: loaded as a head of its own (lm_head)
+    "modules_to_save_tied": ("llama3_rope_tied_bias", lambda: _lora(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                             None),
+    "gemma3_modules_to_save_tied": ("gemma3", lambda: _lora(target_modules=["v_proj"], modules_to_save=["lm_head"]), None),
     "bias_all": ("qwen2_bias", lambda: _lora(target_modules=["q_proj", "o_proj"], bias="all"), None),
     "bias_lora_only": ("qwen2_bias", lambda: _lora(target_modules=["q_proj", "o_proj"], bias="lora_only"), None),
     "gpt2_fan_in_fan_out": ("gpt2", lambda: _lora(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
@@ -74,7 +78,7 @@ CASES = {
     "qwen3_moe_attention": ("qwen3_moe", lambda: _lora(target_modules=["q_proj", "k_proj"]), None),
 }
 DEFAULT = ("list", "qwen3", "rank_alpha_pattern", "bias_lora_only", "gpt2_fan_in_fan_out", "dora_embedding", "pissa",
-           "olora_converted", "trainable_tokens_tied")
+           "olora_converted", "trainable_tokens_tied", "modules_to_save_tied")
 IDS = np.random.default_rng(0).integers(2, 96, (2, 9))
 
 
@@ -125,6 +129,26 @@ def test_peft_writes_it_we_load_it_and_export_it_back(bases, case, tmp_path):
     np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
     init = pm.peft_config["default"].init_lora_weights if how is None else None
     _round_trip(bases, base, tmp_path / "ours", tree, want, init=init if init in ("pissa", "olora") else None)
+
+
+def test_untied_head_merges_into_a_model_transformers_loads_untied(bases, tmp_path):
+    """A tied model whose head PEFT saved whole: the merged export writes lm_head.weight and an untied config, and
+    transformers' logits of it equal PEFT's of the adapter."""
+    from lorax_variants.hf import save_merged
+
+    pm = _peft_model(bases, "llama3_rope_tied_bias", CASES["modules_to_save_tied"][1]())
+    want = H.torch_out(pm, IDS)
+    pm.save_pretrained(tmp_path / "theirs")
+    d, model, params = bases["llama3_rope_tied_bias"]
+    tree = load_peft(tmp_path / "theirs", model, params)
+    assert "lm_head" in tree and "lm_head" not in params
+    save_merged(tmp_path / "merged", model, tree)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(H.torch_out(back, IDS), want, rtol=1e-4, atol=1e-4)
+    model2, params2 = from_pretrained(tmp_path / "merged")  # and we read it back untied
+    assert not model2.config.tie_word_embeddings and "lm_head" in params2
+    np.testing.assert_allclose(np.asarray(model2.apply(params2, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("save_projection", [True, False])

@@ -262,10 +262,12 @@ def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     assert np.abs(b[:, 0]).max() > 0 and np.abs(b[:, 1]).max() > 0 and not np.allclose(b[:, 0], b[:, 1])
 
 
-def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(assets, tmp_path, capsys):
+@pytest.mark.parametrize("log_every", [1, 10])  # the limit is checked every step, not only when metrics are logged
+def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(assets, tmp_path, capsys, log_every):
     out = tmp_path / "run"
     code, err = main(lm_args(assets, out, "optim.lr=1e38", "optim.clip_norm=null", "optim.name=sgd", "optim.b1=0",
-                             "train.max_nonfinite=2", "train.checkpoint_every=1"), capsys)
+                             "train.max_nonfinite=2", "train.checkpoint_every=1", "train.steps=12",
+                             f"train.log_every={log_every}"), capsys)
     log = err
     assert code == 3, err
     assert "more than train.max_nonfinite=2; stopped at step 3 without saving" in err

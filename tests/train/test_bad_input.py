@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import cli, lm_args, main
+from tests.train.conftest import cli, cls_args, lm_args, main, train
 
 
 def _copy_model(assets, tmp_path: Path, name: str = "m") -> Path:
@@ -116,6 +116,67 @@ def _case_output_dir_inside_a_file(assets, tmp_path):
     return lm_args(assets, tmp_path / "f" / "o"), r"NotADirectoryError: .*f/o"
 
 
+def _bad_rows(assets, tmp_path, rows, name="bad.jsonl"):
+    lines = [json.loads(x) for x in assets["lm"].read_text().splitlines()][:40]
+    for i, v in rows.items():
+        lines[i] = {"text": v}
+    (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return tmp_path / name
+
+
+def _case_null_text_row(assets, tmp_path):
+    f = _bad_rows(assets, tmp_path, {6: None, 9: None})
+    return (lm_args(assets, tmp_path / "o", f"data.source={f}"),
+            r"data.text_field: row 7 of .*bad.jsonl has null in column 'text', not text \(2 such rows in .*\); fix the data, "
+            r"or set data.skip_bad_rows: true")
+
+
+def _case_all_null_text(assets, tmp_path):
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n' * 5)
+    return lm_args(assets, tmp_path / "o", f"data.source={tmp_path / 'nulls.jsonl'}"), r"row 1 of .*nulls.jsonl has null"
+
+
+def _case_number_for_text(assets, tmp_path):
+    f = _bad_rows(assets, tmp_path, {2: 17})
+    return lm_args(assets, tmp_path / "o", f"data.source={f}"), r"row 3 of .*bad.jsonl has a int \(17\) in column 'text'"
+
+
+def _case_null_text_in_a_directory_of_files(assets, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    (d / "a.jsonl").write_text(assets["lm"].read_text())
+    (d / "b.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    return lm_args(assets, tmp_path / "o", f"data.source={d}"), r"row 2 of .*many/b.jsonl has null"
+
+
+def _case_null_prompt(assets, tmp_path):
+    (tmp_path / "pairs.jsonl").write_text('{"q": "a", "a": "b"}\n{"q": null, "a": "c"}\n' * 10)
+    return (lm_args(assets, tmp_path / "o", f"data.source={tmp_path / 'pairs.jsonl'}", "data.prompt_field=q",
+                    "data.response_field=a"), r"data.prompt_field: row 2 of .*pairs.jsonl has null in column 'q'")
+
+
+def _case_null_label(assets, tmp_path):
+    rows = [json.loads(x) for x in assets["cls"].read_text().splitlines()]
+    rows[4]["sentiment"] = None
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return (cls_args(assets, tmp_path / "o", f"data.source={tmp_path / 'cls.jsonl'}"),
+            r"data.label_field: row 5 of .*cls.jsonl has null in column 'sentiment' \(1 such row")
+
+
+def _case_unknown_label(assets, tmp_path):
+    rows = [json.loads(x) for x in assets["cls"].read_text().splitlines()]
+    rows[4]["sentiment"] = "meh"
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return (cls_args(assets, tmp_path / "o", f"data.source={tmp_path / 'cls.jsonl'}", "data.labels=[neg,pos]"),
+            r"data.label_field: labels \['meh'\] in .*cls.jsonl")
+
+
+def _case_skip_leaves_nothing(assets, tmp_path):
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n' * 5)
+    return (lm_args(assets, tmp_path / "o", f"data.source={tmp_path / 'nulls.jsonl'}", "data.skip_bad_rows=true"),
+            r"every row of .*nulls.jsonl' is bad")
+
+
 CASES = {k[6:]: v for k, v in globals().items() if k.startswith("_case_")}
 
 
@@ -140,7 +201,7 @@ def test_checkpoint_of_another_variant_or_model_is_refused(assets, tmp_path, cap
     code, err = main(lm_args(assets, out, "train.steps=4", "adapter.variant=dora"), capsys)
     assert code == 2 and "variant: checkpoint 'lora', this run 'dora'" in err and "Traceback" not in err
     code, err = main(lm_args(assets, out, "train.steps=4", f"model.path={assets['gpt2']}"), capsys)
-    assert code == 2 and "base model weights (model.path) differs" in err and "Traceback" not in err
+    assert code == 2 and f"model.path={assets['gpt2']} holds other weights" in err and "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing written by the refusals
     assert (out / "config.json").read_text() == config  # export still rebuilds the run that wrote the checkpoints
 
@@ -151,3 +212,9 @@ def test_batch_not_divisible_by_the_mesh(assets, tmp_path):
     assert re.search(r"train: error: .*1 rows per micro-batch must be divisible by mesh data x fsdp = 2", proc.stderr), \
         proc.stderr[-2000:]
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_bad_rows_are_left_out_and_counted_when_asked(assets, tmp_path):
+    f = _bad_rows(assets, tmp_path, {0: None, 5: 3.5, 11: None})
+    result = train(lm_args(assets, tmp_path / "o", f"data.source={f}", "data.skip_bad_rows=true", "train.steps=2"))
+    assert result.summary["data"]["skipped_rows"] == 3 and result.summary["data"]["examples"] == 37

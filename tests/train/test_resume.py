@@ -86,3 +86,54 @@ def test_signal_saves_then_resume_matches(assets, tmp_path, sig):
     a, b = adapters(whole), adapters(cut)
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def _steps(out):
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_resume_on_other_weights_of_the_same_shapes_is_refused_naming_both(assets, tmp_path, capsys):
+    """Same config.json, same tensor headers, one weight changed: the weights' bytes tell the models apart."""
+    import json
+    import shutil
+
+    from lorax_variants.hf.safetensors_io import SafetensorsFile, write_safetensors
+
+    other = tmp_path / "other"
+    shutil.copytree(assets["llama"], other)
+    f = SafetensorsFile(other / "model.safetensors")
+    tensors = {k: np.array(f.get(k)) for k in f.keys()}
+    name = sorted(k for k in tensors if k.endswith("q_proj.weight"))[0]
+    tensors[name][0, 0] += 1.0
+    write_safetensors(other / "model.safetensors", tensors, f.metadata)
+    assert (other / "model.safetensors").stat().st_size == (assets["llama"] / "model.safetensors").stat().st_size
+    out = tmp_path / "run"
+    train(lm_args(assets, out, "train.steps=4", "train.stop_at=2"))
+    code, err = main(lm_args(assets, out, "train.steps=4", f"model.path={other}"), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"trained on the base model at {assets['llama']}" in err and f"model.path={other} holds other weights" in err
+    assert "--force-base" in err and _steps(out) == [2]
+    code, err = main(lm_args(assets, out, "train.steps=4", f"model.path={other}", "--force-base"), capsys)
+    assert code == 0 and "warning: --force-base" in err
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert len(events) == 1 and "--force-base" in events[0]["message"]  # logged with the run
+
+
+def test_lowering_train_steps_never_relabels_or_prunes_checkpoints(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train.checkpoint_every=2", "train.keep=2"]
+    train(lm_args(assets, out, "train.steps=6", *args))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()}
+    adapters_before = adapters(out)
+    code, err = main(lm_args(assets, out, "train.steps=3", *args), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "train.steps=3" in err and "checkpoint at step 6" in err and "set train.steps to 6 or more" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").iterdir()} == before  # nothing relabelled or pruned
+    after = adapters(out)
+    assert all(np.array_equal(after[k], adapters_before[k]) for k in after)
+    # the same end again is a finished run: nothing trains, nothing is pruned
+    assert main(lm_args(assets, out, "train.steps=6", *args), capsys)[0] == 0
+    assert _steps(out) == [4, 6]
+    # a stop step already passed: nothing to do (it used to run on to the end)
+    code, err = main(lm_args(assets, out, "train.steps=8", "train.stop_at=5", *args), capsys)
+    assert code == 0 and "at or past train.stop_at=5: nothing to do" in err and _steps(out) == [4, 6]
