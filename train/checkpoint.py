@@ -87,17 +87,19 @@ def _quiet_closed_loop() -> None:
 
 
 def _file_in(message: str, step_dir: Path) -> Path:
-    """The file an orbax/tensorstore error names (the step directory when it names none)."""
-    for m in re.finditer(r'(?:local file|file|path)[:\s]+"?([^"\s\]]+)', message):
-        candidate = Path(m.group(1))
-        if str(candidate).startswith(str(step_dir)):
-            return candidate
-    return step_dir
+    """The file an orbax/tensorstore error names (the innermost one under the step directory; the step
+    directory when it names none)."""
+    named = [Path(m.group(1)) for m in re.finditer(r'(?:local file|file|path)[:\s]+"?([^"\s\]]+)', message)]
+    inside = [p for p in named if str(p).startswith(str(step_dir))]
+    files = [p for p in inside if p.is_file()]
+    return (files or inside or [step_dir])[-1]
 
 
 def _reason(e: BaseException) -> str:
-    text = str(e).split(" [tensorstore_spec", 1)[0]  # the spec that follows is kilobytes of JSON
-    return f"{type(e).__name__}: {text[:400]}"
+    text = str(e)
+    for cut in (" [tensorstore_spec", " See full TensorStore details"):  # kilobytes of JSON follow
+        text = text.split(cut, 1)[0]
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def _abstract(x: Any) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 
 from lorax_variants import recipes
 
-__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides"]
+__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest"]
 
 
 class ConfigError(ValueError):
@@ -417,3 +419,9 @@ def _get(cfg: Config, dotted: str) -> Any:
     for part in dotted.split("."):
         x = getattr(x, part)
     return x
+
+
+def config_digest(raw: dict[str, Any]) -> str:
+    """sha256 of a config's dict (``to_dict``, or ``config.json`` as read back): ``summary.json`` records it so
+    that a report can tell the run's own config.json from another's."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()

@@ -38,8 +38,23 @@ class Run:
         self.rows = read_jsonl(self.path / "metrics.jsonl")
         self.config = read_json(self.path / "config.json")
         self.summary = read_json(self.path / "summary.json")
+        self._check_one_run()
         self.name = self.path.name
         self.variant = self.config.get("adapter", {}).get("variant", "?")
+
+    def _check_one_run(self) -> None:
+        """The files must be of one run: summary.json names its run and the digest of its config.json."""
+        from train.config import config_digest
+
+        ids = {r.get("run_id") for r in self.rows if r.get("kind") == "run"}
+        own = self.summary.get("run_id")
+        if own is not None and ids and ids != {own}:
+            raise ValueError(f"{self.path / 'metrics.jsonl'} holds the metrics of run {sorted(map(str, ids))}, but "
+                             f"{self.path / 'summary.json'} is of run {own}: the files are of different runs")
+        digest = self.summary.get("config_sha256")
+        if digest is not None and self.config and config_digest(self.config) != digest:
+            raise ValueError(f"{self.path / 'config.json'} is not the config this run finished with (its digest "
+                             f"differs from summary.json's config_sha256); rerun the training command to rewrite it")
 
     def kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.rows if r.get("kind") == kind]
@@ -54,7 +69,16 @@ class Run:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object file ({} if absent); anything else is an error naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rerun the training command to rewrite it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
 
 
 def save(fig: Any, path: Path) -> Path:

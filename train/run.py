@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
-from train.config import Config, ConfigError, to_dict
+from train.config import Config, ConfigError, config_digest, to_dict
 from train.fingerprint import fingerprint
 from train.data import Batches, TokenData, eval_batches, load_data, load_routed
 from train.lock import RunLock
@@ -169,9 +170,11 @@ def _reshaped(p: Prepared, trainable: Any, frozen: Any, choice: dict[str, np.nda
     return _with_optimizer(p, rebuild(p.built, tree))
 
 
-def _meta(cfg: Config, p: Prepared, step: int, choice: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def _meta(cfg: Config, p: Prepared, step: int, choice: dict[str, np.ndarray] | None = None,
+          run_id: str | None = None) -> dict[str, Any]:
     b = p.built
     return {
+        "run_id": run_id,
         "reshape": {k: np.asarray(v).tolist() for k, v in choice.items()} if choice is not None else None,
         "step": step, "rows_consumed": step * cfg.train.batch_size, "config": to_dict(cfg),
         "base_model": p.base[0], "base_fingerprint": p.base[1],
@@ -255,6 +258,7 @@ class State:
     keep: dict[str, np.ndarray] | None  # the variant's reshaping choice (LoRA-drop's selection), once made
     step: int
     notes: list[str] = dataclasses.field(default_factory=list)  # what the restore let through and must be logged
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # kept by every checkpoint
 
 
 def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None, *,
@@ -288,7 +292,7 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None, *,
     if "extras" in state:
         frozen = variant.with_extras(frozen, state["extras"])
     return p, State(trainable, frozen, opt_state, jax.random.wrap_key_data(jnp.asarray(state["key"])), keep, step,
-                    [note] if note else [])
+                    [note] if note else [], saved.get("run_id") or uuid.uuid4().hex)
 
 
 def run(cfg: Config, *, resume: bool | None = None, force_base: bool = False) -> "Result":
@@ -323,7 +327,7 @@ def _train(p: Prepared, out: Path, lead: bool, resume: bool | None, force_base: 
                           "to start fresh (nothing was changed)")
     p, s = _restore_latest(p, saver, lead, force_base)
     if lead:  # only once the checkpoint (if any) is known to belong to this run: a refused run changes nothing
-        write_text_atomic(out / "config.json", json.dumps(to_dict(p.cfg), indent=2))
+        write_text_atomic(out / "config.json", json.dumps(to_dict(p.cfg), indent=2))  # config_digest reads it back
         for stale in out.glob(".adapters.safetensors.*"):  # the temporary file of a write that was killed
             stale.unlink()
     loop = _Loop(p, s, saver, out, lead)
@@ -415,7 +419,8 @@ class _Loop:
         self.fns = _steps(p)
         self.batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
         self.groups = lr_groups(cfg, self.trainable, p.built.model.stacked)
-        self.metrics = Metrics(out, t.steps, s.step, active=lead, progress=t.progress)
+        self.run_id = s.run_id
+        self.metrics = Metrics(out, t.steps, s.step, active=lead, progress=t.progress, run_id=s.run_id)
         self.pending: list[tuple[int, dict[str, Any]]] = []  # metrics of queued steps, on the device
         self.checked: list[tuple[int, dict[str, Any]]] = []  # fetched and passed by the non-finite policy, to log
         self.skipped, self.tokens, self.t0, self.elapsed = 0, 0.0, time.perf_counter(), 0.0
@@ -431,7 +436,7 @@ class _Loop:
                                  if p.train.stats.get("skipped_rows") else "") + ")")
         else:
             self.metrics.echo(f"{cfg.name}: resumed from step {s.step} ({saver.directory / str(s.step)})")
-        for note in s.notes:  # what the restore let through or set aside: on screen and in metrics.jsonl
+        for note in s.notes + self.metrics.notes:  # what the restore let through or set aside: shown and logged
             self.metrics.echo(note)
             self.metrics.write("event", s.step, {"message": note})
 
@@ -550,7 +555,7 @@ class _Loop:
             state["extras"] = self.variant.extras(self.frozen)
         # Logged first: a kill during the save leaves a row past the last checkpoint, dropped on resume and redone.
         _weight_changes(self.metrics, self.cfg, step, self.trainable, self.frozen)
-        self.saver.save(step, state, _meta(self.cfg, self.p, step, self.keep))
+        self.saver.save(step, state, _meta(self.cfg, self.p, step, self.keep, self.run_id))
 
     def finish(self) -> None:
         """After the last step: the final eval, samples, the last checkpoint."""
@@ -582,7 +587,8 @@ class _Loop:
             "final_train_loss": self.row.get("loss"), "eval": self.last_eval, "skipped_steps": self.skipped,
             "seconds": self.elapsed, "seconds_per_step": self.elapsed / max(1, t.steps - self.start - 1),
             ("tokens_per_second" if self.lm else "examples_per_second"): self.tokens / max(self.elapsed, 1e-9),
-            "data": dict(self.p.train.stats), "output_dir": str(out),
+            "data": dict(self.p.train.stats), "output_dir": str(out), "run_id": self.run_id,
+            "config_sha256": config_digest(to_dict(cfg)),
         }
         summary |= self.variant.summary(self.opt_state)
         table = routes(cfg)
@@ -591,7 +597,7 @@ class _Loop:
         host = to_host(self.trainable)
         if self.lead:
             write_safetensors(out / "adapters.safetensors", dict(lv.leaves_with_paths(host)),
-                              {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, self.p, t.steps))})
+                              {"format": "lorax_variants", "meta": json.dumps(_meta(cfg, self.p, t.steps, self.keep, self.run_id))})
             write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
             if t.report:
                 _report(out)

@@ -175,6 +175,7 @@ def test_dora_scatter_shows_one_peer_however_many_siblings(runs, tmp_path):
     the comparison page holds them all, three panels to a row."""
     import shutil
 
+    from train.config import config_digest
     from train.figures import Run, closest_peer
     from train.report import accuracy_label, compare, report
 
@@ -188,6 +189,8 @@ def test_dora_scatter_shows_one_peer_however_many_siblings(runs, tmp_path):
         cfg = json.loads((d / "config.json").read_text())
         cfg["adapter"]["r"], cfg["optim"]["lr"] = 8 + i, 0.5
         (d / "config.json").write_text(json.dumps(cfg))
+        summary = json.loads((d / "summary.json").read_text())  # as that run's own summary would say
+        (d / "summary.json").write_text(json.dumps(summary | {"config_sha256": config_digest(cfg)}))
     peers = [Run(d) for d in sorted(parent.iterdir()) if d.name != "dora"]
     assert closest_peer(Run(dora), peers).name == "lora_same"
     report(dora)
