@@ -169,15 +169,23 @@ class Checkpointer:
                     "as it wrote one); read without checking its files")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointDamaged(step, d / MANIFEST, f"unreadable ({type(e).__name__}: {e})") from None
+        bad = []
         for name, entry in sorted(files.items()):
             p = d / name
             if not p.is_file():
-                raise CheckpointDamaged(step, p, "missing")
+                bad.append((p, "missing"))
+                continue
             size = p.stat().st_size
             if size != entry.get("size"):
-                raise CheckpointDamaged(step, p, f"{size} bytes, {entry.get('size')} when written (cut short or replaced)")
-            if _sha256(p) != entry.get("sha256"):
-                raise CheckpointDamaged(step, p, "its content changed since it was written (sha256 differs)")
+                bad.append((p, f"{size} bytes, {entry.get('size')} when written (cut short or replaced)"))
+            elif _sha256(p) != entry.get("sha256"):
+                bad.append((p, "its content changed since it was written (sha256 differs)"))
+        if len(bad) == 1:
+            raise CheckpointDamaged(step, *bad[0])
+        if bad:  # every file at once: more likely the manifest than the step
+            raise CheckpointDamaged(step, d / MANIFEST, f"{len(bad)} of the {len(files)} files it lists differ from it "
+                                    f"(first: {bad[0][0].relative_to(d)}, {bad[0][1]}): the manifest or the step "
+                                    "is damaged")
         return None
 
     def meta(self, step: int) -> dict[str, Any]:

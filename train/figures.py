@@ -34,7 +34,8 @@ class Run:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not (self.path / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{self.path}: not a run directory (no metrics.jsonl)")
+            raise FileNotFoundError(f"{self.path / 'metrics.jsonl'} is missing: {self.path} is not a run directory, or "
+                                    "its metrics file was deleted")
         self.rows = read_jsonl(self.path / "metrics.jsonl")
         self.config = read_json(self.path / "config.json")
         self.summary = read_json(self.path / "summary.json")

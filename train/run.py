@@ -443,8 +443,9 @@ class _Loop:
     def train_step(self, step: int) -> int:
         """One optimizer step; the clock starts after the first (compiling) one. Returns the steps done."""
         batch = _global_batch(self.batches.local(step), self.t.grad_accum, self.fns)
-        self.trainable, self.frozen, self.opt_state, m = self.fns.train(self.trainable, self.frozen, self.opt_state,
-                                                                        batch, jnp.int32(step), self.key)
+        self.trainable, frozen, self.opt_state, m = self.fns.train(self.trainable, self.frozen, self.opt_state,
+                                                                   batch, jnp.int32(step), self.key)
+        self.frozen = self.frozen if frozen is None else frozen  # None: the variant leaves them as they were
         self.pending.append((step, m))
         if step == self.start:
             jax.block_until_ready(m)

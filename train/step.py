@@ -72,7 +72,8 @@ def _lm_mask(batch: dict[str, jax.Array]) -> jax.Array:
 
 @dataclasses.dataclass
 class StepFns:
-    train: Callable[..., Any]  # (trainable, frozen, opt_state, batch, step, key) -> (trainable, frozen, opt_state, metrics)
+    # (trainable, frozen, opt_state, batch, step, key) -> (trainable, frozen or None when unchanged, opt_state, metrics)
+    train: Callable[..., Any]
     eval: Callable[..., Any]  # (trainable, frozen, batch) -> metrics sums
     batch_sharding: Callable[[int], NamedSharding]
 
@@ -144,7 +145,10 @@ def make_steps(
         metrics = {"loss": total / denom, "grad_norm": grad_norm, "tokens": count, "accuracy": correct / denom,
                    "finite": ok,  # and where not: one bool per trainable leaf, gradient and updated value (for the log)
                    "finite_grads": _finite_norms(grads), "finite_params": _finite_norms(new_trainable)}
-        return keep(new_trainable, trainable), keep(new_frozen, frozen), keep(new_opt, opt_state), metrics
+        # Frozen weights that no variant hook changes are not an output: XLA would copy every one of them into a
+        # new buffer each step (an undonated input cannot be an output), doubling their memory during the step.
+        out_frozen = keep(new_frozen, frozen) if variant.after_update is not None else None
+        return keep(new_trainable, trainable), out_frozen, keep(new_opt, opt_state), metrics
 
     def _route_weights(batch):
         """``[accum, micro]``: 1 / (the loss count of the row's route over the whole batch), 0 for rows routed to
@@ -180,7 +184,7 @@ def make_steps(
     train = jax.jit(
         train_step,
         in_shardings=(trainable_sh, frozen_sh, opt_sh, None, replicated, replicated),
-        out_shardings=(trainable_sh, frozen_sh, opt_sh, replicated),
+        out_shardings=(trainable_sh, frozen_sh if variant.after_update is not None else None, opt_sh, replicated),
         donate_argnums=(0, 1, 2) if variant.after_update is not None else (0, 2),
     )
     evaluate = jax.jit(eval_step, in_shardings=(trainable_sh, frozen_sh, None), out_shardings=replicated)
