@@ -11,6 +11,7 @@ projection, batch 4 x 128 tokens, float32, State of the Union text if ``.cache/a
 demo-lm``), else a synthetic corpus.
 
     python bench/bench_host_memory.py [--steps 100] [--models smollm2,gemma270m] [--policies glibc,before,after]
+                                      [--app PATH-TO-ANOTHER-CHECKOUT]
 
 RSS is sampled from /proc every 50 ms and matched to the step ``metrics.jsonl`` has reached.
 """
@@ -108,16 +109,16 @@ def _step(metrics: Path) -> int:
     return max((r["step"] for r in rows if r.get("kind") == "train"), default=0)
 
 
-def measure(model: Path, data: Path, policy: str, steps: int, out: Path) -> dict[str, float]:
+def measure(model: Path, data: Path, policy: str, steps: int, out: Path, app: Path = ROOT) -> dict[str, float]:
     args = [f"model.path={model}", f"data.source={data}", "data.seq_len=128", "train.batch_size=4",
             f"train.steps={steps}", "train.log_every=1", "train.progress=false", "train.samples=0",
             "train.report=false", f"train.output_dir={out}", "adapter.r=8", "adapter.alpha=16"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(app))
     env.pop("XLA_FLAGS", None)
     if policy in ("glibc", "before"):
         env["LORAX_KEEP_HOST_MEMORY"] = "0"
     code = RUN.format(prelude=BEFORE if policy == "before" else "")
-    proc = subprocess.Popen([sys.executable, "-c", code, *[a for kv in args for a in ("--set", kv)]], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", code, *[a for kv in args for a in ("--set", kv)]], cwd=app,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     by_step: dict[int, int] = {}
     peak = 0
@@ -142,6 +143,8 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,gemma270m")
     ap.add_argument("--policies", default="glibc,before,after")
     ap.add_argument("--work", default=None, help="keep the converted models here (default: a temp dir)")
+    ap.add_argument("--app", default=str(ROOT), help="the checkout whose training app runs (e.g. a git worktree of "
+                    "an earlier commit, for a before/after figure)")
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-memory-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,7 @@ def main() -> None:
         for policy in a.policies.split(","):
             out = work / f"run-{name}-{policy}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            m = measure(path, data, policy, a.steps, out)
+            m = measure(path, data, policy, a.steps, out, Path(a.app))
             base = base or m
             print(f"{name:10s} {policy:7s} {m['peak']:9.2f} {m['at10']:8.2f} {m['at_end']:9.2f} "
                   f"{m['at_end'] - m['at10']:+7.2f} {m['s_per_step']:7.3f} {m['s_per_step'] / base['s_per_step']:9.3f}",

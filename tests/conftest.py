@@ -21,3 +21,20 @@ settings.load_profile("ci")
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global RNG states (Python, NumPy, torch), whatever ran before it in its
+    worker: a draw a test forgets to seed is still the same draw on every machine and in every order."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(0)

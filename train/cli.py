@@ -41,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         sub = __import__(f"train.{argv[0]}", fromlist=["main"])
         return _guarded(lambda: sub.main(argv[1:]), "--debug" in argv)
     args = _parser().parse_args(argv)
-    from lorax_variants.runtime import keep_host_memory
-
-    keep_host_memory()  # before JAX's CPU client exists: reuse step temporaries (see lorax_variants/runtime.py)
     from train.checkpoint import CheckpointMismatch
     from train.config import ConfigError, load
     from train.plan import dry_run
@@ -54,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        run(cfg, resume=args.resume, force_base=args.force_base)
+        run(cfg, resume=args.resume, force_base=args.force_base, host_memory=True)  # see lorax_variants/runtime.py
         return 0
     except Interrupted as e:
         print(f"train: {e}", file=sys.stderr)

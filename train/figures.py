@@ -53,9 +53,20 @@ class Run:
             raise ValueError(f"{self.path / 'metrics.jsonl'} holds the metrics of run {sorted(map(str, ids))}, but "
                              f"{self.path / 'summary.json'} is of run {own}: the files are of different runs")
         digest = self.summary.get("config_sha256")
-        if digest is not None and self.config and config_digest(self.config) != digest:
-            raise ValueError(f"{self.path / 'config.json'} is not the config this run finished with (its digest "
-                             f"differs from summary.json's config_sha256); rerun the training command to rewrite it")
+        logged = [r.get("config_sha256") for r in self.rows if r.get("kind") == "config"]
+        if self.config and ((digest is not None and config_digest(self.config) != digest)
+                            or (logged and config_digest(self.config) != logged[-1])):
+            raise ValueError(f"{self.path / 'config.json'} is not the config this run last ran with (its digest "
+                             "differs from the one summary.json / metrics.jsonl recorded); rerun the training command "
+                             "to rewrite it")
+
+    def gaps(self) -> str | None:
+        """What the metrics lack: a run summary.json says finished at step N whose rows end earlier."""
+        steps = self.summary.get("steps")
+        last = max((r.get("step", 0) for r in self.kind("train")), default=0)
+        if isinstance(steps, int) and last < steps:
+            return f"{self.path / 'metrics.jsonl'} ends at step {last} of the run's {steps} (the file was cut)"
+        return None
 
     def kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.rows if r.get("kind") == kind]

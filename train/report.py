@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,11 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
     summary = {k: v for k, v in run.summary.items() if not isinstance(v, (dict, list))}
     for k, v in (run.summary.get("eval") or {}).items():
         summary[f"eval {k}"] = v
-    sections = [f"<h2>Summary</h2>{_kv_table(summary) or '<p>(the run has not finished: no summary.json)</p>'}",
+    gap = run.gaps()
+    if gap:
+        print(f"train report: warning: {gap}", file=sys.stderr)
+    sections = [f"<h2>Summary</h2>{_kv_table(summary) or '<p>(the run has not finished: no summary.json)</p>'}"
+                + (f"<p><b>Warning:</b> {html.escape(gap)}</p>" if gap else ""),
                 f"<h2>Figures</h2>{_figures_html(paths, out)}",
                 f"<h2>Config</h2><pre>{html.escape(json.dumps(run.config, indent=2))}</pre>"]
     from lorax_variants.hf.safetensors_io import write_text_atomic

@@ -295,14 +295,20 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None, *,
                     [note] if note else [], saved.get("run_id") or uuid.uuid4().hex)
 
 
-def run(cfg: Config, *, resume: bool | None = None, force_base: bool = False) -> "Result":
+def run(cfg: Config, *, resume: bool | None = None, force_base: bool = False,
+        host_memory: bool = False) -> "Result":
     """Train per ``cfg``; resume from ``train.output_dir`` if it has a checkpoint (``resume=None``: auto;
-    ``force_base``: even one trained on other base weights, with a warning in the log).
+    ``force_base``: even one trained on other base weights, with a warning in the log; ``host_memory``: once
+    the model is loaded, ``lorax_variants.runtime.keep_host_memory`` for this process, as the CLI does).
 
     Writes ``adapters.safetensors`` (the trainable leaves by path, the run's meta as metadata),
     ``summary.json``, ``metrics.jsonl``, TensorBoard events and ``report/`` (figures); returns the
     summary and the final trees."""
     p = _prepare(cfg, abstract=False)
+    if host_memory:
+        from lorax_variants.runtime import keep_host_memory
+
+        keep_host_memory(jax.default_backend())  # XLA:CPU's step temporaries reuse their pages
     out = Path(cfg.train.output_dir)
     lead = jax.process_index() == 0
     if lead:
@@ -439,6 +445,7 @@ class _Loop:
         for note in s.notes + self.metrics.notes:  # what the restore let through or set aside: shown and logged
             self.metrics.echo(note)
             self.metrics.write("event", s.step, {"message": note})
+        self.metrics.write("config", s.step, {"config_sha256": config_digest(to_dict(cfg))})  # the config.json of now
 
     def train_step(self, step: int) -> int:
         """One optimizer step; the clock starts after the first (compiling) one. Returns the steps done."""

@@ -43,7 +43,29 @@ def token_cross_entropy(model: Any, params: Any, hidden: jax.Array, targets: jax
 
 
 def _ce(model: Any, params: Any, h: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = model.head(params, h).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    return _ce_of_logits(model.head(params, h).astype(jnp.float32), y)
+
+
+@jax.custom_vjp
+def _ce_of_logits(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(logsumexp(logits) - logits[y], logits[y] is the largest)`` per row, with a backward that writes
+    ``(softmax(logits) - onehot(y)) · g`` as one [rows, vocab] array: autodiff of the plain expression also
+    holds the exponentials, a scatter of the picked logit's gradient into zeros of that shape and the argmax's
+    index array (for a 262k vocabulary at 512 tokens: 0.5 GB each)."""
+    return _ce_fwd(logits, y)[0]
+
+
+def _ce_fwd(logits: jax.Array, y: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    top = jnp.max(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
     picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
-    return lse - picked, jnp.argmax(logits, axis=-1) == y
+    return (lse - picked, picked >= top), (logits, lse, y)
+
+
+def _ce_bwd(res: tuple[jax.Array, ...], g: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    logits, lse, y = res
+    hit = jnp.arange(logits.shape[-1], dtype=y.dtype)[None, :] == y[:, None]
+    return (jnp.exp(logits - lse[:, None]) - hit.astype(logits.dtype)) * g[0][:, None], None
+
+
+_ce_of_logits.defvjp(_ce_fwd, _ce_bwd)

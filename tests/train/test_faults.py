@@ -226,6 +226,7 @@ CHANGES = {
     "quantization": ("quant.kind=nf4 quant.block_size=32", r"quant_spec differs"),
     "seq_len": ("data.seq_len=8", r"data.seq_len differs"),
     "batch": ("train.batch_size=8", r"train.batch_size differs"),
+    "data": ("data.source=LM_COPY", r"data.source differs"),
 }
 
 
@@ -245,6 +246,9 @@ def test_a_changed_config_is_refused_by_field(stopped, assets, tmp_path, capsys,
     shutil.copytree(stopped, d)
     before = sorted(_files(d / "checkpoints"))
     change, message = CHANGES[field]
+    if "LM_COPY" in change:
+        shutil.copy(assets["lm"], tmp_path / "copy.jsonl")
+        change = change.replace("LM_COPY", str(tmp_path / "copy.jsonl"))
     code, err = main(lm_args(assets, d, *BASE, *change.split()), capsys)
     assert code == 2 and "Traceback" not in err and re.search(message, err), err[-2000:]
     assert sorted(_files(d / "checkpoints")) == before

@@ -109,7 +109,7 @@ def _compare(whole: Path, cut: Path) -> None:
     for k in a:
         assert np.array_equal(a[k], b[k]), k  # bit for bit
     rows = lambda out: sorted(({k: v for k, v in r.items() if k != "time"} for r in read_jsonl(out / "metrics.jsonl")  # noqa: E731
-                               if r["kind"] != "run"),  # (each run has its own id)
+                               if r["kind"] not in ("run", "config")),  # (one per invocation; ids differ)
                               key=lambda r: (r["step"], r["kind"]))  # (a resumed final step redoes its eval after its weights row)
     assert rows(cut) == rows(whole)  # every row (train, eval, weights, ...) once, the same values: nothing lost or doubled
     assert not list(cut.glob(".adapters.safetensors.*")) and not (cut / "checkpoints" / TRASH).exists()

@@ -1,0 +1,45 @@
+"""Float comparisons relative to the reference's scale, not element by element.
+
+Float32 results differ by CPU (SIMD widths, reduction orders, threads): an element-wise ``atol`` far below
+the values compared fails on another machine for a few elements that land near the bound, while the
+result is as exact as ever. ``assert_close`` bounds the largest error against the largest reference value:
+
+    max |actual - desired| / max |desired| <= tol
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["assert_close", "rel_error"]
+
+
+def rel_error(actual: Any, desired: Any) -> float:
+    """``max |actual - desired| / max |desired|`` (float64; ``inf`` where the shapes differ or a value is not
+    finite where the reference's is)."""
+    a, d = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    if a.shape != d.shape:
+        a, d = np.broadcast_arrays(a, d)
+    if not np.array_equal(np.isfinite(a), np.isfinite(d)):
+        return float("inf")
+    fin = np.isfinite(d)
+    if not fin.any():
+        return 0.0
+    diff = float(np.max(np.abs(a[fin] - d[fin]), initial=0.0))
+    scale = float(np.max(np.abs(d[fin]), initial=0.0))
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
+def assert_close(actual: Any, desired: Any, tol: float, err_msg: str = "") -> None:
+    """Assert ``max |actual - desired| / max |desired| <= tol`` (same shape; non-finite values where the
+    reference has them). A reference of all zeros must be met exactly."""
+    a, d = np.asarray(actual), np.asarray(desired)
+    assert a.shape == d.shape or np.broadcast_shapes(a.shape, d.shape) == d.shape, \
+        f"shapes differ: {a.shape} vs {d.shape} {err_msg}"
+    err = rel_error(a, d)
+    assert err <= tol, (f"max |actual - desired| / max |desired| = {err:.3g} > {tol:g} "
+                        f"(scale {float(np.nanmax(np.abs(np.asarray(d, np.float64)), initial=0.0)):.3g}) {err_msg}")
