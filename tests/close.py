@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["assert_close", "rel_error"]
+__all__ = ["assert_close", "assert_trees_close", "rel_error"]
 
 
 def rel_error(actual: Any, desired: Any) -> float:
@@ -43,3 +43,20 @@ def assert_close(actual: Any, desired: Any, tol: float, err_msg: str = "") -> No
     err = rel_error(a, d)
     assert err <= tol, (f"max |actual - desired| / max |desired| = {err:.3g} > {tol:g} "
                         f"(scale {float(np.nanmax(np.abs(np.asarray(d, np.float64)), initial=0.0)):.3g}) {err_msg}")
+
+
+def assert_trees_close(actual: Any, desired: Any, tol: float, err_msg: str = "") -> None:
+    """Leaf by leaf, ``max |actual - desired| <= tol · (the largest |desired| of any leaf)``: gradients of a
+    model compared as one vector, so that a leaf whose gradient is ~0 is held to the gradient's scale, not
+    to float noise relative to itself."""
+    import jax
+
+    a, d = jax.tree.leaves(actual), jax.tree.leaves(desired)
+    assert len(a) == len(d), f"{len(a)} leaves vs {len(d)} {err_msg}"
+    scale = max(float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0)) for x in d)
+    for i, (x, y) in enumerate(zip(a, d)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape, f"leaf {i}: shapes {x.shape} vs {y.shape} {err_msg}"
+        diff = float(np.max(np.abs(x - y), initial=0.0))
+        assert diff <= tol * scale, (f"leaf {i}: max |diff| {diff:.3g} > {tol:g} x {scale:.3g} (the tree's scale) "
+                                     + err_msg)

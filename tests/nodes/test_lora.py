@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lorax_variants as lv
+from tests.close import assert_close
 
 
 class OneLinear(torch.nn.Module):
@@ -46,7 +47,7 @@ def test_forward_equals_peft_lora(rslora):
     )
     assert node.scale == layer.scaling["default"]
     ours = lv.dense(jnp.asarray(x.numpy()), node) + layer.base_layer.bias.detach().numpy()
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    assert_close(ours, expected, 2e-5)
 
 
 def test_pissa_matches_peft_and_reproduces_w():
@@ -61,9 +62,9 @@ def test_pissa_matches_peft_and_reproduces_w():
 
     peft_residual = layer.base_layer.weight.detach().numpy().T
     peft_delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy().T
-    np.testing.assert_allclose(node.weight, peft_residual, atol=2e-5)
-    np.testing.assert_allclose(node.lora_a @ node.lora_b, peft_delta, atol=2e-5)  # sign-free product
-    np.testing.assert_allclose(lv.merge(node), w_orig, atol=1e-5)
+    assert_close(node.weight, peft_residual, 1e-4)
+    assert_close(node.lora_a @ node.lora_b, peft_delta, 2e-4)  # sign-free product
+    assert_close(lv.merge(node), w_orig, 1e-4)
     # Principal part: the adapter carries the top-r singular values of W.
     s_delta = np.linalg.svd(node.scale * np.asarray(node.lora_a @ node.lora_b), compute_uv=False)[:r]
     np.testing.assert_allclose(s_delta, np.linalg.svd(w_orig, compute_uv=False)[:r], rtol=1e-5)
@@ -76,12 +77,12 @@ def test_olora_matches_peft_and_reproduces_w():
     torch.manual_seed(0)
     w_orig = OneLinear(d_in, d_out).proj.weight.detach().numpy().T
     node = lv.adapt({"proj": jnp.asarray(w_orig)}, lv.AdapterSpec(targets="proj", r=r, alpha=alpha, init="olora"), 0)["proj"]
-    np.testing.assert_allclose(node.weight, layer.base_layer.weight.detach().numpy().T, atol=2e-5)
+    assert_close(node.weight, layer.base_layer.weight.detach().numpy().T, 1e-4)
     peft_delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy().T
-    np.testing.assert_allclose(node.lora_a @ node.lora_b, peft_delta, atol=2e-5)  # sign-free product
-    np.testing.assert_allclose(lv.merge(node), w_orig, atol=1e-5)
+    assert_close(node.lora_a @ node.lora_b, peft_delta, 2e-4)  # sign-free product
+    assert_close(lv.merge(node), w_orig, 1e-4)
     # B's rows are orthonormal (Q of the QR)
-    np.testing.assert_allclose(np.asarray(node.lora_b @ node.lora_b.T), np.eye(r), atol=1e-5)
+    assert_close(np.asarray(node.lora_b @ node.lora_b.T), np.eye(r), 2e-5)
 
 
 def _node(key, d_in, d_out, r, lead=(), scale=1.5):
@@ -105,8 +106,8 @@ def test_factored_apply_equals_x_times_merge(d_in, d_out, r, batch, seed, scale)
     reference = np.asarray(x, np.float64) @ (
         np.asarray(node.weight, np.float64) + scale * np.asarray(node.lora_a, np.float64) @ np.asarray(node.lora_b, np.float64)
     )
-    np.testing.assert_allclose(lv.dense(x, node), reference, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(x @ lv.merge(node), reference, rtol=1e-4, atol=1e-4)
+    assert_close(lv.dense(x, node), reference, 2e-4)
+    assert_close(x @ lv.merge(node), reference, 2e-4)
 
 
 @settings(max_examples=12)  # each new shape compiles
@@ -138,7 +139,7 @@ def test_dropout_only_on_adapter_input_and_inverted():
     node = lv.LoraNode(weight=w, lora_a=jnp.eye(d), lora_b=jnp.eye(d), scale=1.0, dropout=rate)
     x = jax.random.normal(jax.random.key(1), (32, d)) + 3.0
     base = x @ w
-    np.testing.assert_allclose(lv.dense(x, node), base + x, rtol=1e-5, atol=1e-4)  # no key: eval
+    assert_close(lv.dense(x, node), base + x, 2e-5)  # no key: eval
     tree = lv.with_dropout({"p": node}, jax.random.key(2))
     branch = np.asarray(lv.dense(x, tree["p"]) - base)
     x = np.asarray(x)

@@ -11,6 +11,8 @@ import pytest
 
 import lorax_variants as lv
 from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
+from tests.close import assert_close
+from tests.env import xla_env
 
 PROJ = r"layers/(attn|mlp)/\w+_proj"
 SPECS = {
@@ -62,7 +64,7 @@ def test_routed_batch_equals_each_example_alone(setup, impl):
     batch = model.apply(lv.route(_with_impl(tree, impl), routes), ids)
     for e, t in enumerate(routes):
         alone = model.apply(params if t == lv.BASE else lv.pick(tree, NAMES[t]), ids[e:e + 1])
-        np.testing.assert_allclose(batch[e:e + 1], alone, rtol=1e-4, atol=1e-5)
+        assert_close(batch[e:e + 1], alone, 2e-4)
     assert len({float(jnp.sum(batch[e])) for e in range(3)}) == 3  # the adapters really differ
 
 
@@ -88,7 +90,7 @@ def test_each_adapters_gradient_equals_training_it_alone_on_its_rows(setup, impl
         ours = lv.split(lv.pick(lv.combine(grads, frozen), name))[0]
         for path, g in lv.leaves_with_paths(alone):
             got = dict(lv.leaves_with_paths(ours))[path]
-            np.testing.assert_allclose(got, g, rtol=2e-4, atol=1e-6, err_msg=f"{name} {path}")
+            assert_close(got, g, 5e-4, err_msg=f"{name} {path}")
         assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(alone)) > 0
 
 
@@ -188,13 +190,11 @@ def test_sharded_over_data_fsdp_tensor_equals_one_device(impl, routes):
     """The batch over data x fsdp, the frozen and adapter leaves over fsdp/tensor as a single adapter's (8 simulated
     devices): the same loss and gradients as on one device."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env = xla_env(8, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     script = SHARDED.replace("IMPL", impl).replace("ROUTES", repr(routes))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

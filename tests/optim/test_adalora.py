@@ -10,6 +10,7 @@ import torch
 import lorax_variants as lv
 from lorax_variants.optim import adalora_allocator, budget_schedule, rank_pattern, with_rank_pattern
 from tests import peft_refs as R
+from tests.close import assert_close
 
 SCHEDULE = dict(target_r=2, total_step=14, tinit=2, tfinal=3, delta_t=2, beta1=0.85, beta2=0.85)
 
@@ -34,7 +35,7 @@ def test_budgets_masks_and_parameters_equal_peft_step_by_step():
         trainable = optax.apply_updates(trainable, u)
         for name, layer in layers.items():
             e_peft = layer.lora_E["default"].detach().numpy()[:, 0]
-            np.testing.assert_allclose(trainable[name]["kernel"].lora_e, e_peft, rtol=1e-4, atol=1e-5, err_msg=f"step {t} {name}")
+            assert_close(trainable[name]["kernel"].lora_e, e_peft, 2e-4, err_msg=f"step {t} {name}")
             saw_masking |= bool((e_peft == 0).any())
     assert saw_masking
     # The final rank pattern equals PEFT's and reaches the target budget (2 per matrix on average).

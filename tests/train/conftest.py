@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from lorax_variants.hf.safetensors_io import SafetensorsFile
 from tests import hf_models as H
+from tests.env import xla_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,8 +47,7 @@ def cls_args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
 def cli(args: list[str], *, devices: int = 1, env: dict[str, str] | None = None, timeout: int = 300,
         check: bool = True) -> subprocess.CompletedProcess:
     """``python -m train --set ...`` in a fresh process with ``devices`` simulated CPU devices."""
-    e = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(ROOT), **(env or {}))
+    e = xla_env(devices, PYTHONPATH=str(ROOT), **(env or {}))
     cmd = [sys.executable, "-m", "train"] + [a for kv in args for a in (("--set", kv) if "=" in kv and not kv.startswith("-") else (kv,))]
     proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.train.conftest import cls_args, lm_args, losses, main, train
+from tests.close import assert_close
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -105,7 +106,7 @@ def test_every_variant_trains(assets, tmp_path, variant):
         assert nodes and all(isinstance(n, lv.QuantizedNode) and n.kind == "int4_asym" for n in nodes)
         ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 12)))
         model = result.built.model
-        np.testing.assert_allclose(model.apply(merged, ids), model.apply(tree, ids), rtol=1e-4, atol=1e-4)
+        assert_close(model.apply(merged, ids), model.apply(tree, ids), 5e-4)
 
 
 def test_delta_lora_changes_the_frozen_weights_and_lora_does_not(assets, tmp_path):
@@ -329,11 +330,9 @@ def test_many_adapters_train_together_each_on_its_rows(assets, tmp_path):
         ours = np.asarray(model.apply(lv.pick(tree, name), jnp.asarray(ids)))
         base = T.AutoModelForCausalLM.from_pretrained(assets["llama"])
         theirs = H.torch_out(peft.PeftModel.from_pretrained(base, peft_dir / name).eval(), ids)
-        np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4, err_msg=name)
+        assert_close(theirs, ours, 5e-4, err_msg=name)
     routed = np.asarray(model.apply(lv.route(tree, [1, 0]), jnp.asarray(ids)))  # rows through their own adapters
-    np.testing.assert_allclose(routed[0], np.asarray(model.apply(lv.pick(tree, "rev"), jnp.asarray(ids[:1])))[0],
-                               rtol=1e-4, atol=1e-5)
+    assert_close(routed[0], np.asarray(model.apply(lv.pick(tree, "rev"), jnp.asarray(ids[:1])))[0], 2e-4)
     merged = export(out, "merged", tmp_path / "merged", adapter="rev")
     m = T.AutoModelForCausalLM.from_pretrained(merged).eval()
-    np.testing.assert_allclose(H.torch_out(m, ids), np.asarray(model.apply(lv.pick(tree, "rev"), jnp.asarray(ids))),
-                               rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(m, ids), np.asarray(model.apply(lv.pick(tree, "rev"), jnp.asarray(ids))), 5e-4)

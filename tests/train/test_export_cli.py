@@ -10,6 +10,7 @@ import transformers as T
 import lorax_variants as lv
 from tests import hf_models as H
 from tests.train.conftest import lm_args, main, train
+from tests.close import assert_close
 
 IDS = np.random.default_rng(1).integers(0, 96, (2, 10))
 
@@ -28,9 +29,9 @@ def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
         assert code == 0, err
     base = T.AutoModelForCausalLM.from_pretrained(assets["llama"])
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
-    np.testing.assert_allclose(H.torch_out(pm, IDS), ours, rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(pm, IDS), ours, 5e-4)
     merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    np.testing.assert_allclose(H.torch_out(merged, IDS), ours, rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(merged, IDS), ours, 5e-4)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     T.AutoTokenizer.from_pretrained(tmp_path / "merged")  # the export is a complete model directory
 
@@ -59,7 +60,7 @@ def test_classification_run_exports_its_head_as_modules_to_save(assets, tmp_path
     assert main(["export", "--checkpoint", str(run), "--format", "peft", "--out", str(tmp_path / "p")], capsys)[0] == 0
     base = T.AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=2)
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "p").eval()
-    np.testing.assert_allclose(H.torch_out(pm, ids), ours, rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(pm, ids), ours, 5e-3)
     assert main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "m")], capsys)[0] == 0
     merged = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
-    np.testing.assert_allclose(H.torch_out(merged, ids), ours, rtol=1e-4, atol=1e-4)
+    assert_close(H.torch_out(merged, ids), ours, 5e-3)

@@ -32,6 +32,7 @@ import pytest
 
 from lorax_variants.hf.safetensors_io import SafetensorsFile
 from tests.train.conftest import ROOT, adapters, lm_args, main
+from tests.env import xla_env
 
 BASE = ["train.steps=6", "train.checkpoint_every=2", "train.keep=3", "data.eval_fraction=0.1", "train.eval_every=0"]
 OPS = ("truncate", "zero", "delete", "replace")
@@ -51,8 +52,7 @@ def runs(assets, tmp_path_factory):
 
     train(lm_args(assets, d / "finished", *BASE))
     train(lm_args(assets, d / "other", *BASE, "adapter.seed=1", "data.seed=1"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=str(ROOT))
+    env = xla_env(1, PYTHONPATH=str(ROOT))
     argv = [a for kv in lm_args(assets, d / "killed", *BASE) for a in ("--set", kv)]
     proc = subprocess.run([sys.executable, "-m", "tests.train.crash", "ckpt_finalize", "4", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

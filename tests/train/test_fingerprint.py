@@ -11,6 +11,11 @@ from lorax_variants.hf.safetensors_io import SafetensorsFile, write_safetensors
 from train import fingerprint as F
 
 
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    (dst / F.CACHE_NAME).unlink(missing_ok=True)  # hashed afresh (other tests may have cached the original)
+
+
 def _flip_one_weight(d):
     f = SafetensorsFile(d / "model.safetensors")
     tensors = {k: np.array(f.get(k)) for k in f.keys()}
@@ -21,8 +26,8 @@ def _flip_one_weight(d):
 
 def test_weights_of_the_same_shapes_differ_and_the_old_fingerprint_did_not_see_it(assets, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(assets["llama"], a)
-    shutil.copytree(assets["llama"], b)
+    _copy(assets["llama"], a)
+    _copy(assets["llama"], b)
     assert F.fingerprint(a) == F.fingerprint(b)
     _flip_one_weight(b)
     assert F.fingerprint(a) != F.fingerprint(b)
@@ -32,7 +37,7 @@ def test_weights_of_the_same_shapes_differ_and_the_old_fingerprint_did_not_see_i
 
 def test_a_model_is_hashed_once_and_again_when_a_file_changes(assets, tmp_path, monkeypatch):
     d = tmp_path / "m"
-    shutil.copytree(assets["llama"], d)
+    _copy(assets["llama"], d)
     calls = []
     digest = F._digest
     monkeypatch.setattr(F, "_digest", lambda p: calls.append(p.name) or digest(p))
@@ -48,7 +53,7 @@ def test_a_model_is_hashed_once_and_again_when_a_file_changes(assets, tmp_path, 
 
 def test_a_model_directory_that_cannot_be_written_caches_in_the_user_cache(assets, tmp_path, monkeypatch):
     d = tmp_path / "ro"
-    shutil.copytree(assets["llama"], d)
+    _copy(assets["llama"], d)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     write = F.write_text_atomic
 

@@ -9,7 +9,6 @@ that must be atomic); the random ones are SIGKILLs from outside at a random mome
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -24,8 +23,9 @@ import pytest
 from tests.train.conftest import ROOT, adapters, lm_args, train
 from train.checkpoint import TRASH, Checkpointer
 from train.metrics import read_jsonl
+from tests.env import xla_env
 
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+ENV = xla_env(1, PYTHONPATH=str(ROOT))
 BASE = ["train.steps=10", "train.checkpoint_every=2", "train.keep=2", "adapter.dropout=0.1", "data.eval_fraction=0.1",
         "train.eval_every=4"]
 VARIANTS = {"lora": [], "dylora": ["adapter.variant=dylora"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.train.conftest import ROOT, adapters, lm_args, losses, main, train
+from tests.env import xla_env
 
 # Dropout and DyLoRA's sampled rank make the RNG part of the state that must resume exactly.
 VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant=dylora"],
@@ -68,7 +68,7 @@ def test_signal_saves_then_resume_matches(assets, tmp_path, sig):
     extra = ["train.steps=200", "train.log_every=1", "adapter.dropout=0.1"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train(lm_args(assets, whole, *extra))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+    env = xla_env(1, PYTHONPATH=str(ROOT))
     args = [a for kv in lm_args(assets, cut, *extra) for a in ("--set", kv)]
     proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
