@@ -104,7 +104,10 @@ class DataConfig:
     labels: list[str] | None = None  # class names in label-index order; default: sorted unique
     drop_labels: list[str] | None = None  # classification: rows with these labels are left out (before the split)
     seq_len: int = 128
-    packing: bool = True  # causal LM: concatenate and cut into seq_len chunks
+    # causal LM: true: whole examples packed into rows, kept apart (segment ids); false: one padded example per
+    # row; stream: one stream of every document cut into rows (continued pretraining; attends across documents)
+    packing: bool | Literal["stream"] = True
+    truncation: Literal["cut", "drop", "error"] = "cut"  # an example longer than seq_len (packing true/false)
     add_eos: bool = True
     eval_fraction: float = 0.0  # fixed held-out split (by seed) for eval
     eval_source: str | None = None  # or a separate eval file

@@ -1,7 +1,12 @@
 """Examples from local files or a package's data (HF ``datasets``) -> token arrays -> batches.
 
-Causal LM: texts are tokenized, joined with EOS and cut into ``seq_len`` chunks (``packing``),
-or truncated/padded one per row. Instruction data (``prompt_field`` + ``response_field``) masks
+Causal LM: each example (a text, a prompt and response, a conversation) becomes one document of tokens. With
+``packing: true`` documents are placed whole into ``seq_len`` rows (first-fit decreasing), each row carrying
+segment ids (which document a token belongs to; the model attends within a document and restarts positions
+at each) and a loss mask that leaves out every document's first token; nothing is split or dropped, and an
+example longer than ``seq_len`` is cut, dropped or refused (``data.truncation``). ``packing: false`` pads one
+example per row; ``packing: stream`` joins every document into one stream cut into rows (continued
+pretraining: tokens attend across document boundaries). Instruction data (``prompt_field`` + ``response_field``) masks
 the prompt out of the loss. Sequence classification: one padded row per example plus its label.
 
 Bad rows (a null or a number where text belongs, a null label) are refused naming the file, the row
@@ -25,7 +30,8 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig
 
-__all__ = ["TokenData", "resolve", "read_examples", "tokenize", "load_data", "Batches"]
+__all__ = ["TokenData", "resolve", "read_examples", "tokenize", "load_data", "Batches", "pack_lengths",
+           "packing_efficiency"]
 
 _EXT = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
@@ -272,27 +278,100 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
         if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids, loss = ids + [eos], loss + [1]
         seqs.append((ids, loss))
-    if cfg.packing:
-        flat_ids = np.array([t for s, _ in seqs for t in s], np.int32)
-        flat_loss = np.array([m for _, ms in seqs for m in ms], np.int32)
+    return _rows(seqs, cfg, pad, source, split), None
+
+
+def _rows(seqs: list[tuple[list[int], list[int]]], cfg: DataConfig, pad: int, source: str,
+          split: str | None) -> TokenData:
+    """Token rows of examples ``(ids, loss flags)``: packed whole with segment ids (``packing: true``), one
+    padded example per row (``false``), or one stream cut into rows (``stream``)."""
+    T = cfg.seq_len
+    stats = {"examples": len(seqs), "truncated": 0}
+    if cfg.packing == "stream":  # continued pretraining: documents attend across their boundaries
+        flat_ids = np.fromiter((t for s, _ in seqs for t in s), np.int32)
+        flat_loss = np.fromiter((m for _, ms in seqs for m in ms), np.int32)
         n = len(flat_ids) // T
         if n == 0:
             what = f"{split} of {source!r}" if split else repr(source)
             raise ConfigError(f"data.seq_len={T}: {what} has only {len(flat_ids)} tokens, less than one packed "
                               f"sequence" + (f"; {_FIX_EVAL}" if split and "eval" in split else ""))
         stats["dropped_tokens"] = len(flat_ids) - n * T
+        stats["real_tokens"] = stats["row_tokens"] = n * T
         ids = flat_ids[: n * T].reshape(n, T)
         loss = flat_loss[: n * T].reshape(n, T)
-        return TokenData({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss}, stats), None
-    ids = np.full((len(seqs), T), pad, np.int32)
-    mask = np.zeros((len(seqs), T), np.int32)
-    loss = np.zeros((len(seqs), T), np.int32)
+        return TokenData({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss}, stats)
+    kept, dropped, cut_tokens = [], 0, 0
     for i, (s, m) in enumerate(seqs):
         if len(s) > T:
+            if cfg.truncation == "error":
+                what = f"{split} of {source!r}" if split else repr(source)
+                raise ConfigError(f"data.truncation=error: example {i + 1} of {what} has {len(s)} tokens, more "
+                                  f"than data.seq_len={T}; raise data.seq_len, or set data.truncation to cut (keep "
+                                  f"its first {T} tokens) or drop (leave such examples out); both are counted in the "
+                                  "data stats")
+            if cfg.truncation == "drop":
+                dropped += 1
+                continue
             stats["truncated"] += 1
+            cut_tokens += len(s) - T
             s, m = s[:T], m[:T]
-        ids[i, : len(s)], mask[i, : len(s)], loss[i, : len(s)] = s, 1, m
-    return TokenData({"input_ids": ids, "attention_mask": mask, "loss_mask": loss}, stats), None
+        kept.append((s, m))
+    stats["dropped_examples"], stats["truncated_tokens"] = dropped, cut_tokens
+    if not kept:
+        what = f"{split} of {source!r}" if split else repr(source)
+        raise ConfigError(f"data.truncation=drop: every example of {what} is longer than data.seq_len={T}")
+    lengths = np.array([len(s) for s, _ in kept], np.int64)
+    groups = pack_lengths(lengths, T) if cfg.packing else [[i] for i in range(len(kept))]
+    n = len(groups)
+    ids = np.full((n, T), pad, np.int32)
+    mask = np.zeros((n, T), np.int32)
+    loss = np.zeros((n, T), np.int32)
+    seg = np.zeros((n, T), np.int32)
+    for r, group in enumerate(groups):
+        at = 0
+        for k, i in enumerate(group):
+            s, m = kept[i]
+            ids[r, at:at + len(s)], mask[r, at:at + len(s)], seg[r, at:at + len(s)] = s, 1, k + 1
+            loss[r, at:at + len(s)] = m
+            loss[r, at] = 0  # a document's first token is no target: nothing of this document comes before it
+            at += len(s)
+    stats["real_tokens"], stats["row_tokens"] = int(lengths.sum()), n * T
+    arrays = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
+    if cfg.packing:
+        arrays["segment_ids"] = seg
+    return TokenData(arrays, stats)
+
+
+def packing_efficiency(stats: dict[str, int]) -> float | None:
+    """Real tokens / row tokens of causal LM rows (1.0: no padding), ``None`` for other data."""
+    return stats["real_tokens"] / stats["row_tokens"] if stats.get("row_tokens") else None
+
+
+def pack_lengths(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the examples (by index) of each row, longest first, each example placed whole in
+    the first row with room for it (rows in the order they were opened; O(n log n) with a max-tree of the
+    rows' free room). Every length must be at most ``capacity``."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    free = [capacity] * (2 * size)  # leaves: each row's free room (rows not opened yet: all of it)
+    rows: list[list[int]] = []
+    for i in order:
+        n = int(lengths[i])
+        node = 1
+        while node < size:  # the leftmost row with room: descend to the left child whenever it has room
+            node = 2 * node if free[2 * node] >= n else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(i)
+        free[node] -= n
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return rows
 
 
 def _drop_labels(ds: Any, cfg: DataConfig, source: str) -> Any:

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "lora"
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = [f"model.path={base}", "model.task=causal_lm", f"data.source={data / 'train'}", "data.format=text",
-            f"data.eval_source={data / 'eval'}", f"data.seq_len={args.seq_len}", "adapter.r=16", "adapter.alpha=32",
+            f"data.eval_source={data / 'eval'}", f"data.seq_len={args.seq_len}", "data.packing=stream",
+            "adapter.r=16", "adapter.alpha=32",
             "adapter.targets=layers/(attn|mlp)/\\w+_proj", "optim.lr=1e-3", "optim.warmup_steps=5",
             "optim.schedule=linear", f"train.steps={args.steps}", "train.batch_size=8", "train.log_every=10",
             "train.eval_every=0", f"train.eval_batches={max(1, args.eval_rows // 8)}", "train.samples=0",

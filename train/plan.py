@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.config import Config
+from train.data import packing_efficiency
 
 __all__ = ["plan", "dry_run", "format_plan"]
 
@@ -44,7 +45,9 @@ def plan(cfg: Config) -> dict[str, Any]:
         },
         "examples": {"train": p.train.stats["examples"], "eval": p.eval.stats["examples"] if p.eval else 0,
                      "rows": len(p.train), "truncated": p.train.stats["truncated"],
-                     "skipped_rows": p.train.stats.get("skipped_rows", 0)},
+                     "skipped_rows": p.train.stats.get("skipped_rows", 0),
+                     "dropped_examples": p.train.stats.get("dropped_examples", 0),
+                     "packing_efficiency": packing_efficiency(p.train.stats)},
         "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
         "tokens_per_step": tokens_per_step, "tokens_total": tokens_per_step * cfg.train.steps,
         "epochs": cfg.train.steps * cfg.train.batch_size / len(p.train),
@@ -72,7 +75,10 @@ def format_plan(info: dict[str, Any]) -> str:
         f"({100 * info['trainable_fraction']:.3f}% trainable)",
         f"per device: trainable {mb(by['trainable'])}, frozen {mb(by['frozen'])}, optimizer state {mb(by['optimizer_state'])}",
         f"data:       {info['examples']['train']} train examples -> {info['examples']['rows']} rows "
-        f"({info['examples']['truncated']} truncated), {info['examples']['eval']} eval examples",
+        f"({info['examples']['truncated']} truncated"
+        + (f", packed at {info['examples']['packing_efficiency']:.1%} real tokens"
+           if info["examples"].get("packing_efficiency") is not None else "")
+        + f"), {info['examples']['eval']} eval examples",
         f"steps:      {info['steps']} x batch {info['batch_size']} (accumulation {info['grad_accum']}), "
         f"{info['epochs']:.2f} epochs, {info['tokens_per_step']:,} tokens/step, {info['tokens_total']:,} tokens",
     ])

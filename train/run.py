@@ -34,7 +34,7 @@ from train import checkpoint as ckpt
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
 from train.config import Config, ConfigError, config_digest, to_dict
 from train.fingerprint import fingerprint
-from train.data import Batches, TokenData, eval_batches, load_data, load_routed
+from train.data import Batches, TokenData, eval_batches, load_data, load_routed, packing_efficiency
 from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups
@@ -161,7 +161,8 @@ def _reshape_choice(p: Prepared, trainable: Any, frozen: Any, batches: Batches, 
         local = batches.local(step + i)
         sample.append({k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
                        for k, v in local.items()})
-    apply = lambda tree, b: model.apply(tree, b["input_ids"], b["attention_mask"])  # noqa: E731
+    apply = lambda tree, b: model.apply(  # noqa: E731
+        tree, b["input_ids"], b["attention_mask"], **({"segment_ids": b["segment_ids"]} if "segment_ids" in b else {}))
     return reshape.decide(settings, apply, lv.combine(trainable, frozen), sample, model.stacked)
 
 
@@ -438,6 +439,10 @@ class _Loop:
             self.metrics.echo(f"{cfg.name}: {b.counts.trainable:,} trainable of {b.counts.total:,} params; "
                               f"{p.train.stats['examples']} examples -> {len(p.train)} rows "
                               f"({p.train.stats['truncated']} truncated"
+                              + (f", {p.train.stats['dropped_examples']} longer than data.seq_len left out"
+                                 if p.train.stats.get("dropped_examples") else "")
+                              + (f", packed at {packing_efficiency(p.train.stats):.1%} real tokens"
+                                 if p.train.stats.get("row_tokens") else "")
                               + (f", {p.train.stats['skipped_rows']} bad rows left out by data.skip_bad_rows"
                                  if p.train.stats.get("skipped_rows") else "") + ")")
         else:
@@ -595,7 +600,8 @@ class _Loop:
             "final_train_loss": self.row.get("loss"), "eval": self.last_eval, "skipped_steps": self.skipped,
             "seconds": self.elapsed, "seconds_per_step": self.elapsed / max(1, t.steps - self.start - 1),
             ("tokens_per_second" if self.lm else "examples_per_second"): self.tokens / max(self.elapsed, 1e-9),
-            "data": dict(self.p.train.stats), "output_dir": str(out), "run_id": self.run_id,
+            "data": dict(self.p.train.stats, packing_efficiency=packing_efficiency(self.p.train.stats)),
+            "output_dir": str(out), "run_id": self.run_id,
             "config_sha256": config_digest(to_dict(cfg)),
         }
         summary |= self.variant.summary(self.opt_state)

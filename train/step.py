@@ -67,7 +67,10 @@ def lm_rows(ce: jax.Array, correct: jax.Array, batch: dict[str, jax.Array]) -> t
 
 def _lm_mask(batch: dict[str, jax.Array]) -> jax.Array:
     """Which next-token predictions count: kept by the loss mask and not padding ([..., T-1], float32)."""
-    return (batch["loss_mask"][..., 1:] * batch["attention_mask"][..., 1:]).astype(jnp.float32)
+    mask = batch["loss_mask"][..., 1:] * batch["attention_mask"][..., 1:]
+    if "segment_ids" in batch:  # packed rows: a target in the next document is not predicted from this one
+        mask = mask * (batch["segment_ids"][..., 1:] == batch["segment_ids"][..., :-1])
+    return mask.astype(jnp.float32)
 
 
 @dataclasses.dataclass
@@ -101,7 +104,8 @@ def make_steps(
             tree = lv.route(tree, batch["task_ids"])
         if task == "causal_lm":  # logits per chunk of tokens only (models.loss)
             params = lv.resolve_shared(tree)
-            h = model.hidden(params, batch["input_ids"], batch["attention_mask"])
+            packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+            h = model.hidden(params, batch["input_ids"], batch["attention_mask"], **packed)
             ce, correct = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:], chunk=loss_chunk)
             rows = lm_rows(ce, correct, batch)
         else:

@@ -8,7 +8,8 @@
       o_i = acc / l;  lse_i = m + log l
 
 The mask is never formed beyond one [block_q, block_k] tile: it comes from ``key_valid`` [B, S] (padding),
-``causal`` and ``window`` (key s is seen by the query at position t when s ≤ t and t - s < window), with the
+``segment_ids`` (packed rows: a query sees its own document only), ``causal`` and ``window`` (key s is seen
+by the query at position t when s ≤ t and t - s < window), with the
 queries at positions ``q_offset + 0..T-1`` (a KV cache). Key blocks a query block cannot see (after it,
 causally, or before its window) are not visited. A query row with no visible key outputs 0 and passes no
 gradient. GQA: each key/value head serves its group of query heads without copies.
@@ -34,8 +35,10 @@ _NEG = -1e30  # masked scores: finite, so that a row with nothing visible yet st
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool = False,
                     key_valid: jax.Array | None = None, window: Any = None, softcap: float | None = None,
-                    q_offset: Any = 0, block_q: int = 512, block_k: int = 512) -> jax.Array:
-    """``q [B, T, H, D]``, ``k``/``v [B, S, Hkv, D]`` -> ``[B, T, H·D]`` (see the module docstring)."""
+                    q_offset: Any = 0, block_q: int = 512, block_k: int = 512,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """``q [B, T, H, D]``, ``k``/``v [B, S, Hkv, D]`` -> ``[B, T, H·D]`` (see the module docstring).
+    ``segment_ids [B, T]`` (packed rows, T == S): a query sees only keys of its own segment."""
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -48,8 +51,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, c
     valid = jnp.pad(valid, ((0, 0), (0, sp - s_len)))
     win = jnp.asarray(2**30 if window is None else window, jnp.int32)
     meta = _Meta(scale=float(scale), causal=bool(causal), softcap=None if softcap is None else float(softcap),
-                 block_q=bq, block_k=bk)
-    out = _flash(meta, qh, kh, vh, valid, win, jnp.asarray(q_offset, jnp.int32))  # [B, Hkv, G, Tp, D]
+                 block_q=bq, block_k=bk, segments=segment_ids is not None)
+    if segment_ids is None:
+        seg = (jnp.zeros((b, tp), jnp.int32), jnp.zeros((b, sp), jnp.int32))  # unused
+    else:
+        seg = (jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t))),
+               jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s_len))))
+    out = _flash(meta, qh, kh, vh, valid, win, jnp.asarray(q_offset, jnp.int32), seg)  # [B, Hkv, G, Tp, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h * d)[:, :t].astype(q.dtype)
 
 
@@ -66,6 +74,7 @@ class _Meta:
     softcap: float | None
     block_q: int
     block_k: int
+    segments: bool = False
 
 
 def _range(meta: _Meta, i: jax.Array, q_offset: jax.Array, window: jax.Array, n_k: int) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +87,8 @@ def _range(meta: _Meta, i: jax.Array, q_offset: jax.Array, window: jax.Array, n_
 
 
 def _tile(meta: _Meta, q: jax.Array, k: jax.Array, valid: jax.Array, i: jax.Array, j: jax.Array,
-          q_offset: jax.Array, window: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+          q_offset: jax.Array, window: jax.Array,
+          seg: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Scores [B, Hkv, G, bq, bk] of query block i against key block j, the mask, and tanh(s/c) (soft cap)."""
     s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * meta.scale
     t = None
@@ -91,10 +101,18 @@ def _tile(meta: _Meta, q: jax.Array, k: jax.Array, valid: jax.Array, i: jax.Arra
     if meta.causal:
         seen &= kpos[None, :] <= qpos[:, None]
     mask = seen[None, None, None] & valid[:, None, None, None, :]
+    if meta.segments:  # seg: this query block's and this key block's segment ids [B, bq], [B, bk]
+        mask = mask & (seg[0][:, :, None] == seg[1][:, None, :])[:, None, None]
     return s, mask, t
 
 
-def _forward(meta, q, k, v, valid, window, q_offset):
+def _segments(meta, seg, i, j):
+    """The segment ids of query block i and key block j."""
+    return (jax.lax.dynamic_slice_in_dim(seg[0], i * meta.block_q, meta.block_q, axis=1),
+            jax.lax.dynamic_slice_in_dim(seg[1], j * meta.block_k, meta.block_k, axis=1))
+
+
+def _forward(meta, q, k, v, valid, window, q_offset, seg):
     b, hkv, g, tp, d = q.shape
     n_q, n_k = tp // meta.block_q, k.shape[2] // meta.block_k
 
@@ -107,7 +125,7 @@ def _forward(meta, q, k, v, valid, window, q_offset):
             k_j = jax.lax.dynamic_slice_in_dim(k, j * meta.block_k, meta.block_k, axis=2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * meta.block_k, meta.block_k, axis=2)
             valid_j = jax.lax.dynamic_slice_in_dim(valid, j * meta.block_k, meta.block_k, axis=1)
-            s, mask, _ = _tile(meta, q_i, k_j, valid_j, i, j, q_offset, window)
+            s, mask, _ = _tile(meta, q_i, k_j, valid_j, i, j, q_offset, window, _segments(meta, seg, i, j))
             m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _NEG), axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             corr = jnp.exp(m - m_new)
@@ -129,17 +147,17 @@ def _forward(meta, q, k, v, valid, window, q_offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(meta, q, k, v, valid, window, q_offset):
-    return _forward(meta, q, k, v, valid, window, q_offset)[0]
+def _flash(meta, q, k, v, valid, window, q_offset, seg):
+    return _forward(meta, q, k, v, valid, window, q_offset, seg)[0]
 
 
-def _flash_fwd(meta, q, k, v, valid, window, q_offset):
-    out, lse = _forward(meta, q, k, v, valid, window, q_offset)
-    return out, (q, k, v, valid, window, q_offset, out, lse)
+def _flash_fwd(meta, q, k, v, valid, window, q_offset, seg):
+    out, lse = _forward(meta, q, k, v, valid, window, q_offset, seg)
+    return out, (q, k, v, valid, window, q_offset, seg, out, lse)
 
 
 def _flash_bwd(meta, res, d_out):
-    q, k, v, valid, window, q_offset, out, lse = res
+    q, k, v, valid, window, q_offset, seg, out, lse = res
     b, hkv, g, tp, d = q.shape
     n_q, n_k = tp // meta.block_q, k.shape[2] // meta.block_k
     rows = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # D_i
@@ -156,7 +174,7 @@ def _flash_bwd(meta, res, d_out):
             k_j = jax.lax.dynamic_slice_in_dim(k, start, meta.block_k, axis=2)
             v_j = jax.lax.dynamic_slice_in_dim(v, start, meta.block_k, axis=2)
             valid_j = jax.lax.dynamic_slice_in_dim(valid, start, meta.block_k, axis=1)
-            s, mask, t = _tile(meta, q_i, k_j, valid_j, i, j, q_offset, window)
+            s, mask, t = _tile(meta, q_i, k_j, valid_j, i, j, q_offset, window, _segments(meta, seg, i, j))
             p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
             dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
             ds = p * (dp - rows_i[..., None])
@@ -178,7 +196,7 @@ def _flash_bwd(meta, res, d_out):
     zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = jax.lax.scan(one_block, (zeros, zeros), jnp.arange(n_q))
     dq = dq.transpose(1, 2, 3, 0, 4, 5).reshape(b, hkv, g, tp, d)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

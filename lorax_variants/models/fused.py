@@ -5,7 +5,8 @@ its API cannot express the call (a traced window, a query offset, a dtype), and 
 portable blockwise path (``models.flash``), which is also their reference in the tests.
 
 The masks are described, never materialized at [T, S]: causal and sliding windows become the kernel's
-static block masks, padding becomes segment ids (splash) or key lengths (cuDNN, right padding only)."""
+static block masks, padding becomes segment ids (splash) or key lengths (cuDNN, right padding only); packed
+rows' segment ids go to splash as they are (cuDNN's API has none: the portable path takes those calls)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ import jax.numpy as jnp
 SPLASH_BLOCK = 512  # query/key block of the splash kernel; sequences must be multiples of 128
 
 
-def cudnn_attention(q, k, v, *, scale, causal, key_valid, window, softcap, q_offset, right_padded):
+def cudnn_attention(q, k, v, *, scale, causal, key_valid, window, softcap, q_offset, right_padded,
+                    segment_ids=None):
     """cuDNN's fused attention on a GPU, where its API holds the call: bf16/fp16, no soft cap, no query offset,
-    no padding or right padding (key lengths). ``None``: use the portable path."""
+    no padding or right padding (key lengths), no segment ids. ``None``: use the portable path."""
+    if segment_ids is not None:
+        return None
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or softcap is not None:
         return None
     if not (isinstance(q_offset, int) and q_offset == 0) or q.shape[1] != k.shape[1]:
@@ -41,7 +45,7 @@ def cudnn_attention(q, k, v, *, scale, causal, key_valid, window, softcap, q_off
 
 
 def splash_attention(q, k, v, *, scale, causal, key_valid, window, softcap, q_offset, interpret=None,
-                     block: int = SPLASH_BLOCK):
+                     block: int = SPLASH_BLOCK, segment_ids=None):
     """Pallas splash attention (TPU): ``q [B, T, H, D]``, ``k``/``v [B, S, Hkv, D]`` -> ``[B, T, H·D]``.
     Self-attention only (T == S, no query offset), lengths a multiple of 128, a static window. Padding goes
     in as segment ids (valid 1, padding 0 on both sides, so a padded query sees padded keys and its softmax
@@ -62,10 +66,12 @@ def splash_attention(q, k, v, *, scale, causal, key_valid, window, softcap, q_of
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    if key_valid is None:
+    if key_valid is None and segment_ids is None:
         out = jax.vmap(kernel)(qh, kh, vh)
-    else:
-        seg = key_valid.astype(jnp.int32)
+    else:  # packed rows: their documents' ids, padding 0 (the kernel's native segment ids)
+        seg = key_valid.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        if key_valid is not None and segment_ids is not None:
+            seg = jnp.where(key_valid.astype(bool), seg, 0)
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
             qh, kh, vh, seg)
     return out.transpose(0, 2, 1, 3).reshape(b, t, h * d).astype(q.dtype)

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project,
-                                          rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
+                                          rope_inv_freq, rope_tables, run_layers, segment_positions,
+                                          self_attention, token_chunks)
 from lorax_variants.nodes.base import embed
 from lorax_variants.shared import resolve_shared
 
@@ -156,7 +157,7 @@ class Gemma(ZooModel):
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
 
-    def _layer(self, x: jax.Array, layer: tuple, key_valid: jax.Array | None, ropes: tuple[tuple, tuple],
+    def _layer(self, x: jax.Array, layer: tuple, key_valid: tuple, ropes: tuple[tuple, tuple],
                cache: KVCache | None = None) -> Any:
         c = self.config
         p, window, is_global = layer[:3]
@@ -176,8 +177,9 @@ class Gemma(ZooModel):
         if cache is not None:
             out, kv = cached_attention(q, k, v, layer[3], cache, window, scale, c.attn_softcap)
         else:
-            out = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid, window=window,
-                                 softcap=c.attn_softcap, impl=self.attention_impl, right_padded=self.right_padded)
+            out = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid[0], window=window,
+                                 softcap=c.attn_softcap, impl=self.attention_impl, right_padded=self.right_padded,
+                                 segment_ids=key_valid[1])
             kv = None
         x = x + gemma_rms_norm(project(out, a, "o_proj"), p["post_attn_norm"], eps)
         h = gemma_rms_norm(x, p["mlp_norm"], eps)
@@ -189,24 +191,27 @@ class Gemma(ZooModel):
         return x if cache is None else (x, kv)
 
     def hidden(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, cache: KVCache | None = None) -> Any:
-        """Final hidden states; with a ``cache``, ``(hidden, cache')`` (see ``Llama.hidden``)."""
+               position_ids: jax.Array | None = None, cache: KVCache | None = None, *,
+               segment_ids: jax.Array | None = None) -> Any:
+        """Final hidden states; with a ``cache``, ``(hidden, cache')``; ``segment_ids``: packed rows (see
+        ``Llama.hidden``)."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
         x = embed(input_ids, params["embed"])
         x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)  # as transformers: the scale in the weights' dtype
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+            position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
+                            else segment_positions(segment_ids))
         ropes = tuple(rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(r))) for r in (c.rope_global, c.rope_local))
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         is_global = jnp.asarray([w is None for w in c.windows])
         if cache is not None:
-            layer = lambda h, lp: self._layer(h, lp, None, ropes, cache)  # noqa: E731
+            layer = lambda h, lp: self._layer(h, lp, (None, None), ropes, cache)  # noqa: E731
             x, (k, v) = run_layers(layer, x, (params["layers"], windows, is_global, (cache.k, cache.v)),
                                    c.num_hidden_layers, scan=self.scan, remat="none", outputs=True)
             return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
-        layer = lambda h, lp: self._layer(h, lp, attention_mask, ropes)  # noqa: E731
+        layer = lambda h, lp: self._layer(h, lp, (attention_mask, segment_ids), ropes)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows, is_global), c.num_hidden_layers, scan=self.scan,
                        remat=self.remat)
         return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps)
@@ -220,7 +225,8 @@ class Gemma(ZooModel):
         return logits
 
     def apply(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-              position_ids: jax.Array | None = None) -> jax.Array:
+              position_ids: jax.Array | None = None, *, segment_ids: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, vocab] (soft-capped where the config says) for ``input_ids`` [B, T]."""
         params = resolve_shared(params)
-        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))
+        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids,
+                                             segment_ids=segment_ids))

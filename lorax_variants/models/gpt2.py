@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, cached_attention, layer_norm, project, run_layers,
-                                          self_attention)
+                                          segment_positions, self_attention)
 from lorax_variants.shared import resolve_shared
 from lorax_variants.nodes.base import embed
 
@@ -102,7 +102,7 @@ class GPT2(ZooModel):
         c = self.config
         return c.n_layer, c.n_head, c.n_embd // c.n_head
 
-    def _layer(self, x: jax.Array, p: Any, mask: jax.Array | None, cache: KVCache | None = None) -> Any:
+    def _layer(self, x: jax.Array, p: Any, mask: tuple, cache: KVCache | None = None) -> Any:
         c = self.config
         if cache is not None:
             p, layer_kv = p
@@ -116,8 +116,8 @@ class GPT2(ZooModel):
         if cache is not None:
             out, kv = cached_attention(heads(q), heads(k), heads(v), layer_kv, cache, 2**30, scale)
         else:
-            out = self_attention(heads(q), heads(k), heads(v), scale=scale, causal=True, key_valid=mask,
-                                 impl=self.attention_impl, right_padded=self.right_padded)
+            out = self_attention(heads(q), heads(k), heads(v), scale=scale, causal=True, key_valid=mask[0],
+                                 impl=self.attention_impl, right_padded=self.right_padded, segment_ids=mask[1])
             kv = None
         x = x + project(out, p["attn"], "c_proj")
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"], eps)
@@ -127,32 +127,37 @@ class GPT2(ZooModel):
 
     def hidden(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None, cache: KVCache | None = None,
+        position_ids: jax.Array | None = None, cache: KVCache | None = None, *,
+        segment_ids: jax.Array | None = None,
     ) -> Any:
-        """Final hidden states; with a ``cache``, ``(hidden, cache')`` (see ``Llama.hidden``)."""
+        """Final hidden states; with a ``cache``, ``(hidden, cache')``; ``segment_ids``: packed rows (see
+        ``Llama.hidden``; the learned positions restart with each document)."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
         if cache is None and t > c.n_positions:
             raise ValueError(f"sequence length {t} exceeds gpt2 config n_positions={c.n_positions}")
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+            position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
+                            else segment_positions(segment_ids))
         x = embed(input_ids, params["embed"]) + embed(position_ids, params["pos"])
         norm = lambda y: layer_norm(y, params["final_norm_scale"], params["final_norm_bias"], c.layer_norm_epsilon)  # noqa: E731
         if cache is not None:
-            layer = lambda h, p: self._layer(h, p, None, cache)  # noqa: E731
+            layer = lambda h, p: self._layer(h, p, (None, None), cache)  # noqa: E731
             x, (k, v) = run_layers(layer, x, (params["layers"], (cache.k, cache.v)), c.n_layer, scan=self.scan,
                                    remat="none", outputs=True)
             return norm(x), dataclasses.replace(cache, k=k, v=v)
-        layer = lambda h, p: self._layer(h, p, attention_mask)  # noqa: E731
+        layer = lambda h, p: self._layer(h, p, (attention_mask, segment_ids))  # noqa: E731
         return norm(run_layers(layer, x, params["layers"], c.n_layer, scan=self.scan, remat=self.remat))
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, T, vocab] for ``input_ids`` [B, T] (``attention_mask`` [B, T]: 1 real, 0 padding)."""
+        """Logits [B, T, vocab] for ``input_ids`` [B, T] (``attention_mask`` [B, T]: 1 real, 0 padding;
+        ``segment_ids``: packed rows)."""
         params = resolve_shared(params)
-        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))
+        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids,
+                                             segment_ids=segment_ids))
 
 

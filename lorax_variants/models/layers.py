@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -31,6 +32,7 @@ __all__ = [
     "rope_tables",
     "apply_rope",
     "attention_mask",
+    "segment_positions",
     "attention",
     "self_attention",
     "DENSE_MAX",
@@ -138,6 +140,15 @@ def attention_mask(
     return mask
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, T] of packed rows: 0 at each document's first token (where the segment id changes),
+    counting up within it."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32), segment_ids.shape)
+    change = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
+                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return idx - jax.lax.cummax(jnp.where(change, idx, 0), axis=segment_ids.ndim - 1)
+
+
 CAUSAL_BLOCK = 128
 
 
@@ -240,10 +251,17 @@ ATTENTION_IMPLS = ("auto", "dense", "flash", "cudnn", "splash")
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
                    key_valid: jax.Array | None = None, window: Any = None, softcap: float | None = None,
-                   q_offset: Any = 0, impl: str = "auto", right_padded: bool = False) -> jax.Array:
+                   q_offset: Any = 0, impl: str = "auto", right_padded: bool = False,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
     """Attention described by what decides the mask, never by a [T, S] mask: ``key_valid`` [B, S] (padding),
     ``causal``, a sliding ``window`` (key s seen by the query at position t when t - s < window) and the
     queries' offset ``q_offset`` in the keys (a KV cache). Returns [B, T, H·D].
+
+    ``segment_ids`` [B, T] (self-attention of packed rows, T == S, no offset): the document of each token,
+    0 for padding; a query sees only keys of its own document (a block-diagonal mask, inside which causality,
+    the window and the soft cap apply as before). Padding (0) is also invalid as a key; outputs at padding
+    queries are not defined. cuDNN's API takes no segment ids: on a GPU such calls take the portable path
+    (said once in the log).
 
     ``impl``: ``"dense"`` forms the scores (fast at short lengths), ``"flash"`` goes blockwise with memory
     linear in the length (``models.flash``); ``"cudnn"`` and ``"splash"`` are the GPU's and the TPU's fused
@@ -254,11 +272,23 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, ca
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r}; choose from {ATTENTION_IMPLS}")
     t, s = q.shape[1], k.shape[1]
-    kw = dict(scale=scale, causal=causal, key_valid=key_valid, window=window, softcap=softcap, q_offset=q_offset)
+    if segment_ids is not None:
+        if t != s or not (isinstance(q_offset, int) and q_offset == 0):
+            raise ValueError(f"segment_ids describe packed rows of self-attention: {t} queries and {s} keys, "
+                             f"query offset {q_offset!r} (a KV cache) cannot take them")
+        if key_valid is None:
+            key_valid = segment_ids != 0
+    kw = dict(scale=scale, causal=causal, key_valid=key_valid, window=window, softcap=softcap, q_offset=q_offset,
+              segment_ids=segment_ids)
     if impl in ("auto", "cudnn", "splash"):
         backend = jax.default_backend()
         if impl == "cudnn" or (impl == "auto" and backend == "gpu"):
-            fused = fused_kernels.cudnn_attention(q, k, v, right_padded=right_padded, **kw)
+            if segment_ids is None:
+                fused = fused_kernels.cudnn_attention(q, k, v, right_padded=right_padded, **kw)
+            else:
+                fused = None
+                warnings.warn("cuDNN attention takes no segment ids: packed rows use the portable attention path",
+                              stacklevel=2)  # shown once (Python's default warning filter)
         elif impl == "splash" or (impl == "auto" and backend == "tpu"):
             fused = fused_kernels.splash_attention(q, k, v, **kw)
         else:
@@ -267,7 +297,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, ca
             return fused
         if impl != "auto":
             raise ValueError(f"attention impl {impl!r} cannot take this call (backend {backend}, dtype {q.dtype}, "
-                             f"{t} queries, {s} keys, window {window!r}, softcap {softcap}); use 'auto'")
+                             f"{t} queries, {s} keys, window {window!r}, softcap {softcap}"
+                             + (", segment ids" if segment_ids is not None else "") + "); use 'auto'")
     if impl == "flash" or (impl == "auto" and max(t, s) > DENSE_MAX):
         return flash_attention(q, k, v, **kw)
     qpos = jnp.asarray(q_offset) + jnp.arange(t)
@@ -278,6 +309,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, ca
     if window is not None:
         seen &= (qpos[:, None] - kpos[None, :]) < window
     mask = seen[None] if key_valid is None else seen[None] & key_valid.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     square = causal and t == s and isinstance(q_offset, int) and q_offset == 0
     return attention(q, k, v, mask, scale, causal=square, softcap=softcap)
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project, rms_norm,
-                                          rope_inv_freq, rope_tables, run_layers, self_attention, token_chunks)
+                                          rope_inv_freq, rope_tables, run_layers, segment_positions,
+                                          self_attention, token_chunks)
 from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
 from lorax_variants.nodes.base import embed
@@ -179,7 +180,7 @@ class Llama(ZooModel):
         c = self.config
         return c.num_hidden_layers, c.num_key_value_heads, c.head_dim
 
-    def _layer(self, x: jax.Array, layer: tuple, key_valid: jax.Array | None, rope: tuple,
+    def _layer(self, x: jax.Array, layer: tuple, key_valid: tuple, rope: tuple,
                cache: KVCache | None = None) -> Any:
         c = self.config
         p, window = layer[0], layer[1]
@@ -196,8 +197,9 @@ class Llama(ZooModel):
         if cache is not None:
             attn, kv = cached_attention(q, k, v, layer[2], cache, window, scale)
         else:
-            attn = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid, window=window,
-                                  impl=self.attention_impl, right_padded=self.right_padded)
+            attn = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid[0], window=window,
+                                  impl=self.attention_impl, right_padded=self.right_padded,
+                                  segment_ids=key_valid[1])
             kv = None
         x = x + project(attn, a, "o_proj")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
@@ -212,31 +214,38 @@ class Llama(ZooModel):
 
     def hidden(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None, cache: KVCache | None = None,
+        position_ids: jax.Array | None = None, cache: KVCache | None = None, *,
+        segment_ids: jax.Array | None = None,
     ) -> Any:
         """Final hidden states [B, T, d]; with a ``cache`` (and ``position_ids``), ``(hidden, cache')``: the
-        tokens are written at ``cache.index`` and attend to everything cached before them."""
+        tokens are written at ``cache.index`` and attend to everything cached before them.
+
+        ``segment_ids`` [B, T]: packed rows, the document of each token (0: padding); a token attends only to
+        its own document, and positions (unless given) restart at 0 for each document."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
         x = embed(input_ids, params["embed"])
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+            position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
+                            else segment_positions(segment_ids))
         rope = rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(c.rope)))
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         if cache is not None:
-            layer = lambda h, lp: self._layer(h, lp, None, rope, cache)  # noqa: E731
+            layer = lambda h, lp: self._layer(h, lp, (None, None), rope, cache)  # noqa: E731
             x, (k, v) = run_layers(layer, x, (params["layers"], windows, (cache.k, cache.v)), c.num_hidden_layers,
                                    scan=self.scan, remat="none", outputs=True)
             return rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
-        layer = lambda h, lp: self._layer(h, lp, attention_mask, rope)  # noqa: E731
+        layer = lambda h, lp: self._layer(h, lp, (attention_mask, segment_ids), rope)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
         return rms_norm(x, params["final_norm"], c.rms_norm_eps)
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
-        position_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits [B, T, vocab] (or a classification head's [B, labels]) for ``input_ids`` [B, T]."""
+        """Logits [B, T, vocab] (or a classification head's [B, labels]) for ``input_ids`` [B, T]
+        (``segment_ids``: packed rows, see ``hidden``)."""
         params = resolve_shared(params)
-        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids))
+        return self.head(params, self.hidden(params, input_ids, attention_mask, position_ids,
+                                             segment_ids=segment_ids))

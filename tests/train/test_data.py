@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from train.config import ConfigError, DataConfig
-from train.data import Batches, eval_batches, load_data, read_examples, tokenize
+from train.data import Batches, eval_batches, load_data, pack_lengths, read_examples, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +54,97 @@ def test_fasttext_from_a_package_file_with_encoding():
     assert sum(1 for x in ds["label"] if x == "pos") == 100
 
 
-def test_packing_concatenates_with_eos_and_cuts_rows(tok):
+def test_stream_packing_concatenates_with_eos_and_cuts_rows(tok):
     import datasets
 
     texts = ["the cat sat", "the dog ran on the mat"]
     ds = datasets.Dataset.from_dict({"text": texts})
-    data, _ = tokenize(ds, DataConfig(seq_len=4), "causal_lm", tok, "mem")
+    data, _ = tokenize(ds, DataConfig(seq_len=4, packing="stream"), "causal_lm", tok, "mem")
     stream = [t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]]
     n = len(stream) // 4
     np.testing.assert_array_equal(data.arrays["input_ids"].reshape(-1), stream[: n * 4])
     assert data.arrays["loss_mask"].all() and data.stats["dropped_tokens"] == len(stream) - 4 * n
+
+
+def _first_fit_decreasing(lengths, capacity):
+    """The textbook algorithm, quadratic: each item, longest first (ties by index), into the first open bin with
+    room, else a new bin."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, r in enumerate(room):
+            if r >= lengths[i]:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_lengths_is_first_fit_decreasing(seed):
+    rng = np.random.default_rng(seed)
+    cap = int(rng.integers(8, 64))
+    lengths = rng.integers(1, cap + 1, int(rng.integers(1, 300))).tolist()
+    assert pack_lengths(np.array(lengths), cap) == _first_fit_decreasing(lengths, cap)
+
+
+def _pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "the cat dog sat ran on mat a big small red".split()
+    return [{"q": " ".join(rng.choice(words, int(rng.integers(1, 6)))),
+             "a": " ".join(rng.choice(words, int(rng.integers(1, 9))))} for _ in range(n)]
+
+
+def test_packing_places_whole_examples_apart_and_keeps_every_loss_token(tok):
+    """48 prompt/response pairs: packed rows hold every example whole (segment ids 1, 2, ... per row), the
+    loss counts exactly the padded rows' targets, and packing needs fewer rows."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({k: [r[k] for r in _pairs(48)] for k in ("q", "a")})
+    packed, _ = tokenize(ds, DataConfig(prompt_field="q", response_field="a", seq_len=32), "causal_lm", tok, "m")
+    padded, _ = tokenize(ds, DataConfig(prompt_field="q", response_field="a", seq_len=32, packing=False),
+                         "causal_lm", tok, "m")
+    pa, pd_ = packed.arrays, padded.arrays
+    docs = sorted(tuple(row[:int(m.sum())]) for row, m in zip(pd_["input_ids"], pd_["attention_mask"]))
+    found = []
+    for ids, seg, loss in zip(pa["input_ids"], pa["segment_ids"], pa["loss_mask"]):
+        n_seg = int(seg.max())
+        assert sorted(set(seg.tolist()) - {0}) == list(range(1, n_seg + 1))
+        for k in range(1, n_seg + 1):
+            where = np.nonzero(seg == k)[0]
+            assert (np.diff(where) == 1).all()  # contiguous
+            found.append(tuple(ids[where]))
+            assert loss[where[0]] == 0  # a document's first token is no target
+    assert sorted(found) == docs  # every example exactly once, whole
+    def targets(a):
+        m = a["loss_mask"][:, 1:] * a["attention_mask"][:, 1:]
+        if "segment_ids" in a:
+            m = m * (a["segment_ids"][:, 1:] == a["segment_ids"][:, :-1])
+        return int(m.sum())
+    assert targets(pa) == targets(pd_) > 0
+    assert len(packed) < len(padded) and packed.stats["real_tokens"] == padded.stats["real_tokens"]
+    assert packed.stats["real_tokens"] / packed.stats["row_tokens"] > 0.8
+
+
+@pytest.mark.parametrize("policy", ["cut", "drop", "error"])
+def test_an_example_longer_than_seq_len_is_cut_dropped_or_refused(tok, policy):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["the cat sat on the mat and the dog ran on the mat", "the cat"]})
+    cfg = DataConfig(seq_len=6, truncation=policy)
+    if policy == "error":
+        with pytest.raises(ConfigError, match=r"data.truncation=error: example 1 of 'mem' has \d+ tokens"):
+            tokenize(ds, cfg, "causal_lm", tok, "mem")
+        return
+    data, _ = tokenize(ds, cfg, "causal_lm", tok, "mem")
+    long = tok("the cat sat on the mat and the dog ran on the mat")["input_ids"] + [tok.eos_token_id]
+    if policy == "cut":
+        assert data.stats["truncated"] == 1 and data.stats["truncated_tokens"] == len(long) - 6
+        assert list(data.arrays["input_ids"][0]) == long[:6]
+    else:
+        assert data.stats["dropped_examples"] == 1 and len(data) == 1
 
 
 def test_instruction_prompt_is_masked_out_of_the_loss(tok):
@@ -158,12 +239,13 @@ def test_config_paths_are_not_followed_outside_where_they_point(tmp_path):
 
 
 def test_a_too_short_eval_split_is_named_with_what_to_change(tmp_path, tok):
-    """Enough data to train on, but the 2% held out is shorter than one packed sequence: the error
-    names the eval split (not the file) and the fields to change."""
+    """Stream packing: enough data to train on, but the 2% held out is shorter than one row: the error names
+    the eval split (not the file) and the fields to change. Packing whole examples keeps even one example."""
     rows = [{"prompt": f"the cat sat {i}", "response": "on the mat and then the dog ran home"} for i in range(200)]
     path = _write(tmp_path, "jsonl", rows)
-    cfg = DataConfig(source=str(path), prompt_field="prompt", response_field="response", seq_len=128, packing=True,
-                     eval_fraction=0.02)
+    cfg = DataConfig(source=str(path), prompt_field="prompt", response_field="response", seq_len=128,
+                     packing="stream", eval_fraction=0.02)
+    assert len(load_data(DataConfig(**{**cfg.__dict__, "packing": True}), "causal_lm", tok)[1]) == 1
     with pytest.raises(ConfigError) as e:
         load_data(cfg, "causal_lm", tok)
     msg = str(e.value)
