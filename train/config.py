@@ -98,6 +98,10 @@ class DataConfig:
     text_field: str = "text"
     prompt_field: str | None = None  # instruction data: the prompt is masked out of the loss
     response_field: str | None = None
+    messages_field: str | None = None  # chat data: a column of conversations, lists of {role, content} turns
+    chat_template: str | None = None  # default: the tokenizer's; or a named template (chatml) or a template file
+    # which tokens the loss covers: auto = assistant (conversations), completion (prompt/response), all (text)
+    loss_on: Literal["auto", "assistant", "all", "completion"] = "auto"
     label_field: str = "label"
     task_field: str | None = None  # multitask: column of task indices (or names listed in data.tasks)
     tasks: list[str] | None = None
@@ -409,6 +413,12 @@ def check(cfg: Config) -> None:
                                                                        if variant.routes is not None else ""))
     need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm", "data.packing",
          "must be false with data.task_field (a packed row would mix tasks)")
+    need(not (cfg.data.messages_field and cfg.data.prompt_field), "data.messages_field",
+         "and data.prompt_field are two kinds of data: name one")
+    need(cfg.data.loss_on != "assistant" or bool(cfg.data.messages_field), "data.loss_on",
+         "assistant needs conversations (data.messages_field)")
+    need(cfg.data.loss_on != "completion" or bool(cfg.data.prompt_field), "data.loss_on",
+         "completion needs prompt/response data (data.prompt_field, data.response_field)")
     need(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     need(cfg.data.max_examples is None or cfg.data.max_examples >= 1, "data.max_examples", "must be positive")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from train.chat import chat_template, check_conversation, render
 from train.config import ConfigError, DataConfig
 
 __all__ = ["TokenData", "resolve", "read_examples", "tokenize", "load_data", "Batches", "pack_lengths",
@@ -111,8 +112,21 @@ def _file_of_row(files: list[Path], fmt: str, cfg: DataConfig, row: int) -> tupl
     return files[-1], row
 
 
+class _Said(str):
+    """What is wrong with a value, said in words (a conversation's fault)."""
+
+
 def _kind(value: Any) -> str:
+    if isinstance(value, _Said):
+        return str(value)
     return "null" if value is None else f"a {type(value).__name__} ({value!r:.40})"
+
+
+def loss_on(cfg: DataConfig) -> str:
+    """Which tokens the loss covers: ``data.loss_on``, or for ``auto`` what the data's kind implies."""
+    if cfg.loss_on != "auto":
+        return cfg.loss_on
+    return "assistant" if cfg.messages_field else "completion" if cfg.prompt_field else "all"
 
 
 def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "data.source") -> tuple[Any, int]:
@@ -122,6 +136,8 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
     wanted: list[tuple[str, str, bool]] = []  # (config field, column, must be a string)
     if task == "sequence_classification":
         wanted += [("data.text_field", cfg.text_field, True), ("data.label_field", cfg.label_field, False)]
+    elif cfg.messages_field:
+        wanted.append(("data.messages_field", cfg.messages_field, False))
     elif cfg.prompt_field:
         wanted += [("data.prompt_field", cfg.prompt_field, True), ("data.response_field", cfg.response_field, True)]
     else:
@@ -135,7 +151,11 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
         if column not in ds.column_names:
             continue  # named by the tokenizer's column check
         for i, v in enumerate(ds[column]):
-            if (v is None or (text and not isinstance(v, str))) and i not in bad and (
+            if what == "data.messages_field":
+                wrong = check_conversation(v, loss_on(cfg) == "assistant")
+                if wrong is not None and i not in bad:
+                    bad[i] = (what, column, _Said(wrong))
+            elif (v is None or (text and not isinstance(v, str))) and i not in bad and (
                     labels is None or str(labels[i]) not in dropped):
                 bad[i] = (what, column, v)
     if not bad:
@@ -146,7 +166,7 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
         files = _files(source, field)
         path, row = _file_of_row(files, _format(files, cfg.format, field), cfg, first)
         raise ConfigError(f"{what}: row {row + 1} of {path} has {_kind(v)} in column {column!r}"
-                          + ("" if column == cfg.label_field or column == cfg.task_field else ", not text")
+                          + ("" if column in (cfg.label_field, cfg.task_field, cfg.messages_field) else ", not text")
                           + f" ({len(bad)} such row{'s' if len(bad) > 1 else ''} in {source!r}); fix the data, or set "
                           "data.skip_bad_rows: true to leave such rows out (counted in the data stats)")
     kept = ds.select([i for i in range(len(ds)) if i not in bad])
@@ -193,7 +213,10 @@ class TokenData:
 def _columns(ds: Any, wanted: list[tuple[str, str]], source: str) -> None:
     for field, name in wanted:
         if name not in ds.column_names:
-            raise ConfigError(f"{field}: column {name!r} is not in {source!r}; its columns: {ds.column_names}")
+            hint = ("; conversations (lists of {role, content} turns) are read with data.messages_field"
+                    if field == "data.text_field" and any(c in ds.column_names for c in ("messages", "conversations"))
+                    else "")
+            raise ConfigError(f"{field}: column {name!r} is not in {source!r}; its columns: {ds.column_names}{hint}")
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -262,6 +285,18 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
             ids[i, : len(e)], mask[i, : len(e)] = e, 1
         labels = np.array([index[str(v)] for v in raw], np.int32)
         return TokenData({"input_ids": ids, "attention_mask": mask, "labels": labels}, stats), names
+    if cfg.messages_field:
+        _columns(ds, [("data.messages_field", cfg.messages_field)], source)
+        template, name = chat_template(tokenizer, cfg.chat_template)
+        how = loss_on(cfg)
+        seqs = []
+        for i, turns in enumerate(ds[cfg.messages_field]):
+            try:
+                seqs.append(render(tokenizer, turns, template, name, how))
+            except ConfigError as e:
+                what = f"{split} of {source!r}" if split else repr(source)
+                raise ConfigError(f"{e} (conversation {i + 1} of {what})") from None
+        return _rows(seqs, cfg, pad, source, split), None
     if cfg.prompt_field:
         _columns(ds, [("data.prompt_field", cfg.prompt_field), ("data.response_field", cfg.response_field)], source)
         prompts = tokenizer(list(ds[cfg.prompt_field]))["input_ids"]
@@ -274,7 +309,8 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     seqs = []
     for prompt, response in pieces:
         ids = list(prompt) + list(response or [])
-        loss = [0] * len(prompt) + [1] * len(response) if response is not None else [1] * len(ids)
+        loss = ([0] * len(prompt) + [1] * len(response) if response is not None and loss_on(cfg) == "completion"
+                else [1] * len(ids))
         if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids, loss = ids + [eos], loss + [1]
         seqs.append((ids, loss))
