@@ -164,6 +164,12 @@ class TrainConfig:
     eval_batches: int = 8
     samples: int = 2  # causal LM: generated samples at each eval
     sample_tokens: int = 24
+    # generation eval (chat or prompt/response data with an eval split): this many held-out examples answered
+    # greedily with the KV cache at each eval, scored by exact match or a `module:function(prompt, reference,
+    # output) -> float`
+    gen_eval: int = 0
+    gen_eval_tokens: int = 64
+    gen_eval_score: str = "exact_match"
     checkpoint_every: int = 0  # 0: at the end only
     keep: int = 3
     stop_at: int | None = None  # end this invocation after this step, checkpointed (job time slices); resume goes on
@@ -373,7 +379,16 @@ def check(cfg: Config) -> None:
     need(cfg.train.keep >= 1, "train.keep", "must be at least 1")
     need(cfg.train.stop_at is None or 1 <= cfg.train.stop_at <= cfg.train.steps, "train.stop_at",
          f"must be in [1, train.steps={cfg.train.steps}]")
-    for f in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "samples", "sample_tokens"):
+    if cfg.train.gen_eval:
+        need(cfg.model.task == "causal_lm" and bool(cfg.data.messages_field or cfg.data.prompt_field),
+             "train.gen_eval", "answers held-out conversations (data.messages_field) or prompts (data.prompt_field) "
+             "of a causal LM")
+        need(cfg.data.eval_fraction > 0 or bool(cfg.data.eval_source), "train.gen_eval",
+             "needs held-out examples: set data.eval_fraction or data.eval_source")
+        need(cfg.train.gen_eval_score == "exact_match" or ":" in cfg.train.gen_eval_score, "train.gen_eval_score",
+             "is exact_match or module:function (called with prompt, reference, output; returns a number)")
+        need(cfg.train.gen_eval_tokens >= 1, "train.gen_eval_tokens", "must be at least 1")
+    for f in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "samples", "sample_tokens", "gen_eval"):
         need(getattr(cfg.train, f) >= 0, f"train.{f}", "must not be negative")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
     need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must not be negative")

@@ -205,6 +205,8 @@ class TokenData:
 
     arrays: dict[str, np.ndarray]
     stats: dict[str, int]
+    # held-out chat or prompt/response examples for a generation eval: {"ids", "prompt", "reference"}
+    prompts: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
@@ -455,7 +457,31 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
                     split=splits[1], index=index)[0] if eval_ds is not None else None
     if held is not None:
         held.stats["skipped_rows"] = skipped_eval
+        if task == "causal_lm" and (cfg.messages_field or cfg.prompt_field):
+            held.prompts = prompts(eval_ds, cfg, tokenizer, cfg.eval_source or cfg.source)
     return train, held, names
+
+
+def prompts(ds: Any, cfg: DataConfig, tokenizer: Any, source: str) -> list[dict[str, Any]]:
+    """What a generation eval asks and expects: for a conversation, the turns before its last assistant turn
+    (rendered with the generation prompt) and that turn's text; for a prompt/response pair, the prompt's tokens
+    (as in training) and the response."""
+    out = []
+    if cfg.messages_field:
+        template, name = chat_template(tokenizer, cfg.chat_template)
+        for turns in ds[cfg.messages_field]:
+            last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+            if last is None:
+                continue
+            context = [{"role": t["role"], "content": t["content"]} for t in turns[:last]]
+            text = tokenizer.apply_chat_template(context, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+            out.append({"ids": tokenizer(text, add_special_tokens=False)["input_ids"], "prompt": text,
+                        "reference": turns[last]["content"]})
+        return out
+    for prompt, response in zip(ds[cfg.prompt_field], ds[cfg.response_field]):
+        out.append({"ids": tokenizer(prompt)["input_ids"], "prompt": prompt, "reference": response})
+    return out
 
 
 def load_routed(cfg: DataConfig, task: str, tokenizer: Any,

@@ -92,6 +92,8 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
         train, held, labels = load_routed(cfg.data, cfg.model.task, tokenizer, table)
     else:
         train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
+    if cfg.train.gen_eval:
+        score_function(cfg.train.gen_eval_score)  # a wrong name fails now, not after training
     num_labels = None
     if "task_ids" in train.arrays and table is None and int(train.arrays["task_ids"].max()) >= n_routes(cfg):
         raise ConfigError(f"adapter.multitask.n_tasks={cfg.adapter.multitask.n_tasks} but data.task_field has task index "
@@ -233,6 +235,67 @@ def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float
         for k, v in metrics(sums["task_loss_sum"][t], sums["task_count"][t], sums["task_correct"][t]).items():
             res[f"task{t}_{k}"] = v
     return res
+
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def stop_tokens(tokenizer: Any) -> list[int]:
+    """EOS and the end-of-turn tokens of common chat templates that the tokenizer has."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return sorted(set(ids) | {vocab[t] for t in END_OF_TURN if t in vocab})
+
+
+def score_function(spec: str) -> Any:
+    """``exact_match`` (outputs equal to the reference, both stripped), or the function ``module:function``
+    names, called as ``fn(prompt, reference, output)`` and returning a number."""
+    if spec == "exact_match":
+        return lambda prompt, reference, output: float(output.strip() == reference.strip())
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"train.gen_eval_score: cannot load {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ConfigError(f"train.gen_eval_score: {spec!r} is not a function")
+    return fn
+
+
+def _gen_eval(p: Prepared, trainable: Any, frozen: Any) -> dict[str, float]:
+    """Greedy answers (KV cache, up to ``train.gen_eval_tokens``, stopping at EOS or end of turn) to the first
+    ``train.gen_eval`` held-out prompts, scored: ``{"gen_score": mean, "gen_examples": n}``."""
+    cfg, model, tok = p.cfg, p.built.model, p.tokenizer
+    asks = (p.eval.prompts or [])[: cfg.train.gen_eval] if p.eval is not None else []
+    if not cfg.train.gen_eval or not asks:
+        return {}
+    fn = score_function(cfg.train.gen_eval_score)
+    tree = lv.combine(trainable, frozen)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    stops = stop_tokens(tok)
+    scores = []
+    batch = min(max(1, cfg.train.batch_size), len(asks))
+    width = max(len(a["ids"]) for a in asks)  # one shape for every group: one compilation
+    for start in range(0, len(asks), batch):
+        group = asks[start:start + batch]
+        ids = np.full((batch, width), pad, np.int32)  # rows past the group's: padding only, their output unread
+        mask = np.zeros((batch, width), np.int32)
+        for i, a in enumerate(group):
+            ids[i, : len(a["ids"])], mask[i, : len(a["ids"])] = a["ids"], 1
+        out = np.asarray(jax.device_get(model.generate(tree, ids, attention_mask=mask, stop_tokens=stops,
+                                                       max_new_tokens=cfg.train.gen_eval_tokens, pad_token_id=pad)))
+        for a, row in zip(group, out[:, width:]):
+            row = row.tolist()
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))  # after a stop: padding
+            text = tok.decode(row[:end], skip_special_tokens=True)
+            try:
+                scores.append(float(fn(a["prompt"], a["reference"], text)))
+            except Exception as e:  # noqa: BLE001 - the user's function: named, with what it was given
+                raise ConfigError(f"train.gen_eval_score: {cfg.train.gen_eval_score} failed on a held-out example "
+                                  f"({type(e).__name__}: {e})") from None
+    return {"gen_score": float(np.mean(scores)), "gen_examples": float(len(scores))}
 
 
 def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
@@ -538,7 +601,8 @@ class _Loop:
         """Every ``eval_every`` steps (the last step's eval is ``finish``'s)."""
         t = self.t
         if self.p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen)
+            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen) | _gen_eval(
+                self.p, self.trainable, self.frozen)
             self.metrics.write("eval", done, self.last_eval)
             self.metrics.echo(f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items()))
 
@@ -576,7 +640,8 @@ class _Loop:
         self._police()
         self.elapsed = time.perf_counter() - self.t0
         if self.p.eval is not None:
-            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen)
+            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen) | _gen_eval(
+                self.p, self.trainable, self.frozen)
             self.metrics.write("eval", t.steps, self.last_eval)
         for i, s in enumerate(_samples(self.p, self.trainable, self.frozen)):
             self.metrics.echo(f"sample {i}: {s}")
