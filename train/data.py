@@ -289,45 +289,97 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
         return TokenData({"input_ids": ids, "attention_mask": mask, "labels": labels}, stats), names
     if cfg.messages_field:
         _columns(ds, [("data.messages_field", cfg.messages_field)], source)
-        template, name = chat_template(tokenizer, cfg.chat_template)
-        how = loss_on(cfg)
-        seqs = []
-        for i, turns in enumerate(ds[cfg.messages_field]):
-            try:
-                seqs.append(render(tokenizer, turns, template, name, how))
-            except ConfigError as e:
-                what = f"{split} of {source!r}" if split else repr(source)
-                raise ConfigError(f"{e} (conversation {i + 1} of {what})") from None
-        return _rows(seqs, cfg, pad, source, split), None
-    if cfg.prompt_field:
+    elif cfg.prompt_field:
         _columns(ds, [("data.prompt_field", cfg.prompt_field), ("data.response_field", cfg.response_field)], source)
-        prompts = tokenizer(list(ds[cfg.prompt_field]))["input_ids"]
-        responses = tokenizer(list(ds[cfg.response_field]), add_special_tokens=False)["input_ids"]
-        pieces = [(p, r) for p, r in zip(prompts, responses)]
     else:
         _columns(ds, [("data.text_field", cfg.text_field)], source)
-        pieces = [(e, None) for e in tokenizer(list(ds[cfg.text_field]))["input_ids"]]
+    ids, loss, lengths = encode(ds, cfg, tokenizer, source, split)
+    return _rows(ids, loss, lengths, cfg, pad, source, split), None
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    """What identifies a tokenizer's output: its vocabulary and rules, special tokens and chat template."""
+    import hashlib
+
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(repr((type(tokenizer).__name__, tokenizer.all_special_tokens, tokenizer.eos_token_id,
+                   getattr(tokenizer, "chat_template", None), getattr(tokenizer, "add_bos_token", None))).encode())
+    return h.hexdigest()
+
+
+def encode(ds: Any, cfg: DataConfig, tokenizer: Any, source: str,
+           split: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every causal LM example's tokens and loss flags, as flat arrays ``(ids int32, loss int8, lengths)``.
+
+    Through ``datasets.map`` (batched, 1,000 examples at a time): no Python list of all token ids is ever held,
+    and where the examples come from files the result is cached on disk by ``datasets`` under a fingerprint of
+    the examples, the tokenizer and the data settings, so the next run with the same ones reads it back."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+
+    how = loss_on(cfg)
     eos = tokenizer.eos_token_id
-    seqs = []
-    for prompt, response in pieces:
-        ids = list(prompt) + list(response or [])
-        loss = ([0] * len(prompt) + [1] * len(response) if response is not None and loss_on(cfg) == "completion"
-                else [1] * len(ids))
-        if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
-            ids, loss = ids + [eos], loss + [1]
-        seqs.append((ids, loss))
-    return _rows(seqs, cfg, pad, source, split), None
+    template = name = None
+    if cfg.messages_field:
+        template, name = chat_template(tokenizer, cfg.chat_template)
+    what = f"{split} of {source!r}" if split else repr(source)
+
+    def batch_fn(batch: dict[str, list[Any]], index: list[int]) -> dict[str, list[list[int]]]:
+        out_ids, out_loss = [], []
+        if cfg.messages_field:
+            for i, turns in zip(index, batch[cfg.messages_field]):
+                try:
+                    ids, loss = render(tokenizer, turns, template, name, how)
+                except ConfigError as e:
+                    raise ConfigError(f"{e} (conversation {i + 1} of {what})") from None
+                out_ids.append(ids)
+                out_loss.append(loss)
+            return {"ids": out_ids, "loss": out_loss}
+        if cfg.prompt_field:
+            prompts = tokenizer(batch[cfg.prompt_field])["input_ids"]
+            responses = tokenizer(batch[cfg.response_field], add_special_tokens=False)["input_ids"]
+            pieces = list(zip(prompts, responses))
+        else:
+            pieces = [(e, None) for e in tokenizer(batch[cfg.text_field])["input_ids"]]
+        for prompt, response in pieces:
+            ids = list(prompt) + list(response or [])
+            loss = ([0] * len(prompt) + [1] * len(response) if response is not None and how == "completion"
+                    else [1] * len(ids))
+            if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
+                ids, loss = ids + [eos], loss + [1]
+            out_ids.append(ids)
+            out_loss.append(loss)
+        return {"ids": out_ids, "loss": out_loss}
+
+    settings = {k: getattr(cfg, k) for k in ("text_field", "prompt_field", "response_field", "messages_field",
+                                             "add_eos")}
+    key = json.dumps([ds._fingerprint, _tokenizer_digest(tokenizer), settings, how, template], sort_keys=True)
+    import datasets
+
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")),
+                                  "loss": datasets.Sequence(datasets.Value("int8"))})
+    mapped = ds.map(batch_fn, batched=True, batch_size=1000, with_indices=True, remove_columns=ds.column_names,
+                    features=features, new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+                    desc="tokenizing")
+    ids_col = pa.concat_arrays(mapped.data.column("ids").chunks) if len(mapped) else pa.array([], pa.list_(pa.int32()))
+    loss_col = pa.concat_arrays(mapped.data.column("loss").chunks) if len(mapped) else pa.array([], pa.list_(pa.int8()))
+    lengths = ids_col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_ids = ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    flat_loss = loss_col.flatten().to_numpy(zero_copy_only=False).astype(np.int8, copy=False)
+    return flat_ids, flat_loss, lengths
 
 
-def _rows(seqs: list[tuple[list[int], list[int]]], cfg: DataConfig, pad: int, source: str,
+def _rows(flat_ids: np.ndarray, flat_loss: np.ndarray, lengths: np.ndarray, cfg: DataConfig, pad: int, source: str,
           split: str | None) -> TokenData:
-    """Token rows of examples ``(ids, loss flags)``: packed whole with segment ids (``packing: true``), one
-    padded example per row (``false``), or one stream cut into rows (``stream``)."""
+    """Token rows of examples (flat ids and loss flags, each example's length): packed whole with segment ids
+    (``packing: true``), one padded example per row (``false``), or one stream cut into rows (``stream``)."""
     T = cfg.seq_len
-    stats = {"examples": len(seqs), "truncated": 0}
+    stats = {"examples": len(lengths), "truncated": 0}
     if cfg.packing == "stream":  # continued pretraining: documents attend across their boundaries
-        flat_ids = np.fromiter((t for s, _ in seqs for t in s), np.int32)
-        flat_loss = np.fromiter((m for _, ms in seqs for m in ms), np.int32)
         n = len(flat_ids) // T
         if n == 0:
             what = f"{split} of {source!r}" if split else repr(source)
@@ -335,31 +387,31 @@ def _rows(seqs: list[tuple[list[int], list[int]]], cfg: DataConfig, pad: int, so
                               f"sequence" + (f"; {_FIX_EVAL}" if split and "eval" in split else ""))
         stats["dropped_tokens"] = len(flat_ids) - n * T
         stats["real_tokens"] = stats["row_tokens"] = n * T
-        ids = flat_ids[: n * T].reshape(n, T)
-        loss = flat_loss[: n * T].reshape(n, T)
+        ids = flat_ids[: n * T].reshape(n, T).astype(np.int32)
+        loss = flat_loss[: n * T].reshape(n, T).astype(np.int32)
         return TokenData({"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss}, stats)
-    kept, dropped, cut_tokens = [], 0, 0
-    for i, (s, m) in enumerate(seqs):
-        if len(s) > T:
-            if cfg.truncation == "error":
-                what = f"{split} of {source!r}" if split else repr(source)
-                raise ConfigError(f"data.truncation=error: example {i + 1} of {what} has {len(s)} tokens, more "
-                                  f"than data.seq_len={T}; raise data.seq_len, or set data.truncation to cut (keep "
-                                  f"its first {T} tokens) or drop (leave such examples out); both are counted in the "
-                                  "data stats")
-            if cfg.truncation == "drop":
-                dropped += 1
-                continue
-            stats["truncated"] += 1
-            cut_tokens += len(s) - T
-            s, m = s[:T], m[:T]
-        kept.append((s, m))
-    stats["dropped_examples"], stats["truncated_tokens"] = dropped, cut_tokens
-    if not kept:
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    long = np.flatnonzero(lengths > T)
+    if len(long) and cfg.truncation == "error":
+        i = int(long[0])
+        what = f"{split} of {source!r}" if split else repr(source)
+        raise ConfigError(f"data.truncation=error: example {i + 1} of {what} has {int(lengths[i])} tokens, more "
+                          f"than data.seq_len={T} ({len(long)} such example{'s' if len(long) > 1 else ''}); raise "
+                          f"data.seq_len, or set data.truncation to cut (keep its first {T} tokens) or drop (leave "
+                          "such examples out); both are counted in the data stats")
+    keep = np.ones(len(lengths), bool)
+    if cfg.truncation == "drop":
+        keep[long] = False
+        stats["dropped_examples"], stats["truncated_tokens"] = int(len(long)), 0
+    else:
+        stats["truncated"] = int(len(long))
+        stats["dropped_examples"], stats["truncated_tokens"] = 0, int(np.sum(lengths[long] - T))
+    kept = np.flatnonzero(keep)
+    if not len(kept):
         what = f"{split} of {source!r}" if split else repr(source)
         raise ConfigError(f"data.truncation=drop: every example of {what} is longer than data.seq_len={T}")
-    lengths = np.array([len(s) for s, _ in kept], np.int64)
-    groups = pack_lengths(lengths, T) if cfg.packing else [[i] for i in range(len(kept))]
+    used = np.minimum(lengths[kept], T)
+    groups = pack_lengths(used, T) if cfg.packing else [[i] for i in range(len(kept))]
     n = len(groups)
     ids = np.full((n, T), pad, np.int32)
     mask = np.zeros((n, T), np.int32)
@@ -367,13 +419,15 @@ def _rows(seqs: list[tuple[list[int], list[int]]], cfg: DataConfig, pad: int, so
     seg = np.zeros((n, T), np.int32)
     for r, group in enumerate(groups):
         at = 0
-        for k, i in enumerate(group):
-            s, m = kept[i]
-            ids[r, at:at + len(s)], mask[r, at:at + len(s)], seg[r, at:at + len(s)] = s, 1, k + 1
-            loss[r, at:at + len(s)] = m
+        for k, j in enumerate(group):
+            i, m = int(kept[j]), int(used[j])
+            a = int(starts[i])
+            ids[r, at:at + m] = flat_ids[a:a + m]
+            loss[r, at:at + m] = flat_loss[a:a + m]
+            mask[r, at:at + m], seg[r, at:at + m] = 1, k + 1
             loss[r, at] = 0  # a document's first token is no target: nothing of this document comes before it
-            at += len(s)
-    stats["real_tokens"], stats["row_tokens"] = int(lengths.sum()), n * T
+            at += m
+    stats["real_tokens"], stats["row_tokens"] = int(used.sum()), n * T
     arrays = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
     if cfg.packing:
         arrays["segment_ids"] = seg

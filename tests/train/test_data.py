@@ -252,3 +252,21 @@ def test_a_too_short_eval_split_is_named_with_what_to_change(tmp_path, tok):
     assert "the eval split (4 of 200 examples" in msg and "data.eval_fraction" in msg and "data.eval_source" in msg
     train, held, _ = load_data(DataConfig(**{**cfg.__dict__, "eval_fraction": 0.2}), "causal_lm", tok)
     assert len(train) > 1 and len(held) >= 1
+
+
+def test_tokenized_examples_are_cached_on_disk_and_reused(tok, tmp_path, monkeypatch):
+    """The second load of the same file with the same tokenizer and settings reads the tokens back (the tokenizer
+    is not called); a changed setting tokenizes again."""
+    path = _write(tmp_path, "jsonl", [{"q": r["q"], "a": r["a"]} for r in _pairs(30, seed=1)])
+    cfg = DataConfig(source=str(path), prompt_field="q", response_field="a", seq_len=32)
+    first, _, _ = load_data(cfg, "causal_lm", tok)
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(type(tok), "__call__", refuse)
+    again, _, _ = load_data(cfg, "causal_lm", tok)
+    for k in first.arrays:
+        np.testing.assert_array_equal(first.arrays[k], again.arrays[k])
+    with pytest.raises(AssertionError, match="tokenized again"):
+        load_data(DataConfig(**{**cfg.__dict__, "loss_on": "all"}), "causal_lm", tok)
