@@ -103,8 +103,11 @@ def _splash_kernel(t: int, heads: int, causal: bool, window: int | None, softcap
         one = sm.FullMask((t, t))
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              attn_logits_soft_cap=softcap, interpret=interpret)
+    # Built with concrete arrays even when first asked for inside a trace (a layer scan): the kernel is cached
+    # and used by later traces, which must not see the first one's tracers.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  attn_logits_soft_cap=softcap, interpret=interpret)
 
 
 __all__ = ["cudnn_attention", "splash_attention", "SPLASH_BLOCK"]

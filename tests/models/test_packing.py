@@ -172,3 +172,17 @@ def test_segment_ids_with_a_cache_offset_are_refused():
     k = jnp.zeros((1, 6, 2, 8))
     with pytest.raises(ValueError, match="segment_ids"):
         self_attention(q, k, k, scale=1.0, causal=True, segment_ids=jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["llama3_rope_tied_bias", "qwen2_bias"])
+def test_the_splash_kernel_keeps_packed_documents_apart_in_a_model(tmp_path, name):
+    """The TPU path end to end (Pallas' interpreter on CPU): a packed row of 128 tokens through the model with
+    ``attention_impl="splash"`` gives each document the logits transformers gives it alone."""
+    torch_model = H.build(name, tmp_path)
+    model, params = hf.from_pretrained(tmp_path)
+    model.attention_impl = "splash"
+    rng = np.random.default_rng(4)
+    ids, seg, docs = _packed([40, 9, 30, 27], 128, rng, torch_model.config.vocab_size)
+    logits = np.asarray(model.apply(params, jnp.asarray(ids[None]), segment_ids=jnp.asarray(seg[None])))[0]
+    for at, doc in docs:
+        assert_close(logits[at:at + len(doc)], H.torch_out(torch_model, doc[None])[0], 2e-4)
