@@ -54,11 +54,18 @@ class Run:
                              f"{self.path / 'summary.json'} is of run {own}: the files are of different runs")
         digest = self.summary.get("config_sha256")
         logged = [r.get("config_sha256") for r in self.rows if r.get("kind") == "config"]
-        if self.config and ((digest is not None and config_digest(self.config) != digest)
-                            or (logged and config_digest(self.config) != logged[-1])):
+        mine = config_digest(self.config) if self.config else None
+        if mine is not None and digest is not None and mine != digest:
             raise ValueError(f"{self.path / 'config.json'} is not the config this run last ran with (its digest "
-                             "differs from the one summary.json / metrics.jsonl recorded); rerun the training command "
-                             "to rewrite it")
+                             "differs from the one summary.json recorded); rerun the training command to rewrite it")
+        if logged and digest is not None and logged[-1] != digest:
+            raise ValueError(f"{self.path / 'metrics.jsonl'} is not this run's: the config it logged last differs "
+                             f"from the one {self.path / 'summary.json'} recorded; put back the run's metrics file")
+        if mine is not None and logged and mine != logged[-1]:  # no summary (a run that did not finish) to tell which
+            raise ValueError(f"{self.path / 'config.json'} and {self.path / 'metrics.jsonl'} are of different runs "
+                             "(config.json's digest differs from the config metrics.jsonl logged last; one of them "
+                             "was replaced or edited); rerun the training command to rewrite config.json, or put back "
+                             "the run's metrics file")
 
     def gaps(self) -> str | None:
         """What the metrics lack: a run summary.json says finished at step N whose rows end earlier."""
