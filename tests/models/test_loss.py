@@ -96,6 +96,8 @@ def test_token_chunked_mlp_and_nested_remat_equal_the_plain_model(tmp_path):
     np.testing.assert_allclose(token_chunks(jnp.tanh, x, 3), jnp.tanh(x), rtol=1e-6)
 
 
+@pytest.mark.slow  # two whole-step compilations at 4x the length (about a minute): the default run has
+# the attention's and the loss's own linearity tests
 def test_qlora_step_memory_grows_linearly_with_the_sequence():
     """A whole QLoRA train step (NF4 base, LoRA on every projection, value and gradient) of a small Llama,
     compiled at T and 4T: with blockwise attention, the chunked loss, nested remat and MLP chunks its device

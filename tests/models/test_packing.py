@@ -58,9 +58,16 @@ def _reference(q, k, v, seg, causal, window, softcap, scale):
     return out
 
 
-@pytest.mark.parametrize("causal, window, softcap", [(True, None, None), (True, 3, None), (True, None, 1.5),
-                                                     (False, None, None)])
-@pytest.mark.parametrize("impl", ["dense", "flash"])
+def _attention_cases():
+    """(impl, causal, window, softcap): each option on one path in the default run, the rest under slow."""
+    options = [(True, None, None), (True, 3, None), (True, None, 1.5), (False, None, None)]
+    default = {("dense", True, None, None), ("dense", True, 3, None), ("flash", True, None, 1.5),
+               ("flash", False, None, None)}
+    return [pytest.param(i, *o, marks=() if (i, *o) in default else pytest.mark.slow)
+            for i in ("dense", "flash") for o in options]
+
+
+@pytest.mark.parametrize("impl, causal, window, softcap", _attention_cases())
 def test_attention_of_a_packed_row_equals_each_document_alone(impl, causal, window, softcap):
     b, t, hkv, g, d = 2, 40, 2, 2, 8
     seg = np.zeros((b, t), np.int32)
