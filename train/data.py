@@ -536,7 +536,7 @@ def prompts(ds: Any, cfg: DataConfig, tokenizer: Any, source: str) -> list[dict[
             text = tokenizer.apply_chat_template(context, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
             out.append({"ids": tokenizer(text, add_special_tokens=False)["input_ids"], "prompt": text,
-                        "reference": turns[last]["content"]})
+                        "reference": turns[last]["content"], "context": context})
         return out
     for prompt, response in zip(ds[cfg.prompt_field], ds[cfg.response_field]):
         out.append({"ids": tokenizer(prompt)["input_ids"], "prompt": prompt, "reference": response})

@@ -78,26 +78,16 @@ def _prepare(out: Path, n: int, held: int, turns: int) -> tuple[Path, Path, Path
     return base, train, evals
 
 
-def _answers(result, base: Path, evals: Path, k: int, tokens: int) -> list[tuple[str, str, str]]:
-    """(last user turn, reply, greedy answer) for the first ``k`` held-out conversations, with a run's weights."""
-    import numpy as np
-
+def _answers(result, k: int, tokens: int) -> list[tuple[str, str, str]]:
+    """(last user turn, reply, greedy answer) for the first ``k`` held-out conversations, with a run's weights:
+    the prompts the run's generation eval asked."""
     import lorax_variants as lv
-    from train.build import load_tokenizer
-    from train.run import stop_tokens
+    from train.run import greedy_answers
 
-    tok = load_tokenizer(base)
-    model, tree = result.built.model, lv.combine(result.trainable, result.frozen)
-    stops = stop_tokens(tok)
-    out = []
-    for line in evals.read_text().splitlines()[:k]:
-        conv = json.loads(line)["messages"]
-        text = tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
-        ids = np.asarray([tok(text, add_special_tokens=False)["input_ids"]])
-        new = np.asarray(model.generate(tree, ids, max_new_tokens=tokens, stop_tokens=stops))[0, ids.shape[1]:].tolist()
-        end = next((i for i, t in enumerate(new) if t in stops), len(new))
-        out.append((conv[-2]["content"], conv[-1]["content"], tok.decode(new[:end], skip_special_tokens=True)))
-    return out
+    p = result.prepared
+    asks = p.eval.prompts[:k]
+    texts = greedy_answers(p.built.model, lv.combine(result.trainable, result.frozen), p.tokenizer, asks, tokens, k)
+    return [(a["context"][-1]["content"], a["reference"], t) for a, t in zip(asks, texts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a['eval']['loss']:.3f} after {args.steps} steps")
     print(f"generation eval (token F1 of the reply to the last user turn): {b['eval']['gen_score']:.3f} before -> "
           f"{a['eval']['gen_score']:.3f} after")
-    for (user, reply, before), (_, _, after) in zip(_answers(runs["before"], base, evals, 2, args.gen_tokens),
-                                                    _answers(runs["lora"], base, evals, 2, args.gen_tokens)):
+    for (user, reply, before), (_, _, after) in zip(_answers(runs["before"], 2, args.gen_tokens),
+                                                    _answers(runs["lora"], 2, args.gen_tokens)):
         print(f"\nuser:   {user!r}\nreal:   {reply!r}\nbefore: {before!r}\nafter:  {after!r}")
     return 0 if a["eval"]["loss"] < b["eval"]["loss"] else 1
 

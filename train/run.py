@@ -264,20 +264,15 @@ def score_function(spec: str) -> Any:
     return fn
 
 
-def _gen_eval(p: Prepared, trainable: Any, frozen: Any) -> dict[str, float]:
-    """Greedy answers (KV cache, up to ``train.gen_eval_tokens``, stopping at EOS or end of turn) to the first
-    ``train.gen_eval`` held-out prompts, scored: ``{"gen_score": mean, "gen_examples": n}``."""
-    cfg, model, tok = p.cfg, p.built.model, p.tokenizer
-    asks = (p.eval.prompts or [])[: cfg.train.gen_eval] if p.eval is not None else []
-    if not cfg.train.gen_eval or not asks:
-        return {}
-    fn = score_function(cfg.train.gen_eval_score)
-    tree = lv.combine(trainable, frozen)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    stops = stop_tokens(tok)
-    scores = []
-    batch = min(max(1, cfg.train.batch_size), len(asks))
+def greedy_answers(model: Any, tree: Any, tokenizer: Any, asks: list[dict[str, Any]], max_new_tokens: int,
+                   batch: int) -> list[str]:
+    """Greedy answers (KV cache, up to ``max_new_tokens``, stopping at EOS or end of turn) to ``asks`` (each with
+    its prompt's token ``ids``), decoded without special tokens, ``batch`` prompts per ``generate`` call."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stops = stop_tokens(tokenizer)
+    batch = min(max(1, batch), len(asks))
     width = max(len(a["ids"]) for a in asks)  # one shape for every group: one compilation
+    texts = []
     for start in range(0, len(asks), batch):
         group = asks[start:start + batch]
         ids = np.full((batch, width), pad, np.int32)  # rows past the group's: padding only, their output unread
@@ -285,16 +280,30 @@ def _gen_eval(p: Prepared, trainable: Any, frozen: Any) -> dict[str, float]:
         for i, a in enumerate(group):
             ids[i, : len(a["ids"])], mask[i, : len(a["ids"])] = a["ids"], 1
         out = np.asarray(jax.device_get(model.generate(tree, ids, attention_mask=mask, stop_tokens=stops,
-                                                       max_new_tokens=cfg.train.gen_eval_tokens, pad_token_id=pad)))
-        for a, row in zip(group, out[:, width:]):
-            row = row.tolist()
+                                                       max_new_tokens=max_new_tokens, pad_token_id=pad)))
+        for row in out[: len(group), width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), len(row))  # after a stop: padding
-            text = tok.decode(row[:end], skip_special_tokens=True)
-            try:
-                scores.append(float(fn(a["prompt"], a["reference"], text)))
-            except Exception as e:  # noqa: BLE001 - the user's function: named, with what it was given
-                raise ConfigError(f"train.gen_eval_score: {cfg.train.gen_eval_score} failed on a held-out example "
-                                  f"({type(e).__name__}: {e})") from None
+            texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return texts
+
+
+def _gen_eval(p: Prepared, trainable: Any, frozen: Any) -> dict[str, float]:
+    """Greedy answers to the first ``train.gen_eval`` held-out prompts (:func:`greedy_answers`, up to
+    ``train.gen_eval_tokens``), scored: ``{"gen_score": mean, "gen_examples": n}``."""
+    cfg = p.cfg
+    asks = (p.eval.prompts or [])[: cfg.train.gen_eval] if p.eval is not None else []
+    if not cfg.train.gen_eval or not asks:
+        return {}
+    fn = score_function(cfg.train.gen_eval_score)
+    texts = greedy_answers(p.built.model, lv.combine(trainable, frozen), p.tokenizer, asks,
+                           cfg.train.gen_eval_tokens, cfg.train.batch_size)
+    scores = []
+    for a, text in zip(asks, texts):
+        try:
+            scores.append(float(fn(a["prompt"], a["reference"], text)))
+        except Exception as e:  # noqa: BLE001 - the user's function: named, with what it was given
+            raise ConfigError(f"train.gen_eval_score: {cfg.train.gen_eval_score} failed on a held-out example "
+                              f"({type(e).__name__}: {e})") from None
     return {"gen_score": float(np.mean(scores)), "gen_examples": float(len(scores))}
 
 
@@ -650,7 +659,7 @@ class _Loop:
 
     def stopped(self, done: int) -> "Result":
         return Result({"stopped_at": done, "output_dir": str(self.out)}, self.trainable, self.frozen, self.opt_state,
-                      self.p.built)
+                      self.p.built, self.p)
 
     def close(self) -> None:
         self.metrics.close()
@@ -681,7 +690,7 @@ class _Loop:
             if t.report:
                 _report(out)
             print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2), flush=True)
-        return Result(summary, self.trainable, self.frozen, self.opt_state, b)
+        return Result(summary, self.trainable, self.frozen, self.opt_state, b, self.p)
 
 
 def _report(out: Path) -> None:
@@ -735,3 +744,4 @@ class Result:
     frozen: Any
     opt_state: Any
     built: Built
+    prepared: Prepared | None = None  # the run's tokenizer and data (held-out prompts included)
