@@ -118,6 +118,9 @@ class DataConfig:
     max_examples: int | None = None
     skip_bad_rows: bool = False  # rows with a null/non-text value or a null label: refused (false) or left out, counted
     seed: int = 0  # shuffling
+    # multi-host: each host tokenizes and packs only its slice of the training examples and draws its part of
+    # every batch from it (true), or every host prepares all of them (false: the batches of one process)
+    host_shards: bool = True
 
 
 @dataclasses.dataclass

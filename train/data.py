@@ -263,6 +263,21 @@ def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     return data, names
 
 
+def _label_names(raw: list[Any], cfg: DataConfig) -> list[str]:
+    if cfg.labels:
+        return list(cfg.labels)
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        return [str(i) for i in range(max(raw) + 1)]
+    return sorted({str(v) for v in raw}, key=lambda s: (len(s), s))
+
+
+def label_names(ds: Any, cfg: DataConfig, source: str) -> list[str]:
+    """The class names of ``ds``'s labels, in label-index order (``data.labels``, or the integers up to the
+    largest, or the sorted names)."""
+    _columns(ds, [("data.label_field", cfg.label_field)], source)
+    return _label_names(list(ds[cfg.label_field]), cfg)
+
+
 def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
               label_names: list[str] | None, split: str | None = None) -> tuple[TokenData, list[str] | None]:
     T, pad = cfg.seq_len, _pad_id(tokenizer)
@@ -270,9 +285,7 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     if task == "sequence_classification":
         _columns(ds, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)], source)
         raw = list(ds[cfg.label_field])
-        names = label_names or cfg.labels or sorted({str(v) for v in raw}, key=lambda s: (len(s), s))
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw) and not cfg.labels and not label_names:
-            names = [str(i) for i in range(max(raw) + 1)]
+        names = label_names or _label_names(raw, cfg)
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted({str(v) for v in raw} - set(index))
         if unknown:
@@ -488,9 +501,13 @@ _FIX_EVAL = ("raise data.eval_fraction, name a longer held-out file in data.eval
 
 
 def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.source",
-              index: dict[str, int] | None = None) -> tuple[TokenData, TokenData | None, list[str] | None]:
+              index: dict[str, int] | None = None,
+              shard: tuple[int, int] = (0, 1)) -> tuple[TokenData, TokenData | None, list[str] | None]:
     """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``. ``field``: the config
-    field that named ``cfg.source`` (for errors); ``index``: task label -> adapter (many adapters)."""
+    field that named ``cfg.source`` (for errors); ``index``: task label -> adapter (many adapters); ``shard``:
+    ``(i, n)``: only the ``i``-th of ``n`` contiguous slices of the training examples is tokenized and packed
+    (a host's share; the raw file is memory-mapped Arrow, the eval split stays whole). The train split's
+    ``stats`` are its slice's, with ``shard`` recorded."""
     ds, skipped = check_rows(read_examples(cfg, cfg.source, field), cfg, task, cfg.source, field)
     ds = _drop_labels(ds, cfg, cfg.source)
     if cfg.max_examples is not None:
@@ -510,7 +527,17 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
         eval_ds, ds = ds.select(sorted(order[:k])), ds.select(sorted(order[k:]))
         splits = (f"the training split ({n - k} of {n} examples)",
                   f"the eval split ({k} of {n} examples, held out by data.eval_fraction={cfg.eval_fraction})")
-    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, split=splits[0], index=index)
+    names = None
+    if shard[1] > 1:
+        if task == "sequence_classification":  # every host's label index from all the labels
+            names = label_names(ds, cfg, cfg.source)
+        if len(ds) < shard[1]:
+            raise ConfigError(f"{field}: {len(ds)} training examples in {cfg.source!r} cannot be shared by "
+                              f"{shard[1]} hosts (data.host_shards: false gives every host all of them)")
+        ds = ds.shard(num_shards=shard[1], index=shard[0], contiguous=True)
+    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, names, split=splits[0], index=index)
+    if shard[1] > 1:
+        train.stats["shard"], train.stats["shards"] = shard
     train.stats["skipped_rows"] = skipped  # bad rows of data.source left out (data.skip_bad_rows), before any split
     held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names,
                     split=splits[1], index=index)[0] if eval_ds is not None else None
@@ -543,8 +570,8 @@ def prompts(ds: Any, cfg: DataConfig, tokenizer: Any, source: str) -> list[dict[
     return out
 
 
-def load_routed(cfg: DataConfig, task: str, tokenizer: Any,
-                routes: list[Any]) -> tuple[TokenData, TokenData | None, list[str] | None]:
+def load_routed(cfg: DataConfig, task: str, tokenizer: Any, routes: list[Any],
+                shard: tuple[int, int] = (0, 1)) -> tuple[TokenData, TokenData | None, list[str] | None]:
     """Rows for many adapters (``routes``: name, task label or source, in adapter order): the rows of
     ``data.source`` whose ``data.task_field`` is an adapter's label, and every row of an adapter's own source
     (split for eval by ``data.eval_fraction`` each); ``task_ids`` holds each row's adapter."""
@@ -552,7 +579,7 @@ def load_routed(cfg: DataConfig, task: str, tokenizer: Any,
     parts: list[tuple[TokenData, TokenData | None]] = []
     names = cfg.labels
     if labelled:
-        train, held, names = load_data(cfg, task, tokenizer, index=labelled)
+        train, held, names = load_data(cfg, task, tokenizer, index=labelled, shard=shard)
         parts.append((train, held))
     for i, r in enumerate(routes):
         if r.source is None:
@@ -561,7 +588,7 @@ def load_routed(cfg: DataConfig, task: str, tokenizer: Any,
             raise ConfigError("data.labels: with adapters reading their own sources, list the class names so that "
                               "every source's labels mean the same classes")
         own = dataclasses.replace(cfg, source=r.source, task_field=None, tasks=None, eval_source=None)
-        train, held, names = load_data(own, task, tokenizer, field=f"adapter.many.adapters[{i}].source")
+        train, held, names = load_data(own, task, tokenizer, field=f"adapter.many.adapters[{i}].source", shard=shard)
         for data in (train, held):
             if data is not None:
                 data.arrays["task_ids"] = np.full(len(data), i, np.int32)
@@ -579,24 +606,36 @@ def _concat(parts: list[TokenData]) -> TokenData:
 
 
 class Batches:
-    """Deterministic global batches; ``local(step)`` is this host's share of batch ``step``."""
+    """Deterministic batches; ``local(step)`` is this host's share of batch ``step``.
 
-    def __init__(self, data: TokenData, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+    With ``data`` the whole training set (``sharded=False``), every host walks one permutation of it per epoch
+    and takes its slice of each global batch: the batches of one process. With ``data`` this host's own shard
+    of it (``sharded=True``, several processes), each host walks its own permutation of its rows and supplies
+    ``batch_size / process_count`` rows of every batch."""
+
+    def __init__(self, data: TokenData, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                 sharded: bool = False):
         if batch_size % process_count:
             raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {process_count} processes")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.lo = process_index * batch_size // process_count
-        self.hi = (process_index + 1) * batch_size // process_count
+        self.data, self.batch_size = data, batch_size
+        self.seed = [seed, process_index] if sharded and process_count > 1 else [seed]
+        if sharded:  # this host's rows only: its part of every batch, consecutive in its own order
+            self.stride, self.lo, self.hi = batch_size // process_count, 0, batch_size // process_count
+        else:
+            self.stride = batch_size
+            self.lo = process_index * batch_size // process_count
+            self.hi = (process_index + 1) * batch_size // process_count
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.data))}
+            seed = [self.seed[0], epoch, *self.seed[1:]]
+            self._perms = {epoch: np.random.default_rng(seed).permutation(len(self.data))}
         return self._perms[epoch]
 
     def rows(self, step: int) -> np.ndarray:
         n = len(self.data)
-        stream = np.arange(step * self.batch_size + self.lo, step * self.batch_size + self.hi)
+        stream = np.arange(step * self.stride + self.lo, step * self.stride + self.hi)
         return np.array([self._perm(int(i // n))[i % n] for i in stream], np.int64)
 
     def local(self, step: int) -> dict[str, np.ndarray]:
@@ -604,7 +643,7 @@ class Batches:
         return {k: v[rows] for k, v in self.data.arrays.items()}
 
     def epoch_of(self, step: int) -> float:
-        return step * self.batch_size / len(self.data)
+        return step * self.stride / len(self.data)
 
 
 def eval_batches(data: TokenData, batch_size: int, limit: int, process_index: int = 0,

@@ -44,7 +44,7 @@ def plan(cfg: Config) -> dict[str, Any]:
             "optimizer_state": _device_bytes(p.opt_abstract, p.opt_sh),
         },
         "examples": {"train": p.train.stats["examples"], "eval": p.eval.stats["examples"] if p.eval else 0,
-                     "rows": len(p.train), "truncated": p.train.stats["truncated"],
+                     "rows": p.train.stats.get("rows", len(p.train)), "truncated": p.train.stats["truncated"],
                      "skipped_rows": p.train.stats.get("skipped_rows", 0),
                      "dropped_examples": p.train.stats.get("dropped_examples", 0),
                      "packing_efficiency": packing_efficiency(p.train.stats)},

@@ -88,10 +88,14 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     hf_config = load_hf_config(path)  # read once: the positions check and the model both use it
     check_positions(cfg, hf_config)  # before reading any data
     table = routes(cfg)
+    shard = (jax.process_index(), jax.process_count()) if cfg.data.host_shards else (0, 1)
     if table is not None:  # many adapters: each adapter's rows from its task label or its own source
-        train, held, labels = load_routed(cfg.data, cfg.model.task, tokenizer, table)
+        train, held, labels = load_routed(cfg.data, cfg.model.task, tokenizer, table, shard)
     else:
-        train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer)
+        train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer, shard=shard)
+    if shard[1] > 1:  # the run's figures are every host's together
+        train.stats = _all_hosts(train.stats, len(train)) | {"host_examples": train.stats["examples"],
+                                                             "host_rows": len(train)}
     if cfg.train.gen_eval:
         score_function(cfg.train.gen_eval_score)  # a wrong name fails now, not after training
     num_labels = None
@@ -115,6 +119,17 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
                           f"{model_vocab} (tokenizer and model do not match)")
     base = (str(path), None if abstract else fingerprint(path))  # read once, recorded in every checkpoint
     return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
+
+
+def _all_hosts(stats: dict[str, int], rows: int) -> dict[str, int]:
+    """``stats`` of this host's shard summed over the processes (the same keys on every host), with the
+    ``rows`` of them all; ``shard`` dropped."""
+    from jax.experimental import multihost_utils
+
+    keys = sorted(k for k in stats if k not in ("shard", "shards"))
+    local = np.array([stats[k] for k in keys] + [rows], np.int64)
+    total = np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1).sum(0)
+    return {k: int(v) for k, v in zip(keys, total[:-1])} | {"rows": int(total[-1]), "shards": stats["shards"]}
 
 
 def routes(cfg: Config) -> list[Any] | None:
@@ -187,6 +202,7 @@ def _meta(cfg: Config, p: Prepared, step: int, choice: dict[str, np.ndarray] | N
         "trainable": [[path, list(x.shape)] for path, x in lv.leaves_with_paths(b.trainable)],
         "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
         "data_source": cfg.data.source, "seq_len": cfg.data.seq_len,
+        "data_shards": p.train.stats.get("shards", 1),  # hosts that each prepared a slice of the data
         "optimizer": {k: v for k, v in dataclasses.asdict(cfg.optim).items()},
     }
 
@@ -354,6 +370,11 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None, *,
     current = _meta(cfg, p, step, keep)
     note = ckpt.check_base(saved, current, saver.directory / str(step), force_base)
     ckpt.check_meta(saved, current, saver.directory / str(step))
+    notes = [note] if note else []
+    if saved.get("data_shards", 1) != current["data_shards"]:
+        notes.append(f"warning: the checkpoint's run prepared its data as {saved.get('data_shards', 1)} host "
+                     f"slice(s), this one as {current['data_shards']}: the batches from step {step} on are not "
+                     "those of an uninterrupted run (data.host_shards)")
     like = {"trainable": jax.tree.leaves(trainable), "opt_state": jax.tree.leaves(opt_state),
             "key": np.asarray(jax.random.key_data(key))}
     variant = recipe(cfg.adapter.variant)
@@ -365,7 +386,7 @@ def restore(p: Prepared, saver: ckpt.Checkpointer, step: int | None, *,
     if "extras" in state:
         frozen = variant.with_extras(frozen, state["extras"])
     return p, State(trainable, frozen, opt_state, jax.random.wrap_key_data(jnp.asarray(state["key"])), keep, step,
-                    [note] if note else [], saved.get("run_id") or uuid.uuid4().hex)
+                    notes, saved.get("run_id") or uuid.uuid4().hex)
 
 
 def run(cfg: Config, *, resume: bool | None = None, force_base: bool = False,
@@ -496,7 +517,8 @@ class _Loop:
         self.keep, self.start = s.keep, s.step
         self.variant = recipe(cfg.adapter.variant)
         self.fns = _steps(p)
-        self.batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count())
+        self.batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count(),
+                               sharded="shards" in p.train.stats)
         self.groups = lr_groups(cfg, self.trainable, p.built.model.stacked)
         self.run_id = s.run_id
         self.metrics = Metrics(out, t.steps, s.step, active=lead, progress=t.progress, run_id=s.run_id)
@@ -509,15 +531,20 @@ class _Loop:
         b = p.built
         if s.step == 0:
             self.metrics.echo(f"{cfg.name}: {b.counts.trainable:,} trainable of {b.counts.total:,} params; "
-                              f"{p.train.stats['examples']} examples -> {len(p.train)} rows "
+                              f"{p.train.stats['examples']} examples -> {p.train.stats.get('rows', len(p.train))} rows "
                               f"({p.train.stats['truncated']} truncated"
                               + (f", {p.train.stats['dropped_examples']} longer than data.seq_len left out"
                                  if p.train.stats.get("dropped_examples") else "")
                               + (f", packed at {packing_efficiency(p.train.stats):.1%} real tokens"
                                  if p.train.stats.get("row_tokens") else "")
                               + (f", {p.train.stats['skipped_rows']} bad rows left out by data.skip_bad_rows"
-                                 if p.train.stats.get("skipped_rows") else "") + ")")
-        else:
+                                 if p.train.stats.get("skipped_rows") else "")
+                              + (f"; each of {p.train.stats['shards']} hosts prepared its own slice"
+                                 if "shards" in p.train.stats else "") + ")")
+        if "shards" in p.train.stats:  # every host says what it read
+            print(f"host {jax.process_index()} of {p.train.stats['shards']}: {p.train.stats['host_examples']} "
+                  f"training examples -> {p.train.stats['host_rows']} rows", flush=True)
+        if s.step:
             self.metrics.echo(f"{cfg.name}: resumed from step {s.step} ({saver.directory / str(s.step)})")
         for note in s.notes + self.metrics.notes:  # what the restore let through or set aside: shown and logged
             self.metrics.echo(note)

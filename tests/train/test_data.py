@@ -216,6 +216,43 @@ def test_batches_are_deterministic_cover_epochs_and_split_over_hosts(assets, tok
     np.testing.assert_array_equal(Batches(train, 8, seed=3).local(5)["input_ids"], whole.local(5)["input_ids"])
 
 
+def test_each_host_prepares_only_its_slice_and_the_slices_make_the_whole(assets, tok, bert_tok):
+    """data.host_shards: the hosts' slices hold every training example once (their documents and loss tokens
+    add up to one process's), the eval split stays whole, and every host maps labels to the same classes."""
+    cfg = DataConfig(source=str(assets["lm"]), seq_len=16, eval_fraction=0.1)
+    whole, held, _ = load_data(cfg, "causal_lm", tok)
+    parts = [load_data(cfg, "causal_lm", tok, shard=(i, 3)) for i in range(3)]
+    docs = lambda d: sorted(tuple(ids[seg == k]) for ids, seg in zip(d.arrays["input_ids"], d.arrays["segment_ids"])
+                            for k in range(1, int(seg.max()) + 1))  # noqa: E731
+    assert sorted(sum((docs(p[0]) for p in parts), [])) == docs(whole)
+    assert [p[0].stats["shard"] for p in parts] == [0, 1, 2] and {p[0].stats["shards"] for p in parts} == {3}
+    for key in ("examples", "real_tokens"):
+        assert sum(p[0].stats[key] for p in parts) == whole.stats[key]
+    assert sum(int(p[0].arrays["loss_mask"].sum()) for p in parts) == int(whole.arrays["loss_mask"].sum())
+    for _, h, _ in parts:
+        np.testing.assert_array_equal(h.arrays["input_ids"], held.arrays["input_ids"])
+    # classification: a label only one slice has still has one index everywhere
+    cls = DataConfig(source=str(assets["cls"]), text_field="sentence", label_field="sentiment", seq_len=12)
+    names = {tuple(load_data(cls, "sequence_classification", bert_tok, shard=(i, 40))[2]) for i in (0, 39)}
+    assert names == {tuple(load_data(cls, "sequence_classification", bert_tok)[2])}
+    with pytest.raises(ConfigError, match="data.source: 180 training examples .* cannot be shared by 200 hosts"):
+        load_data(cfg, "causal_lm", tok, shard=(0, 200))
+
+
+def test_sharded_batches_draw_each_hosts_part_from_its_own_rows(assets, tok):
+    cfg = DataConfig(source=str(assets["lm"]), seq_len=16)
+    parts = [load_data(cfg, "causal_lm", tok, shard=(i, 2))[0] for i in range(2)]
+    hosts = [Batches(p, 8, seed=3, process_index=i, process_count=2, sharded=True) for i, p in enumerate(parts)]
+    for h, p in zip(hosts, parts):
+        per_epoch = len(p) // 4
+        rows = np.concatenate([h.rows(s) for s in range(per_epoch)])
+        assert len(rows) == per_epoch * 4 and len(set(rows.tolist())) == len(rows) and rows.max() < len(p)
+        assert h.local(0)["input_ids"].shape == (4, 16)
+        again = Batches(p, 8, seed=3, process_index=hosts.index(h), process_count=2, sharded=True)
+        np.testing.assert_array_equal(again.rows(per_epoch + 1), h.rows(per_epoch + 1))  # deterministic, epoch 2
+    assert hosts[0].epoch_of(len(parts[0]) // 4) == pytest.approx(len(parts[0]) // 4 * 4 / len(parts[0]))
+
+
 def test_eval_batches_pad_with_rows_that_count_for_nothing(bert_tok):
     import datasets
 

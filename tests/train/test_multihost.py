@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_hosts(args: list[str]) -> None:
+def _two_hosts(args: list[str]) -> list[str]:
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -31,11 +33,14 @@ def _two_hosts(args: list[str]) -> None:
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, f"process exited {p.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
+    return [out + err for out, err in outs]
 
 
 @pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["straight", "resumed"])
 def test_two_processes_equal_one(assets, tmp_path, resume):
-    common = ["mesh.data=2", "mesh.fsdp=2", "data.eval_fraction=0.1", "train.steps=6"]
+    """Every host preparing all the data (data.host_shards: false): the batches, losses and adapters of one
+    process."""
+    common = ["mesh.data=2", "mesh.fsdp=2", "data.eval_fraction=0.1", "train.steps=6", "data.host_shards=false"]
     one, two = tmp_path / "one", tmp_path / "two"
     cli(lm_args(assets, one, *common), devices=4)
     if resume:  # the second invocation resumes from a checkpoint both hosts wrote
@@ -47,3 +52,20 @@ def test_two_processes_equal_one(assets, tmp_path, resume):
     a, b = adapters(one), adapters(two)
     for k in a:
         assert_close(b[k], a[k], 2e-5, err_msg=k)
+
+
+def test_each_host_prepares_only_its_slice(assets, tmp_path):
+    """data.host_shards (the default): each host tokenizes and packs half the training examples, the run's
+    figures are both halves together (one process's), and the hosts train one model."""
+    common = ["mesh.data=2", "data.eval_fraction=0.1", "train.steps=8", "train.report=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli(lm_args(assets, one, *common), devices=2)
+    logs = _two_hosts(lm_args(assets, two, *common))
+    said = [re.search(r"host (\d) of 2: (\d+) training examples -> (\d+) rows", log) for log in logs]
+    assert [int(m.group(1)) for m in said] == [0, 1]
+    assert [int(m.group(2)) for m in said] == [90, 90]  # 180 training examples, half each
+    a, b = (json.loads((d / "summary.json").read_text())["data"] for d in (one, two))
+    assert b["examples"] == a["examples"] == 180 and b["real_tokens"] == a["real_tokens"]
+    assert b["rows"] == sum(int(m.group(3)) for m in said) and b["shards"] == 2
+    loss = losses(two)
+    assert np.isfinite(loss).all() and loss[-1] < loss[0]
