@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conversations", type=int, default=2000)
     ap.add_argument("--held-out", type=int, default=64)
     ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=45)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--no-progress", action="store_true")
