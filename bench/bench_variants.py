@@ -24,8 +24,12 @@ import optax
 
 import lorax_variants as lv
 from lorax_variants.models import STACKED, TinyConfig, TinyTransformer, lm_loss
-from lorax_variants.optim import (adalora_allocator, delta_lora_update, lora_drop, lorafa_projection, loraplus,
-                                  sora_proximal)
+from lorax_variants.variants import lora_drop
+from lorax_variants.variants.adalora import adalora_allocator
+from lorax_variants.variants.delta_lora import delta_lora_update
+from lorax_variants.variants.lora_fa import lorafa_projection
+from lorax_variants.variants.loraplus import loraplus
+from lorax_variants.variants.sora import sora_proximal
 
 PRETRAIN_MODULES = ["collections", "functools", "itertools", "json", "pathlib", "re", "string", "textwrap"]
 TUNE_MODULES = ["argparse", "csv", "datetime", "logging", "random", "statistics", "typing", "unittest"]

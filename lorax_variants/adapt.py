@@ -16,17 +16,25 @@ from typing import Any
 
 import jax
 
-from lorax_variants.nodes import adalora, dora, dylora, lora, lora_drop, multitask, qalora, sora, vera
 from lorax_variants.nodes.base import AdapterNode
-from lorax_variants.registry import RESIDUAL_INITS, Target, builder_of, path_key, register_variant, variants
+from lorax_variants.registry import (
+    RESIDUAL_INITS,
+    Target,
+    builder_of,
+    path_key,
+    register_variant,
+    variant_names,
+)
 from lorax_variants.spec import AdapterSpec
-from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_paths, map_with_paths, matches
+from lorax_variants.tree import (
+    closest_paths,
+    compile_patterns,
+    leaves_with_paths,
+    map_with_paths,
+    matches,
+)
 
-__all__ = ["adapt", "Target", "register_variant", "variants", "path_key", "RESIDUAL_INITS"]
-
-# Importing a variant module registers its builder; these are every variant the library ships.
-VARIANT_MODULES = (lora, dora, vera, adalora, dylora, sora, lora_drop, multitask, qalora)
-
+__all__ = ["adapt", "Target", "register_variant", "variant_names", "path_key", "RESIDUAL_INITS"]
 
 def _as_key(key: Any) -> jax.Array:
     if isinstance(key, int):

@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.nodes.adalora import AdaLoraNode
+from lorax_variants.variants.adalora import AdaLoraNode
 from lorax_variants.nodes.base import AdapterNode, Node
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.nodes.sora import SoraNode
+from lorax_variants.variants.sora import SoraNode
 from lorax_variants.sharding import to_host
 from lorax_variants.tree import leaves_with_paths
-from lorax_variants.optim.adalora import AllocatorState
+from lorax_variants.variants.adalora import AllocatorState
 
 __all__ = ["magnitude_direction", "active_ranks"]
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from lorax_variants.adapt import adapt
 from lorax_variants.nodes.base import Node
-from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.variants.lora import LoraNode
 from lorax_variants.quant import QuantSpec, dequantize, quantize_array, quantize_paths, quantized_paths
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import map_with_paths

@@ -18,7 +18,7 @@ from lorax_variants.inits import gaussian_a, kaiming_a, olora_factors, pissa_fac
 from lorax_variants.nodes.base import Node
 from lorax_variants.spec import AdapterSpec
 
-__all__ = ["Target", "register_variant", "variants", "builder_of", "path_key", "lora_factors", "RESIDUAL_INITS"]
+__all__ = ["Target", "register_variant", "variant_names", "builder_of", "path_key", "lora_factors", "RESIDUAL_INITS"]
 
 RESIDUAL_INITS = ("pissa", "olora")  # inits that move s·A₀B₀ out of the base weight into the adapter
 
@@ -72,7 +72,7 @@ def register_variant(
     return deco
 
 
-def variants() -> tuple[str, ...]:
+def variant_names() -> tuple[str, ...]:
     """The registered variant names (``AdapterSpec.variant`` values)."""
     return tuple(sorted(_VARIANTS))
 
@@ -80,7 +80,7 @@ def variants() -> tuple[str, ...]:
 def builder_of(name: str) -> tuple[Callable[..., Node], Callable[[list[Target]], Any] | None]:
     """``(builder, prepare)`` of a registered variant; an unknown name is an error listing the known ones."""
     if name not in _VARIANTS:
-        raise ValueError(f"AdapterSpec.variant {name!r} is unknown; known variants: {list(variants())}")
+        raise ValueError(f"AdapterSpec.variant {name!r} is unknown; known variants: {list(variant_names())}")
     return _VARIANTS[name], _PREPARE.get(name)
 
 

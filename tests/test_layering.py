@@ -1,9 +1,10 @@
 """The library's import structure: layers that import only downward, no circles, no function-local imports
 of the library (which would hide a circle), and no import of the app (``train``) from the library.
 
-Bottom to top: the node protocol; trees and shared values; the spec; the variant registry; the variants
-(one node module each, and the quantized node with its code tables); ops, quantization, ``adapt`` and the
-other tree transforms; optimizers and diagnostics; models; Hugging Face interop; the package's re-exports."""
+Bottom to top: the node protocol (and the factored product the variants share); trees and shared values; the
+spec; the variant and recipe registries; the quantized node with its code tables; ops, quantization, ``adapt``
+and the other tree transforms; the variants, one module each (node, builder, settings, Optax pieces, recipe);
+their import list, LoftQ and diagnostics; models; Hugging Face interop; the package's re-exports."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "lorax_variants"
 
 LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a module may import its layer and below
-    {"nodes.base", "nodes"},
+    {"nodes.base", "nodes", "nodes.factored"},
     {"tree", "runtime", "inits", "shared"},
     {"spec"},
-    {"registry"},
-    {"nodes.*"},
-    {"ops", "quant", "adapt", "per_call", "sharding", "stats", "loftq", "multi"},
-    {"optim", "optim.*", "diagnostics", "recipes"},
+    {"registry", "recipes"},
+    {"nodes.quantized"},
+    {"ops", "quant", "adapt", "per_call", "sharding", "stats", "optim", "optim.*"},
+    {"variants.*"},  # one module per variant; a variant may build on another (LoRA's node)
+    {"variants", "loftq", "diagnostics"},
     {"models", "models.*"},
     {"hf", "hf.*"},
     {""},  # lorax_variants/__init__.py

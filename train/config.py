@@ -58,21 +58,23 @@ class AdapterConfig:
     dropout: float = 0.0
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
     seed: int = 0  # adapter init (and VeRA's projections)
-    # Each variant's own settings (lorax_variants.recipes); only the section of adapter.variant is read.
-    loraplus: recipes.LoraPlus = dataclasses.field(default_factory=recipes.LoraPlus)
-    adalora: recipes.AdaLora = dataclasses.field(default_factory=recipes.AdaLora)
-    sora: recipes.Sora = dataclasses.field(default_factory=recipes.Sora)
-    delta_lora: recipes.DeltaLora = dataclasses.field(default_factory=recipes.DeltaLora)
-    dylora: recipes.DyLora = dataclasses.field(default_factory=recipes.DyLora)
-    vera: recipes.Vera = dataclasses.field(default_factory=recipes.Vera)
-    multitask: recipes.MultiTask = dataclasses.field(default_factory=recipes.MultiTask)
-    lora_drop: recipes.LoraDrop = dataclasses.field(default_factory=recipes.LoraDrop)
-    qalora: recipes.QaLora = dataclasses.field(default_factory=recipes.QaLora)
-    many: recipes.Many = dataclasses.field(default_factory=recipes.Many)
+    # Each variant's own settings: the section adapter.<variant>, checked against the settings type the variant
+    # registers (lorax_variants.recipes); only the section of adapter.variant is used.
+    sections: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """``adapter.<variant>``: that variant's section (its defaults where the config has none)."""
+        if name.startswith("_") or name == "sections":
+            raise AttributeError(name)
+        kind = recipes.RECIPES[name].settings if name in recipes.RECIPES else None
+        if kind is None:
+            raise AttributeError(f"AdapterConfig has no field or variant section {name!r}")
+        return self.sections.get(name) or kind()
 
     def settings(self) -> Any:
-        """The settings section of ``variant`` (``None`` for a variant without one)."""
-        return getattr(self, self.variant, None) if recipes.recipe(self.variant).settings else None
+        """The settings of ``variant`` (its section, or the defaults; ``None`` for a variant without any)."""
+        kind = recipes.recipe(self.variant).settings
+        return self.sections.get(self.variant) or (kind() if kind is not None else None)
 
 
 @dataclasses.dataclass
@@ -267,29 +269,48 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {t} at {where}")
 
 
-# Keys that moved into a variant's own section: an old config names the new key.
-MOVED = {
-    "optim.loraplus_ratio": "adapter.loraplus.ratio", "optim.loraplus_lr_embedding": "adapter.loraplus.lr_embedding",
-    **{f"optim.adalora_{k}": f"adapter.adalora.{k}"
-       for k in ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")},
-    "optim.sora_xi": "adapter.sora.xi", "optim.delta_lora_lambda": "adapter.delta_lora.update_ratio",
-    "optim.delta_lora_start": "adapter.delta_lora.start", "optim.lora_drop_select_at": "adapter.lora_drop.select_at",
-    "optim.lora_drop_threshold": "adapter.lora_drop.threshold", "optim.lora_drop_batches": "adapter.lora_drop.batches",
-    "adapter.r_min": "adapter.dylora.r_min", "adapter.d_initial": "adapter.vera.d_initial",
-    "adapter.n_tasks": "adapter.multitask.n_tasks",
-}
+def _moved(path: str) -> str | None:
+    """Where an old flat key of a variant's setting went: ``optim.<variant>_<field>`` and ``adapter.<field>``
+    (a field of one variant's settings) moved into that variant's section ``adapter.<variant>``."""
+    kinds = _sections()
+    section, _, key = path.partition(".")
+    if section == "optim":
+        for name in sorted(kinds, key=len, reverse=True):
+            if key.startswith(name + "_"):
+                field = key[len(name) + 1:]
+                fields = [f.name for f in dataclasses.fields(kinds[name])]
+                return f"adapter.{name}.{field}" if field in fields else f"adapter.{name} (its keys: {fields})"
+    if section == "adapter":
+        owners = [n for n, k in kinds.items() if key in {f.name for f in dataclasses.fields(k)}]
+        if len(owners) == 1:
+            return f"adapter.{owners[0]}.{key}"
+    return None
+
+
+def _sections() -> dict[str, type]:
+    """Variant name -> its settings type (the ``adapter.<variant>`` sections a config may hold)."""
+    return {name: r.settings for name, r in recipes.RECIPES.items() if r.settings is not None}
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    if cls is AdapterConfig:  # each variant's section, typed by the variant's own settings
+        raw = dict(raw)
+        if "sections" in raw:
+            raise ConfigError("unknown config key 'adapter.sections'; a variant's settings are its own section, "
+                              "e.g. adapter.adalora.target_r")
+        kinds = _sections()
+        kwargs["sections"] = {k: _coerce(raw.pop(k), kinds[k], f"adapter.{k}") for k in list(raw) if k in kinds}
+        names = [n for n in names if n != "sections"] + sorted(kinds)
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
-        if path in MOVED:
-            raise ConfigError(f"config key {path!r} moved to {MOVED[path]!r} (each variant's settings are in its "
-                              "own section of adapter)")
         if key not in names:
+            moved = _moved(path)
+            if moved is not None:
+                raise ConfigError(f"config key {path!r} moved to '{moved}' (each variant's settings are in its own "
+                                  "section of adapter)")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys{' of ' + where if where else ''}: {names}")
@@ -304,7 +325,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as the mapping it reads from (each variant section under ``adapter``)."""
+    d = dataclasses.asdict(cfg)
+    d["adapter"] |= d["adapter"].pop("sections")
+    return d
 
 
 def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -402,18 +426,22 @@ def check(cfg: Config) -> None:
     need(cfg.adapter.r >= 1, "adapter.r", "must be at least 1")
     need(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
     need(0 <= cfg.adapter.dropout < 1, "adapter.dropout", "must be in [0, 1)")
-    drop = cfg.adapter.lora_drop
-    need(drop.select_at is None or 1 <= drop.select_at < cfg.train.steps,
-         "adapter.lora_drop.select_at", f"must be in [1, train.steps={cfg.train.steps})")
-    need(0 < drop.threshold <= 1, "adapter.lora_drop.threshold", "must be in (0, 1]")
-    need(drop.batches >= 1, "adapter.lora_drop.batches", "must be at least 1")
-    need(cfg.adapter.multitask.n_tasks >= 1, "adapter.multitask.n_tasks", "must be at least 1")
+    given = dict(cfg.adapter.sections)  # every section given is checked, the variant's (defaults or not) too
+    if cfg.adapter.variant in recipes.RECIPES:
+        given[cfg.adapter.variant] = cfg.adapter.settings()
+    for name, settings in given.items():
+        check = recipes.RECIPES[name].check
+        try:
+            if check is not None:
+                check(settings, cfg.train.steps)
+        except ValueError as e:  # "field: what is wrong"
+            raise ConfigError(f"adapter.{name}.{e}") from None
     need(cfg.adapter.loftq_iters >= 1, "adapter.loftq_iters", "must be at least 1")
     need(cfg.adapter.init != "loftq" or cfg.quant.kind != "none", "adapter.init",
          "loftq initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
-    need(cfg.adapter.init != "loftq" or cfg.adapter.variant in ("lora", "loraplus", "delta_lora", "lora_drop", "lora_fa"),
-         "adapter.init", f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
+    need(cfg.adapter.init != "loftq" or recipes.RECIPES[cfg.adapter.variant].lora_shaped, "adapter.init",
+         f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
     routed = [name for name, r in recipes.RECIPES.items() if r.routed]
     variant = recipes.RECIPES[cfg.adapter.variant]
     labelled = variant.routed

@@ -100,8 +100,8 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
         score_function(cfg.train.gen_eval_score)  # a wrong name fails now, not after training
     num_labels = None
     if "task_ids" in train.arrays and table is None and int(train.arrays["task_ids"].max()) >= n_routes(cfg):
-        raise ConfigError(f"adapter.multitask.n_tasks={cfg.adapter.multitask.n_tasks} but data.task_field has task index "
-                          f"{int(train.arrays['task_ids'].max())}")
+        raise ConfigError(f"adapter.{cfg.adapter.variant}: {n_routes(cfg)} adapters but data.task_field has task "
+                          f"index {int(train.arrays['task_ids'].max())}")
     if cfg.model.task == "sequence_classification":
         num_labels = cfg.model.num_labels or len(labels)
         if num_labels < len(labels):
@@ -141,7 +141,10 @@ def routes(cfg: Config) -> list[Any] | None:
 def n_routes(cfg: Config) -> int:
     """How many adapters rows are routed to (multi-task's tasks, or many adapters)."""
     table = routes(cfg)
-    return len(table) if table is not None else cfg.adapter.multitask.n_tasks
+    if table is not None:
+        return len(table)
+    variant = recipe(cfg.adapter.variant)
+    return variant.tasks(cfg.adapter.settings()) if variant.tasks is not None else 1
 
 
 def _with_optimizer(p: Prepared, built: Built) -> Prepared:

@@ -22,7 +22,7 @@ from lorax_variants.hf import names
 from lorax_variants.hf.build import write_config
 from lorax_variants.hf.convert import to_hf
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
-from lorax_variants.multi import pick
+from lorax_variants.variants.many import pick
 from lorax_variants.ops import as_lora, merge
 
 __all__ = ["save_merged", "TOKENIZER_FILES"]

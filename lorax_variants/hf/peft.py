@@ -31,14 +31,14 @@ import numpy as np
 from lorax_variants.hf import names
 from lorax_variants.hf.peft_experts import export_experts, is_expert_path
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
-from lorax_variants.nodes.adalora import AdaLoraNode
+from lorax_variants.variants.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
-from lorax_variants.nodes.dora import DoraNode
-from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.multi import pick
-from lorax_variants.nodes.multi import MultiAdapterNode
+from lorax_variants.variants.dora import DoraNode
+from lorax_variants.variants.lora import LoraNode
+from lorax_variants.variants.many import pick
+from lorax_variants.variants.many import MultiAdapterNode
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.nodes.vera import VeraNode
+from lorax_variants.variants.vera import VeraNode
 from lorax_variants.ops import as_lora
 from lorax_variants.shared import resolve_shared, value_of
 from lorax_variants.tree import leaves_with_paths

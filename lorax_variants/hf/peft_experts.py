@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 import numpy as np
-from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.variants.lora import LoraNode
 
 __all__ = ["EXPERT_PATHS", "is_expert_path", "export_experts", "import_experts", "check_target_parameters"]
 

@@ -43,12 +43,12 @@ import numpy as np
 from lorax_variants.hf import names
 from lorax_variants.hf.peft_experts import check_target_parameters, import_experts
 from lorax_variants.hf.safetensors_io import SafetensorsFile
-from lorax_variants.nodes.adalora import AdaLoraNode
+from lorax_variants.variants.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
-from lorax_variants.nodes.dora import DoraNode
-from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.variants.dora import DoraNode
+from lorax_variants.variants.lora import LoraNode
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.nodes.vera import VeraNode
+from lorax_variants.variants.vera import VeraNode
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.adapt import adapt

@@ -22,8 +22,8 @@ import numpy as np
 import jax.numpy as jnp
 
 from lorax_variants.models.layers import KVCache
-from lorax_variants.nodes.multi import sort_by_adapter
-from lorax_variants.nodes.multitask import route
+from lorax_variants.variants.many import sort_by_adapter
+from lorax_variants.variants.multitask import route
 
 __all__ = ["generate", "sample"]
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 from lorax_variants.nodes.base import dense
 from lorax_variants.shared import is_shared
-from lorax_variants.nodes.multi import MultiAdapterNode
-from lorax_variants.nodes.multitask import MultiTaskNode
+from lorax_variants.variants.many import MultiAdapterNode
+from lorax_variants.variants.multitask import MultiTaskNode
 
 __all__ = ["MoeConfig", "route", "experts_mlp", "moe_mlp"]
 

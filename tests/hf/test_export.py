@@ -17,8 +17,8 @@ import transformers as T
 
 import lorax_variants as lv
 from lorax_variants.hf import from_pretrained, load_peft, save_merged, save_peft
-from lorax_variants.nodes.dylora import with_rank
-from lorax_variants.optim.lora_drop import apply_keep
+from lorax_variants.variants.dylora import with_rank
+from lorax_variants.variants.lora_drop import apply_keep
 from tests import hf_models as H
 from tests.close import assert_close
 
@@ -115,7 +115,7 @@ def test_delta_lora_exports_merged_and_refuses_peft(base, tmp_path):
     name, hf_dir, model, params = base
     tree = _perturb(lv.adapt(params, lv.AdapterSpec(targets=TARGETS[name], stacked=model.stacked, r=4), jax.random.key(1)),
                     jax.random.key(2))
-    tree = lv.optim.delta_lora_update(tree, lv.adapt(params, lv.AdapterSpec(targets=TARGETS[name], stacked=model.stacked,
+    tree = lv.variants.delta_lora.delta_lora_update(tree, lv.adapt(params, lv.AdapterSpec(targets=TARGETS[name], stacked=model.stacked,
                                                                             r=4), jax.random.key(1)), tree, 5)
     with pytest.raises(ValueError, match="export the merged model instead"):
         save_peft(tmp_path / "p", model, tree, variant="delta_lora")

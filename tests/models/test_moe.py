@@ -75,7 +75,7 @@ def test_no_dense_pass_of_every_expert_over_every_token():
     assert not any(2 * 16 * CFG.top_k in s for s in shapes)  # never all N·k rows at once
 
 
-VARIANTS = [v for v in lv.variants() if v != "multitask"]
+VARIANTS = [v for v in lv.variant_names() if v != "multitask"]
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v in ("lora", "dora", "qlora") else pytest.mark.slow)

@@ -10,7 +10,7 @@ import lorax_variants as lv
 from tests.close import assert_close
 
 D_IN, D_OUT = 128, 80
-VARIANTS = [v for v in lv.variants()]
+VARIANTS = [v for v in lv.variant_names()]
 
 
 def _adapted(variant, quantized=False):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorax_variants as lv
-from lorax_variants.optim import adalora_allocator, budget_schedule, rank_pattern, with_rank_pattern
+from lorax_variants.variants.adalora import adalora_allocator, budget_schedule, rank_pattern, with_rank_pattern
 from tests import peft_refs as R
 from tests.close import assert_close
 

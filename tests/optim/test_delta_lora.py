@@ -5,7 +5,7 @@ import optax
 import pytest
 
 import lorax_variants as lv
-from lorax_variants.optim import delta_lora_update
+from lorax_variants.variants.delta_lora import delta_lora_update
 from tests.close import assert_close
 
 

@@ -5,7 +5,7 @@ import pytest
 
 import lorax_variants as lv
 from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
-from lorax_variants.optim import lora_drop
+from lorax_variants.variants import lora_drop
 from tests.close import assert_close
 
 

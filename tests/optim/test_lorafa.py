@@ -8,7 +8,7 @@ import torch
 from peft.optimizers import create_lorafa_optimizer
 
 import lorax_variants as lv
-from lorax_variants.optim import lorafa_projection
+from lorax_variants.variants.lora_fa import lorafa_projection
 from tests import peft_refs as R
 from tests.close import assert_close
 

@@ -11,7 +11,7 @@ from peft.optimizers import create_loraplus_optimizer
 
 import lorax_variants as lv
 from lorax_variants import hf
-from lorax_variants.optim.loraplus import loraplus, loraplus_labels
+from lorax_variants.variants.loraplus import loraplus, loraplus_labels
 from tests import hf_models as H
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 
 import lorax_variants as lv
-from lorax_variants.optim import sora_proximal, sora_sparsity
+from lorax_variants.variants.sora import sora_proximal, sora_sparsity
 from tests.close import assert_close
 
 

@@ -1,4 +1,16 @@
-"""LoRA-drop (arXiv 2402.07721): keep adapters where their output matters, share one set elsewhere.
+"""LoRA-drop's node: per layer, either the layer's own adapter or one shared set (arXiv 2402.07721).
+
+    y = x W + s (x_d A') B',   (A', B') = (A_k, B_k) if slot = k ≥ 0 else (A_shared, B_shared)
+
+Only what LoRA-drop keeps is stored, so the selection removes parameters (and their optimizer state):
+the kept layers' own adapters ``kept_a [K, in, r]``, ``kept_b [K, r, out]`` (K = layers of this weight
+that keep theirs), and the shared set ``shared_a [in, r]``, ``shared_b [r, out]``, stored once for every
+weight of its shape. ``slot`` (int per stacked layer) says which kept set a layer uses, -1 for the
+shared one. Both kinds of sets are ``Shared`` leaves: stored once and broadcast to every layer of a
+``scan`` (never sliced by it), each layer picking its own by ``slot``; gradients sum over uses.
+Built by ``optim.lora_drop.select``; ``as_lora()`` expands it to a plain LoRA node (merge, export).
+
+LoRA-drop (arXiv 2402.07721): keep adapters where their output matters, share one set elsewhere.
 
 1. Train LoRA briefly on a sample (any loop).
 2. ``importance(apply, tree, batches)``: for every adapted weight (each stacked layer apart),
@@ -16,22 +28,81 @@ importance, through ``scan`` and ``jit`` alike.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
-from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.nodes.lora_drop import LoraDropNode, slots
-from lorax_variants.nodes.base import dense
-from lorax_variants.shared import Shared
-from lorax_variants.tree import leaves_with_paths, map_with_paths
-from lorax_variants.tree import compile_patterns, matches
-from lorax_variants.tree import combine, split
+from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
+from lorax_variants.nodes.factored import adapter_dropout, low_rank
+from lorax_variants.recipes import Recipe, Reshape, register_recipe
+from lorax_variants.shared import Shared, value_of
+from lorax_variants.tree import combine, compile_patterns, leaves_with_paths, map_with_paths, matches, split
+from lorax_variants.variants.lora import LoraNode
 
-__all__ = ["importance", "select", "keep_mask", "apply_keep", "carry_state"]
+__all__ = ['LoraDropNode', 'LoraDrop']  # the selection's functions: lorax_variants.variants.lora_drop
+
+
+@node
+class LoraDropNode(AdapterNode):
+    """A weight whose layers use their own LoRA set (``slot ≥ 0``) or the shared one (``slot = -1``)."""
+
+    variant: ClassVar[str] = "lora_drop"
+
+    weight: Any = frozen()
+    shared_a: Shared = param()  # [in, r], stored once per weight shape
+    shared_b: Shared = param()  # [r, out]
+    slot: jax.Array = frozen()  # int32 [...] (stacked layers): index into kept_a/kept_b, or -1
+    kept_a: Shared | None = param(default=None)  # [K, in, r]: the kept layers' own A (None: K = 0)
+    kept_b: Shared | None = param(default=None)  # [K, r, out]
+    dropout_key: jax.Array | None = frozen(default=None)
+    scale: float = static()
+    dropout: float = static(default=0.0)
+    freeze: tuple[str, ...] = static(default=())
+
+    @property
+    def keep(self) -> jax.Array:
+        """Per layer: whether it keeps its own adapter."""
+        return self.slot >= 0
+
+    def _factors(self, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        a, b = value_of(self.shared_a), value_of(self.shared_b)
+        lead = tuple(self.slot.shape)
+        if self.kept_a is not None:
+            idx = jnp.maximum(self.slot, 0)
+            use = (self.slot >= 0)[..., None, None]
+            a = jnp.where(use, jnp.take(value_of(self.kept_a), idx, axis=0), a)
+            b = jnp.where(use, jnp.take(value_of(self.kept_b), idx, axis=0), b)
+        else:
+            a, b = jnp.broadcast_to(a, lead + a.shape), jnp.broadcast_to(b, lead + b.shape)
+        return a.astype(dtype), b.astype(dtype)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """x W + s·(x A_l) B_l with layer l's own set if kept, else the shared set (LoRA-drop, arXiv 2402.07721)."""
+        a, b = self._factors(x.dtype)
+        xd = adapter_dropout(x, self.dropout, self.dropout_key)
+        return dense(x, self.weight) + low_rank(xd, a, b, float(self.scale))
+
+    reduces_to_lora: ClassVar[bool] = True
+
+    def as_lora(self) -> LoraNode:
+        """The same weight as a plain ``LoraNode``: every layer with the set it uses (for merge and export)."""
+        a, b = self._factors(jnp.float32)
+        return LoraNode(weight=self.weight, lora_a=a, lora_b=b, scale=self.scale, dropout=self.dropout)
+
+    def merge(self) -> jax.Array:
+        """W + s·A_l B_l per layer (kept layers their own set, the others the shared one)."""
+        a, b = self._factors(jnp.float32)
+        w = weight_of(self.weight)
+        return (w.astype(jnp.float32) + self.scale * jnp.matmul(a, b)).astype(w.dtype)
+
+
+def slots(keep: np.ndarray) -> np.ndarray:
+    """``slot`` of each layer from a keep mask: 0, 1, ... over the kept layers in order, -1 elsewhere."""
+    keep = np.asarray(keep, bool)
+    return np.where(keep, np.cumsum(keep.reshape(-1)).reshape(keep.shape) - 1, -1).astype(np.int32)
 
 
 @jax.custom_vjp
@@ -182,3 +253,41 @@ def carry_state(state: Any, trainable: Any, frozen: Any, keep: dict[str, np.ndar
         return split(apply_keep(combine(x, frozen), keep), new_mask)[0]
 
     return jax.tree.map(convert, state, is_leaf=like_params)
+
+
+@dataclasses.dataclass
+class LoraDrop:
+    """LoRA-drop (arXiv 2402.07721): after ``select_at`` steps (default a tenth of the run) the layers whose
+    adapters' output importance (measured on ``batches`` training batches) makes the top ``threshold`` share keep
+    their own adapters; the rest share one set per shape."""
+
+    select_at: int | None = None
+    threshold: float = 0.9
+    batches: int = 4
+
+
+def _drop_decide(s: LoraDrop, apply: Callable, tree: Any, batches: list[Any], stacked: str | None):
+    scores = importance(apply, tree, batches, stacked)
+    keep = keep_mask(scores, s.threshold)
+    kept = sum(int(np.sum(k)) for k in keep.values())
+    message = (f"LoRA-drop: {kept} of {sum(np.size(k) for k in keep.values())} adapted layers keep their own "
+               "adapters, the rest share one set per shape")
+    return keep, {"message": message, "threshold": s.threshold, "importance": {k: np.asarray(v).tolist() for k, v in scores.items()},
+                  "keep": {k: np.asarray(v).tolist() for k, v in keep.items()}}
+
+
+_LORA_DROP = Reshape(at=lambda s, total: s.select_at or max(1, total // 10), decide=_drop_decide,
+                     apply=apply_keep, carry=carry_state, batches=lambda s: s.batches)
+
+
+def _check(s: LoraDrop, total_steps: int) -> None:
+    if s.select_at is not None and not 1 <= s.select_at < total_steps:
+        raise ValueError(f"select_at: must be in [1, train.steps={total_steps}), got {s.select_at}")
+    if not 0 < s.threshold <= 1:
+        raise ValueError(f"threshold: must be in (0, 1], got {s.threshold}")
+    if s.batches < 1:
+        raise ValueError(f"batches: must be at least 1, got {s.batches}")
+
+
+register_recipe(Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("lora_drop",), check=_check,
+                       lora_shaped=True))

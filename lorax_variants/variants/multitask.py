@@ -13,20 +13,23 @@ LoRA trees; ``select(tree, k)`` is adapter k as plain LoRA (merge, export).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static
+from lorax_variants.nodes.factored import adapter_dropout
+from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import Target, lora_factors, register_variant
-from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static
-from lorax_variants.nodes.lora import LoraNode, adapter_dropout
-from lorax_variants.nodes.multi import is_grouped
-from lorax_variants.nodes.base import dense
 from lorax_variants.tree import leaves_with_paths, map_with_paths
+from lorax_variants.variants.lora import LoraNode
+from lorax_variants.variants.many import is_grouped
 
-__all__ = ["MultiTaskNode", "route", "select", "stack", "BASE"]
+__all__ = ['MultiTaskNode', 'route', 'select', 'stack', 'BASE', 'MultiTask']
+
 
 BASE = -1
 
@@ -161,3 +164,18 @@ def stack(trees: Sequence[Any]) -> Any:
 
     return map_with_paths(join, trees[0], nodes_are_leaves=True)
 
+
+@dataclasses.dataclass
+class MultiTask:
+    """``n_tasks`` adapters per target; each row is routed to its task's adapter."""
+
+    n_tasks: int = 1
+
+
+def _check(s: MultiTask, total_steps: int) -> None:
+    if s.n_tasks < 1:
+        raise ValueError(f"n_tasks: must be at least 1, got {s.n_tasks}")
+
+
+register_recipe(Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"n_tasks": s.n_tasks},
+                       weight_changes=False, figures=("tasks",), routed=True, tasks=lambda s: s.n_tasks, check=_check))

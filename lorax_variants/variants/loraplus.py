@@ -16,14 +16,18 @@ Works with any Optax optimizer factory (``optax.adamw``, ...) and learning-rate 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
+import jax
 import optax
 
 from lorax_variants.optim.labels import label_tree
+from lorax_variants.recipes import OptimContext, Recipe, register_recipe
 from lorax_variants.tree import compile_patterns, matches
 
-__all__ = ["loraplus", "loraplus_labels", "EMBEDDINGS", "NO_DECAY"]
+__all__ = ['loraplus', 'loraplus_labels', 'LoraPlus']
+
 
 EMBEDDINGS = r"(.*/)?(embed|embed_tokens|wte|word_embeddings|token_type|pos)(/.*)?"
 NO_DECAY = r".*(bias|_scale)"  # biases and LayerNorm scales (our LayerNorm leaves end in _scale)
@@ -80,3 +84,29 @@ def loraplus(
     }
     labels = loraplus_labels(trainable, stacked=stacked, embeddings=embeddings, no_decay=no_decay)
     return optax.multi_transform(groups, labels)
+
+
+@dataclasses.dataclass
+class LoraPlus:
+    """LoRA+ (arXiv 2402.12354): B learns at ``ratio`` times A's rate; embedding adapters' B at ``lr_embedding``."""
+
+    ratio: float = 16.0
+    lr_embedding: float = 1e-6
+
+
+def _loraplus(s: LoraPlus, ctx: OptimContext) -> optax.GradientTransformation:
+    return loraplus(lambda learning_rate, **kw: ctx.make(learning_rate, **kw), ctx.lr, ctx.trainable, ratio=s.ratio,
+                    lr_embedding=s.lr_embedding, weight_decay=ctx.weight_decay, stacked=ctx.stacked)
+
+
+def _loraplus_groups(s: LoraPlus, ctx: OptimContext) -> dict[str, Callable[[int], float]]:
+    labels = set(jax.tree.leaves(loraplus_labels(ctx.trainable, stacked=ctx.stacked)))
+    out = {"lr": ctx.lr}
+    if "B" in labels or "B_no_decay" in labels:
+        out["lr_B"] = lambda step: s.ratio * ctx.lr(step)
+    if "embedding" in labels:
+        out["lr_embedding"] = lambda step: s.lr_embedding
+    return out
+
+
+register_recipe(Recipe("loraplus", "lora", LoraPlus, optimizer=_loraplus, lr_groups=_loraplus_groups, lora_shaped=True))

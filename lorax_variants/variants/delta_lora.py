@@ -12,15 +12,18 @@ part of the step and of every checkpoint of the frozen tree. Only LoRA nodes ove
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lorax_variants.nodes.base import Node
-from lorax_variants.nodes.lora import LoraNode
+from lorax_variants.recipes import Recipe, register_recipe
+from lorax_variants.tree import leaves_with_paths
+from lorax_variants.variants.lora import LoraNode
 
-__all__ = ["delta_lora_update"]
+__all__ = ['delta_lora_update', 'DeltaLora']
 
 
 def delta_lora_update(frozen: Any, old: Any, new: Any, step: jax.Array | int, *, lam: float = 0.5,
@@ -41,3 +44,30 @@ def delta_lora_update(frozen: Any, old: Any, new: Any, step: jax.Array | int, *,
         return f.replace(weight=jnp.where(on, (w.astype(jnp.float32) + delta).astype(w.dtype), w))
 
     return jax.tree.map(one, frozen, old, new, is_leaf=is_node)
+
+
+@dataclasses.dataclass
+class DeltaLora:
+    """Delta-LoRA (arXiv 2309.02411): from step ``start`` the frozen W moves by ``update_ratio`` times the change
+    of s·A B at each step."""
+
+    update_ratio: float = 0.5
+    start: int = 0
+
+
+def _delta_weights(frozen: Any) -> list[Any]:
+    """The frozen weights Delta-LoRA changes (those under LoRA nodes), in path order."""
+    return [n.weight for _, n in leaves_with_paths(frozen, nodes_are_leaves=True) if isinstance(n, LoraNode)]
+
+
+def _with_delta_weights(frozen: Any, weights: list[Any]) -> Any:
+    it = iter(weights)
+    return jax.tree.map(lambda n: n.replace(weight=next(it)) if isinstance(n, LoraNode) else n, frozen,
+                        is_leaf=lambda x: isinstance(x, LoraNode))
+
+
+register_recipe(Recipe(
+    "delta_lora", "lora", DeltaLora, weight_changes=False, extras=_delta_weights, with_extras=_with_delta_weights,
+    after_update=lambda s, frozen, old, new, step: delta_lora_update(frozen, old, new, step, lam=s.update_ratio,
+                                                                     start_step=s.start),
+    lora_shaped=True))

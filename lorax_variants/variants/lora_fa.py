@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from lorax_variants.nodes.base import Node
-from lorax_variants.nodes.lora import LoraNode
-from lorax_variants.tree import leaves_with_paths
-from lorax_variants.tree import map_with_paths
+from lorax_variants.recipes import OptimContext, Recipe, plain_optimizer, register_recipe
+from lorax_variants.registry import Target, register_variant
+from lorax_variants.tree import leaves_with_paths, map_with_paths
+from lorax_variants.variants.lora import LoraNode, build_lora
 
-__all__ = ["lorafa_projection"]
+__all__ = ['lorafa_projection']
 
 
 def lorafa_projection(tree: Any, delta: float = 1e-8) -> optax.GradientTransformation:
@@ -58,3 +60,19 @@ def lorafa_projection(tree: Any, delta: float = 1e-8) -> optax.GradientTransform
         return map_with_paths(one, updates, nodes_are_leaves=True), state
 
     return optax.GradientTransformation(init, update)
+
+
+@register_variant("lora_fa")
+def build_lora_fa(t: Target) -> LoraNode:
+    node = build_lora(t)
+    return node.replace(freeze=("lora_a",))
+
+
+def _lorafa(settings: Any, ctx: OptimContext) -> optax.GradientTransformation:
+    base = plain_optimizer(settings, ctx)
+    if isinstance(jax.tree.leaves(ctx.adapted)[0], jax.ShapeDtypeStruct):
+        return base  # a plan over abstract trees: the (stateless) projection needs values
+    return optax.chain(lorafa_projection(ctx.adapted), base)
+
+
+register_recipe(Recipe("lora_fa", "lora_fa", optimizer=_lorafa, lora_shaped=True))

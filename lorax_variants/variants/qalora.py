@@ -19,18 +19,21 @@ function, which is what a PEFT export writes (PEFT's own QA-LoRA runs only over 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
-from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.registry import Target, register_variant
 from lorax_variants.inits import gaussian_a, kaiming_a
+from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
+from lorax_variants.nodes.factored import adapter_dropout, low_rank
+from lorax_variants.nodes.quantized import QuantizedNode
+from lorax_variants.recipes import Recipe, register_recipe
+from lorax_variants.registry import Target, register_variant
+from lorax_variants.variants.lora import LoraNode
 
-__all__ = ["QaLoraNode", "group_pool"]
+__all__ = ['QaLoraNode', 'group_pool', 'QaLora']
 
 
 def group_pool(x: jax.Array, group: int) -> jax.Array:
@@ -127,3 +130,14 @@ def build_qalora(t: Target) -> QaLoraNode:
     a = init_a(t.key, t.lead + (groups, t.r), dtype)
     b = jnp.zeros(t.lead + (t.r, t.d_out), dtype)
     return QaLoraNode(weight=w, lora_a=a, lora_b=b, scale=t.scale, group_size=group, dropout=t.spec.dropout)
+
+
+@dataclasses.dataclass
+class QaLora:
+    """QA-LoRA (arXiv 2309.14717): the adapter reads the input pooled over ``group_size`` features (default: the
+    quantization block size, ``quant.block_size``), so it folds into an ``int4_asym`` base's zero points."""
+
+    group_size: int | None = None
+
+
+register_recipe(Recipe("qalora", "qalora", QaLora, spec=lambda s: {"group_size": s.group_size}))

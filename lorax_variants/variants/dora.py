@@ -21,12 +21,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
+from lorax_variants.nodes.factored import adapter_dropout, low_rank
+from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import Target, lora_factors, register_variant
-from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import adapter_dropout, low_rank
-from lorax_variants.nodes.base import dense
 
-__all__ = ["DoraNode"]
+__all__ = ['DoraNode']
 
 
 @node
@@ -90,3 +90,6 @@ def build_dora(t: Target) -> DoraNode:
     magnitude = jnp.linalg.norm(full, axis=-2).astype(a.dtype)
     return DoraNode(weight=weight, lora_a=a, lora_b=b, magnitude=magnitude, weight_sq_norm=sq,
                     scale=t.scale, dropout=t.spec.dropout)
+
+
+register_recipe(Recipe("dora", "dora"))

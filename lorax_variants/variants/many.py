@@ -22,21 +22,53 @@ adapter over the batch, whatever k. Two ways, chosen by ``impl``:
 Adapters keep their own leaves (``lora_a[i] [..., in, r_i]``, ``lora_b[i]``, DoRA's ``magnitude[i]``):
 gradients, optimizer state and checkpoints see each at its own rank, and an adapter absent from this
 weight is ``None``. ``pick(tree, name)`` gives one adapter as a plain LoRA/DoRA tree (merge, export).
+
+Many adapters trained at once over one frozen model (``nodes.multi.MultiAdapterNode`` at each weight).
+
+    tree = lv.adapters(params, {"legal": AdapterSpec(targets=..., r=8),
+                                "med": AdapterSpec(targets=..., r=32, variant="dora")}, key)
+    tree = lv.route(tree, ids)                  # per example: 0 = "legal", 1 = "med", -1 = base only
+    loss = per_adapter_mean(...)                # each adapter's gradient = training it alone on its rows
+    lv.pick(tree, "med")                        # one adapter as a plain DoRA tree: merge, PEFT export
+
+Each adapter is built by ``adapt`` with its own spec (rank, alpha, variant LoRA or DoRA, targets, init)
+and key ``fold_in(key, i)``, exactly the tree ``adapt`` would give it alone; ``join_trees`` joins trees
+adapted (or trained) separately over the same base.
+
+Gradient clipping per adapter when many adapters train together (``lv.adapters``), an Optax transformation.
+
+``optax.clip_by_global_norm`` over a tree of k adapters would scale every adapter by the norm of all of them:
+one adapter's large gradient would shrink the others' steps. Here each adapter (its A, B and DoRA magnitude in
+every weight) is clipped by its own global norm, the leaves outside the adapters (a head, biases) by theirs:
+
+    g_i ← g_i · min(1, max_norm / ‖g_i‖)      for each adapter i, and for the other leaves together
+
+so, with a per-adapter mean loss (``lv.adapter_means``) and an elementwise optimizer (Adam, Lion, SGD), each
+adapter's update is the one it would get trained alone on its rows.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from lorax_variants.adapt import adapt
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
-from lorax_variants.nodes.dora import DoraNode
-from lorax_variants.nodes.lora import LoraNode, adapter_dropout
+from lorax_variants.nodes.factored import adapter_dropout
+from lorax_variants.recipes import Recipe, Route, register_recipe
+from lorax_variants.spec import AdapterSpec
+from lorax_variants.tree import leaves_with_paths, map_with_paths
+from lorax_variants.variants.dora import DoraNode
+from lorax_variants.variants.lora import LoraNode
 
-__all__ = ["MultiAdapterNode", "sort_by_adapter", "is_grouped", "join", "IMPLS"]
+__all__ = ['MultiAdapterNode', 'sort_by_adapter', 'adapters', 'join_trees', 'pick', 'adapter_names', 'adapter_means',
+           'clip_by_adapter_norm', 'Many', 'ManyAdapter']
+
 
 IMPLS = ("auto", "gather", "ragged", "masked")
 
@@ -250,3 +282,166 @@ def _same(a: Any, b: Any) -> bool:
             return False
     return True
 
+
+def adapters(params: Any, specs: Mapping[str, AdapterSpec], key: Any, *, impl: str = "auto") -> Any:
+    """``params`` with every weight any spec targets replaced by a ``MultiAdapterNode`` holding each named
+    adapter (``specs`` in order: adapter i is ``route`` index i). Specs may target different weights and use
+    variants ``lora``/``dora`` with any rank; a spec's own errors name its adapter."""
+    if not specs:
+        raise ValueError("adapters() needs at least one named AdapterSpec")
+    key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+    trees = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        if spec.variant not in ("lora", "dora"):
+            raise ValueError(f"adapter {name!r}: variant {spec.variant!r}; many adapters at once take 'lora' and "
+                             "'dora'")
+        if spec.init in ("pissa", "olora"):
+            raise ValueError(f"adapter {name!r}: init {spec.init!r} rewrites the base weight, which the adapters "
+                             "share")
+        try:
+            trees[name] = adapt(params, spec, jax.random.fold_in(key, i))
+        except ValueError as e:
+            raise ValueError(f"adapter {name!r}: {e}") from None
+    return join_trees(trees, impl=impl)
+
+
+def join_trees(trees: Mapping[str, Any], *, impl: str = "auto") -> Any:
+    """Separately adapted (or trained) trees over the same base -> one tree of ``MultiAdapterNode``s."""
+    names = list(trees)
+    flat = {n: dict(leaves_with_paths(t, nodes_are_leaves=True)) for n, t in trees.items()}
+    first = trees[names[0]]
+
+    def one(path: str, x: Any) -> Any:
+        at = {n: flat[n].get(path) for n in names}
+        missing = [n for n, v in at.items() if v is None]
+        if missing:
+            raise ValueError(f"{path}: the trees of adapters {missing} have no leaf there; join trees of one model")
+        if not any(isinstance(v, AdapterNode) for v in at.values()):
+            return x
+        return join(path, at, impl=impl)
+
+    return map_with_paths(one, first, nodes_are_leaves=True)
+
+
+def adapter_names(tree: Any) -> tuple[str, ...]:
+    """The adapters' names, in route order (from the first ``MultiAdapterNode``)."""
+    for _, x in leaves_with_paths(tree, nodes_are_leaves=True):
+        if isinstance(x, MultiAdapterNode):
+            return x.names
+    raise ValueError("the tree has no multi-adapter weights")
+
+
+def pick(tree: Any, name: str) -> Any:
+    """Adapter ``name`` alone: every ``MultiAdapterNode`` as that adapter's ``LoraNode``/``DoraNode`` (its plain
+    weight where the adapter leaves it alone). Merge, export and evaluate one adapter with it."""
+    names = adapter_names(tree)
+    if name not in names:
+        raise ValueError(f"no adapter named {name!r}; adapters: {list(names)}")
+    return map_with_paths(lambda p, x: x.as_one(name) if isinstance(x, MultiAdapterNode) else x, tree,
+                          nodes_are_leaves=True)
+
+
+def adapter_means(sums: jax.Array, counts: jax.Array, routes: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """``(means [n], counts [n])``: per adapter, the summed loss of its rows over their count (tokens or
+    examples; rows routed to BASE count for none). ``jnp.sum(means)`` as the loss gives each adapter the
+    gradient of training it alone on its rows with a mean loss, whatever the others' share of the batch."""
+    onehot = jax.nn.one_hot(routes, n, dtype=jnp.float32)  # BASE (-1) rows: all zeros
+    total = onehot.T @ sums.astype(jnp.float32)
+    count = onehot.T @ counts.astype(jnp.float32)
+    return total / jnp.maximum(count, 1.0), count
+
+
+OTHER = -1  # the label of leaves outside every adapter
+
+
+def adapter_labels(tree: Any) -> Any:
+    """``tree`` with each leaf replaced by its adapter's index (``OTHER`` = −1 outside the adapters)."""
+    def label(x: Any) -> Any:
+        if not isinstance(x, MultiAdapterNode):
+            return OTHER
+        fields = {f: tuple(None if v is None else jax.tree.map(lambda _, i=i: i, v) for i, v in enumerate(getattr(x, f)))
+                  for f in ("lora_a", "lora_b", "magnitude")}
+        return jax.tree.map(lambda _: OTHER, x).replace(**fields)
+
+    return jax.tree.map(label, tree, is_leaf=lambda x: isinstance(x, MultiAdapterNode))
+
+
+def clip_by_adapter_norm(max_norm: float) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` applied to each adapter of a many-adapter tree on its own (and to the leaves
+    outside the adapters together)."""
+    def init(params: Any) -> optax.EmptyState:
+        return optax.EmptyState()
+
+    def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        leaves, treedef = jax.tree.flatten(updates)
+        labels = jax.tree.leaves(adapter_labels(updates))
+        if len(labels) != len(leaves):
+            raise ValueError("clip_by_adapter_norm: the labels do not match the gradient tree's leaves")
+        squares: dict[int, jax.Array] = {}
+        for x, k in zip(leaves, labels):
+            squares[k] = squares.get(k, 0.0) + jnp.sum(jnp.square(x.astype(jnp.float32)))
+        factor = {k: jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(s), 1e-30)) for k, s in squares.items()}
+        clipped = [(x * factor[k]).astype(x.dtype) for x, k in zip(leaves, labels)]
+        return jax.tree.unflatten(treedef, clipped), state
+
+    return optax.GradientTransformation(init, update)
+
+
+@dataclasses.dataclass
+class ManyAdapter:
+    """One of many adapters trained together: its ``name``, ``variant`` (lora | dora), rank ``r``, ``alpha``,
+    ``rslora`` and ``targets`` (each defaults to the ``adapter`` section's), and where its rows come from:
+    ``task``, the value of ``data.task_field`` its rows of ``data.source`` carry, or ``source``, a data file
+    (read as ``data`` says) all of whose rows are its own."""
+
+    name: str = ""
+    variant: str = "lora"
+    r: int | None = None
+    alpha: float | None = None
+    rslora: bool | None = None
+    targets: str | list[str] | None = None
+    task: str | None = None
+    source: str | None = None
+
+
+@dataclasses.dataclass
+class Many:
+    """Many adapters trained at once over one frozen model (``lv.adapters``), each example routed to its own."""
+
+    adapters: list[ManyAdapter] = dataclasses.field(default_factory=list)
+    impl: str = "auto"  # nodes.multi: gather (any row order; what auto takes) or ragged (ragged_dot over sorted rows)
+
+
+def _many_routes(s: Many) -> list[Route]:
+    """The adapters in route order, each with the one place its rows come from."""
+    if not s.adapters:
+        raise ValueError("adapter.many.adapters: list at least one adapter (name, variant, r, task or source)")
+    seen: set[str] = set()
+    out = []
+    for i, a in enumerate(s.adapters):
+        where = f"adapter.many.adapters[{i}]"
+        if not a.name or a.name in seen or "/" in a.name:
+            raise ValueError(f"{where}.name: each adapter needs a unique name without '/', got {a.name!r}")
+        seen.add(a.name)
+        if a.variant not in ("lora", "dora"):
+            raise ValueError(f"{where}.variant: many adapters at once are 'lora' or 'dora', got {a.variant!r}")
+        if (a.task is None) == (a.source is None):
+            raise ValueError(f"{where} ({a.name}): give exactly one of task (a value of data.task_field) or source "
+                             "(a data file of its own)")
+        out.append(Route(a.name, None if a.task is None else str(a.task), a.source))
+    return out
+
+
+def _many_adapt(s: Many, params: Any, spec: AdapterSpec, key: jax.Array) -> Any:
+    """One spec per adapter from the ``adapter`` section's, with the adapter's own fields where it sets them."""
+    _many_routes(s)
+    specs = {}
+    for a in s.adapters:
+        own = {"variant": a.variant, "r": a.r, "alpha": a.alpha, "rslora": a.rslora,
+               "targets": tuple(a.targets) if isinstance(a.targets, list) else a.targets}
+        specs[a.name] = dataclasses.replace(spec, **{k: v for k, v in own.items() if v is not None})
+    return adapters(params, specs, key, impl=s.impl)
+
+
+register_recipe(Recipe("many", "lora", Many, adapt=_many_adapt, routes=_many_routes, route_mean=True,
+                       clip=clip_by_adapter_norm, weight_changes=False, figures=("tasks",), routed=True))

@@ -12,18 +12,19 @@ Parameters per layer: r + out.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
+from lorax_variants.nodes.factored import adapter_dropout, low_rank
+from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import Target, register_variant
-from lorax_variants.nodes.base import AdapterNode, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import adapter_dropout, low_rank
-from lorax_variants.nodes.base import dense
 from lorax_variants.shared import Shared, value_of
 
-__all__ = ["VeraNode"]
+__all__ = ['VeraNode', 'Vera']
 
 
 @node
@@ -85,3 +86,13 @@ def build_vera(t: Target, ctx: dict[str, Any]) -> VeraNode:
         lambda_b=jnp.zeros(t.lead + (t.d_out,), dtype),
         dropout=t.spec.dropout,
     )
+
+
+@dataclasses.dataclass
+class Vera:
+    """VeRA (arXiv 2310.11454): λ_d starts at ``d_initial``."""
+
+    d_initial: float = 0.1
+
+
+register_recipe(Recipe("vera", "vera", Vera, spec=lambda s: {"d_initial": s.d_initial}))

@@ -13,18 +13,20 @@ r_max. After training, ``truncate(node, b)`` is a plain LoRA of rank b (export, 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.nodes.base import AdapterNode, Node, dense, frozen, node, param, static, weight_of
+from lorax_variants.nodes.factored import adapter_dropout, low_rank
+from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import Target, lora_factors, register_variant
-from lorax_variants.nodes.base import AdapterNode, Node, frozen, node, param, static, weight_of
-from lorax_variants.nodes.lora import LoraNode, adapter_dropout, low_rank
-from lorax_variants.nodes.base import dense
 from lorax_variants.tree import map_with_paths
+from lorax_variants.variants.lora import LoraNode
 
-__all__ = ["DyLoraNode", "with_rank", "sample_rank", "truncate"]
+__all__ = ['DyLoraNode', 'with_rank', 'sample_rank', 'truncate', 'DyLora']
 
 
 @node
@@ -114,3 +116,14 @@ def sample_rank(tree: Any, key: jax.Array) -> Any:
 def truncate(tree: Any, b: int) -> Any:
     """Every DyLoRA node as a plain ``LoraNode`` of rank ``b`` (scale alpha / b)."""
     return _set(tree, lambda n: n.as_lora(b))
+
+
+@dataclasses.dataclass
+class DyLora:
+    """DyLoRA (arXiv 2210.07558): each step trains a rank drawn from [``r_min``, r]."""
+
+    r_min: int = 1
+
+
+register_recipe(Recipe("dylora", "dylora", DyLora, spec=lambda s: {"r_min": s.r_min},
+                       train_tree=lambda s, tree, key: sample_rank(tree, key)))
