@@ -130,7 +130,7 @@ def run(steps: int = 150, pretrain: int = 300, seq: int = 64, batch: int = 16, r
        extra_loss=lambda tree: 0.1 * lv.orthogonal_penalty(tree))
     go("Delta-LoRA", lv.adapt(base, spec(), 1), adam,
        post=lambda f, old, new, i: delta_lora_update(f, old, new, i, lam=0.5, start_step=steps // 5))
-    go("DyLoRA", lv.adapt(base, spec(variant="dylora", r_min=2), 1), adam, per_call=lv.sample_rank)
+    go("DyLoRA", lv.adapt(base, spec(variant="dylora", settings=lv.DyLora(r_min=2)), 1), adam, per_call=lv.sample_rank)
     go("SoRA", lv.adapt(base, spec(variant="sora"), 1), lambda t: optax.chain(optax.adam(lr), sora_proximal(1e-4)))
     # LoRA-drop: a short LoRA run on a sample, importances, selection, then training on.
     probe, _, _ = train(model, *lv.split(lv.adapt(base, spec(), 1)), optax.adam(lr), tune_train, 10, seq, batch)

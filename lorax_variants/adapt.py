@@ -22,17 +22,12 @@ from lorax_variants.registry import (
     Target,
     builder_of,
     path_key,
+    rank_bounded,
     register_variant,
     variant_names,
 )
 from lorax_variants.spec import AdapterSpec
-from lorax_variants.tree import (
-    closest_paths,
-    compile_patterns,
-    leaves_with_paths,
-    map_with_paths,
-    matches,
-)
+from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_paths, map_with_paths, matches
 
 __all__ = ["adapt", "Target", "register_variant", "variant_names", "path_key", "RESIDUAL_INITS"]
 
@@ -100,7 +95,7 @@ def _target(path: str, leaf: Any, spec: AdapterSpec, stacked: list, key: jax.Arr
         raise ValueError(f"{path}: AdapterSpec.stacked matches it, so its first axis is layers, but it has shape "
                          f"{tuple(shape)}: a stacked weight is [L, in, out] (or [L, E, in, out] for expert banks)")
     r = spec.rank_for(path)
-    if r > min(shape[-2:]) and spec.variant != "vera":  # VeRA slices projections shared by every size
+    if r > min(shape[-2:]) and rank_bounded(spec.variant):
         raise ValueError(
             f"{path}: rank {r} exceeds min(in, out) = {min(shape[-2:])} of its weight {tuple(shape)}"
         )

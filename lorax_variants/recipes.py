@@ -1,24 +1,26 @@
 """Recipes: everything a training loop needs to know about a variant, in one object per variant.
 
-A recipe names the adapter node it builds (``registry``) and carries the variant's own settings (a
+A recipe names the adapter node it builds (``registry``) and carries the variant's own settings (a frozen
 dataclass: the app's config section ``adapter.<name>``) and hooks, each optional:
 
-- ``spec(settings)``: ``AdapterSpec`` fields the variant sets (DyLoRA's ``r_min``, VeRA's ``d_initial``, ...);
+- ``spec(settings)``: ``AdapterSpec`` fields the variant sets (its node's ``settings``);
 - ``optimizer(settings, ctx)``: the variant's Optax chain around the loop's base optimizer (``OptimContext``);
 - ``lr_groups(settings, ctx)``: learning rates by parameter group, for logs;
-- ``penalty(settings)``: a loss term over the adapted tree (AdaLoRA's orthogonality);
-- ``train_tree(settings, tree, key)``: the tree a training forward sees (DyLoRA samples its rank);
-- ``after_update(settings, frozen, old, new, step)``: new frozen leaves after an update (Delta-LoRA);
-- ``extras`` / ``with_extras``: state beyond the trainable leaves a checkpoint must hold (Delta-LoRA's weights);
-- ``reshape``: a one-time change of the tree during training (LoRA-drop's selection, ``Reshape``);
+- ``penalty(settings)``: a loss term over the adapted tree;
+- ``train_tree(settings, tree, key)``: the tree a training forward sees (a rank drawn per step, say);
+- ``after_update(settings, frozen, old, new, step)``: new frozen leaves after an update;
+- ``extras`` / ``with_extras``: state beyond the trainable leaves a checkpoint must hold (changed frozen weights);
+- ``reshape``: a one-time change of the tree during training (``Reshape``);
 - ``tracks_ranks``, ``summary(opt_state)``, ``weight_changes``, ``figures``: what a loop reports;
-- ``adapt(settings, params, spec, key)``: the adapted tree, where ``adapt(params, spec, key)`` is not it (many
-  adapters: one spec each); ``routes(settings)``: the adapters rows go to and where their rows come from
-  (``Route``); ``route_mean``: the loss is each route's mean over its rows, summed (each adapter trains as if
-  alone); ``clip(max_norm)``: the gradient clipping (per adapter for many adapters).
+- ``adapt(settings, params, spec, key)``: the adapted tree, where ``adapt(params, spec, key)`` is not it (one
+  spec per adapter); ``routes(settings)``: the adapters rows go to and where their rows come from (``Route``);
+  ``tasks(settings)``: how many adapters rows are routed to; ``route_mean``: the loss is each route's mean over
+  its rows, summed (each adapter trains as if alone); ``clip(max_norm)``: the gradient clipping;
+- ``check(settings, total_steps)``: refuse bad settings (``ValueError("field: ...")``); ``lora_shaped``: its
+  nodes are LoRA's A, B over W (inits that set them from W apply).
 
-A loop (the app's, or a user's) calls the hooks and never names a variant. Adding a variant: its node
-and builder (``nodes/<variant>.py``), its recipe here, a config, a test.
+A loop (the app's, or a user's) calls the hooks and never names a variant. A variant registers its recipe
+from its own module (``lorax_variants/variants/<name>.py``) with ``register_recipe``.
 """
 
 from __future__ import annotations

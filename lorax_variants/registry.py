@@ -16,9 +16,9 @@ import jax.numpy as jnp
 
 from lorax_variants.inits import gaussian_a, kaiming_a, olora_factors, pissa_factors
 from lorax_variants.nodes.base import Node
-from lorax_variants.spec import AdapterSpec
+from lorax_variants.spec import AdapterSpec, register_settings, settings_type
 
-__all__ = ["Target", "register_variant", "variant_names", "builder_of", "path_key", "lora_factors", "RESIDUAL_INITS"]
+__all__ = ["Target", "register_variant", "settings_of", "variant_names", "builder_of", "rank_bounded", "path_key", "lora_factors", "RESIDUAL_INITS"]
 
 RESIDUAL_INITS = ("pissa", "olora")  # inits that move s·A₀B₀ out of the base weight into the adapter
 
@@ -58,18 +58,34 @@ _PREPARE: dict[str, Callable[[list[Target]], Any]] = {}
 
 
 def register_variant(
-    name: str, prepare: Callable[[list[Target]], Any] | None = None
+    name: str, prepare: Callable[[list[Target]], Any] | None = None, settings: type | None = None,
+    rank_bounded: bool = True
 ) -> Callable[[Callable[..., Node]], Callable[..., Node]]:
     """Register ``builder(target) -> node``; with ``prepare``, ``builder(target, context)`` where
-    ``context = prepare(all_targets)`` (e.g. VeRA sizes its shared projections to the largest layer)."""
+    ``context = prepare(all_targets)`` (a context shared by every target, such as projections sized to the
+    largest layer); ``settings``: the frozen dataclass of the variant's own options (``AdapterSpec.settings``,
+    which builders read with ``settings_of``); ``rank_bounded=False``: ranks above min(in, out) are allowed
+    (adapters whose rank is not a factorization of the weight, such as projections shared by every size)."""
 
     def deco(builder: Callable[..., Node]) -> Callable[..., Node]:
         _VARIANTS[name] = builder
         if prepare is not None:
             _PREPARE[name] = prepare
+        if settings is not None:
+            register_settings(name, settings)
+        if not rank_bounded:
+            _RANK_FREE.add(name)
         return builder
 
     return deco
+
+
+_RANK_FREE: set[str] = set()
+
+
+def rank_bounded(name: str) -> bool:
+    """Whether variant ``name``'s rank must not exceed min(in, out) of a weight."""
+    return name not in _RANK_FREE
 
 
 def variant_names() -> tuple[str, ...]:
@@ -82,6 +98,19 @@ def builder_of(name: str) -> tuple[Callable[..., Node], Callable[[list[Target]],
     if name not in _VARIANTS:
         raise ValueError(f"AdapterSpec.variant {name!r} is unknown; known variants: {list(variant_names())}")
     return _VARIANTS[name], _PREPARE.get(name)
+
+
+def settings_of(spec: AdapterSpec) -> Any:
+    """``spec.settings``, or the defaults of the settings type ``spec.variant`` registered (``None``: it has
+    none); settings of another type are an error naming both."""
+    kind = settings_type(spec.variant)
+    if spec.settings is None:
+        return kind() if kind is not None else None
+    if kind is None or not isinstance(spec.settings, kind):
+        want = kind.__name__ if kind is not None else "no settings"
+        raise TypeError(f"AdapterSpec.settings for variant {spec.variant!r} takes {want}, got "
+                        f"{type(spec.settings).__name__}")
+    return spec.settings
 
 
 def path_key(key: jax.Array, path: str) -> jax.Array:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from lorax_variants.tree import compile_patterns
 
-__all__ = ["AdapterSpec", "INITS"]
+__all__ = ["AdapterSpec", "INITS", "register_settings", "settings_type"]
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 
@@ -62,9 +62,9 @@ class AdapterSpec:
       stacked: regex of paths whose leaves carry one leading layer axis ``[L, in, out]``
         (layers stacked for ``scan``); each layer gets its own A, B.
       dtype: dtype of the adapter leaves (float32 by default, whatever the base dtype).
-      r_min: DyLoRA's smallest rank (ranks r_min..r are trained). n_tasks: adapters stacked per
-        target for multi-task routing. d_initial: VeRA's initial λ_d. group_size: QA-LoRA's pooling group
-        (default: the quantized weight's block size).
+      settings: the variant's own options, an instance of the settings type the variant registers
+        (``register_variant(name, settings=...)``; ``None``: its defaults). A frozen dataclass, so the spec
+        stays hashable; ``to_dict``/``from_dict`` carry it as a mapping.
 
     Leaves to train besides the adapters (biases, a head) are named at ``split(tree,
     extra=...)``; everything else is frozen by default.
@@ -81,10 +81,7 @@ class AdapterSpec:
     dropout: float = 0.0
     stacked: str | None = None
     dtype: str = "float32"
-    r_min: int = 1
-    n_tasks: int = 1
-    d_initial: float = 0.1
-    group_size: int | None = None
+    settings: Any = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -110,18 +107,10 @@ class AdapterSpec:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterSpec.dropout must be in [0, 1), got {self.dropout!r}")
         set_("dropout", float(self.dropout))
-        for field in ("r_min", "n_tasks"):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"AdapterSpec.{field} must be a positive integer, got {v!r}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                            or self.group_size < 1):
-            raise ValueError(f"AdapterSpec.group_size must be a positive integer or None, got {self.group_size!r}")
-        if self.r_min > self.r:
-            raise ValueError(f"AdapterSpec.r_min={self.r_min} exceeds AdapterSpec.r={self.r}")
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
-            raise ValueError(f"AdapterSpec.d_initial must be a number, got {self.d_initial!r}")
-        set_("d_initial", float(self.d_initial))
+        if self.settings is not None and not (dataclasses.is_dataclass(self.settings)
+                                              and type(self.settings).__dataclass_params__.frozen):
+            raise TypeError(f"AdapterSpec.settings must be a variant's settings (a frozen dataclass), got "
+                            f"{self.settings!r}")
         if not isinstance(self.rslora, bool):
             raise TypeError(f"AdapterSpec.rslora must be true or false, got {self.rslora!r}")
         if self.stacked is not None:
@@ -145,19 +134,51 @@ class AdapterSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-able dict (saved with checkpoints and plans)."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
         d["rank_pattern"] = dict(self.rank_pattern)
         d["alpha_pattern"] = dict(self.alpha_pattern)
+        d["settings"] = dataclasses.asdict(self.settings) if self.settings is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AdapterSpec":
+        """The spec ``to_dict`` wrote; also one written before the variants' settings moved into ``settings``
+        (their fields at the top level are read into the variant's settings)."""
+        d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        kind = _SETTINGS.get(d.get("variant", "lora"))
+        fields = {f.name for f in dataclasses.fields(kind)} if kind is not None else set()
+        legacy = {k for k in set(d) - known if any(k in {f.name for f in dataclasses.fields(t)} for t in _SETTINGS.values())}
+        unknown = sorted(set(d) - known - legacy)
         if unknown:
             raise ValueError(f"unknown AdapterSpec field(s) {unknown}; valid fields: {sorted(known)}")
+        old = {k: d.pop(k) for k in legacy}
+        settings = d.get("settings")
+        if settings is None and kind is not None and any(k in fields for k in old):
+            settings = {k: v for k, v in old.items() if k in fields}
+        if isinstance(settings, Mapping):
+            if kind is None:
+                raise ValueError(f"AdapterSpec.settings given for variant {d.get('variant')!r}, which has none")
+            bad = sorted(set(settings) - fields)
+            if bad:
+                raise ValueError(f"unknown {kind.__name__} field(s) {bad} in AdapterSpec.settings; valid: {sorted(fields)}")
+            settings = kind(**settings)
+        d["settings"] = settings
         return cls(**d)
+
+
+_SETTINGS: dict[str, type] = {}
+
+
+def register_settings(variant: str, kind: type) -> None:
+    """Record ``kind`` as the settings type of ``variant`` (``from_dict`` rebuilds it from a mapping)."""
+    _SETTINGS[variant] = kind
+
+
+def settings_type(variant: str) -> type | None:
+    """The settings type ``variant`` registered, or ``None``."""
+    return _SETTINGS.get(variant)
 
 
 def _fullmatch(pattern: str, path: str) -> bool:

@@ -54,7 +54,7 @@ def weight_trees(draw):
 @settings(max_examples=4, deadline=None)
 @given(tree=weight_trees(), variant=st.sampled_from(MERGEABLE), r=st.integers(1, 2), seed=st.integers(0, 999))
 def test_adapt_keeps_the_base_and_split_combine_merge_are_consistent(tree, variant, r, seed):
-    extra = {"n_tasks": 2} if variant == "multitask" else {}
+    extra = {"settings": lv.MultiTask(n_tasks=2)} if variant == "multitask" else {}
     spec = lv.AdapterSpec(targets=r".*/w", variant=variant, r=r, alpha=2.0, **extra)
     adapted = lv.adapt(tree, spec, jax.random.key(seed))
     # At init the adapted tree merges back to the base weights, in the base dtype, and everything

@@ -253,6 +253,10 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: Path) -> N
             "data_source", "seq_len", "optimizer")
     for k in keys:
         a, b = saved.get(k), current.get(k)
+        if k == "adapter_spec" and a is not None:  # a spec saved before the variants' settings moved: as read now
+            from lorax_variants import AdapterSpec
+
+            a = AdapterSpec.from_dict(a).to_dict()
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             if isinstance(a, dict) and isinstance(b, dict):
                 diff = sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))

@@ -328,6 +328,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     """The config as the mapping it reads from (each variant section under ``adapter``)."""
     d = dataclasses.asdict(cfg)
     d["adapter"] |= d["adapter"].pop("sections")
+    active = cfg.adapter.settings()  # the variant's settings as the run uses them, defaults included
+    if active is not None:
+        d["adapter"][cfg.adapter.variant] = dataclasses.asdict(active)
     return d
 
 

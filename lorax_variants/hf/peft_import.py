@@ -48,7 +48,7 @@ from lorax_variants.nodes.base import Node
 from lorax_variants.variants.dora import DoraNode
 from lorax_variants.variants.lora import LoraNode
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.variants.vera import VeraNode
+from lorax_variants.variants.vera import Vera, VeraNode
 from lorax_variants.shared import Shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.adapt import adapt
@@ -392,7 +392,8 @@ def _spec(cfg: dict[str, Any], found: dict[str, dict[int, str]], per_module: dic
             r = int(cfg.get("init_r", 12))
     dropout = float(cfg.get("vera_dropout" if ptype == "VERA" else "lora_dropout", 0.0) or 0.0)
     return AdapterSpec(targets=tuple(re.escape(p) for p in [*found, *experts]), variant=variant, r=r, alpha=alpha,
-                       stacked=model.stacked, dropout=dropout, d_initial=float(cfg.get("d_initial", 0.1)), **kw)
+                       stacked=model.stacked, dropout=dropout,
+                       settings=Vera(d_initial=float(cfg.get("d_initial", 0.1))) if ptype == "VERA" else None, **kw)
 
 
 def _adalora_keep(cfg: dict[str, Any], module: str, r: int) -> np.ndarray:

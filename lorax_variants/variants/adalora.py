@@ -225,7 +225,7 @@ def with_rank_pattern(tree: Any, state: AllocatorState) -> Any:
     return out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AdaLora:
     """AdaLoRA (arXiv 2303.10512): budget from the initial rank to ``target_r`` per matrix between ``tinit`` and
     ``total - tfinal`` steps, every ``delta_t``; sensitivity EMAs ``beta1``/``beta2``; ``orth_reg`` weighs the

@@ -46,7 +46,7 @@ def delta_lora_update(frozen: Any, old: Any, new: Any, step: jax.Array | int, *,
     return jax.tree.map(one, frozen, old, new, is_leaf=is_node)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DeltaLora:
     """Delta-LoRA (arXiv 2309.02411): from step ``start`` the frozen W moves by ``update_ratio`` times the change
     of s·A B at each step."""

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from lorax_variants.nodes.base import AdapterNode, Node, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import Target, lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant, settings_of
+from lorax_variants.spec import register_settings
 from lorax_variants.tree import map_with_paths
 from lorax_variants.variants.lora import LoraNode
 
@@ -87,7 +88,7 @@ class DyLoraNode(AdapterNode):
 @register_variant("dylora")
 def build_dylora(t: Target) -> DyLoraNode:
     weight, a, b = lora_factors(t)
-    return DyLoraNode(weight=weight, lora_a=a, lora_b=b, alpha=t.alpha, r_min=t.spec.r_min, dropout=t.spec.dropout)
+    return DyLoraNode(weight=weight, lora_a=a, lora_b=b, alpha=t.alpha, r_min=_r_min(t), dropout=t.spec.dropout)
 
 
 def _set(tree: Any, fn) -> Any:
@@ -118,12 +119,20 @@ def truncate(tree: Any, b: int) -> Any:
     return _set(tree, lambda n: n.as_lora(b))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DyLora:
     """DyLoRA (arXiv 2210.07558): each step trains a rank drawn from [``r_min``, r]."""
 
     r_min: int = 1
 
 
-register_recipe(Recipe("dylora", "dylora", DyLora, spec=lambda s: {"r_min": s.r_min},
+def _r_min(t: Target) -> int:
+    r_min = settings_of(t.spec).r_min
+    if isinstance(r_min, bool) or not isinstance(r_min, int) or not 1 <= r_min <= t.r:
+        raise ValueError(f"{t.path}: DyLora.r_min={r_min!r} must be an integer in [1, r={t.r}]")
+    return r_min
+
+
+register_settings("dylora", DyLora)
+register_recipe(Recipe("dylora", "dylora", DyLora, spec=lambda s: {"settings": s},
                        train_tree=lambda s, tree, key: sample_rank(tree, key)))

@@ -255,7 +255,7 @@ def carry_state(state: Any, trainable: Any, frozen: Any, keep: dict[str, np.ndar
     return jax.tree.map(convert, state, is_leaf=like_params)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoraDrop:
     """LoRA-drop (arXiv 2402.07721): after ``select_at`` steps (default a tenth of the run) the layers whose
     adapters' output importance (measured on ``batches`` training batches) makes the top ``threshold`` share keep

@@ -86,7 +86,7 @@ def loraplus(
     return optax.multi_transform(groups, labels)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoraPlus:
     """LoRA+ (arXiv 2402.12354): B learns at ``ratio`` times A's rate; embedding adapters' B at ``lr_embedding``."""
 

@@ -387,7 +387,7 @@ def clip_by_adapter_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ManyAdapter:
     """One of many adapters trained together: its ``name``, ``variant`` (lora | dora), rank ``r``, ``alpha``,
     ``rslora`` and ``targets`` (each defaults to the ``adapter`` section's), and where its rows come from:
@@ -404,7 +404,7 @@ class ManyAdapter:
     source: str | None = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Many:
     """Many adapters trained at once over one frozen model (``lv.adapters``), each example routed to its own."""
 

@@ -23,7 +23,8 @@ import numpy as np
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import Target, lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant, settings_of
+from lorax_variants.spec import register_settings
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.lora import LoraNode
 from lorax_variants.variants.many import is_grouped
@@ -97,7 +98,7 @@ class MultiTaskNode(AdapterNode):
 
 @register_variant("multitask")
 def build_multitask(t: Target) -> MultiTaskNode:
-    n = t.spec.n_tasks
+    n = settings_of(t.spec).n_tasks
     keys = jax.random.split(t.key, n)
     factors = [lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
     if t.spec.init in ("pissa", "olora"):
@@ -165,7 +166,7 @@ def stack(trees: Sequence[Any]) -> Any:
     return map_with_paths(join, trees[0], nodes_are_leaves=True)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MultiTask:
     """``n_tasks`` adapters per target; each row is routed to its task's adapter."""
 
@@ -177,5 +178,6 @@ def _check(s: MultiTask, total_steps: int) -> None:
         raise ValueError(f"n_tasks: must be at least 1, got {s.n_tasks}")
 
 
-register_recipe(Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"n_tasks": s.n_tasks},
+register_settings("multitask", MultiTask)
+register_recipe(Recipe("multitask", "multitask", MultiTask, spec=lambda s: {"settings": s},
                        weight_changes=False, figures=("tasks",), routed=True, tasks=lambda s: s.n_tasks, check=_check))

@@ -30,7 +30,8 @@ from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, s
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import Target, register_variant
+from lorax_variants.registry import Target, register_variant, settings_of
+from lorax_variants.spec import register_settings
 from lorax_variants.variants.lora import LoraNode
 
 __all__ = ['QaLoraNode', 'group_pool', 'QaLora']
@@ -112,7 +113,7 @@ class QaLoraNode(AdapterNode):
 @register_variant("qalora")
 def build_qalora(t: Target) -> QaLoraNode:
     w = t.weight
-    group = t.spec.group_size or (w.block_size if isinstance(w, QuantizedNode) else None)
+    group = settings_of(t.spec).group_size or (w.block_size if isinstance(w, QuantizedNode) else None)
     if group is None:
         raise ValueError(f"{t.path}: QA-LoRA pools the input in the quantization groups; quantize the weight "
                          "first (QuantSpec) or set AdapterSpec.group_size")
@@ -132,12 +133,18 @@ def build_qalora(t: Target) -> QaLoraNode:
     return QaLoraNode(weight=w, lora_a=a, lora_b=b, scale=t.scale, group_size=group, dropout=t.spec.dropout)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class QaLora:
     """QA-LoRA (arXiv 2309.14717): the adapter reads the input pooled over ``group_size`` features (default: the
     quantization block size, ``quant.block_size``), so it folds into an ``int4_asym`` base's zero points."""
 
     group_size: int | None = None
 
+    def __post_init__(self) -> None:
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(f"QaLora.group_size must be a positive integer or None, got {g!r}")
 
-register_recipe(Recipe("qalora", "qalora", QaLora, spec=lambda s: {"group_size": s.group_size}))
+
+register_settings("qalora", QaLora)
+register_recipe(Recipe("qalora", "qalora", QaLora, spec=lambda s: {"settings": s}))

@@ -133,7 +133,7 @@ def sora_sparsity(tree: Any) -> dict[str, np.ndarray]:
             if isinstance(n, SoraNode)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Sora:
     """SoRA (arXiv 2311.11696): ``xi`` is the gates' L1 strength (the proximal step's threshold per unit rate)."""
 

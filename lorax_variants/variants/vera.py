@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import Target, register_variant
+from lorax_variants.registry import Target, register_variant, settings_of
 from lorax_variants.shared import Shared, value_of
+from lorax_variants.spec import register_settings
 
 __all__ = ['VeraNode', 'Vera']
 
@@ -74,7 +75,7 @@ def _prepare(targets: list[Target]) -> dict[str, Any]:
     return {"owner": targets[0].path, "a": a.astype(dtype), "b": b.astype(dtype)}
 
 
-@register_variant("vera", prepare=_prepare)
+@register_variant("vera", prepare=_prepare, rank_bounded=False)
 def build_vera(t: Target, ctx: dict[str, Any]) -> VeraNode:
     own = t.path == ctx["owner"]
     dtype = jnp.dtype(t.spec.dtype)
@@ -82,17 +83,18 @@ def build_vera(t: Target, ctx: dict[str, Any]) -> VeraNode:
         weight=t.weight,
         vera_a=Shared("vera_a", ctx["a"] if own else None),
         vera_b=Shared("vera_b", ctx["b"] if own else None),
-        lambda_d=jnp.full(t.lead + (t.r,), t.spec.d_initial, dtype),
+        lambda_d=jnp.full(t.lead + (t.r,), float(settings_of(t.spec).d_initial), dtype),
         lambda_b=jnp.zeros(t.lead + (t.d_out,), dtype),
         dropout=t.spec.dropout,
     )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Vera:
     """VeRA (arXiv 2310.11454): λ_d starts at ``d_initial``."""
 
     d_initial: float = 0.1
 
 
-register_recipe(Recipe("vera", "vera", Vera, spec=lambda s: {"d_initial": s.d_initial}))
+register_settings("vera", Vera)
+register_recipe(Recipe("vera", "vera", Vera, spec=lambda s: {"settings": s}))

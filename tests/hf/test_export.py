@@ -26,8 +26,8 @@ TARGETS = {"llama_gqa_untied": r"layers/(attn|mlp)/(q_proj|v_proj|down_proj)", "
 VARIANTS = {
     "lora": {}, "rslora": {"rslora": True}, "lora_fa": {"variant": "lora_fa"}, "pissa": {"init": "pissa"},
     "dora": {"variant": "dora"}, "vera": {"variant": "vera", "r": 8}, "adalora": {"variant": "adalora"},
-    "dylora": {"variant": "dylora"}, "sora": {"variant": "sora"}, "lora_drop": {}, "multitask": {"variant": "multitask", "n_tasks": 2},
-    "qlora": {}, "qalora": {"variant": "qalora", "group_size": 16},
+    "dylora": {"variant": "dylora"}, "sora": {"variant": "sora"}, "lora_drop": {}, "multitask": {"variant": "multitask", "settings": lv.MultiTask(n_tasks=2)},
+    "qlora": {}, "qalora": {"variant": "qalora", "settings": lv.QaLora(group_size=16)},
 }
 
 

@@ -81,7 +81,7 @@ def test_adapters_apply_factored_and_multitask_routes_per_row(llama):
     np.testing.assert_array_equal(model.generate(dora, ids, max_new_tokens=5),
                                   model.generate(lv.merge(dora), ids, max_new_tokens=5))
     multi = lv.adapt(params, lv.AdapterSpec(targets=r"layers/attn/(q|v)_proj", stacked=model.stacked, r=4,
-                                            variant="multitask", n_tasks=2), 0)
+                                            variant="multitask", settings=lv.MultiTask(n_tasks=2)), 0)
     multi = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + jnp.asarray([0.0, 0.4])[:, None, None])
                          if isinstance(n, lv.MultiTaskNode) else n, multi, is_leaf=lambda n: isinstance(n, lv.MultiTaskNode))
     mixed = np.asarray(model.generate(multi, ids, max_new_tokens=5, task_ids=[1, 0, lv.BASE]))

@@ -84,7 +84,8 @@ def test_every_variant_on_the_expert_banks_factored_equals_merged(variant):
     p = _params()
     if variant == "qlora":
         p = lv.quantize(p, lv.QuantSpec(targets=BANKS, stacked=BANKS, block_size=8))
-    spec = lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=3, variant="lora" if variant == "qlora" else variant, r_min=2)
+    spec = lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=3, variant="lora" if variant == "qlora" else variant,
+                          settings=lv.DyLora(r_min=2) if variant == "dylora" else None)
     trainable, frozen = lv.split(lv.adapt(p, spec, 0))
     tree = lv.combine(jax.tree.map(lambda v: v + 0.05, trainable), frozen)
     if variant == "dylora":
@@ -101,7 +102,7 @@ def test_every_variant_on_the_expert_banks_factored_equals_merged(variant):
 
 
 def test_multitask_on_expert_banks_is_refused():
-    tree = lv.adapt(_params(), lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=2, variant="multitask", n_tasks=2), 0)
+    tree = lv.adapt(_params(), lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=2, variant="multitask", settings=lv.MultiTask(n_tasks=2)), 0)
     with pytest.raises(ValueError, match="per-example adapter routing"):
         moe_mlp(jnp.ones((1, 3, D)), lv.route(tree, [0]), jax.nn.silu, CFG)
     many = lv.adapters(_params(), {"a": lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=2),

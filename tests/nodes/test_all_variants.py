@@ -18,7 +18,8 @@ def _adapted(variant, quantized=False):
     tree = {"w": w}
     if quantized:
         tree = lv.quantize(tree, lv.QuantSpec(targets="w"))
-    spec = lv.AdapterSpec(targets="w", r=4, variant=variant, n_tasks=2, r_min=2, group_size=64)
+    settings = {"multitask": lv.MultiTask(n_tasks=2), "dylora": lv.DyLora(r_min=2), "qalora": lv.QaLora(group_size=64)}
+    spec = lv.AdapterSpec(targets="w", r=4, variant=variant, settings=settings.get(variant))
     trainable, frozen = lv.split(lv.adapt(tree, spec, 0))
     tree = lv.combine(jax.tree.map(lambda x: x + 0.05, trainable), frozen)  # move every trainable leaf off init
     if variant == "multitask":

@@ -9,7 +9,7 @@ from tests.close import assert_close
 
 def _node(frozen_lower=False):
     w = jax.random.normal(jax.random.key(0), (16, 12))
-    node = lv.adapt({"w": w}, lv.AdapterSpec(targets="w", r=6, r_min=2, alpha=12, variant="dylora"), 0)["w"]
+    node = lv.adapt({"w": w}, lv.AdapterSpec(targets="w", r=6, alpha=12, variant="dylora", settings=lv.DyLora(r_min=2)), 0)["w"]
     return node.replace(lora_b=jax.random.normal(jax.random.key(1), (6, 12)), frozen_lower=frozen_lower)
 
 

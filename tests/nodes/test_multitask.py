@@ -12,7 +12,7 @@ from tests.close import assert_close
 def setup():
     model = TinyTransformer(TinyConfig(d_model=32, n_heads=2, d_ff=64, n_layers=2))
     params = model.init(jax.random.key(0))
-    spec = lv.AdapterSpec(targets=r"layers/(attn|mlp)/\w+_proj", stacked=STACKED, r=4, variant="multitask", n_tasks=3)
+    spec = lv.AdapterSpec(targets=r"layers/(attn|mlp)/\w+_proj", stacked=STACKED, r=4, variant="multitask", settings=lv.MultiTask(n_tasks=3))
     tree = lv.adapt(params, spec, 1)
     tree = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05 * jnp.arange(1, 4.0)[None, :, None, None])
                         if isinstance(n, lv.MultiTaskNode) else n, tree, is_leaf=lambda n: isinstance(n, lv.MultiTaskNode))

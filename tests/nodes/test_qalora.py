@@ -110,7 +110,7 @@ def test_merge_stays_int4_and_equals_the_training_forward(double_quant, stacked)
 def test_group_size_may_span_several_quantization_blocks():
     w = jax.random.normal(jax.random.key(0), (D_IN, D_OUT)) * 0.05
     tree = lv.quantize({"w": w}, lv.QuantSpec("w", kind="int4_asym", block_size=16, double_quant=False))
-    adapted = _trained(tree, group_size=64)
+    adapted = _trained(tree, settings=lv.QaLora(group_size=64))
     x = jax.random.normal(jax.random.key(7), (5, D_IN))
     assert_close(lv.dense(x, lv.merge_quantized(adapted)["w"]), lv.dense(x, adapted["w"]), 1e-5)
 
@@ -129,14 +129,14 @@ def test_refusals_name_the_path():
     with pytest.raises(ValueError, match="w: QA-LoRA pools the input.*group_size"):
         lv.adapt({"w": w}, lv.AdapterSpec("w", variant="qalora"), 0)
     with pytest.raises(ValueError, match="w: input dimension 128 is not a multiple of the QA-LoRA group size 48"):
-        lv.adapt({"w": w}, lv.AdapterSpec("w", variant="qalora", group_size=48), 0)
+        lv.adapt({"w": w}, lv.AdapterSpec("w", variant="qalora", settings=lv.QaLora(group_size=48)), 0)
     _, tree = _quantized()
     with pytest.raises(ValueError, match="group_size 16 is not a multiple of the weight's quantization block_size 32"):
-        lv.adapt(tree, lv.AdapterSpec("w", variant="qalora", group_size=16), 0)
+        lv.adapt(tree, lv.AdapterSpec("w", variant="qalora", settings=lv.QaLora(group_size=16)), 0)
     nf4 = lv.quantize({"w": w}, lv.QuantSpec("w", kind="nf4", block_size=32))
     with pytest.raises(ValueError, match="w: QA-LoRA folds into zero points, but its base is a nf4"):
         lv.merge_quantized(lv.adapt(nf4, lv.AdapterSpec("w", variant="qalora"), 0))
     with pytest.raises(ValueError, match="w: a LoraNode cannot merge into a quantized weight"):
         lv.merge_quantized(lv.adapt(nf4, lv.AdapterSpec("w"), 0))
-    with pytest.raises(ValueError, match="AdapterSpec.group_size must be a positive integer"):
-        lv.AdapterSpec("w", group_size=0)
+    with pytest.raises(ValueError, match="QaLora.group_size must be a positive integer"):
+        lv.QaLora(group_size=0)

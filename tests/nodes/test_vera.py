@@ -37,7 +37,7 @@ def test_forward_equals_peft_vera_with_shared_sliced_projections():
 
 def test_init_and_parameter_count():
     p = {"a": jnp.ones((24, 40)), "b": jnp.ones((40, 16))}
-    tree = lv.adapt(p, lv.AdapterSpec(targets="a|b", r=4, variant="vera", d_initial=0.25), 0)
+    tree = lv.adapt(p, lv.AdapterSpec(targets="a|b", r=4, variant="vera", settings=lv.Vera(d_initial=0.25)), 0)
     assert np.all(np.asarray(tree["a"].lambda_d) == 0.25) and not np.asarray(tree["b"].lambda_b).any()
     assert lv.count_params(tree).trainable == (4 + 40) + (4 + 16)  # r + out per layer
     a = np.asarray(tree["a"].vera_a.value)

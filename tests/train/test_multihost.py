@@ -56,16 +56,23 @@ def test_two_processes_equal_one(assets, tmp_path, resume):
 
 def test_each_host_prepares_only_its_slice(assets, tmp_path):
     """data.host_shards (the default): each host tokenizes and packs half the training examples, the run's
-    figures are both halves together (one process's), and the hosts train one model."""
+    figures are both halves together (what one process prepares from all of them), and the hosts train one
+    model."""
+    import transformers
+
+    from train.config import DataConfig
+    from train.data import load_data
+
     common = ["mesh.data=2", "data.eval_fraction=0.1", "train.steps=8", "train.report=false"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    cli(lm_args(assets, one, *common), devices=2)
+    two = tmp_path / "two"
     logs = _two_hosts(lm_args(assets, two, *common))
     said = [re.search(r"host (\d) of 2: (\d+) training examples -> (\d+) rows", log) for log in logs]
     assert [int(m.group(1)) for m in said] == [0, 1]
     assert [int(m.group(2)) for m in said] == [90, 90]  # 180 training examples, half each
-    a, b = (json.loads((d / "summary.json").read_text())["data"] for d in (one, two))
-    assert b["examples"] == a["examples"] == 180 and b["real_tokens"] == a["real_tokens"]
+    tok = transformers.AutoTokenizer.from_pretrained(str(assets["llama"]), local_files_only=True)
+    whole = load_data(DataConfig(source=str(assets["lm"]), seq_len=16, eval_fraction=0.1), "causal_lm", tok)[0]
+    b = json.loads((two / "summary.json").read_text())["data"]
+    assert b["examples"] == whole.stats["examples"] == 180 and b["real_tokens"] == whole.stats["real_tokens"]
     assert b["rows"] == sum(int(m.group(3)) for m in said) and b["shards"] == 2
     loss = losses(two)
     assert np.isfinite(loss).all() and loss[-1] < loss[0]
