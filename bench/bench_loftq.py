@@ -17,7 +17,7 @@ import numpy as np
 
 import lorax_variants as lv
 from lorax_variants import hf
-from lorax_variants.loftq import loftq_factors
+from lorax_variants.variants.loftq import loftq_factors
 from lorax_variants.quant import quantize_array
 
 GGUF = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "assets" / "SmolLM2-135M-Instruct.Q4_1.gguf"

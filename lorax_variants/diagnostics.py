@@ -8,9 +8,9 @@
 
   (the paper's columns of W ∈ R^{d×k} are our [in, out] weight's output columns). LoRA's ΔM and ΔD
   rise together (positive slope); DoRA can change one without the other (negative slope).
-- ``active_ranks(tree, opt_state)``: the ranks each adapter uses now, per node and layer: AdaLoRA's
-  allocator pattern (from the optimizer state, else the node's ``rank_mask``), SoRA's non-zero gates,
-  every other factored node its ``r``.
+- ``active_ranks(tree, opt_state)``: the ranks each adapter uses now, per node and layer: each node's
+  ``active_ranks()`` (a rank allocator's pattern from the optimizer state, gates that are not zero, or
+  the full ``r`` of a factored node).
 
 Both return ``{path: numpy array over stacked layers}`` (shape ``()`` for an unstacked weight).
 """
@@ -23,13 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.variants.adalora import AdaLoraNode
-from lorax_variants.nodes.base import AdapterNode, Node
+from lorax_variants.nodes.base import AdapterNode
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.variants.sora import SoraNode
 from lorax_variants.sharding import to_host
 from lorax_variants.tree import leaves_with_paths
-from lorax_variants.variants.adalora import AllocatorState
 
 __all__ = ["magnitude_direction", "active_ranks"]
 
@@ -59,20 +56,15 @@ def magnitude_direction(tree: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def active_ranks(tree: Any, opt_state: Any = None) -> dict[str, np.ndarray]:
-    """``{path: ranks in use}`` per adapter node (integer array over stacked layers)."""
-    alloc = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AllocatorState))
-             if isinstance(s, AllocatorState)] if opt_state is not None else []
-    keep = iter(alloc[0].keep) if alloc else None
+    """``{path: ranks in use}`` per adapter node (integer array over stacked layers): each node's
+    ``active_ranks()``, after any optimizer state that moves ranks (one with ``apply_ranks(tree)``) has set
+    its current pattern on the tree."""
+    movers = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "apply_ranks"))
+              if hasattr(s, "apply_ranks")] if opt_state is not None else []
+    for state in movers:
+        tree = state.apply_ranks(tree)
     out = {}
     for path, n in leaves_with_paths(tree, nodes_are_leaves=True):
-        if not isinstance(n, Node):
-            continue
-        if isinstance(n, AdaLoraNode):
-            mask = next(keep) if keep is not None else n.rank_mask
-            out[path] = to_host(jnp.sum(mask, axis=-1))
-        elif isinstance(n, SoraNode):
-            out[path] = to_host(jnp.sum(n.gate != 0, axis=-1))
-        elif hasattr(n, "lora_a") and isinstance(n, AdapterNode):
-            lead = n.lora_a.shape[:-2]
-            out[path] = np.full(lead, n.lora_a.shape[-1])
+        if isinstance(n, AdapterNode) and n.active_ranks() is not None:
+            out[path] = to_host(n.active_ranks())
     return out

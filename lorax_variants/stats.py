@@ -21,6 +21,9 @@ __all__ = ["ParamCount", "count_params", "tree_bytes", "leaf_bytes"]
 
 
 class ParamCount(NamedTuple):
+    """Parameter counts of a tree: ``trainable`` (adapter fields and extra leaves set to train), ``frozen`` and
+    ``total``."""
+
     trainable: int
     frozen: int
 

@@ -20,9 +20,9 @@ LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a
     {"spec"},
     {"registry", "recipes"},
     {"nodes.quantized"},
-    {"ops", "quant", "adapt", "per_call", "sharding", "stats", "optim", "optim.*"},
+    {"ops", "quant", "adapt", "per_call", "routing", "sharding", "stats", "optim", "optim.*"},
     {"variants.*"},  # one module per variant; a variant may build on another (LoRA's node)
-    {"variants", "loftq", "diagnostics"},
+    {"variants", "diagnostics"},
     {"models", "models.*"},
     {"hf", "hf.*"},
     {""},  # lorax_variants/__init__.py
@@ -141,7 +141,10 @@ def test_every_public_name_has_a_docstring():
         mod = importlib.import_module("lorax_variants" + ("." + name if name else ""))
         for public in getattr(mod, "__all__", []):
             obj = getattr(mod, public)
-            if (inspect.isclass(obj) or inspect.isfunction(obj)) and not (obj.__doc__ or "").strip():
+            doc = (obj.__doc__ or "").strip() if inspect.isclass(obj) or inspect.isfunction(obj) else "x"
+            if inspect.isclass(obj) and doc.startswith(f"{obj.__name__}("):
+                doc = ""  # the signature a dataclass writes when its class has no docstring
+            if not doc:
                 missing.append(f"{mod.__name__}.{public}")
             if inspect.isclass(obj) and obj.__module__ == mod.__name__:
                 for attr, member in vars(obj).items():

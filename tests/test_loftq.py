@@ -12,7 +12,7 @@ import torch
 from bitsandbytes import functional as F
 
 import lorax_variants as lv
-from lorax_variants.loftq import loftq, loftq_factors
+from lorax_variants.variants.loftq import loftq, loftq_factors
 from tests.close import assert_close
 
 

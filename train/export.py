@@ -64,7 +64,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
         print(f"train export: {line}", file=sys.stderr)
     tree = lv.combine(state.trainable, state.frozen)
     model = p.built.model
-    many = [x.names for _, x in lv.leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(x, lv.MultiAdapterNode)]
+    many = [x.names for _, x in lv.leaves_with_paths(tree, nodes_are_leaves=True) if getattr(x, "names", None)]
     if adapter is not None and (not many or adapter not in many[0]):
         raise ConfigError(f"--adapter {adapter!r}: the run's adapters are {list(many[0]) if many else 'not named'}")
     if fmt == "merged":

@@ -34,6 +34,8 @@ TASKS = ("base", "masked_lm", "sequence_classification")
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
+    """A BERT encoder's shapes and options, as transformers' ``BertConfig`` names them."""
+
     model_type: str  # bert | roberta
     vocab_size: int
     hidden_size: int

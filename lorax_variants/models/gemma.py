@@ -59,6 +59,9 @@ def _rope(mt: str, params: Any, where: str) -> tuple[tuple[str, Any], ...]:
 
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
+    """A Gemma 2 / Gemma 3 decoder's shapes and options (soft caps, sliding windows, query scaling, norms), as
+    transformers' configs name them."""
+
     model_type: str
     vocab_size: int
     hidden_size: int

@@ -22,8 +22,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from lorax_variants.models.layers import KVCache
-from lorax_variants.variants.many import sort_by_adapter
-from lorax_variants.variants.multitask import route
+from lorax_variants.routing import route, sort_by_adapter
 
 __all__ = ["generate", "sample"]
 

@@ -33,6 +33,8 @@ __all__ = ["GPT2Config", "GPT2"]
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
+    """A GPT-2 decoder's shapes and options, as transformers' ``GPT2Config`` names them."""
+
     model_type: str
     vocab_size: int
     n_embd: int

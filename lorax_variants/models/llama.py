@@ -41,6 +41,9 @@ _NO_WINDOW = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """A Llama-family decoder's shapes and options (Llama, Mistral, Qwen2/3, their MoE forms): heads, RoPE scaling,
+    sliding windows, biases, tied head."""
+
     model_type: str
     vocab_size: int
     hidden_size: int

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 
 from lorax_variants.nodes.base import dense
 from lorax_variants.shared import is_shared
-from lorax_variants.variants.many import MultiAdapterNode
-from lorax_variants.variants.multitask import MultiTaskNode
+from lorax_variants.routing import routes_rows
 
 __all__ = ["MoeConfig", "route", "experts_mlp", "moe_mlp"]
 
@@ -65,7 +64,7 @@ def _expert(bank: Any, e: jax.Array) -> Any:
 
 def experts_mlp(x: jax.Array, experts: jax.Array, banks: dict[str, Any], act: Any, cfg: MoeConfig) -> jax.Array:
     """Each row of ``x [M, d]`` through the SwiGLU expert ``experts [M]`` names; ``[M, d]`` out."""
-    if any(isinstance(b, (MultiTaskNode, MultiAdapterNode)) for b in banks.values()):
+    if any(routes_rows(b) for b in banks.values()):
         raise ValueError("per-example adapter routing (one adapter per example) on expert banks is not supported: the rows "
                          "of an expert's tile come from many examples; adapt the attention projections instead")
     m, d = x.shape

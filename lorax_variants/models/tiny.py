@@ -29,6 +29,8 @@ STACKED = r"layers/.*"  # AdapterSpec.stacked for this model's params
 
 @dataclasses.dataclass(frozen=True)
 class TinyConfig:
+    """The shapes of the tiny transformer the tests and benchmarks build (layers, width, heads, vocabulary)."""
+
     vocab_size: int = 256
     d_model: int = 128
     n_heads: int = 4

@@ -123,6 +123,13 @@ class AdapterNode(Node):
         merge use it, so they know only LoRA and the variants that do not reduce (DoRA, VeRA, AdaLoRA)."""
         raise TypeError(f"{type(self).__name__} does not reduce to LoRA")
 
+    def active_ranks(self) -> Any:
+        """The ranks this adapter uses now (an integer array over stacked layers), or ``None`` where rank does
+        not apply. Default: the full rank of a ``lora_a [..., in, r]``; variants that switch ranks off say
+        how many are on."""
+        a = getattr(self, "lora_a", None)
+        return None if a is None else jnp.full(a.shape[:-2], a.shape[-1], jnp.int32)
+
     def with_weight(self, weight: Any) -> "AdapterNode":
         """This adapter over another frozen weight of the same shape (e.g. its quantized form).
 

@@ -88,6 +88,9 @@ def _dequant_2d(n: dict[str, jax.Array], kind: str, bs: int, bs2: int, d_in: int
 
 @node
 class QuantizedNode(Node):
+    """A frozen weight stored blockwise quantized (NF4, FP4, int4, int4 with zero points, int8) with its scales
+    (double-quantized where set); ``dequantize`` gives the float weight, ``dense`` uses it as any weight."""
+
     variant: ClassVar[str] = "quantized"
 
     codes: jax.Array = frozen()

@@ -1,24 +1,15 @@
 """Every variant the library ships, one module each: its node, builder, settings, Optax pieces, training hooks
-and PEFT codec, registered when the module is imported. This import list is the only place that lists them;
-the package re-exports each module's public names."""
+and PEFT codec, registered when the module is imported (and ``loftq``, the LoftQ init of LoRA-shaped adapters
+over a quantized base). This import list is the only place that lists them; the package re-exports each
+module's public names."""
 
-from lorax_variants.variants import (
-                                     adalora,
-                                     delta_lora,
-                                     dora,
-                                     dylora,
-                                     lora,
-                                     lora_drop,
-                                     lora_fa,
-                                     loraplus,
-                                     many,
-                                     multitask,
-                                     qalora,
-                                     sora,
-                                     vera,
-)
+from lorax_variants.variants import (adalora, delta_lora, dora, dylora, loftq, lora, lora_drop, lora_fa, loraplus,
+                                     many, multitask, qalora, sora, vera)
 
-MODULES = (lora, lora_fa, loraplus, dora, vera, adalora, dylora, sora, delta_lora, multitask, lora_drop, qalora, many)
+MODULES = (lora, lora_fa, loraplus, dora, vera, adalora, dylora, sora, delta_lora, multitask, lora_drop, qalora, many,
+           loftq)
 
-__all__ = list(dict.fromkeys(name for m in MODULES for name in m.__all__))
-globals().update({name: getattr(m, name) for m in MODULES for name in m.__all__})
+__all__ = [m.__name__.rsplit(".", 1)[1] for m in MODULES]
+
+# every module's public names, which the package re-exports (``lv.LoraNode``, ``lv.adalora_allocator``, ...)
+EXPORTS = {name: getattr(m, name) for m in MODULES for name in m.__all__}

@@ -44,6 +44,9 @@ __all__ = ['AdaLoraNode', 'orthogonal_penalty', 'adalora_allocator', 'AllocatorS
 
 @node
 class AdaLoraNode(AdapterNode):
+    """AdaLoRA's SVD-form adapter over ``weight``: ``W + s·(Qᵀ (Λ ⊙ rank_mask)) Pᵀ`` with ``lora_a`` = Qᵀ [..., in,
+    r], ``lora_e`` = Λ [..., r], ``lora_b`` = Pᵀ [..., r, out]."""
+
     variant: ClassVar[str] = "adalora"
 
     weight: Any = frozen()
@@ -58,6 +61,10 @@ class AdaLoraNode(AdapterNode):
 
     def _e(self, dtype: Any) -> jax.Array:
         return (self.lora_e * self.rank_mask.astype(self.lora_e.dtype)).astype(dtype)
+
+    def active_ranks(self) -> jax.Array:
+        """The triplets the rank mask keeps, per stacked layer."""
+        return jnp.sum(self.rank_mask, axis=-1).astype(jnp.int32)
 
     def apply(self, x: jax.Array) -> jax.Array:
         """x W + s·((x Qᵀ) ⊙ (Λ ⊙ mask)) Pᵀ: the SVD-form adapter (arXiv 2303.10512) with pruned triplets masked."""
@@ -108,11 +115,17 @@ def orthogonal_penalty(tree: Any) -> jax.Array:
 
 
 class AllocatorState(NamedTuple):
+    """The allocator's state: step count, importance and uncertainty EMAs, the rank pattern, the base's."""
+
     count: jax.Array
     ema_ipt: Any  # trees shaped like the trainable tree (AdaLoRA fields)
     ema_unc: Any
     keep: Any  # per AdaLoRA node: bool [..., r], the current rank pattern
     base: Any
+
+    def apply_ranks(self, tree: Any) -> Any:
+        """``tree`` with the allocator's current rank pattern on its nodes (``with_rank_pattern``)."""
+        return with_rank_pattern(tree, self)
 
 
 def _is_node(x: Any) -> bool:

@@ -31,6 +31,10 @@ __all__ = ['DoraNode']
 
 @node
 class DoraNode(AdapterNode):
+    """DoRA over ``weight``: ``magnitude ⊙ (W + s·A B) / ‖W + s·A B‖`` (column norms over the input axis, detached
+    as the paper's gradient rule), with ``lora_a`` [..., in, r], ``lora_b`` [..., r, out], ``magnitude`` [...,
+    out]."""
+
     variant: ClassVar[str] = "dora"
 
     weight: Any = frozen()

@@ -32,6 +32,9 @@ __all__ = ['DyLoraNode', 'with_rank', 'sample_rank', 'truncate', 'DyLora']
 
 @node
 class DyLoraNode(AdapterNode):
+    """DyLoRA over ``weight``: A [..., in, r_max], B [..., r_max, out] of which the first ``rank`` ranks apply,
+    scaled alpha / rank; ``r_min`` is the smallest rank trained."""
+
     variant: ClassVar[str] = "dylora"
 
     weight: Any = frozen()

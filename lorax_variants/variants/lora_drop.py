@@ -172,7 +172,11 @@ def keep_mask(scores: dict[str, np.ndarray], threshold: float = 0.9) -> dict[str
     """Which layers keep their own adapters: the most important, up to ``threshold`` of the total."""
     if not 0 < threshold <= 1:
         raise ValueError(f"LoRA-drop threshold must be in (0, 1], got {threshold}")
-    flat = [(float(v), p, idx) for p, arr in scores.items() for idx, v in np.ndenumerate(np.asarray(arr))]
+    total = sum(float(np.sum(np.asarray(a, np.float64))) for a in scores.values())
+    if not total > 0:
+        raise ValueError(f"LoRA-drop importances must be non-negative with a positive sum, got a sum of {total}")
+    # shares of the total: raw scores (any scale) select as importance()'s normalized ones do
+    flat = [(float(v) / total, p, idx) for p, arr in scores.items() for idx, v in np.ndenumerate(np.asarray(arr))]
     flat.sort(key=lambda t: -t[0])
     keep = {p: np.zeros(np.asarray(a).shape, bool) for p, a in scores.items()}
     cum = 0.0

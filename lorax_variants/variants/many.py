@@ -66,29 +66,11 @@ from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.dora import DoraNode
 from lorax_variants.variants.lora import LoraNode
 
-__all__ = ['MultiAdapterNode', 'sort_by_adapter', 'adapters', 'join_trees', 'pick', 'adapter_names', 'adapter_means',
+__all__ = ['MultiAdapterNode', 'adapters', 'join_trees', 'pick', 'adapter_names', 'adapter_means',
            'clip_by_adapter_norm', 'Many', 'ManyAdapter']
 
 
 IMPLS = ("auto", "gather", "ragged", "masked")
-
-
-def sort_by_adapter(ids: Any) -> np.ndarray:
-    """The stable permutation that groups examples by adapter (0, 1, ..., k−1, then BASE rows), as the
-    ``ragged`` implementation needs: ``batch[perm]``, then ``route(tree, ids[perm])``."""
-    return np.argsort(_route_key(ids), kind="stable")
-
-
-def is_grouped(ids: Any) -> bool:
-    """Whether examples are grouped by adapter as ``sort_by_adapter`` leaves them (BASE rows last)."""
-    key = _route_key(ids)
-    return bool(np.all(key[1:] >= key[:-1]))
-
-
-def _route_key(ids: Any) -> np.ndarray:
-    """Each example's adapter index as a sort key, BASE (−1) rows after every adapter."""
-    ids = np.asarray(ids, np.int64)
-    return np.where(ids < 0, np.iinfo(np.int64).max, ids)
 
 
 @node

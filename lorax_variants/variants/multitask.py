@@ -18,7 +18,6 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static
 from lorax_variants.nodes.factored import adapter_dropout
@@ -27,16 +26,17 @@ from lorax_variants.registry import Target, lora_factors, register_variant, sett
 from lorax_variants.spec import register_settings
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.lora import LoraNode
-from lorax_variants.variants.many import is_grouped
 
-__all__ = ['MultiTaskNode', 'route', 'select', 'stack', 'BASE', 'MultiTask']
+__all__ = ['MultiTaskNode', 'select', 'stack', 'MultiTask']
 
 
-BASE = -1
 
 
 @node
 class MultiTaskNode(AdapterNode):
+    """``n_tasks`` LoRA adapters stacked over one ``weight`` (``lora_a`` [..., n, in, r], ``lora_b`` [..., n, r,
+    out]); each example goes through the adapter ``task_ids`` names (``BASE``: the weight alone)."""
+
     variant: ClassVar[str] = "multitask"
 
     weight: Any = frozen()
@@ -111,31 +111,6 @@ def build_multitask(t: Target) -> MultiTaskNode:
 
 def _nodes(tree: Any) -> list[tuple[str, MultiTaskNode]]:
     return [(p, x) for p, x in leaves_with_paths(tree, nodes_are_leaves=True) if isinstance(x, MultiTaskNode)]
-
-
-def route(tree: Any, task_ids: jax.Array | Sequence[int]) -> Any:
-    """Set each example's adapter index (``BASE`` = -1: base model only) on every node that routes rows: the
-    multi-task nodes (``task`` k) and the many-adapter nodes (``nodes.multi``: adapter k of their names)."""
-    # Constant ids (a list, a numpy array, a concrete jax array) are checked on the host; under
-    # ``jit`` jnp makes even constants into tracers, so the check must not go through jnp.
-    host = None if isinstance(task_ids, jax.core.Tracer) else np.asarray(task_ids)
-    ids = jnp.asarray(task_ids, jnp.int32)
-    if ids.ndim != 1:
-        raise ValueError(f"route() takes one task id per example (shape [batch]), got shape {ids.shape}")
-    if host is not None and host.size and not np.issubdtype(host.dtype, np.integer):
-        raise TypeError(f"route() takes integer task ids, got dtype {host.dtype}")
-
-    def set_ids(n: Any) -> Any:
-        if host is not None:
-            bad = [int(i) for i in host.reshape(-1) if not BASE <= int(i) < n.n_routes]
-            if bad:
-                raise ValueError(f"task ids {bad[:5]} out of range [-1, {n.n_routes})")
-            if hasattr(n, "resolved_impl") and n.resolved_impl() == "ragged" and not is_grouped(host):
-                raise ValueError(f"adapter ids {host.tolist()[:16]} are not sorted by adapter (BASE rows last), as "
-                                 "impl='ragged' needs: reorder the batch with sort_by_adapter(ids)")
-        return n.routed(ids)
-
-    return map_with_paths(lambda p, x: set_ids(x) if hasattr(x, "routed") else x, tree, nodes_are_leaves=True)
 
 
 def select(tree: Any, task: int) -> Any:

@@ -39,6 +39,9 @@ __all__ = ['SoraNode', 'prune', 'sora_proximal', 'sora_sparsity', 'gate_l1', 'So
 
 @node
 class SoraNode(AdapterNode):
+    """SoRA over ``weight``: ``W + s·((x A) ⊙ gate) B`` with a gate per rank that a proximal step drives to exactly
+    zero (``prune`` then drops those ranks)."""
+
     variant: ClassVar[str] = "sora"
 
     weight: Any = frozen()
@@ -49,6 +52,10 @@ class SoraNode(AdapterNode):
     scale: float = static()
     dropout: float = static(default=0.0)
     freeze: tuple[str, ...] = static(default=())
+
+    def active_ranks(self) -> jax.Array:
+        """The ranks whose gate is not zero, per stacked layer."""
+        return jnp.sum(self.gate != 0, axis=-1).astype(jnp.int32)
 
     def apply(self, x: jax.Array) -> jax.Array:
         """x W + s·((x A) ⊙ g) B: the gate g [r] masks ranks (SoRA, arXiv 2311.11696)."""

@@ -30,6 +30,9 @@ __all__ = ['VeraNode', 'Vera']
 
 @node
 class VeraNode(AdapterNode):
+    """VeRA over ``weight``: frozen random projections ``vera_a`` [max_in, r], ``vera_b`` [r, max_out] shared by
+    every layer (sliced to this one's size) and trained vectors ``lambda_d`` [..., r], ``lambda_b`` [..., out]."""
+
     variant: ClassVar[str] = "vera"
 
     weight: Any = frozen()

@@ -136,3 +136,18 @@ def test_optimizer_state_follows_the_selection():
     np.testing.assert_array_equal(mu_new.shared_b.value, np.asarray(mu_old.lora_b)[0])
     assert int(carried[0].count) == 3
     opt.update(jax.tree.map(jnp.ones_like, new_trainable), carried, new_trainable)  # the chain accepts it
+
+
+def test_keep_mask_takes_the_threshold_as_a_share_of_the_total_at_any_scale():
+    """The same layers are kept from raw scores as from their normalized shares (0.5, 0.3, 0.15, 0.05 of the
+    total: a threshold of 0.75 keeps the first two)."""
+    from lorax_variants.variants.lora_drop import keep_mask
+
+    shares = {"a": np.array([0.5, 0.05]), "b": np.array([0.3, 0.15])}
+    expect = {"a": np.array([True, False]), "b": np.array([True, False])}
+    for scale in (1.0, 1e-6, 1e4):
+        got = keep_mask({k: v * scale for k, v in shares.items()}, threshold=0.75)
+        for k in expect:
+            np.testing.assert_array_equal(got[k], expect[k], err_msg=f"scale {scale}, {k}")
+    with pytest.raises(ValueError, match="positive sum"):
+        keep_mask({"a": np.zeros(2)}, 0.9)
