@@ -18,7 +18,7 @@ from lorax_variants.inits import gaussian_a, kaiming_a, olora_factors, pissa_fac
 from lorax_variants.nodes.base import Node
 from lorax_variants.spec import AdapterSpec, register_settings, settings_type
 
-__all__ = ["Target", "register_variant", "settings_of", "variant_names", "builder_of", "rank_bounded", "path_key", "lora_factors", "RESIDUAL_INITS"]
+__all__ = ["Target", "register_variant", "settings_of", "variant_names", "builder_of", "rank_bounded", "is_factored", "path_key", "lora_factors", "RESIDUAL_INITS"]
 
 RESIDUAL_INITS = ("pissa", "olora")  # inits that move s·A₀B₀ out of the base weight into the adapter
 
@@ -59,13 +59,15 @@ _PREPARE: dict[str, Callable[[list[Target]], Any]] = {}
 
 def register_variant(
     name: str, prepare: Callable[[list[Target]], Any] | None = None, settings: type | None = None,
-    rank_bounded: bool = True
+    rank_bounded: bool = True, factored: bool = True
 ) -> Callable[[Callable[..., Node]], Callable[..., Node]]:
     """Register ``builder(target) -> node``; with ``prepare``, ``builder(target, context)`` where
     ``context = prepare(all_targets)`` (a context shared by every target, such as projections sized to the
     largest layer); ``settings``: the frozen dataclass of the variant's own options (``AdapterSpec.settings``,
     which builders read with ``settings_of``); ``rank_bounded=False``: ranks above min(in, out) are allowed
-    (adapters whose rank is not a factorization of the weight, such as projections shared by every size)."""
+    (adapters whose rank is not a factorization of the weight, such as projections shared by every size);
+    ``factored=False``: its apply forms a weight-sized temporary (its algebra has no cheaper form; the
+    variant's module says why)."""
 
     def deco(builder: Callable[..., Node]) -> Callable[..., Node]:
         _VARIANTS[name] = builder
@@ -75,12 +77,20 @@ def register_variant(
             register_settings(name, settings)
         if not rank_bounded:
             _RANK_FREE.add(name)
+        if not factored:
+            _DENSE.add(name)
         return builder
 
     return deco
 
 
 _RANK_FREE: set[str] = set()
+_DENSE: set[str] = set()
+
+
+def is_factored(name: str) -> bool:
+    """Whether variant ``name`` applies without forming a weight-sized temporary."""
+    return name not in _DENSE
 
 
 def rank_bounded(name: str) -> bool:

@@ -155,7 +155,10 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
                        init_lora_weights=True, alpha_pattern={}), tensors
     dora = kinds <= {DoraNode}
     if not kinds <= {LoraNode} and not dora:
-        raise ValueError(f"PEFT has no format for a mix of {sorted(k.__name__ for k in kinds)} in one adapter")
+        names = sorted(k.__name__ for k in kinds)
+        raise ValueError(f"save_peft writes LoRA, DoRA, VeRA and AdaLoRA adapters (and what reduces to LoRA); "
+                         f"{' and '.join(names)}{' in one adapter' if len(names) > 1 else ''} has no PEFT writer here: "
+                         "export the merged model (save_merged / --format merged)")
     entries = []  # (module, r, alpha)
     for path, n in nodes:
         lead = len(n.shape) - 2

@@ -3,11 +3,11 @@ and PEFT codec, registered when the module is imported (and ``loftq``, the LoftQ
 over a quantized base). This import list is the only place that lists them; the package re-exports each
 module's public names."""
 
-from lorax_variants.variants import (adalora, delta_lora, dora, dylora, loftq, lora, lora_drop, lora_fa, loraplus,
-                                     many, multitask, qalora, sora, vera)
+from lorax_variants.variants import (adalora, delta_lora, dora, dylora, hira, loftq, lora, lora_drop, lora_fa,
+                                     loraplus, many, multitask, qalora, sora, vera)
 
 MODULES = (lora, lora_fa, loraplus, dora, vera, adalora, dylora, sora, delta_lora, multitask, lora_drop, qalora, many,
-           loftq)
+           hira, loftq)
 
 __all__ = [m.__name__.rsplit(".", 1)[1] for m in MODULES]
 

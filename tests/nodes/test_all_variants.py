@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import lorax_variants as lv
+from lorax_variants.registry import is_factored
 from tests.close import assert_close
 
 D_IN, D_OUT = 128, 80
@@ -29,7 +30,7 @@ def _adapted(variant, quantized=False):
     return tree
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if is_factored(v)])
 def test_forward_and_backward_never_form_a_weight_sized_intermediate(variant):
     tree = _adapted(variant)
     trainable, frozen = lv.split(tree)
@@ -38,6 +39,17 @@ def test_forward_and_backward_never_form_a_weight_sized_intermediate(variant):
     hlo = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen).compile().as_text()
     producers = re.findall(rf"= f32\[(?:{D_IN},{D_OUT}|{D_OUT},{D_IN})\]\S* ([\w-]+)\(", hlo)
     assert set(producers) <= {"parameter"}, producers
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not is_factored(v)])
+def test_a_variant_that_says_it_is_not_factored_forms_weight_sized_temporaries(variant):
+    """The declaration is true (a variant cannot claim it by mistake and skip the test above)."""
+    trainable, frozen = lv.split(_adapted(variant))
+    x = jax.random.normal(jax.random.key(1), (3, 5, D_IN))
+    loss = lambda t, f: jnp.sum(jnp.tanh(lv.dense(x, lv.resolve_shared(lv.combine(t, f))["w"])))  # noqa: E731
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(trainable, frozen).compile().as_text()
+    producers = re.findall(rf"= f32\[(?:{D_IN},{D_OUT}|{D_OUT},{D_IN})\]\S* ([\w-]+)\(", hlo)
+    assert set(producers) - {"parameter"}, producers
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("multitask", "dora")])
@@ -81,7 +93,7 @@ def test_parameter_counts_follow_each_formula():
     expect = {"lora": r * (D_IN + D_OUT), "lora_fa": r * D_OUT, "dora": r * (D_IN + D_OUT) + D_OUT,
               "vera": r + D_OUT, "adalora": r * (D_IN + D_OUT) + r, "dylora": r * (D_IN + D_OUT),
               "sora": r * (D_IN + D_OUT) + r, "multitask": 2 * r * (D_IN + D_OUT),
-              "qalora": r * (D_IN // 64 + D_OUT)}
+              "qalora": r * (D_IN // 64 + D_OUT), "hira": r * (D_IN + D_OUT)}
     frozen_extra = {"lora_fa": D_IN * r, "vera": D_IN * r + r * D_OUT, "dora": D_OUT}  # A; projections; ‖W‖²
     assert set(expect) == set(VARIANTS)
     for v, k in expect.items():
