@@ -151,3 +151,70 @@ def test_every_public_name_has_a_docstring():
                     if not attr.startswith("_") and inspect.isfunction(member) and not (member.__doc__ or "").strip():
                         missing.append(f"{mod.__name__}.{public}.{attr}")
     assert not missing, f"{len(missing)} public names without a docstring: {sorted(set(missing))}"
+
+
+# Modules outside variants/ that still name variants, each with why (to shrink, never to grow).
+NAMES_VARIANTS = {
+    "hf.peft": "the PEFT writer: one branch per PEFT format (LoRA/DoRA, VeRA, AdaLoRA) until each is a codec",
+    "hf.peft_import": "the PEFT reader: the same formats, until each is a codec",
+    "hf.peft_experts": "PEFT's target_parameters form of LoRA on expert banks",
+    "hf.export": "merged export of one named adapter of many (pick)",
+}
+
+
+def _variant_identifiers() -> set[str]:
+    import lorax_variants as lv
+    from lorax_variants.recipes import RECIPES
+
+    names = {n for n in RECIPES if n not in ("none", "lora")} | set(lv.variant_names()) - {"lora"}
+    classes = {n for n in lv.variants.EXPORTS if n[:1].isupper()}
+    return names | classes
+
+
+def test_no_module_outside_variants_names_a_variant():
+    """A variant's name (as a string) or one of its classes appears in its own module only (and in the
+    modules listed in NAMES_VARIANTS); a module of the core finds variants through the registries and the
+    node protocol."""
+    wanted = _variant_identifiers()
+    found = {}
+    for name, path in _modules().items():
+        if name == "variants" or name.startswith("variants.") or name == "":
+            continue
+        tree = ast.parse(path.read_text())
+        hits = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in wanted:
+                hits.add(node.value)
+            elif isinstance(node, ast.Name) and node.id in wanted:
+                hits.add(node.id)
+            elif isinstance(node, ast.Attribute) and node.attr in wanted:
+                hits.add(node.attr)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lorax_variants.variants."):
+                hits.add(node.module)
+        if hits and name not in NAMES_VARIANTS:
+            found[name] = sorted(hits)
+    assert not found, f"modules outside variants/ that name a variant: {found}"
+    stale = [m for m in NAMES_VARIANTS if m not in _modules()]
+    assert not stale, f"NAMES_VARIANTS lists modules that no longer exist: {stale}"
+
+
+# The app's modules that name variants, with why.
+APP_NAMES_VARIANTS = {
+    "figures": "the report's drawings of what a variant's recipe declares (Recipe.figures) and DoRA's ΔM/ΔD scatter",
+    "report": "which figure function draws each name a recipe declares",
+}
+
+
+def test_no_module_of_the_app_names_a_variant():
+    """The app reads variants through the recipes (settings sections, hooks); the exceptions are listed."""
+    wanted = _variant_identifiers()
+    found = {}
+    for path in sorted((ROOT / "train").glob("*.py")):
+        if path.stem in APP_NAMES_VARIANTS or path.stem.startswith("demo"):
+            continue
+        hits = {n.value for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in wanted}
+        hits |= {n.attr for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Attribute) and n.attr in wanted}
+        if hits:
+            found[path.stem] = sorted(hits)
+    assert not found, f"app modules that name a variant: {found}"
