@@ -27,12 +27,14 @@ VARIANTS = {
     "loftq": ["adapter.init=loftq", "adapter.loftq_iters=2", "quant.kind=nf4", "quant.block_size=32"],
     "qalora": ["adapter.variant=qalora", "quant.kind=int4_asym", "quant.block_size=32", "optim.lr=0.003"],
     "hira": ["adapter.variant=hira", "optim.lr=0.05"],
+    "miss": ["adapter.variant=miss", "optim.lr=0.01"], "miss_bat": ["adapter.variant=miss", "adapter.miss.mode=bat"],
 }
 
 
 # Covered in the default run elsewhere: rsLoRA (a scale: the export tests), PiSSA (pissa_nf4 here, the export CLI),
 # Delta-LoRA (test_delta_lora_changes_the_frozen_weights_and_lora_does_not).
-ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira")  # HiRA: tests/nodes/test_hira.py, test_all_variants.py
+# HiRA, MiSS: tests/nodes/test_hira.py, test_miss.py and test_all_variants.py (their app runs: slow)
+ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ELSEWHERE else v for v in VARIANTS])
