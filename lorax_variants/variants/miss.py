@@ -24,7 +24,6 @@ from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, s
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import RESIDUAL_INITS, Target, register_variant, settings_of
-from lorax_variants.spec import register_settings
 
 __all__ = ["MissNode", "Miss"]
 

@@ -3,7 +3,6 @@ weights; merge equals the forward; NF4 bases; errors name the path."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import peft
 import pytest
 import torch
