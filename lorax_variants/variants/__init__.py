@@ -4,10 +4,10 @@ over a quantized base). This import list is the only place that lists them; the 
 module's public names."""
 
 from lorax_variants.variants import (adalora, delta_lora, dora, dylora, hira, loftq, lora, lora_drop, lora_fa,
-                                     loraplus, many, miss, multitask, qalora, sora, vera)
+                                     loraplus, many, miss, multitask, qalora, shira, sora, vera)
 
 MODULES = (lora, lora_fa, loraplus, dora, vera, adalora, dylora, sora, delta_lora, multitask, lora_drop, qalora, many,
-           hira, miss, loftq)
+           hira, miss, shira, loftq)
 
 __all__ = [m.__name__.rsplit(".", 1)[1] for m in MODULES]
 

@@ -93,7 +93,8 @@ def test_parameter_counts_follow_each_formula():
     expect = {"lora": r * (D_IN + D_OUT), "lora_fa": r * D_OUT, "dora": r * (D_IN + D_OUT) + D_OUT,
               "vera": r + D_OUT, "adalora": r * (D_IN + D_OUT) + r, "dylora": r * (D_IN + D_OUT),
               "sora": r * (D_IN + D_OUT) + r, "multitask": 2 * r * (D_IN + D_OUT),
-              "qalora": r * (D_IN // 64 + D_OUT), "hira": r * (D_IN + D_OUT), "miss": r * D_OUT}
+              "qalora": r * (D_IN // 64 + D_OUT), "hira": r * (D_IN + D_OUT), "miss": r * D_OUT,
+              "shira": r * (D_IN + D_OUT)}  # (SHiRA's mask indices are integers, no parameters)
     frozen_extra = {"lora_fa": D_IN * r, "vera": D_IN * r + r * D_OUT, "dora": D_OUT}  # A; projections; ‖W‖²
     assert set(expect) == set(VARIANTS)
     for v, k in expect.items():

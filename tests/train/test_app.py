@@ -28,13 +28,14 @@ VARIANTS = {
     "qalora": ["adapter.variant=qalora", "quant.kind=int4_asym", "quant.block_size=32", "optim.lr=0.003"],
     "hira": ["adapter.variant=hira", "optim.lr=0.05"],
     "miss": ["adapter.variant=miss", "optim.lr=0.01"], "miss_bat": ["adapter.variant=miss", "adapter.miss.mode=bat"],
+    "shira": ["adapter.variant=shira", "adapter.shira.random_seed=3", "optim.lr=0.01"],
 }
 
 
 # Covered in the default run elsewhere: rsLoRA (a scale: the export tests), PiSSA (pissa_nf4 here, the export CLI),
 # Delta-LoRA (test_delta_lora_changes_the_frozen_weights_and_lora_does_not).
-# HiRA, MiSS: tests/nodes/test_hira.py, test_miss.py and test_all_variants.py (their app runs: slow)
-ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat")
+# HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow)
+ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ELSEWHERE else v for v in VARIANTS])
