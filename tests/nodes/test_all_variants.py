@@ -54,7 +54,7 @@ def test_a_variant_that_says_it_is_not_factored_forms_weight_sized_temporaries(v
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in ("multitask", "dora")])
 def test_factored_gradients_equal_autodiff_of_the_merged_weight(variant):
-    """The hand-written backward of the factored apply (``nodes.lora.low_rank``) against plain
+    """The hand-written backward of the factored apply (``nodes.factored.low_rank``) against plain
     autodiff of ``x @ merge(node)``: every trainable leaf and the input. (DoRA's factored
     backward treats the norm as a constant, as the paper; its own test checks that.)"""
     trainable, frozen = lv.split(_adapted(variant))
