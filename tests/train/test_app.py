@@ -36,7 +36,8 @@ VARIANTS = {
 # Delta-LoRA (test_delta_lora_changes_the_frozen_weights_and_lora_does_not).
 # HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow); LoRA+, SoRA and
 # DoRA train through the app in tests/train/test_report.py (12 steps each, their figures checked).
-ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora")
+# LoRA-FA: its node and projection in tests/nodes and tests/optim/test_lorafa.py.
+ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ELSEWHERE else v for v in VARIANTS])

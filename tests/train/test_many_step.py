@@ -8,16 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import lorax_variants as lv
-from tests.close import assert_trees_close
 from lorax_variants import recipes
 from lorax_variants.hf import from_pretrained
 from lorax_variants.models.loss import token_cross_entropy
 from lorax_variants.sharding import make_mesh, tree_shardings
+from tests.close import assert_trees_close
 from train.step import make_steps
 
 
+@pytest.mark.slow  # the node-level equality runs by default (tests/nodes/test_multi.py)
 def test_each_adapters_step_gradient_equals_training_it_alone(assets):
     model, params = from_pretrained(assets["llama"])
     proj = r"layers/(attn|mlp)/\w+_proj"

@@ -36,7 +36,9 @@ def _two_hosts(args: list[str]) -> list[str]:
     return [out + err for out, err in outs]
 
 
-@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["straight", "resumed"])
+# Slow: the default run has two processes in test_each_host_prepares_only_its_slice (the same distributed path).
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [False, True], ids=["straight", "resumed"])
 def test_two_processes_equal_one(assets, tmp_path, resume):
     """Every host preparing all the data (data.host_shards: false): the batches, losses and adapters of one
     process."""
