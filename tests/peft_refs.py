@@ -61,3 +61,19 @@ def adalora_pair(**config):
             lora_e=jnp.asarray(layer.lora_E["default"].detach().numpy()[:, 0]),
             lora_b=jnp.asarray(layer.lora_B["default"].detach().numpy().T))
     return model, ours
+
+
+def forward_and_grads(model, ours, x):
+    """``(ours_out, peft_out, our_grads)`` on the same input ``x`` (torch [batch, 24]) and loss sum(out²): PEFT's
+    parameters hold their gradients afterwards, ``our_grads`` is the gradient of our trainable tree."""
+    import jax
+    import jax.numpy as jnp
+
+    import lorax_variants as lv
+
+    out = model(x)
+    (out ** 2).sum().backward()
+    xj = jnp.asarray(x.numpy())
+    trainable, frozen = lv.split(ours)
+    grads = jax.grad(lambda t: jnp.sum(apply(lv.combine(t, frozen), xj) ** 2))(trainable)
+    return apply(ours, xj), out.detach().numpy(), grads

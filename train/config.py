@@ -73,8 +73,7 @@ class AdapterConfig:
 
     def settings(self) -> Any:
         """The settings of ``variant`` (its section, or the defaults; ``None`` for a variant without any)."""
-        kind = recipes.recipe(self.variant).settings
-        return self.sections.get(self.variant) or (kind() if kind is not None else None)
+        return getattr(self, self.variant) if recipes.recipe(self.variant).settings is not None else None
 
 
 @dataclasses.dataclass
