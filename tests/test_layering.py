@@ -18,7 +18,7 @@ LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a
     {"nodes.base", "nodes", "nodes.factored"},
     {"tree", "runtime", "inits", "shared"},
     {"spec"},
-    {"registry", "recipes"},
+    {"registry", "recipes", "codec"},
     {"nodes.quantized"},
     {"ops", "quant", "adapt", "per_call", "routing", "sharding", "stats", "optim", "optim.*"},
     {"variants.*"},  # one module per variant; a variant may build on another (LoRA's node)

@@ -129,6 +129,11 @@ def loss_on(cfg: DataConfig) -> str:
     return "assistant" if cfg.messages_field else "completion" if cfg.prompt_field else "all"
 
 
+def _values(ds: Any, column: str) -> list[Any]:
+    """A column's values as a list, read in one batch (iterating ``ds[column]`` decodes row by row: ~100x slower)."""
+    return ds[column][:]
+
+
 def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "data.source") -> tuple[Any, int]:
     """``ds`` without its bad rows, and how many were left out: a text column (``data.text_field``, the prompt
     and response fields) must hold a string, a label or task column a value (not null). A bad row is an
@@ -145,12 +150,12 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
     if cfg.task_field:
         wanted.append(("data.task_field", cfg.task_field, False))
     dropped = {str(x) for x in cfg.drop_labels or []}  # rows data.drop_labels leaves out are not checked
-    labels = ds[cfg.label_field] if dropped and cfg.label_field in ds.column_names else None
+    labels = _values(ds, cfg.label_field) if dropped and cfg.label_field in ds.column_names else None
     bad: dict[int, tuple[str, str, Any]] = {}
     for what, column, text in wanted:
         if column not in ds.column_names:
             continue  # named by the tokenizer's column check
-        for i, v in enumerate(ds[column]):
+        for i, v in enumerate(_values(ds, column)):
             if what == "data.messages_field":
                 wrong = check_conversation(v, loss_on(cfg) == "assistant")
                 if wrong is not None and i not in bad:
@@ -232,7 +237,7 @@ def task_ids(ds: Any, cfg: DataConfig, source: str, index: dict[str, int] | None
     """Multi-task routing: one task index per example, from ``data.task_field`` (``index``: label -> adapter, for
     many adapters each naming its task label)."""
     _columns(ds, [("data.task_field", cfg.task_field)], source)
-    raw = list(ds[cfg.task_field])
+    raw = _values(ds, cfg.task_field)
     if index is not None:
         bad = sorted({str(v) for v in raw} - set(index))
         if bad:
@@ -275,7 +280,7 @@ def label_names(ds: Any, cfg: DataConfig, source: str) -> list[str]:
     """The class names of ``ds``'s labels, in label-index order (``data.labels``, or the integers up to the
     largest, or the sorted names)."""
     _columns(ds, [("data.label_field", cfg.label_field)], source)
-    return _label_names(list(ds[cfg.label_field]), cfg)
+    return _label_names(_values(ds, cfg.label_field), cfg)
 
 
 def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
@@ -284,13 +289,13 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     stats = {"examples": len(ds), "truncated": 0}
     if task == "sequence_classification":
         _columns(ds, [("data.text_field", cfg.text_field), ("data.label_field", cfg.label_field)], source)
-        raw = list(ds[cfg.label_field])
+        raw = _values(ds, cfg.label_field)
         names = label_names or _label_names(raw, cfg)
         index = {n: i for i, n in enumerate(names)}
         unknown = sorted({str(v) for v in raw} - set(index))
         if unknown:
             raise ConfigError(f"data.label_field: labels {unknown[:5]} in {source!r} are not in data.labels {names}")
-        enc = tokenizer(list(ds[cfg.text_field]), truncation=False)["input_ids"]
+        enc = tokenizer(_values(ds, cfg.text_field), truncation=False)["input_ids"]
         ids = np.full((len(enc), T), pad, np.int32)
         mask = np.zeros((len(enc), T), np.int32)
         for i, e in enumerate(enc):
@@ -524,7 +529,8 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
         n, k = len(ds), max(1, int(round(cfg.eval_fraction * len(ds))))
         if k >= n:
             raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} leaves no training examples of {n}")
-        eval_ds, ds = ds.select(sorted(order[:k])), ds.select(sorted(order[k:]))
+        # Python ints: datasets fingerprints the index list by pickling it, and numpy scalars pickle ~1,000x slower
+        eval_ds, ds = ds.select(sorted(order[:k].tolist())), ds.select(sorted(order[k:].tolist()))
         splits = (f"the training split ({n - k} of {n} examples)",
                   f"the eval split ({k} of {n} examples, held out by data.eval_fraction={cfg.eval_fraction})")
     names = None
@@ -555,7 +561,7 @@ def prompts(ds: Any, cfg: DataConfig, tokenizer: Any, source: str) -> list[dict[
     out = []
     if cfg.messages_field:
         template, name = chat_template(tokenizer, cfg.chat_template)
-        for turns in ds[cfg.messages_field]:
+        for turns in _values(ds, cfg.messages_field):
             last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
             if last is None:
                 continue
@@ -565,7 +571,7 @@ def prompts(ds: Any, cfg: DataConfig, tokenizer: Any, source: str) -> list[dict[
             out.append({"ids": tokenizer(text, add_special_tokens=False)["input_ids"], "prompt": text,
                         "reference": turns[last]["content"], "context": context})
         return out
-    for prompt, response in zip(ds[cfg.prompt_field], ds[cfg.response_field]):
+    for prompt, response in zip(_values(ds, cfg.prompt_field), _values(ds, cfg.response_field)):
         out.append({"ids": tokenizer(prompt)["input_ids"], "prompt": prompt, "reference": response})
     return out
 

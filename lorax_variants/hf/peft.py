@@ -14,6 +14,9 @@ Conv1D, with ``fan_in_fan_out``), under ``base_model.model.<module>``. What each
   ``as_lora()`` (DyLoRA at the chosen rank, SoRA with its gates folded into B and zero-gate ranks
   removed, LoRA-drop with the shared set in each layer that uses it); a multi-task tree as one adapter
   directory per task (``task_0``, ...). Delta-LoRA changes W: refused (export it merged).
+- Variants that declare a PEFT codec in their module (``lorax_variants.codec``: HiRA, MiSS, SHiRA): their
+  format from the codec's key table and config fields, the same table ``load_peft`` reads (formats whose
+  PEFT layer wraps ``nn.Linear`` only are refused on GPT-2's ``Conv1D``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lorax_variants.codec import PeftCodec, codec_of, peft_types
 from lorax_variants.hf import names
 from lorax_variants.hf.peft_experts import export_experts, is_expert_path
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
@@ -120,6 +124,9 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
         return config, tensors | expert_tensors
     kinds = {type(n) for _, n in nodes}
     gpt2 = model.config.model_type == "gpt2"
+    codecs = {codec_of(n) for _, n in nodes}
+    if len(codecs) == 1 and None not in codecs:
+        return _codec_dict(model, nodes, codecs.pop(), base, gpt2)
     tensors: dict[str, np.ndarray] = {}
     if kinds <= {VeraNode}:
         first = nodes[0][1]
@@ -156,8 +163,8 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
     dora = kinds <= {DoraNode}
     if not kinds <= {LoraNode} and not dora:
         names = sorted(k.__name__ for k in kinds)
-        raise ValueError(f"save_peft writes LoRA, DoRA, VeRA and AdaLoRA adapters (and what reduces to LoRA); "
-                         f"{' and '.join(names)}{' in one adapter' if len(names) > 1 else ''} has no PEFT writer here: "
+        raise ValueError(f"save_peft writes LoRA, DoRA, VeRA, AdaLoRA and {', '.join(peft_types())} adapters (and "
+                         f"what reduces to LoRA), one format per adapter; {' and '.join(names)}{' in one adapter' if len(names) > 1 else ''} has no PEFT writer here: "
                          "export the merged model (save_merged / --format merged)")
     entries = []  # (module, r, alpha)
     for path, n in nodes:
@@ -178,6 +185,40 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
     return _config("LORA", [e[0] for e in entries], base, gpt2, r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
                    alpha_pattern=alpha_pattern, use_rslora=False, use_dora=dora, lora_dropout=0.0, bias="none",
                    init_lora_weights=True), tensors
+
+
+def _codec_dict(model: Any, nodes: list[tuple[str, Node]], codec: PeftCodec, base: str | None,
+                conv1d: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """An adapter in a registered codec's format: its key table per module, its config fields."""
+    if conv1d and not codec.conv1d:
+        raise ValueError(f"save_peft: PEFT's {codec.peft_type} layers wrap nn.Linear only, not GPT-2's Conv1D "
+                         f"({nodes[0][0]}): export the merged model (save_merged / --format merged)")
+    tensors: dict[str, np.ndarray] = {}
+    modules: list[str] = []
+    config: dict[str, Any] | None = None
+    first = ""
+    for path, n in nodes:
+        lead = len(n.shape) - 2
+        mods = _module_list(model, path, n.shape[0] if lead else 1)
+        own = codec.config(n)
+        if config is None:
+            config, first = own, path
+        elif own != config:
+            diff = sorted(k for k in own.keys() | config.keys() if own.get(k) != config.get(k))
+            raise ValueError(f"save_peft: {path} and {first} differ in {diff}, which a {codec.peft_type} adapter holds "
+                             "once for all its modules")
+        fields = {f: _layers(np.asarray(jax.device_get(getattr(n, f))), lead) for f in codec.fields}
+        for i, m in enumerate(mods):
+            for key in codec.keys:
+                t = key.encode(*[fields[f][i] for f in key.fields])
+                tensors[f"{PREFIX}{m}.{key.suffix}"] = np.ascontiguousarray(np.asarray(t).astype(key.dtype))
+            modules.append(m)
+    head = {"peft_type": codec.peft_type, "base_model_name_or_path": base, "task_type": None, "inference_mode": True,
+            "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")", "modules_to_save": None,
+            "revision": None}
+    if "fan_in_fan_out" in codec.reads:
+        head["fan_in_fan_out"] = conv1d
+    return head | (config or {}), tensors
 
 
 def _is_embedding(path: str) -> bool:

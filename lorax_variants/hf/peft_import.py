@@ -1,6 +1,8 @@
 """``load_peft``: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) as our
 adapted tree over a model's params: LoRA (rsLoRA, DoRA incl. on embeddings), AdaLoRA at any stage of its
-rank schedule, VeRA with or without saved projections.
+rank schedule, VeRA with or without saved projections, and the format of every variant that declares a PEFT
+codec (``lorax_variants.codec``; HiRA, MiSS in all its forms, SHiRA with its saved indices), read through the
+codec's key table (a layer without tensors keeps the fresh adapter, equal to the base).
 
 Every tensor in the file is placed or the load fails naming it; every config field either holds a value
 we represent or the load fails naming the field. What PEFT writes, and where it goes here:
@@ -40,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_variants.codec import PeftCodec, codec_for, peft_types
 from lorax_variants.hf import names
 from lorax_variants.hf.peft_experts import check_target_parameters, import_experts
 from lorax_variants.hf.safetensors_io import SafetensorsFile
@@ -91,15 +94,20 @@ def _refuse(cfg_path: Path, field: str, why: str) -> None:
 def _check_config(cfg: dict[str, Any], cfg_path: Path) -> str | None:
     """Refuse any field we cannot represent; returns the residual init to redo (``pissa``/``olora``) or None."""
     ptype = cfg.get("peft_type")
-    if ptype not in SUFFIXES:
-        _refuse(cfg_path, "peft_type", f"{ptype!r} is not one of LORA (incl. DoRA), ADALORA, VERA")
+    codec = codec_for(ptype)
+    if ptype not in SUFFIXES and codec is None:
+        _refuse(cfg_path, "peft_type", f"{ptype!r} is not one of LORA (incl. DoRA), ADALORA, VERA, "
+                f"{', '.join(peft_types())}")
     for field, what in UNSUPPORTED.items():
         if cfg.get(field) not in (None, False, [], {}, ""):
             _refuse(cfg_path, field, f"{what} is not supported")
-    unknown = sorted(k for k, v in cfg.items() if k not in BENIGN and k not in UNSUPPORTED
+    known = BENIGN | (codec.reads if codec is not None else frozenset())
+    unknown = sorted(k for k, v in cfg.items() if k not in known and k not in UNSUPPORTED
                      and v not in (None, False, [], {}, ""))
     if unknown:
         _refuse(cfg_path, unknown[0], f"unknown field (set to {cfg[unknown[0]]!r}) that may change the adapter")
+    if codec is not None:
+        return None
     init = cfg.get("init_lora_weights", True)
     if init in PLAIN_INITS or init is None:
         return None
@@ -162,7 +170,11 @@ def _read(d: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Path]:
     if not weights.is_file():
         raise FileNotFoundError(f"{d}: no adapter_model.safetensors (only safetensors adapters are read)")
     st = SafetensorsFile(weights)
-    return cfg, {k: np.asarray(st.get(k), np.float32) for k in st.keys()}, cfg_path
+    def value(k: str) -> np.ndarray:  # floats as float32, integer tensors (indices) as they are
+        v = np.asarray(st.get(k))
+        return v if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32)
+
+    return cfg, {k: value(k) for k in st.keys()}, cfg_path
 
 
 def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any = 0, *, like: Any = None) -> Any:
@@ -180,6 +192,8 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     check_target_parameters(cfg, model, cfg_path)
     experts, expert_keys = import_experts(cfg, tensors, model, cfg_path)
     ptype = cfg["peft_type"]
+    codec = codec_for(ptype)
+    suffixes = SUFFIXES.get(ptype) or {f".{k.suffix}": k.suffix for k in codec.keys}
     prefix = names.default_prefix(model)
     # our path -> (HF tensor name, kind); a tied model's head too: PEFT unties it for modules_to_save
     table = names.table(model, prefix, untied_head=names.untied_head(model, ["lm_head"]))
@@ -197,7 +211,7 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
         name = k[len(PREFIX):]
         if ptype == "LORA" and name.endswith(".lora_B.bias"):
             _refuse(cfg_path, "lora_bias", f"tensor {k!r} is a bias on lora_B")
-        suffix = next((s for s in SUFFIXES[ptype] if name.endswith(s)), None)
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
         if suffix is not None:
             hit = _locate(name[: -len(suffix)], module_of)
             if hit is None:
@@ -223,8 +237,8 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     params = _with_base_changes(params, base, tokens, kinds, cfg, d)
     shapes = dict(leaves_with_paths(params, nodes_are_leaves=True))
     per_module = _module_scales(cfg, found, tensors, ptype, cfg_path)
-    spec = _spec(cfg, found, per_module, model, residual_init, cfg_path,
-                 {p: (a.shape[-1], s) for p, (a, _, s) in experts.items()})
+    spec = _codec_spec(codec, cfg, found, model, cfg_path) if codec is not None else \
+        _spec(cfg, found, per_module, model, residual_init, cfg_path, {p: (a.shape[-1], s) for p, (a, _, s) in experts.items()})
     adapted = adapt(params, spec, jax.random.key(key) if isinstance(key, int) else key)
 
     def fill(path: str, n: Any) -> Any:
@@ -238,6 +252,8 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
         mods = [found[path].get(i) for i in range(count)]
         if residual_init is not None and None in mods:
             _refuse(cfg_path, "layers_to_transform", f"{residual_init} on only some layers of {path}")
+        if codec is not None:
+            return _fill_codec(n, codec, path, mods, tensors, lead, d)
         return _fill_node(n, path, mods, tensors, cfg, per_module, lead, d)
 
     out = map_with_paths(fill, adapted, nodes_are_leaves=True)
@@ -342,6 +358,9 @@ def _module_scales(cfg: dict[str, Any], found: dict[str, dict[int, str]], tensor
     out = {}
     for mods in found.values():
         for m in mods.values():
+            if ptype not in SUFFIXES:  # a registered codec's format: one rank, no scale
+                out[m] = (int(cfg.get("r", 0)), 1.0)
+                continue
             if ptype == "VERA":
                 out[m] = (int(cfg.get("r", 256)), 1.0)
                 continue
@@ -394,6 +413,41 @@ def _spec(cfg: dict[str, Any], found: dict[str, dict[int, str]], per_module: dic
     return AdapterSpec(targets=tuple(re.escape(p) for p in [*found, *experts]), variant=variant, r=r, alpha=alpha,
                        stacked=model.stacked, dropout=dropout,
                        settings=Vera(d_initial=float(cfg.get("d_initial", 0.1))) if ptype == "VERA" else None, **kw)
+
+
+def _codec_spec(codec: PeftCodec, cfg: dict[str, Any], found: dict[str, dict[int, str]], model: Any,
+                cfg_path: Path) -> AdapterSpec:
+    """The AdapterSpec of an adapter in a registered codec's format (the codec reads its config fields)."""
+    try:
+        kw = codec.spec(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    return AdapterSpec(targets=tuple(re.escape(p) for p in found), stacked=model.stacked, **kw)
+
+
+def _fill_codec(n: Node, codec: PeftCodec, path: str, mods: list[str | None], tensors: dict[str, np.ndarray],
+                lead: int, d: Path) -> Node:
+    """``n`` with its codec's fields read from the file, layer by layer (a layer without tensors keeps the
+    fresh adapter's values, which leave it equal to the base)."""
+    own = {f: np.asarray(jax.device_get(getattr(n, f))) for f in codec.fields}
+    per: dict[str, list[np.ndarray]] = {f: [] for f in codec.fields}
+    for i, m in enumerate(mods):
+        for key in codec.keys:
+            mine = [own[f][i] if lead else own[f] for f in key.fields]
+            vals = mine
+            if m is not None:
+                name = f"{PREFIX}{m}.{key.suffix}"
+                if name not in tensors:
+                    raise ValueError(f"{d}: adapter tensor {name!r} is missing")
+                vals = [np.asarray(v) for v in key.decode(tensors[name])]
+                for f, v, w in zip(key.fields, vals, mine):
+                    if v.shape != w.shape:
+                        raise ValueError(f"{d}: adapter tensor {name!r} {tensors[name].shape} gives {f} of shape "
+                                         f"{v.shape}; {path} of this model needs {w.shape} (an adapter for a "
+                                         "different base model or rank?)")
+            for f, v in zip(key.fields, vals):
+                per[f].append(v)
+    return n.replace(**{f: jnp.asarray(np.stack(v) if lead else v[0], getattr(n, f).dtype) for f, v in per.items()})
 
 
 def _adalora_keep(cfg: dict[str, Any], module: str, r: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.codec import Key, PeftCodec, register_codec
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
@@ -66,3 +67,24 @@ def build_hira(t: Target) -> HiraNode:
 
 
 register_recipe(Recipe("hira", "hira"))
+
+
+def _peft_spec(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("rank_pattern"):
+        raise ValueError("rank_pattern: per-module HiRA ranks are not read (one rank per adapter)")
+    init = cfg.get("init_weights", True)
+    if init not in (True, False, "gaussian", None):
+        raise ValueError(f"init_weights: unknown HiRA initialization {init!r}")
+    return {"variant": "hira", "r": int(cfg.get("r", 32)), "dropout": float(cfg.get("hira_dropout") or 0.0),
+            "init": "gaussian" if init == "gaussian" else "kaiming"}
+
+
+# PEFT ``HiraConfig``: per module ``hira_A`` [r, in] and ``hira_B`` [out, r] (ours transposed).
+PEFT = register_codec(PeftCodec(
+    "HIRA", HiraNode, (Key.plain("hira_A", "hira_a"), Key.plain("hira_B", "hira_b")),
+    config=lambda n: {"r": int(n.hira_a.shape[-1]), "hira_dropout": float(n.dropout), "init_weights": True,
+                      "rank_pattern": {}, "exclude_modules": None, "layers_to_transform": None,
+                      "layers_pattern": None},
+    spec=_peft_spec,
+    reads=frozenset({"r", "hira_dropout", "init_weights", "rank_pattern", "fan_in_fan_out", "exclude_modules",
+                     "layers_to_transform", "layers_pattern"})))

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.codec import Key, PeftCodec, register_codec, same
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
@@ -128,3 +129,29 @@ def build_miss(t: Target) -> MissNode:
 
 
 register_recipe(Recipe("miss", "miss", Miss, spec=lambda s: {"settings": s}))
+
+_PEFT_INIT = {"miss": True, "mini": "mini", "bat": "bat"}  # PEFT's init_weights for each mode
+
+
+def _peft_config(n: MissNode) -> dict[str, Any]:
+    return {"r": int(n.r), "miss_dropout": float(n.dropout), "init_weights": _PEFT_INIT[n.mode],
+            "mini_r": int(n.miss_block.shape[-1]) if n.mode == "mini" else 1, "bias": "none",
+            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None}
+
+
+def _peft_spec(cfg: dict[str, Any]) -> dict[str, Any]:
+    init = cfg.get("init_weights", True)
+    modes = {True: "miss", False: "miss", None: "miss", "mini": "mini", "bat": "bat"}
+    if not isinstance(init, (bool, str, type(None))) or init not in modes:
+        raise ValueError(f"init_weights: unknown MiSS form {init!r} (expected true, 'mini' or 'bat')")
+    mode = modes[init]
+    return {"variant": "miss", "r": int(cfg.get("r", 64)), "dropout": float(cfg.get("miss_dropout") or 0.0),
+            "settings": Miss(mode=mode, mini_r=int(cfg.get("mini_r", 1)) if mode == "mini" else 1)}
+
+
+# PEFT ``MissConfig``: per module ``miss_block``, laid out as ours in every form ([r, out], [r, mini_r],
+# [out/r, r, r]).
+PEFT = register_codec(PeftCodec(
+    "MISS", MissNode, (Key.plain("miss_block", "miss_block", same),), config=_peft_config, spec=_peft_spec,
+    reads=frozenset({"r", "miss_dropout", "mini_r", "init_weights", "exclude_modules", "layers_to_transform",
+                     "layers_pattern"}), conv1d=False))

@@ -24,6 +24,7 @@ import numpy as np
 
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout
+from lorax_variants.codec import Key, PeftCodec, register_codec, same
 from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import Target, register_variant, settings_of
 
@@ -113,3 +114,29 @@ def build_shira(t: Target) -> ShiraNode:
 
 
 register_recipe(Recipe("shira", "shira", Shira, spec=lambda s: {"settings": s}))
+
+
+def _peft_config(n: ShiraNode) -> dict[str, Any]:
+    k, (d_in, d_out) = int(n.shira_weight.shape[-1]), n.shape[-2:]
+    if k % (d_in + d_out):
+        raise ValueError(f"a SHiRA node of {k} entries over [{d_in}, {d_out}] has no PEFT rank r = K / (in + out)")
+    # random_seed: the mask is in the file (shira_indices), PEFT's load replaces the one it draws
+    return {"r": k // (d_in + d_out), "mask_type": "random", "random_seed": None, "init_weights": True}
+
+
+def _peft_spec(cfg: dict[str, Any]) -> dict[str, Any]:
+    if cfg.get("mask_type", "random") != "random":
+        raise ValueError(f"mask_type: {cfg.get('mask_type')!r}; PEFT's SHiRA saves only random masks")
+    seed = cfg.get("random_seed")
+    return {"variant": "shira", "r": int(cfg.get("r", 32)), "settings": Shira(random_seed=seed)}
+
+
+# PEFT ``ShiraConfig``: per module ``shira_weight`` [K] and ``shira_indices`` [2, K] (torch rows = our outputs,
+# torch cols = our inputs; int64).
+PEFT = register_codec(PeftCodec(
+    "SHIRA", ShiraNode,
+    (Key.plain("shira_weight", "shira_weight", same),
+     Key("shira_indices", ("shira_rows", "shira_cols"), lambda rows, cols: np.stack([rows, cols]),
+         lambda x: (x[0], x[1]), dtype="int64")),
+    config=_peft_config, spec=_peft_spec,
+    reads=frozenset({"r", "mask_type", "random_seed", "init_weights", "fan_in_fan_out"}), conv1d=False))

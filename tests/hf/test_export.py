@@ -28,6 +28,10 @@ VARIANTS = {
     "dora": {"variant": "dora"}, "vera": {"variant": "vera", "r": 8}, "adalora": {"variant": "adalora"},
     "dylora": {"variant": "dylora"}, "sora": {"variant": "sora"}, "lora_drop": {}, "multitask": {"variant": "multitask", "settings": lv.MultiTask(n_tasks=2)},
     "qlora": {}, "qalora": {"variant": "qalora", "settings": lv.QaLora(group_size=16)},
+    "hira": {"variant": "hira"}, "miss": {"variant": "miss"},
+    "miss_bat": {"variant": "miss", "settings": lv.Miss(mode="bat")},
+    "miss_mini": {"variant": "miss", "settings": lv.Miss(mode="mini", mini_r=4)},
+    "shira": {"variant": "shira", "r": 1, "settings": lv.Shira(random_seed=7)},
 }
 
 
@@ -79,6 +83,7 @@ def _ours(model, tree, variant, ids):
 
 
 IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
+LINEAR_ONLY = ("miss", "shira")  # PEFT formats without a Conv1D layer (GPT-2's projections)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -89,6 +94,10 @@ def test_peft_and_merged_exports_give_our_logits(base, variant, tmp_path):
     tree, initial = _adapted(name, model, params, variant)
     ours = _ours(model, tree, variant, IDS)
     kw = {"rank": 2} if variant == "dylora" else {}
+    if name == "gpt2" and variant.startswith(LINEAR_ONLY):  # PEFT's MiSS and SHiRA layers wrap nn.Linear only
+        with pytest.raises(ValueError, match="layers wrap nn.Linear only, not GPT-2's Conv1D"):
+            save_peft(tmp_path / "peft", model, tree)
+        return _merged_gives_ours(tmp_path, model, tree, hf_dir, ours)
     save_peft(tmp_path / "peft", model, tree, initial=initial if variant == "pissa" else None, base_model=str(hf_dir), **kw)
     adapter_dir = tmp_path / "peft" / ("task_1" if variant == "multitask" else "")
     torch_base = T.AutoModelForCausalLM.from_pretrained(hf_dir)
@@ -99,7 +108,11 @@ def test_peft_and_merged_exports_give_our_logits(base, variant, tmp_path):
         assert_close(theirs, ours_fp, 5e-4)
     else:
         assert_close(theirs, ours, 5e-4)
-    save_merged(tmp_path / "merged", model, tree, tokenizer_from=hf_dir, **kw, **({"task": 1} if variant == "multitask" else {}))
+    _merged_gives_ours(tmp_path, model, tree, hf_dir, ours, **kw, **({"task": 1} if variant == "multitask" else {}))
+
+
+def _merged_gives_ours(tmp_path, model, tree, hf_dir, ours, **kw):
+    save_merged(tmp_path / "merged", model, tree, tokenizer_from=hf_dir, **kw)
     merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert_close(H.torch_out(merged, IDS), ours, 5e-4)
 
@@ -125,10 +138,14 @@ def test_delta_lora_exports_merged_and_refuses_peft(base, tmp_path):
     assert_close(H.torch_out(merged, IDS), np.asarray(model.apply(tree, jnp.asarray(IDS))), 5e-4)
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "adalora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "vera", "adalora", "hira", "miss_bat", "shira"])
 def test_import_from_peft_and_byte_stable_round_trip(base, variant, tmp_path):
     name, hf_dir, model, params = base
     tree, _ = _adapted(name, model, params, variant)
+    if name == "gpt2" and variant.startswith(LINEAR_ONLY):
+        with pytest.raises(ValueError, match="layers wrap nn.Linear only"):
+            save_peft(tmp_path / "a", model, tree)
+        return
     save_peft(tmp_path / "a", model, tree)
     back = load_peft(tmp_path / "a", model, params)
     assert_close(np.asarray(model.apply(back, jnp.asarray(IDS))), _ours(model, tree, variant, IDS), 5e-5)

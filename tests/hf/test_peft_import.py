@@ -42,6 +42,12 @@ def _lora(**kw):
     return peft.LoraConfig(r=kw.pop("r", 4), lora_alpha=kw.pop("lora_alpha", 8), **kw)
 
 
+def _cfg(kind, **kw):
+    import peft
+
+    return getattr(peft, kind)(**kw)
+
+
 # name -> (base model, PEFT config factory, save_pretrained kwargs factory or None, init for the raw export)
 CASES = {
     "list": ("llama_gqa_untied", lambda: _lora(target_modules=["q_proj", "v_proj"]), None),
@@ -77,9 +83,20 @@ CASES = {
     "gemma3_dora": ("gemma3", lambda: _lora(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), None),
     "gemma2": ("gemma2_softcap", lambda: _lora(target_modules=["q_proj", "o_proj", "gate_proj"]), None),
     "qwen3_moe_attention": ("qwen3_moe", lambda: _lora(target_modules=["q_proj", "k_proj"]), None),
+    # the formats of registered codecs (HiRA, MiSS, SHiRA)
+    "hira": ("llama_gqa_untied", lambda: _cfg("HiraConfig", r=4, target_modules=["q_proj", "v_proj", "down_proj"]), None),
+    "hira_gpt2": ("gpt2", lambda: _cfg("HiraConfig", r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), None),
+    "miss": ("qwen3_windows", lambda: _cfg("MissConfig", r=4, target_modules=["q_proj", "up_proj"]), None),
+    "miss_bat": ("llama_gqa_untied", lambda: _cfg("MissConfig", r=4, init_weights="bat",
+                                                  target_modules=["q_proj", "o_proj"]), None),
+    "miss_mini": ("llama_gqa_untied", lambda: _cfg("MissConfig", r=4, init_weights="mini", mini_r=4,
+                                                   target_modules=["q_proj", "down_proj"]), None),
+    "shira": ("llama_gqa_untied", lambda: _cfg("ShiraConfig", r=1, random_seed=3, target_modules=["q_proj", "v_proj"]),
+              None),
+    "shira_gemma3": ("gemma3", lambda: _cfg("ShiraConfig", r=2, target_modules=["k_proj", "gate_proj"]), None),
 }
 DEFAULT = ("list", "qwen3", "rank_alpha_pattern", "bias_lora_only", "gpt2_fan_in_fan_out", "dora_embedding", "pissa",
-           "olora_converted", "trainable_tokens_tied", "modules_to_save_tied")
+           "olora_converted", "trainable_tokens_tied", "modules_to_save_tied", "hira", "miss_bat", "shira")
 IDS = np.random.default_rng(0).integers(2, 96, (2, 9))
 
 
@@ -128,7 +145,7 @@ def test_peft_writes_it_we_load_it_and_export_it_back(bases, case, tmp_path):
     d, model, params = bases[base]
     tree = load_peft(tmp_path / "theirs", model, params)
     assert_close(np.asarray(model.apply(tree, jnp.asarray(IDS))), want, 5e-4)
-    init = pm.peft_config["default"].init_lora_weights if how is None else None
+    init = getattr(pm.peft_config["default"], "init_lora_weights", None) if how is None else None
     _round_trip(bases, base, tmp_path / "ours", tree, want, init=init if init in ("pissa", "olora") else None)
 
 
@@ -249,6 +266,15 @@ def test_what_we_cannot_represent_is_refused_naming_the_field(bases, tmp_path):
     save_file(tensors, extra / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="mystery"):
         load_peft(extra, model, params)
+    # A registered codec's format refuses what its variant cannot hold, naming the field and the file.
+    hira = _peft_model(bases, "llama_gqa_untied", _cfg("HiraConfig", r=4, target_modules=["q_proj"]))
+    hira.save_pretrained(tmp_path / "hira")
+    for field, value in (("rank_pattern", {"q_proj": 2}), ("init_weights", "pissa"), ("hira_future", 1)):
+        cfg = json.loads((tmp_path / "hira" / "adapter_config.json").read_text())
+        shutil.copytree(tmp_path / "hira", tmp_path / f"hira_{field}")
+        (tmp_path / f"hira_{field}" / "adapter_config.json").write_text(json.dumps(cfg | {field: value}))
+        with pytest.raises(ValueError, match=f"adapter_config.json: {field}"):
+            load_peft(tmp_path / f"hira_{field}", model, params)
 
 
 def test_hot_swapping_an_adapter_does_not_recompile_the_train_step_or_generate(bases, tmp_path):

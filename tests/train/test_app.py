@@ -37,7 +37,10 @@ VARIANTS = {
 # HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow); LoRA+, SoRA and
 # DoRA train through the app in tests/train/test_report.py (12 steps each, their figures checked).
 # LoRA-FA: its node and projection in tests/nodes and tests/optim/test_lorafa.py.
-ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa")
+# LoRA: nearly every app test trains it; AdaLoRA: test_report's run (its budget pruned, its figures); QLoRA:
+# pissa_nf4 and loftq here and tests/hf/test_bnb.py (LoRA over an NF4 checkpoint through the app).
+ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
+             "lora", "adalora", "qlora")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ELSEWHERE else v for v in VARIANTS])
