@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from lorax_variants import recipes
+from lorax_variants.variants.lora_ga import LoraGa
 
 __all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest"]
 
@@ -52,8 +53,10 @@ class AdapterConfig:
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq"] = "kaiming"  # loftq: with quant (NF4 etc.)
+    # loftq: with quant (NF4 etc.); lora_ga: from the gradient of the first adapter.lora_ga.batches batches
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "lora_ga"] = "kaiming"
     loftq_iters: int = 1  # LoftQ's alternations of quantization and SVD
+    lora_ga: LoraGa = dataclasses.field(default_factory=LoraGa)  # LoRA-GA's direction, scale, stable_gamma, batches
     rslora: bool = False
     dropout: float = 0.0
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
@@ -314,7 +317,12 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
             hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys{' of ' + where if where else ''}: {names}")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a settings type's own check ("LoraGa.direction must be ...")
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -442,6 +450,11 @@ def check(cfg: Config) -> None:
     need(cfg.adapter.init != "loftq" or cfg.quant.kind != "none", "adapter.init",
          "loftq initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
+    if cfg.adapter.init == "lora_ga":
+        need(recipes.RECIPES[cfg.adapter.variant].lora_shaped and not recipes.RECIPES[cfg.adapter.variant].routed,
+             "adapter.init", f"lora_ga initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
+        need(cfg.quant.kind == "none", "adapter.init", "lora_ga needs the full-precision base for its gradient "
+             "(quant.kind must be none; PEFT refuses quantized bases too)")
     need(cfg.adapter.init != "loftq" or recipes.RECIPES[cfg.adapter.variant].lora_shaped, "adapter.init",
          f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
     routed = [name for name, r in recipes.RECIPES.items() if r.routed]

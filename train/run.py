@@ -118,7 +118,30 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
         raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "
                           f"{model_vocab} (tokenizer and model do not match)")
     base = (str(path), None if abstract else fingerprint(path))  # read once, recorded in every checkpoint
-    return _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
+    p = _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
+    return _lora_ga(p) if cfg.adapter.init == "lora_ga" and not abstract else p
+
+
+def _lora_ga(p: Prepared) -> Prepared:
+    """LoRA-GA: the adapters and their bases set from the loss's gradient over the first ``adapter.lora_ga.batches``
+    training batches (the batches steps 1, 2, ... train on). Deterministic, so a resume or an export that
+    prepares the run again gets the same moved bases."""
+    cfg, settings = p.cfg, p.cfg.adapter.lora_ga
+    fns = _steps(p)
+    batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, jax.process_index(), jax.process_count(),
+                      sharded="shards" in p.train.stats)
+    sample = ({k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
+               for k, v in batches.local(i).items()} for i in range(settings.batches))
+    tree = lv.combine(p.built.trainable, p.built.frozen)
+    try:
+        grads = lv.weight_gradients(fns.loss, tree, sample)
+        tree = lv.lora_ga(tree, grads, settings, key=cfg.adapter.seed)
+    except ValueError as e:
+        raise ConfigError(f"adapter.init=lora_ga: {e}") from None
+    if jax.process_index() == 0:
+        print(f"{cfg.name}: LoRA-GA: adapters and bases set from the gradient of {settings.batches} training batches "
+              f"(direction {settings.direction}, scale {settings.scale})", flush=True)
+    return _with_optimizer(p, rebuild(p.built, tree))
 
 
 def _all_hosts(stats: dict[str, int], rows: int) -> dict[str, int]:

@@ -79,6 +79,7 @@ class StepFns:
     train: Callable[..., Any]
     eval: Callable[..., Any]  # (trainable, frozen, batch) -> metrics sums
     batch_sharding: Callable[[int], NamedSharding]
+    loss: Callable[..., Any] | None = None  # (adapted tree, batch [rows, ...]) -> the batch's mean loss, no dropout
 
 
 def make_steps(
@@ -192,4 +193,8 @@ def make_steps(
         donate_argnums=(0, 1, 2) if variant.after_update is not None else (0, 2),
     )
     evaluate = jax.jit(eval_step, in_shardings=(trainable_sh, frozen_sh, None), out_shardings=replicated)
-    return StepFns(train, evaluate, lambda ndim, accum=True: batch_sh(ndim, accum))
+    def mean_loss(tree, batch):
+        total, count, _ = (jnp.sum(r) for r in forward(*lv.split(tree), batch, None, False))
+        return total / jnp.maximum(count, 1.0)
+
+    return StepFns(train, evaluate, lambda ndim, accum=True: batch_sh(ndim, accum), mean_loss)

@@ -29,6 +29,7 @@ VARIANTS = {
     "hira": ["adapter.variant=hira", "optim.lr=0.05"],
     "miss": ["adapter.variant=miss", "optim.lr=0.01"], "miss_bat": ["adapter.variant=miss", "adapter.miss.mode=bat"],
     "shira": ["adapter.variant=shira", "adapter.shira.random_seed=3", "optim.lr=0.01"],
+    "lora_ga": ["adapter.init=lora_ga", "adapter.lora_ga.batches=2"],
 }
 
 

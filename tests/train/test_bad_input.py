@@ -177,6 +177,21 @@ def _case_skip_leaves_nothing(assets, tmp_path):
             r"every row of .*nulls.jsonl' is bad")
 
 
+def _case_lora_ga_direction(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.init=lora_ga", "adapter.lora_ga.direction=BA"), \
+        r"adapter.lora_ga.direction: expected one of .ArB2r."
+
+
+def _case_lora_ga_quantized(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.init=lora_ga", "quant.kind=nf4"), \
+        r"adapter.init: lora_ga needs the full-precision base"
+
+
+def _case_lora_ga_rank(assets, tmp_path):  # v_proj is [32, 16]: 2r = 18 directions do not exist
+    return lm_args(assets, tmp_path / "o", "adapter.init=lora_ga", "adapter.r=9"), \
+        r"adapter.init=lora_ga: layers/attn/\w+_proj: LoRA-GA takes 2r = 18 directions"
+
+
 CASES = {k[6:]: v for k, v in globals().items() if k.startswith("_case_")}
 
 
