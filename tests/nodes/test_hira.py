@@ -82,16 +82,4 @@ def test_a_residual_init_is_refused_naming_the_path():
         lv.adapt({"w": jnp.ones((8, 8))}, lv.AdapterSpec("w", r=2, variant="hira", init="pissa"), 0)
 
 
-def test_peft_export_is_refused_with_what_to_do_instead(tmp_path):
-    from lorax_variants.hf import save_peft
-    from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
-
-    model = TinyTransformer(TinyConfig(d_model=16, n_heads=2, d_ff=32, n_layers=1))
-    spec = lv.AdapterSpec(r"layers/attn/q_proj", r=2, variant="hira", stacked=STACKED)
-    tree = lv.adapt(model.init(jax.random.key(0)), spec, 0)
-    import types
-
-    hf_like = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"), stacked=STACKED)
-    with pytest.raises(ValueError, match="HiraNode has no PEFT writer here: export the merged model"):
-        save_peft(tmp_path / "out", hf_like, tree)
-    assert not (tmp_path / "out").exists()
+# PEFT export and import (HiRA's codec): tests/hf/test_export.py and tests/hf/test_peft_import.py
