@@ -83,7 +83,7 @@ def adapter_spec(cfg: Config, stacked: str) -> lv.AdapterSpec | None:
     try:
         return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets,
                               variant=variant.node, r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern,
-                              alpha_pattern=a.alpha_pattern, init={"loftq": "gaussian", "lora_ga": "kaiming"}.get(a.init, a.init),
+                              alpha_pattern=a.alpha_pattern, init={"loftq": "gaussian", "lora_ga": "kaiming", "eva": "kaiming"}.get(a.init, a.init),
                               rslora=a.rslora, dropout=a.dropout,
                               stacked=stacked, **variant.spec(a.settings()))
     except (ValueError, TypeError) as e:

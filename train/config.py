@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from lorax_variants import recipes
+from lorax_variants.variants.eva import Eva
 from lorax_variants.variants.lora_ga import LoraGa
 
 __all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest"]
@@ -53,10 +54,12 @@ class AdapterConfig:
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    # loftq: with quant (NF4 etc.); lora_ga: from the gradient of the first adapter.lora_ga.batches batches
-    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "lora_ga"] = "kaiming"
+    # loftq: with quant (NF4 etc.); lora_ga: from the gradient of the first adapter.lora_ga.batches batches;
+    # eva: A from the principal components of each layer's inputs over the first adapter.eva.batches batches
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "lora_ga", "eva"] = "kaiming"
     loftq_iters: int = 1  # LoftQ's alternations of quantization and SVD
     lora_ga: LoraGa = dataclasses.field(default_factory=LoraGa)  # LoRA-GA's direction, scale, stable_gamma, batches
+    eva: Eva = dataclasses.field(default_factory=Eva)  # EVA's rho, tau, whiten, adjust_scaling_factors, batches
     rslora: bool = False
     dropout: float = 0.0
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
@@ -450,11 +453,14 @@ def check(cfg: Config) -> None:
     need(cfg.adapter.init != "loftq" or cfg.quant.kind != "none", "adapter.init",
          "loftq initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
-    if cfg.adapter.init == "lora_ga":
+    if cfg.adapter.init in ("lora_ga", "eva"):
+        init = cfg.adapter.init
         need(recipes.RECIPES[cfg.adapter.variant].lora_shaped and not recipes.RECIPES[cfg.adapter.variant].routed,
-             "adapter.init", f"lora_ga initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
-        need(cfg.quant.kind == "none", "adapter.init", "lora_ga needs the full-precision base for its gradient "
-             "(quant.kind must be none; PEFT refuses quantized bases too)")
+             "adapter.init", f"{init} initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
+        need(cfg.quant.kind == "none", "adapter.init", f"{init} needs the full-precision base "
+             "(quant.kind must be none)")
+        need(init != "eva" or not cfg.adapter.rslora, "adapter.rslora", "eva with rsLoRA: PEFT's per-layer alpha "
+             "adjustment gives each layer its own scale alpha·√rank/r, which one stacked node cannot hold")
     need(cfg.adapter.init != "loftq" or recipes.RECIPES[cfg.adapter.variant].lora_shaped, "adapter.init",
          f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
     routed = [name for name, r in recipes.RECIPES.items() if r.routed]

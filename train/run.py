@@ -119,7 +119,39 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
                           f"{model_vocab} (tokenizer and model do not match)")
     base = (str(path), None if abstract else fingerprint(path))  # read once, recorded in every checkpoint
     p = _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
-    return _lora_ga(p) if cfg.adapter.init == "lora_ga" and not abstract else p
+    if abstract:
+        return p
+    return _lora_ga(p) if cfg.adapter.init == "lora_ga" else _eva(p) if cfg.adapter.init == "eva" else p
+
+
+def _eva(p: Prepared) -> Prepared:
+    """EVA: each adapter's A from the principal components of its layer's inputs over the first
+    ``adapter.eva.batches`` training batches (the tokens the loss covers), the ranks redistributed.
+    Deterministic, so a resume or an export that prepares the run again gets the same adapters."""
+    cfg, settings = p.cfg, p.cfg.adapter.eva
+    if jax.process_count() > 1:
+        raise ConfigError("adapter.init=eva: the input PCA runs on one host's batches; multi-host runs are not "
+                          "supported yet (initialize with lorax_variants.eva and start from that tree)")
+    batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, 0, 1)
+    sample = [batches.local(i) for i in range(min(settings.batches, max(1, len(p.train) // cfg.train.batch_size)))]
+    model = p.built.model
+
+    def forward(tree: Any, b: dict[str, Any]) -> Any:
+        packed = {"segment_ids": jnp.asarray(b["segment_ids"])} if "segment_ids" in b else {}
+        return model.apply(tree, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]), **packed)
+
+    def mask(b: dict[str, Any]) -> np.ndarray:
+        m = np.asarray(b["attention_mask"]).astype(bool)
+        return m & np.asarray(b["loss_mask"]).astype(bool) if "loss_mask" in b else m
+
+    tree = lv.combine(p.built.trainable, p.built.frozen)
+    try:
+        tree = lv.eva(tree, forward, sample, mask=mask, settings=settings)
+    except ValueError as e:
+        raise ConfigError(f"adapter.init=eva: {e}") from None
+    print(f"{cfg.name}: EVA: adapters set from the input components of {len(sample)} training batches "
+          "(the rank budget redistributed by explained variance)", flush=True)
+    return _with_optimizer(p, rebuild(p.built, tree))
 
 
 def _lora_ga(p: Prepared) -> Prepared:

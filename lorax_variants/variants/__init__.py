@@ -1,13 +1,13 @@
 """Every variant the library ships, one module each: its node, builder, settings, Optax pieces, training hooks
 and PEFT codec, registered when the module is imported (and ``loftq``, the LoftQ init of LoRA-shaped adapters
-over a quantized base, and ``lora_ga``, the LoRA-GA init from the loss's gradient). This import list is the only place that lists them; the package re-exports each
+over a quantized base, ``lora_ga``, the LoRA-GA init from the loss's gradient, and ``eva``, the EVA init from the layers' inputs). This import list is the only place that lists them; the package re-exports each
 module's public names."""
 
-from lorax_variants.variants import (adalora, delta_lora, dora, dylora, hira, loftq, lora, lora_drop, lora_fa,
+from lorax_variants.variants import (adalora, delta_lora, dora, dylora, eva, hira, loftq, lora, lora_drop, lora_fa,
                                      lora_ga, loraplus, many, miss, multitask, qalora, shira, sora, vera)
 
 MODULES = (lora, lora_fa, loraplus, dora, vera, adalora, dylora, sora, delta_lora, multitask, lora_drop, qalora, many,
-           hira, miss, shira, loftq, lora_ga)
+           hira, miss, shira, loftq, lora_ga, eva)
 
 __all__ = [m.__name__.rsplit(".", 1)[1] for m in MODULES]
 

@@ -30,6 +30,7 @@ VARIANTS = {
     "miss": ["adapter.variant=miss", "optim.lr=0.01"], "miss_bat": ["adapter.variant=miss", "adapter.miss.mode=bat"],
     "shira": ["adapter.variant=shira", "adapter.shira.random_seed=3", "optim.lr=0.01"],
     "lora_ga": ["adapter.init=lora_ga", "adapter.lora_ga.batches=2"],
+    "eva": ["adapter.init=eva", "adapter.eva.batches=2", "adapter.eva.tau=0.9"],
 }
 
 

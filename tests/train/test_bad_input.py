@@ -192,6 +192,10 @@ def _case_lora_ga_rank(assets, tmp_path):  # v_proj is [32, 16]: 2r = 18 directi
         r"adapter.init=lora_ga: layers/attn/\w+_proj: LoRA-GA takes 2r = 18 directions"
 
 
+def _case_eva_rslora(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "adapter.init=eva", "adapter.rslora=true"), r"adapter.rslora: eva with rsLoRA"
+
+
 CASES = {k[6:]: v for k, v in globals().items() if k.startswith("_case_")}
 
 

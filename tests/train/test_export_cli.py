@@ -15,14 +15,15 @@ from tests.close import assert_close
 IDS = np.random.default_rng(1).integers(0, 96, (2, 10))
 
 
-@pytest.mark.parametrize("variant", ["lora", "pissa", "dora", "lora_ga"])
+@pytest.mark.parametrize("variant", ["lora", "pissa", "dora", "lora_ga", "eva"])
 def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
     import peft
 
     # lora_ga: the export prepares the run again (the same gradient batches, the same moved bases) and writes it
     # converted to plain LoRA on the original base
     sets = {"lora": [], "pissa": ["adapter.init=pissa", "optim.lr=0.002"], "dora": ["adapter.variant=dora"],
-            "lora_ga": ["adapter.init=lora_ga", "adapter.lora_ga.batches=2"]}[variant]
+            "lora_ga": ["adapter.init=lora_ga", "adapter.lora_ga.batches=2"],
+            "eva": ["adapter.init=eva", "adapter.eva.batches=2", "adapter.eva.tau=0.9"]}[variant]
     run = tmp_path / "run"
     result = train(lm_args(assets, run, *sets))
     tree = lv.combine(result.trainable, result.frozen)
