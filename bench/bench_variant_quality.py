@@ -35,6 +35,7 @@ METHODS = {
     "shira": ["adapter.variant=shira", "adapter.r=16", "adapter.shira.random_seed=0", "optim.lr=3e-3"],
     "lora_ga": ["adapter.init=lora_ga", "adapter.r=16", "adapter.alpha=32", "adapter.lora_ga.batches=4",
                 "optim.lr=1e-3"],
+    "eva": ["adapter.init=eva", "adapter.r=16", "adapter.alpha=32", "adapter.eva.batches=4", "optim.lr=1e-3"],
 }
 
 

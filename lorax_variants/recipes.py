@@ -121,7 +121,9 @@ class Recipe:
     tracks_ranks: bool = False
     summary: Callable[[Any], dict[str, Any]] = _no_summary
     weight_changes: bool = True
-    figures: tuple[str, ...] = ()  # the report figures of the variant's own (names the app's report draws)
+    # the report figures of the variant's own, by kind: rank_allocation (ranks rows), active_ranks (ranks rows),
+    # layer_importance (rows under the variant's name), tasks (per-task eval), magnitude_direction (ΔM/ΔD)
+    figures: tuple[str, ...] = ()
     routed: bool = False  # each example goes to one of several adapters: the data must say which (a task field)
     adapt: Callable[[Any, Any, AdapterSpec, jax.Array], Any] | None = None
     routes: Callable[[Any], list[Route]] | None = None

@@ -199,10 +199,7 @@ def test_no_module_outside_variants_names_a_variant():
 
 
 # The app's modules that name variants, with why.
-APP_NAMES_VARIANTS = {
-    "figures": "the report's drawings of what a variant's recipe declares (Recipe.figures) and DoRA's ΔM/ΔD scatter",
-    "report": "which figure function draws each name a recipe declares",
-}
+APP_NAMES_VARIANTS: dict[str, str] = {}  # none: the report draws the figure kinds recipes declare
 
 
 def test_no_module_of_the_app_names_a_variant():

@@ -12,8 +12,8 @@ import numpy as np
 
 from train.metrics import read_jsonl
 
-__all__ = ["Run", "fig_loss", "fig_lr", "fig_adalora", "fig_sora", "fig_dora", "fig_lora_drop", "fig_tasks", "smooth",
-           "save", "plt", "read_json", "SCATTER_VARIANTS", "closest_peer"]
+__all__ = ["Run", "fig_loss", "fig_lr", "fig_rank_allocation", "fig_active_ranks", "fig_magnitude_direction",
+           "fig_layer_importance", "fig_tasks", "smooth", "save", "plt", "read_json", "scatter_side", "closest_peer"]
 
 
 def plt() -> Any:
@@ -25,7 +25,16 @@ def plt() -> Any:
     return plt
 
 
-SCATTER_VARIANTS = ("lora", "rslora", "dora")  # runs whose weights rows the ΔM/ΔD scatter compares
+def scatter_side(variant: str | None) -> str | None:
+    """Which side of the ΔM/ΔD scatter a run of ``variant`` stands on: ``"decomposed"`` where its recipe declares
+    the figure (magnitude and direction trained apart: DoRA), ``"joint"`` for the other LoRA-shaped recipes,
+    None for the rest (their weights rows are not compared)."""
+    from lorax_variants.recipes import RECIPES
+
+    r = RECIPES.get(variant or "")
+    if r is None:
+        return None
+    return "decomposed" if "magnitude_direction" in r.figures else "joint" if r.lora_shaped else None
 
 
 class Run:
@@ -206,7 +215,8 @@ def _heatmap(ax: Any, names: list[str], grid: np.ndarray, *, vmax: float, cmap: 
     return im
 
 
-def fig_adalora(run: Run, out: Path) -> list[Path]:
+def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
+    """The final rank per layer and module (a heatmap) and the rank budget over training (AdaLoRA's allocator)."""
     ranks = run.kind("ranks")
     if not ranks:  # (drawn for the variants whose recipe names it)
         return []
@@ -223,7 +233,7 @@ def fig_adalora(run: Run, out: Path) -> list[Path]:
     fig, ax = pyplot.subplots(figsize=(7, 4))
     s, tot = run.series("ranks", "total")
     ax.plot(s, tot, lw=2, label="total rank kept")
-    opt = run.config.get("adapter", {}).get("adalora", {})
+    opt = run.config.get("adapter", {}).get(run.variant, {})  # the variant's own section (target_r, tinit, ...)
     target = opt.get("target_r")
     cells = int(np.isfinite(grid).sum())
     if target:
@@ -245,7 +255,8 @@ def fig_adalora(run: Run, out: Path) -> list[Path]:
     return paths
 
 
-def fig_sora(run: Run, out: Path) -> Path | None:
+def fig_active_ranks(run: Run, out: Path) -> Path | None:
+    """Ranks still active per layer and module over training, and their total (SoRA's gates)."""
     rows = run.kind("ranks")
     if not rows:
         return None
@@ -291,8 +302,9 @@ def closest_peer(run: Run, peers: list[Run]) -> Run | None:
 
     ignore = {"name.", "train.output_dir.", "adapter.variant."}
     mine = {k: v for k, v in flat(run.config).items() if k not in ignore}
-    fits = [p for p in peers if p.variant in SCATTER_VARIANTS and p.model_path == run.model_path
-            and (p.variant == "dora") != (run.variant == "dora") and p.kind("weights")]
+    side = scatter_side(run.variant)
+    fits = [p for p in peers if scatter_side(p.variant) not in (None, side) and p.model_path == run.model_path
+            and p.kind("weights")]
     if not fits:
         return None
 
@@ -304,16 +316,16 @@ def closest_peer(run: Run, peers: list[Run]) -> Run | None:
     return min(fits, key=distance)
 
 
-def fig_dora(run: Run, peers: list[Run], out: Path, *, all_peers: bool = False) -> Path | None:
+def fig_magnitude_direction(run: Run, peers: list[Run], out: Path, *, all_peers: bool = False) -> Path | None:
     """ΔM vs ΔD per layer at each checkpoint for one module, a panel per run (this one first).
 
     A run's own report shows it beside at most one run of the other kind (DoRA vs LoRA) of the same base:
     the one whose config is closest (``closest_peer``). ``all_peers`` (the comparison page) shows every
     LoRA/DoRA run given, three panels to a row."""
-    if run.variant not in SCATTER_VARIANTS or not run.kind("weights"):
+    if scatter_side(run.variant) is None or not run.kind("weights"):
         return None
     if all_peers:
-        others = [p for p in peers if p.variant in SCATTER_VARIANTS and p.kind("weights")]
+        others = [p for p in peers if scatter_side(p.variant) is not None and p.kind("weights")]
     else:
         others = [p for p in [closest_peer(run, peers)] if p is not None]
     runs = [run, *others]
@@ -365,8 +377,10 @@ def _pick_module(paths: dict[str, Any]) -> str:
     return sorted(paths)[0]
 
 
-def fig_lora_drop(run: Run, out: Path) -> Path | None:
-    rows = run.kind("lora_drop")
+def fig_layer_importance(run: Run, out: Path) -> Path | None:
+    """Each layer's importance and the cumulative selection against the threshold (LoRA-drop's reshape report,
+    the rows the run logs under its variant's name)."""
+    rows = run.kind(run.variant)
     if not rows:
         return None
     row = rows[-1]

@@ -30,13 +30,15 @@ from typing import Any
 import numpy as np
 
 from lorax_variants.recipes import RECIPES
-from train.figures import (SCATTER_VARIANTS, Run, fig_adalora, fig_dora, fig_lora_drop, fig_loss, fig_lr, fig_sora,
-                           fig_tasks, plt, read_json, save, smooth)
+from train.figures import (Run, fig_active_ranks, fig_layer_importance, fig_loss, fig_lr, fig_magnitude_direction,
+                           fig_rank_allocation, fig_tasks, plt, read_json, save, scatter_side, smooth)
 
 __all__ = ["report", "compare", "main", "accuracy_label"]
 
-# The figures a variant's recipe names (``Recipe.figures``), by name.
-VARIANT_FIGURES = {"adalora": fig_adalora, "sora": fig_sora, "lora_drop": fig_lora_drop, "tasks": fig_tasks}
+# The figures a variant's recipe declares (``Recipe.figures``), by kind; ``magnitude_direction`` (the ΔM/ΔD
+# scatter against LoRA-shaped runs) is drawn for every run that has a side in it.
+VARIANT_FIGURES = {"rank_allocation": fig_rank_allocation, "active_ranks": fig_active_ranks,
+                   "layer_importance": fig_layer_importance, "tasks": fig_tasks}
 
 CAPTIONS = {
     "loss.png": "Training loss (faint: every logged step; solid: smoothed) and evaluation loss.",
@@ -107,12 +109,12 @@ def _peers(run: Run, others: list[Run]) -> list[Run]:
             continue
         try:  # the config first: only runs of the same base model and a LoRA/DoRA variant are read whole
             cfg = read_json(d / "config.json")
-            if cfg.get("model", {}).get("path") == run.model_path and cfg.get("adapter", {}).get("variant") in \
-                    SCATTER_VARIANTS:
+            if cfg.get("model", {}).get("path") == run.model_path and \
+                    scatter_side(cfg.get("adapter", {}).get("variant")) is not None:
                 found[d.resolve()] = Run(d)
         except (OSError, ValueError):
             continue
-    return [o for o in found.values() if o.path.resolve() != run.path.resolve()]  # (fig_dora picks among them)
+    return [o for o in found.values() if o.path.resolve() != run.path.resolve()]  # (fig_magnitude_direction picks among them)
 
 
 def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
@@ -124,8 +126,8 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
         stale.unlink()
     peers = _peers(run, [Run(o) for o in others])
     own = RECIPES[run.variant].figures if run.variant in RECIPES else ()  # the variant's figures (its recipe's)
-    figs: list[Path | None] = [fig_loss(run, out), fig_lr(run, out), fig_dora(run, peers, out)]
-    for name in own:
+    figs: list[Path | None] = [fig_loss(run, out), fig_lr(run, out), fig_magnitude_direction(run, peers, out)]
+    for name in (n for n in own if n in VARIANT_FIGURES):
         drawn = VARIANT_FIGURES[name](run, out)
         figs += drawn if isinstance(drawn, list) else [drawn]
     paths = [p for p in figs if p is not None]
@@ -195,9 +197,9 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     paths.append(save(fig, out / "compare_bars.png"))
-    dora = next((r for r in runs if r.variant == "dora" and r.kind("weights")), None)
+    dora = next((r for r in runs if scatter_side(r.variant) == "decomposed" and r.kind("weights")), None)
     if dora is not None:
-        scatter = fig_dora(dora, [r for r in runs if r is not dora], out, all_peers=True)
+        scatter = fig_magnitude_direction(dora, [r for r in runs if r is not dora], out, all_peers=True)
         if scatter is not None:
             paths.append(scatter)
     links = "".join(f"<li><a href='{html.escape(_rel(r.path / 'report' / 'index.html', out))}'>{html.escape(r.name)}</a>"

@@ -265,5 +265,5 @@ def _adalora_summary(opt_state: Any) -> dict[str, Any]:
 
 
 register_recipe(Recipe(
-    "adalora", "adalora", AdaLora, optimizer=_adalora, tracks_ranks=True, summary=_adalora_summary, figures=("adalora",),
+    "adalora", "adalora", AdaLora, optimizer=_adalora, tracks_ranks=True, summary=_adalora_summary, figures=("rank_allocation",),
     penalty=lambda s: (lambda tree: s.orth_reg * orthogonal_penalty(tree)) if s.orth_reg else None))

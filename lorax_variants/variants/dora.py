@@ -96,4 +96,4 @@ def build_dora(t: Target) -> DoraNode:
                     scale=t.scale, dropout=t.spec.dropout)
 
 
-register_recipe(Recipe("dora", "dora"))
+register_recipe(Recipe("dora", "dora", figures=("magnitude_direction",)))  # ΔM/ΔD against LoRA-shaped runs

@@ -293,5 +293,5 @@ def _check(s: LoraDrop, total_steps: int) -> None:
         raise ValueError(f"batches: must be at least 1, got {s.batches}")
 
 
-register_recipe(Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("lora_drop",), check=_check,
+register_recipe(Recipe("lora_drop", "lora", LoraDrop, reshape=_LORA_DROP, figures=("layer_importance",), check=_check,
                        lora_shaped=True))

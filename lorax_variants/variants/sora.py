@@ -151,4 +151,4 @@ def _sora(s: Sora, ctx: OptimContext) -> optax.GradientTransformation:
     return optax.chain(plain_optimizer(s, ctx), sora_proximal(lambda step: s.xi * ctx.lr(step) / ctx.base_lr))
 
 
-register_recipe(Recipe("sora", "sora", Sora, optimizer=_sora, tracks_ranks=True, figures=("sora",)))
+register_recipe(Recipe("sora", "sora", Sora, optimizer=_sora, tracks_ranks=True, figures=("active_ranks",)))
