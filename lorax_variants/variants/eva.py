@@ -183,7 +183,7 @@ def _layer_inputs(tree: Any, forward: Callable[[Any, Any], Any], paths: list[str
     probed = map_with_paths(probe, tree, nodes_are_leaves=True)
     with _SINK.lock:
         _SINK.rows = {}
-    jax.block_until_ready(forward(probed, batch))
+    jax.block_until_ready(forward(probed, batch))  # (jitted by eva: one program for every batch of a shape)
     jax.effects_barrier()
     with _SINK.lock:
         rows, _SINK.rows = _SINK.rows, {}
@@ -198,7 +198,7 @@ def _layer_inputs(tree: Any, forward: Callable[[Any, Any], Any], paths: list[str
 def eva(tree: Any, forward: Callable[[Any, Any], Any], batches: Iterable[Any],
         mask: Callable[[Any], Any] | None = None, settings: Eva = Eva()) -> Any:
     """``tree``'s LoRA nodes initialized by EVA (the module docstring): ``forward(tree, batch)`` runs the model
-    (its output is only waited for), ``batches`` are cycled until every layer's PCA converges (at most
+    (jitted here, once per batch shape; its output is only waited for), ``batches`` are cycled until every layer's PCA converges (at most
     ``settings.max_passes`` passes), ``mask(batch)`` gives the [B, T] tokens whose inputs count (default: all).
     Returns the tree with each node's A set (B zero, the base unchanged; ranks redistributed, padded with zeros
     to the path's largest) and, with ``adjust_scaling_factors=False``, refuses stacked paths whose layers end
@@ -215,6 +215,7 @@ def eva(tree: Any, forward: Callable[[Any, Any], Any], batches: Iterable[Any],
             raise ValueError(f"{p}: EVA reads the layer's inputs through the full-precision weight here; initialize "
                              "before quantizing")
     masks = [np.asarray(mask(b)) if mask is not None else None for b in batches]
+    forward = jax.jit(forward)
 
     def inputs(i: int) -> dict[tuple[int, int], np.ndarray]:
         b = batches[i]
