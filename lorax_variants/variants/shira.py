@@ -9,8 +9,11 @@ computed here without torch, over the torch-layout weight [out, in], entries kep
 PEFT's ``torch.where(mask)``). A stacked weight uses the same mask in every layer, as PEFT gives every
 module of one shape the same mask. Values start at 0.
 
-Factored: x Δ gathers the K input features, scales them and scatter-adds them into the outputs (K
-multiply-adds per token, no weight-sized temporary; PEFT forms W + Δ). ``merge``: W + Δ.
+Not factored at training sizes: for a few tokens (decoding) x Δ gathers the K input features, scales them and
+scatter-adds them into the outputs (K multiply-adds per token, no weight-sized temporary), but those gathered
+products are [tokens, K] and outgrow a dense Δ [in, out] once tokens·K > in·out (about 18 tokens at r = 16 on
+a square weight; SmolLM2-135M at 8 x 128 tokens ran out of 24 GB that way), so beyond that the apply scatters
+Δ into one [in, out] array per layer and multiplies densely, as PEFT forms W + Δ. ``merge``: W + Δ.
 """
 
 from __future__ import annotations
@@ -83,10 +86,18 @@ class ShiraNode(AdapterNode):
     freeze: tuple[str, ...] = static(default=())
 
     def apply(self, x: jax.Array) -> jax.Array:
-        """x W + x_d Δ (sparse: K gathered products scattered into the outputs)."""
+        """x W + x_d Δ: for a few tokens (decoding) K gathered products scattered into the outputs; else Δ
+        scattered into a dense [in, out] and one matmul (the gathered form's [tokens, K] products outgrow the
+        weight once tokens·K > in·out, K = r(in + out): from about 18 tokens at r = 16 on a square weight)."""
         xd = adapter_dropout(x, self.dropout, self.dropout_key)
-        return dense(x, self.weight) + _sparse_matmul(xd, self.shira_weight, self.shira_rows, self.shira_cols,
-                                                      self.shape[-1])
+        d_in, d_out = self.shape[-2:]
+        k = self.shira_weight.shape[-1]
+        if (x.size // max(x.shape[-1], 1)) * k <= d_in * d_out:
+            return dense(x, self.weight) + _sparse_matmul(xd, self.shira_weight, self.shira_rows, self.shira_cols,
+                                                          d_out)
+        delta = jnp.zeros((d_in, d_out), x.dtype).at[self.shira_cols, self.shira_rows].add(
+            self.shira_weight.astype(x.dtype))
+        return dense(x, self.weight) + jnp.matmul(xd, delta)
 
     def delta(self) -> jax.Array:
         """Δ as a dense [..., in, out] array (for merge and export only)."""
@@ -102,7 +113,7 @@ class ShiraNode(AdapterNode):
         return (w.astype(jnp.float32) + self.delta()).astype(w.dtype)
 
 
-@register_variant("shira", settings=Shira, rank_bounded=False)
+@register_variant("shira", settings=Shira, rank_bounded=False, factored=False)  # dense Δ at training sizes
 def build_shira(t: Target) -> ShiraNode:
     k = t.r * (t.d_in + t.d_out)
     if k > t.d_in * t.d_out:
