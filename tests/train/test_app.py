@@ -41,8 +41,10 @@ VARIANTS = {
 # LoRA-FA: its node and projection in tests/nodes and tests/optim/test_lorafa.py.
 # LoRA: nearly every app test trains it; AdaLoRA: test_report's run (its budget pruned, its figures); QLoRA:
 # pissa_nf4 and loftq here and tests/hf/test_bnb.py (LoRA over an NF4 checkpoint through the app).
+# LoftQ: tests/test_loftq.py (the algorithm against PEFT's) and the app's plan of configs; QA-LoRA: its node,
+# merge and PEFT export tests (tests/nodes/test_qalora.py, tests/hf/test_export.py).
 ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
-             "lora", "adalora", "qlora")
+             "lora", "adalora", "qlora", "loftq", "qalora")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ELSEWHERE else v for v in VARIANTS])

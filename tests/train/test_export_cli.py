@@ -15,7 +15,10 @@ from tests.close import assert_close
 IDS = np.random.default_rng(1).integers(0, 96, (2, 10))
 
 
-@pytest.mark.parametrize("variant", ["lora", "pissa", "dora", "lora_ga", "eva"])
+# LoRA and DoRA exports through the CLI under slow: the same writer as PiSSA's here (and tests/hf/test_export.py
+# exports every variant; test_demo exports LoRA through the CLI's function)
+@pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow), "pissa",
+                                     pytest.param("dora", marks=pytest.mark.slow), "lora_ga", "eva"])
 def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
     import peft
 
