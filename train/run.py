@@ -162,8 +162,7 @@ def _lora_ga(p: Prepared) -> Prepared:
     fns = _steps(p)
     batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, jax.process_index(), jax.process_count(),
                       sharded="shards" in p.train.stats)
-    sample = ({k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
-               for k, v in batches.local(i).items()} for i in range(settings.batches))
+    sample = _global_batches(batches, fns, range(settings.batches))
     tree = lv.combine(p.built.trainable, p.built.frozen)
     try:
         grads = lv.weight_gradients(fns.loss, tree, sample)
@@ -226,16 +225,18 @@ def _reshape_at(cfg: Config) -> int | None:
     return reshape.at(cfg.adapter.settings(), cfg.train.steps) if reshape else None
 
 
+def _global_batches(batches: Batches, fns: Any, steps: range) -> list[dict[str, Any]]:
+    """The training batches of ``steps``, each as global arrays sharded over the mesh (rows, not accumulation)."""
+    return [{k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
+             for k, v in batches.local(i).items()} for i in steps]
+
+
 def _reshape_choice(p: Prepared, trainable: Any, frozen: Any, batches: Batches, fns: Any,
                     step: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The variant's reshaping decision after ``step`` steps, made on the next training batches."""
     cfg, model = p.cfg, p.built.model
     reshape, settings = recipe(cfg.adapter.variant).reshape, cfg.adapter.settings()
-    sample = []
-    for i in range(reshape.batches(settings)):
-        local = batches.local(step + i)
-        sample.append({k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
-                       for k, v in local.items()})
+    sample = _global_batches(batches, fns, range(step, step + reshape.batches(settings)))
     apply = lambda tree, b: model.apply(  # noqa: E731
         tree, b["input_ids"], b["attention_mask"], **({"segment_ids": b["segment_ids"]} if "segment_ids" in b else {}))
     return reshape.decide(settings, apply, lv.combine(trainable, frozen), sample, model.stacked)
