@@ -54,12 +54,13 @@ def _arch(reader: Any, path: Path) -> str:
     return arch
 
 
-def gguf_config(path: str | os.PathLike) -> Any:
-    """The transformers config in a GGUF file's metadata."""
+def gguf_config(path: str | os.PathLike, reader: Any = None) -> Any:
+    """The transformers config in a GGUF file's metadata (``reader``: the file's open ``GGUFReader``, if the
+    caller has one: opening one parses every metadata field, ~5 s for a 49k-token vocabulary)."""
     import transformers
 
     p = Path(path)
-    reader = _reader(p)
+    reader = reader if reader is not None else _reader(p)
     arch = _arch(reader, p)
     config = transformers.AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
     key_length = reader.fields.get(f"{arch}.attention.key_length")
@@ -79,12 +80,11 @@ def gguf_tokenizer(path: str | os.PathLike) -> Any:
 class GGUFTensors(Mapping):
     """A GGUF file's tensors under transformers' names, in torch layout, dequantized when read."""
 
-    def __init__(self, path: str | os.PathLike, model: Any):
+    def __init__(self, path: str | os.PathLike, model: Any, reader: Any = None):
         import gguf
 
-
         self.path = Path(path)
-        self.reader = _reader(self.path)
+        self.reader = reader if reader is not None else _reader(self.path)
         self.arch = _arch(self.reader, self.path)
         self.permute = ARCHITECTURES[self.arch]
         c = model.config
@@ -134,10 +134,10 @@ def from_gguf(path: str | os.PathLike, dtype: Any = None, *, remat: str = "none"
               quantize: Any = None) -> tuple[Any, dict[str, Any]]:
     """``(model, params)`` of a GGUF file (see the module docstring). ``quantize``: a ``QuantSpec`` applied
     one tensor at a time as they are dequantized (e.g. NF4 for QLoRA on a Q4 download)."""
-    hf_config = gguf_config(path)
-    reader_names = {t.name for t in _reader(Path(path)).tensors}
-    hf_config.tie_word_embeddings = "output.weight" not in reader_names
+    reader = _reader(Path(path))  # one parse of the file's metadata for the config and the tensors
+    hf_config = gguf_config(path, reader)
+    hf_config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
     model = from_config(hf_config, remat=remat, scan=scan)
-    params = load_params(model, GGUFTensors(path, model), dtype, quantize=quantize)
+    params = load_params(model, GGUFTensors(path, model, reader), dtype, quantize=quantize)
     model.gguf_path = str(path)
     return model, params
