@@ -4,6 +4,12 @@ layout change between PEFT's torch tensors and ours, both ways), the config fiel
 config becomes an ``AdapterSpec``. ``hf.peft`` (writing) and ``hf.peft_import`` (reading) walk the same table,
 so a format is written and read from one description; neither names a variant.
 
+Formats richer than one tensor per field (LoRA/DoRA: per-module ranks and scales; VeRA: projections shared
+by every module; AdaLoRA: triplets truncated to the kept ranks) keep their key table (the tensors' suffixes,
+read and written) and add hooks for what the table cannot say: ``write`` (the whole adapter's tensors and
+config fields), ``residual`` / ``read`` / ``fill`` / ``finish`` (the config's init, the ``AdapterSpec``,
+each node's fields, shared tensors). Without hooks the table alone does both ways.
+
 Layouts: PEFT keeps one module per layer with torch's ``[out, in]`` weights; our nodes hold ``[..., in, out]``
 stacked over layers. A key's ``encode`` gets one layer's field arrays and returns the PEFT tensor; ``decode``
 is its inverse (a tuple, one array per field)."""
@@ -15,7 +21,56 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Key", "PeftCodec", "register_codec", "codec_of", "codec_for", "transposed", "same", "peft_types"]
+__all__ = ["Key", "PeftCodec", "Site", "Refusal", "PREFIX", "register_codec", "codec_of", "codec_for", "transposed",
+           "same", "peft_types", "fill_by_keys", "layers", "peft_alpha", "pattern_value"]
+
+PREFIX = "base_model.model."  # where PEFT keeps the adapted model's modules
+
+
+class Refusal(ValueError):
+    """A PEFT config field (or a tensor standing for one) that a format cannot represent: ``field``, ``why``."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field}: {why}")
+        self.field, self.why = field, why
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adapted weight path as PEFT sees it: its HF module per layer (``None``: a layer without tensors on
+    read), its node, ``lead`` stacked axes (0 or 1), whether it is an embedding, and (writing PiSSA/OLoRA)
+    the node at initialization."""
+
+    path: str
+    modules: tuple[str | None, ...]
+    node: Any
+    lead: int
+    embedding: bool = False
+    initial: Any = None
+
+
+def peft_alpha(scale: float, r: float) -> float:
+    """PEFT's ``lora_alpha`` for a scale ``alpha / r`` (an integer where it is one, as PEFT's configs hold)."""
+    alpha = scale * r
+    return float(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 * max(1.0, abs(alpha)) else float(alpha)
+
+
+def pattern_value(cfg: dict[str, Any], field: str, module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module name ending in it (a regex)."""
+    import re
+
+    for key, v in (cfg.get(field) or {}).items():
+        if re.fullmatch(rf"(.*\.)?({key})", module):
+            return v
+    return default
+
+
+def layers(x: Any, lead: int) -> list[np.ndarray]:
+    """An array of a node as one array per layer (``lead`` stacked axes: 0 or 1)."""
+    import jax
+
+    x = np.asarray(jax.device_get(x))
+    return [x] if lead == 0 else [x[i] for i in range(x.shape[0])]
 
 
 def transposed(x: np.ndarray) -> np.ndarray:
@@ -49,6 +104,7 @@ class Key:
     encode: Callable[..., np.ndarray] = transposed
     decode: Callable[[np.ndarray], tuple[np.ndarray, ...]] = _one(transposed)
     dtype: str = "float32"
+    aliases: tuple[str, ...] = ()  # other suffixes PEFT writes the same tensor under (read only)
 
     @classmethod
     def plain(cls, suffix: str, field: str, layout: Callable[[np.ndarray], np.ndarray] = transposed) -> Key:
@@ -65,31 +121,57 @@ class PeftCodec:
     arguments (``variant``, ``r``, ``settings``, ``dropout``, ...) from a PEFT config, refusing (``ValueError``
     naming the field) what the variant cannot represent. ``reads``: the config fields of this format that
     ``spec`` settles (others that are set are refused on import unless every format shares them).
-    ``conv1d``: PEFT's layer of this format wraps GPT-2's ``Conv1D`` too (not only ``nn.Linear``)."""
+    ``conv1d``: PEFT's layer of this format wraps GPT-2's ``Conv1D`` too (not only ``nn.Linear``).
+
+    Hooks (see the module docstring), each replacing the table-driven default:
+
+    - ``write(sites, conv1d) -> (config fields, tensors)``: tensors under their full names (``PREFIX`` +
+      module + suffix, or a shared tensor's name);
+    - ``residual(cfg) -> init or None``: the init PEFT re-runs on the base when it loads the adapter
+      (``Refusal`` for one that cannot be recomputed);
+    - ``read(cfg, found, tensors, experts, residual) -> (AdapterSpec keyword arguments, context)``;
+      ``found``: our path -> layer -> HF module; ``experts``: expert-bank path -> (rank, scale);
+    - ``fill(node, site, tensors, cfg, context) -> node``: the node's fields from the file;
+    - ``finish(tree, cfg, tensors) -> tree``: tensors shared by every module (named in ``shared``).
+
+    ``refused``: ``(suffix, field, why)`` of tensors that stand for a feature we do not represent."""
 
     peft_type: str
     node: type
     keys: tuple[Key, ...]
-    config: Callable[[Any], dict[str, Any]]
-    spec: Callable[[dict[str, Any]], dict[str, Any]]
+    config: Callable[[Any], dict[str, Any]] | None = None
+    spec: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     reads: frozenset[str] = frozenset()
     conv1d: bool = True
+    write: Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]] | None = None
+    residual: Callable[[dict[str, Any]], str | None] | None = None
+    read: Callable[..., tuple[dict[str, Any], Any]] | None = None
+    fill: Callable[..., Any] | None = None
+    finish: Callable[..., Any] | None = None
+    shared: frozenset[str] = frozenset()
+    refused: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def fields(self) -> tuple[str, ...]:
         return tuple(f for k in self.keys for f in k.fields)
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """Every tensor suffix of the format (with a leading dot), longest first."""
+        return tuple(sorted({f".{s}" for k in self.keys for s in (k.suffix, *k.aliases)}, key=len, reverse=True))
 
 
 _BY_TYPE: dict[str, PeftCodec] = {}
 _BY_NODE: dict[type, PeftCodec] = {}
 
 
-def register_codec(codec: PeftCodec) -> PeftCodec:
-    """Register ``codec`` for its PEFT type and its node class (a variant module calls this once)."""
+def register_codec(codec: PeftCodec, node: type | None = None) -> PeftCodec:
+    """Register ``codec`` for its PEFT type and its node class (a variant module calls this once); ``node``:
+    another node class written in the same format (DoRA's, in LoRA's format)."""
     if codec.peft_type in _BY_TYPE and _BY_TYPE[codec.peft_type] is not codec:
         raise ValueError(f"a PEFT codec for {codec.peft_type} is already registered")
     _BY_TYPE[codec.peft_type] = codec
-    _BY_NODE[codec.node] = codec
+    _BY_NODE[node or codec.node] = codec
     return codec
 
 
@@ -106,3 +188,29 @@ def codec_for(peft_type: Any) -> PeftCodec | None:
 def peft_types() -> tuple[str, ...]:
     """The PEFT types registered codecs read."""
     return tuple(sorted(_BY_TYPE))
+
+
+def fill_by_keys(n: Any, codec: PeftCodec, site: Site, tensors: dict[str, np.ndarray]) -> Any:
+    """``n`` with its codec's fields read from the file by the key table, layer by layer (a layer without
+    tensors keeps the fresh adapter's values, which leave it equal to the base)."""
+    import jax.numpy as jnp
+
+    own = {f: np.asarray(getattr(n, f)) for f in codec.fields}
+    per: dict[str, list[np.ndarray]] = {f: [] for f in codec.fields}
+    for i, m in enumerate(site.modules):
+        for key in codec.keys:
+            mine = [own[f][i] if site.lead else own[f] for f in key.fields]
+            vals = mine
+            if m is not None:
+                name = f"{PREFIX}{m}.{key.suffix}"
+                if name not in tensors:
+                    raise ValueError(f"adapter tensor {name!r} is missing")
+                vals = [np.asarray(v) for v in key.decode(tensors[name])]
+                for f, v, w in zip(key.fields, vals, mine):
+                    if v.shape != w.shape:
+                        raise ValueError(f"adapter tensor {name!r} {tensors[name].shape} gives {f} of shape {v.shape}; "
+                                         f"{site.path} of this model needs {w.shape} (an adapter for a different base "
+                                         "model or rank?)")
+            for f, v in zip(key.fields, vals):
+                per[f].append(v)
+    return n.replace(**{f: jnp.asarray(np.stack(v) if site.lead else v[0], getattr(n, f).dtype) for f, v in per.items()})

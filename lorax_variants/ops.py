@@ -26,7 +26,7 @@ from lorax_variants.nodes.base import AdapterNode, Node, dense, dense_t, embed
 from lorax_variants.shared import resolve_shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["dense", "dense_t", "embed", "merge", "merged", "merge_quantized", "as_lora"]  # dense, dense_t, embed: the node protocol's
+__all__ = ["dense", "dense_t", "embed", "merge", "merged", "merge_quantized", "as_lora", "adapter_names_in", "one_adapter"]  # dense, dense_t, embed: the node protocol's
 
 
 def as_lora(tree: Any, **options: Any) -> Any:
@@ -40,6 +40,27 @@ def as_lora(tree: Any, **options: Any) -> Any:
         return x.as_lora(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
     return jax.tree.map(reduce, resolve_shared(tree), is_leaf=lambda x: isinstance(x, Node))
+
+
+def adapter_names_in(tree: Any) -> tuple[str, ...] | None:
+    """The names of the adapters a tree of many holds (from its first node that holds several, the protocol's
+    ``names`` and ``as_one``), or None for a tree of one adapter."""
+    for _, x in leaves_with_paths(tree, nodes_are_leaves=True):
+        if isinstance(x, Node) and hasattr(x, "as_one") and getattr(x, "names", None):
+            return tuple(x.names)
+    return None
+
+
+def one_adapter(tree: Any, name: str) -> Any:
+    """Adapter ``name`` of a tree of many alone: every node that holds several as that adapter's own node
+    (``node.as_one``: its plain weight where the adapter leaves it alone)."""
+    names = adapter_names_in(tree)
+    if names is None:
+        raise ValueError("the tree has no multi-adapter weights")
+    if name not in names:
+        raise ValueError(f"no adapter named {name!r}; adapters: {list(names)}")
+    return map_with_paths(lambda p, x: x.as_one(name) if isinstance(x, Node) and hasattr(x, "as_one") else x, tree,
+                          nodes_are_leaves=True)
 
 
 def merge(tree: Any) -> Any:

@@ -132,6 +132,7 @@ class Recipe:
     tasks: Callable[[Any], int] | None = None  # routed: how many adapters rows go to (without ``routes``)
     check: Callable[[Any, int], None] | None = None  # settings against the run's total steps: ValueError("field: ...")
     lora_shaped: bool = False  # its nodes are LoRA's A, B over W: inits that set A, B from W (LoftQ) apply
+    moves_base: bool = False  # training changes the frozen base weights (no adapter file alone carries the result)
 
     def defaults(self) -> Any:
         """The settings with their defaults (``None`` for a variant without settings)."""

@@ -154,12 +154,8 @@ def test_every_public_name_has_a_docstring():
 
 
 # Modules outside variants/ that still name variants, each with why (to shrink, never to grow).
-NAMES_VARIANTS = {
-    "hf.peft": "the PEFT writer: one branch per PEFT format (LoRA/DoRA, VeRA, AdaLoRA) until each is a codec",
-    "hf.peft_import": "the PEFT reader: the same formats, until each is a codec",
-    "hf.peft_experts": "PEFT's target_parameters form of LoRA on expert banks",
-    "hf.export": "merged export of one named adapter of many (pick)",
-}
+NAMES_VARIANTS: dict[str, str] = {}  # none: PEFT formats are codecs in the variants' modules, trees of many
+# adapters are read through the node protocol (``names``, ``as_one``)
 
 
 def _variant_identifiers() -> set[str]:

@@ -22,8 +22,7 @@ from lorax_variants.hf import names
 from lorax_variants.hf.build import write_config
 from lorax_variants.hf.convert import to_hf
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
-from lorax_variants.variants.many import pick
-from lorax_variants.ops import as_lora, merge
+from lorax_variants.ops import as_lora, merge, one_adapter
 
 __all__ = ["save_merged", "TOKENIZER_FILES"]
 
@@ -41,7 +40,7 @@ def save_merged(out_dir: str | os.PathLike, model: Any, tree: Any, *, rank: int 
     ``dtype``: cast the merged weights (default: as merged, float32 for adapted weights).
     """
     if adapter is not None:
-        tree = pick(tree, adapter)
+        tree = one_adapter(tree, adapter)
     params = jax.device_get(merge(as_lora(tree, rank=rank, task=task)))
     tensors = to_hf(model, params)
     if dtype is not None:

@@ -14,9 +14,10 @@ Conv1D, with ``fan_in_fan_out``), under ``base_model.model.<module>``. What each
   ``as_lora()`` (DyLoRA at the chosen rank, SoRA with its gates folded into B and zero-gate ranks
   removed, LoRA-drop with the shared set in each layer that uses it); a multi-task tree as one adapter
   directory per task (``task_0``, ...). Delta-LoRA changes W: refused (export it merged).
-- Variants that declare a PEFT codec in their module (``lorax_variants.codec``: HiRA, MiSS, SHiRA): their
-  format from the codec's key table and config fields, the same table ``load_peft`` reads (formats whose
-  PEFT layer wraps ``nn.Linear`` only are refused on GPT-2's ``Conv1D``).
+Every format is a codec (``lorax_variants.codec``) declared in its variant's module (LoRA/DoRA, VeRA,
+AdaLoRA, HiRA, MiSS, SHiRA): its key table and config fields, or its ``write`` hook, and the same table
+``load_peft`` reads; this module names no variant (formats whose PEFT layer wraps ``nn.Linear`` only are
+refused on GPT-2's ``Conv1D``).
 """
 
 from __future__ import annotations
@@ -24,32 +25,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from lorax_variants.codec import PeftCodec, codec_of, peft_types
+from lorax_variants.codec import PREFIX, PeftCodec, Site, codec_of, layers, peft_alpha, peft_types
 from lorax_variants.hf import names
 from lorax_variants.hf.peft_experts import export_experts, is_expert_path
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
-from lorax_variants.variants.adalora import AdaLoraNode
 from lorax_variants.nodes.base import Node
-from lorax_variants.variants.dora import DoraNode
-from lorax_variants.variants.lora import LoraNode
-from lorax_variants.variants.many import pick
-from lorax_variants.variants.many import MultiAdapterNode
 from lorax_variants.nodes.quantized import QuantizedNode
-from lorax_variants.variants.vera import VeraNode
-from lorax_variants.ops import as_lora
-from lorax_variants.shared import resolve_shared, value_of
+from lorax_variants.ops import adapter_names_in, as_lora, one_adapter
+from lorax_variants.recipes import RECIPES
+from lorax_variants.shared import resolve_shared
 from lorax_variants.tree import leaves_with_paths
 
 __all__ = ["save_peft", "module_names"]
-
-PREFIX = "base_model.model."
 
 
 def module_names(model: Any) -> dict[str, tuple[str, str]]:
@@ -61,28 +54,8 @@ def module_names(model: Any) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _layers(x: np.ndarray, lead: int) -> list[np.ndarray]:
-    return [x] if lead == 0 else [x[i] for i in range(x.shape[0])]
-
-
 def _np(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
-
-
-def _lora_factors(n: Node, pissa_initial: Node | None) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Per layer ``(A [r, in], B [out, r], scale)`` of a LoRA or DoRA node, in torch layout."""
-    lead = len(n.shape) - 2
-    a_all, b_all = _np(n.lora_a), _np(n.lora_b)
-    if pissa_initial is None:
-        return [(a.T, bb.T, n.scale) for a, bb in zip(_layers(a_all, lead), _layers(b_all, lead))]
-    a0, b0 = _np(pissa_initial.lora_a), _np(pissa_initial.lora_b)
-    return [(np.concatenate([a, i], axis=1).T, np.concatenate([bb, -j], axis=0).T, n.scale)
-            for a, bb, i, j in zip(_layers(a_all, lead), _layers(b_all, lead), _layers(a0, lead), _layers(b0, lead))]
-
-
-def _alpha(scale: float, r: int) -> float:
-    alpha = scale * r
-    return float(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 * max(1.0, abs(alpha)) else float(alpha)
 
 
 def _config(peft_type: str, modules: list[str], base: str | None, fan_in_fan_out: bool, **extra: Any) -> dict[str, Any]:
@@ -109,8 +82,9 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
         nodes = [(p, n) for p, n in nodes if not is_expert_path(p)]
         if not nodes:
             first = next(iter(experts.values()))
-            config = _config("LORA", [], base, False, r=first.lora_a.shape[-1], lora_alpha=_alpha(first.scale, first.lora_a.shape[-1]),
-                             use_rslora=False, use_dora=False, lora_dropout=0.0, bias="none", init_lora_weights=True)
+            config = _config("LORA", [], base, False, r=first.lora_a.shape[-1],
+                             lora_alpha=peft_alpha(first.scale, first.lora_a.shape[-1]), use_rslora=False,
+                             use_dora=False, lora_dropout=0.0, bias="none", init_lora_weights=True)
             config["target_modules"] = []
             return config | expert_config, expert_tensors
         config, tensors = _peft_dict(model, nodes, base=base, initial=initial)
@@ -122,97 +96,45 @@ def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
         config["rank_pattern"] = {**config["rank_pattern"], **expert_config["rank_pattern"]}
         config["alpha_pattern"] = {**config["alpha_pattern"], **expert_config["alpha_pattern"]}
         return config, tensors | expert_tensors
-    kinds = {type(n) for _, n in nodes}
-    gpt2 = model.config.model_type == "gpt2"
     codecs = {codec_of(n) for _, n in nodes}
-    if len(codecs) == 1 and None not in codecs:
-        return _codec_dict(model, nodes, codecs.pop(), base, gpt2)
-    tensors: dict[str, np.ndarray] = {}
-    if kinds <= {VeraNode}:
-        first = nodes[0][1]
-        va, vb = _np(value_of(first.vera_a)), _np(value_of(first.vera_b))
-        r = va.shape[1]
-        modules = []
-        for path, n in nodes:
-            lead = len(n.shape) - 2
-            mods = _module_list(model, path, n.shape[0] if lead else 1)
-            for m, d, b in zip(mods, _layers(_np(n.lambda_d), lead), _layers(_np(n.lambda_b), lead)):
-                tensors[f"{PREFIX}{m}.vera_lambda_d"], tensors[f"{PREFIX}{m}.vera_lambda_b"] = d, b
-                modules.append(m)
-        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = va.T.copy(), vb.T.copy()
-        return _config("VERA", modules, base, gpt2, r=r, save_projection=True, projection_prng_key=0,
-                       vera_dropout=0.0, d_initial=0.1, bias="none"), tensors
-    if kinds <= {AdaLoraNode}:
-        modules, pattern, r0, alpha = [], {}, None, None
-        for path, n in nodes:
-            lead = len(n.shape) - 2
-            mods = _module_list(model, path, n.shape[0] if lead else 1)
-            r0 = n.lora_a.shape[-1]
-            alpha = n.scale * (r0 + 1e-5)
-            for m, a, e, b, keep in zip(mods, _layers(_np(n.lora_a), lead), _layers(_np(n.lora_e), lead),
-                                        _layers(_np(n.lora_b), lead), _layers(np.asarray(n.rank_mask, bool), lead)):
-                tensors[f"{PREFIX}{m}.lora_A"] = a.T[keep]
-                tensors[f"{PREFIX}{m}.lora_E"] = (e * keep)[keep][:, None]
-                tensors[f"{PREFIX}{m}.lora_B"] = b.T[:, keep]
-                pattern[f"{m}.lora_E"] = [bool(k) for k in keep]  # as PEFT saves it (adapter name dropped)
-                modules.append(m)
-        return _config("ADALORA", modules, base, gpt2, r=r0, init_r=r0, target_r=r0, lora_alpha=_alpha(alpha, 1),
-                       rank_pattern=pattern, total_step=1000, tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85,
-                       orth_reg_weight=0.5, lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False,
-                       init_lora_weights=True, alpha_pattern={}), tensors
-    dora = kinds <= {DoraNode}
-    if not kinds <= {LoraNode} and not dora:
-        names = sorted(k.__name__ for k in kinds)
-        raise ValueError(f"save_peft writes LoRA, DoRA, VeRA, AdaLoRA and {', '.join(peft_types())} adapters (and "
-                         f"what reduces to LoRA), one format per adapter; {' and '.join(names)}{' in one adapter' if len(names) > 1 else ''} has no PEFT writer here: "
-                         "export the merged model (save_merged / --format merged)")
-    entries = []  # (module, r, alpha)
-    for path, n in nodes:
-        lead = len(n.shape) - 2
-        mods = _module_list(model, path, n.shape[0] if lead else 1)
-        embed = _is_embedding(path)
-        key_a, key_b = ("lora_embedding_A", "lora_embedding_B") if embed else ("lora_A.weight", "lora_B.weight")
-        factors = _lora_factors(n, (initial or {}).get(path))
-        for i, (m, (a, b, scale)) in enumerate(zip(mods, factors)):
-            tensors[f"{PREFIX}{m}.{key_a}"], tensors[f"{PREFIX}{m}.{key_b}"] = a, b
-            if dora:
-                tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = _layers(_np(n.magnitude), lead)[i]
-            entries.append((m, a.shape[0], _alpha(scale, a.shape[0])))
-    r = Counter(e[1] for e in entries).most_common(1)[0][0]
-    alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
-    rank_pattern = {re.escape(m): rr for m, rr, _ in entries if rr != r}
-    alpha_pattern = {re.escape(m): aa for m, _, aa in entries if aa != alpha}
-    return _config("LORA", [e[0] for e in entries], base, gpt2, r=r, lora_alpha=alpha, rank_pattern=rank_pattern,
-                   alpha_pattern=alpha_pattern, use_rslora=False, use_dora=dora, lora_dropout=0.0, bias="none",
-                   init_lora_weights=True), tensors
+    if None in codecs or len(codecs) > 1:
+        kinds = sorted({type(n).__name__ for _, n in nodes if codec_of(n) is None} or {type(n).__name__ for _, n in nodes})
+        raise ValueError(f"save_peft writes the PEFT formats {', '.join(peft_types())} (and what reduces to LoRA), one "
+                         f"format per adapter; {' and '.join(kinds)}{' in one adapter' if len(kinds) > 1 else ''} has "
+                         "no PEFT writer here: export the merged model (save_merged / --format merged)")
+    return _codec_dict(model, nodes, codecs.pop(), base, model.config.model_type == "gpt2", initial or {})
 
 
 def _codec_dict(model: Any, nodes: list[tuple[str, Node]], codec: PeftCodec, base: str | None,
-                conv1d: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """An adapter in a registered codec's format: its key table per module, its config fields."""
+                conv1d: bool, initial: dict[str, Node]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """An adapter in its codec's format: the codec's ``write`` hook, or its key table per module and its
+    config fields."""
     if conv1d and not codec.conv1d:
         raise ValueError(f"save_peft: PEFT's {codec.peft_type} layers wrap nn.Linear only, not GPT-2's Conv1D "
                          f"({nodes[0][0]}): export the merged model (save_merged / --format merged)")
-    tensors: dict[str, np.ndarray] = {}
-    modules: list[str] = []
-    config: dict[str, Any] | None = None
-    first = ""
+    sites = []
     for path, n in nodes:
         lead = len(n.shape) - 2
-        mods = _module_list(model, path, n.shape[0] if lead else 1)
-        own = codec.config(n)
-        if config is None:
-            config, first = own, path
-        elif own != config:
-            diff = sorted(k for k in own.keys() | config.keys() if own.get(k) != config.get(k))
-            raise ValueError(f"save_peft: {path} and {first} differ in {diff}, which a {codec.peft_type} adapter holds "
-                             "once for all its modules")
-        fields = {f: _layers(np.asarray(jax.device_get(getattr(n, f))), lead) for f in codec.fields}
-        for i, m in enumerate(mods):
-            for key in codec.keys:
-                t = key.encode(*[fields[f][i] for f in key.fields])
-                tensors[f"{PREFIX}{m}.{key.suffix}"] = np.ascontiguousarray(np.asarray(t).astype(key.dtype))
-            modules.append(m)
+        sites.append(Site(path, tuple(_module_list(model, path, n.shape[0] if lead else 1)), n, lead,
+                          _is_embedding(path), initial.get(path)))
+    modules = [m for s in sites for m in s.modules]
+    if codec.write is not None:
+        config, tensors = codec.write(sites, conv1d)
+    else:
+        tensors, config, first = {}, None, ""
+        for s in sites:
+            own = codec.config(s.node)
+            if config is None:
+                config, first = own, s.path
+            elif own != config:
+                diff = sorted(k for k in own.keys() | config.keys() if own.get(k) != config.get(k))
+                raise ValueError(f"save_peft: {s.path} and {first} differ in {diff}, which a {codec.peft_type} adapter "
+                                 "holds once for all its modules")
+            fields = {f: layers(getattr(s.node, f), s.lead) for f in codec.fields}
+            for i, m in enumerate(s.modules):
+                for key in codec.keys:
+                    t = key.encode(*[fields[f][i] for f in key.fields])
+                    tensors[f"{PREFIX}{m}.{key.suffix}"] = np.ascontiguousarray(np.asarray(t).astype(key.dtype))
     head = {"peft_type": codec.peft_type, "base_model_name_or_path": base, "task_type": None, "inference_mode": True,
             "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")", "modules_to_save": None,
             "revision": None}
@@ -240,7 +162,8 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     OLoRA (its A₀, B₀: PEFT's conversion to plain LoRA on the original base); without it, ``init``
     (``"pissa"``/``"olora"``) writes the adapter as PEFT saves one unconverted: PEFT recomputes the
     residual base W − s·A₀B₀ from the original base when it loads it. ``variant``: the training
-    variant where the tree alone does not tell (``"delta_lora"`` is refused: it changed W).
+    variant where the tree alone does not tell (one whose recipe ``moves_base``, Delta-LoRA, is refused: it
+    changed W).
     ``modules_to_save``: paths of plain leaves that were trained too (a classification head, biases,
     norms); ``base``: the params the adapters were made over, so that every plain leaf that differs
     from it is written too (what ``load_peft`` read besides adapters). Biases are written as PEFT's
@@ -249,19 +172,19 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     layer's for stacked leaves, torch layout). Multi-task trees write one adapter per task in
     ``out_dir/task_<k>``; trees of many adapters (``lv.adapters``) one per adapter in ``out_dir/<name>``.
     """
-    if variant == "delta_lora":
-        raise ValueError("Delta-LoRA changes the frozen base weights, which a PEFT adapter cannot carry: "
+    if variant is not None and variant in RECIPES and RECIPES[variant].moves_base:
+        raise ValueError(f"{variant} changes the frozen base weights, which a PEFT adapter cannot carry: "
                          "export the merged model instead (save_merged / --format merged)")
     tree = resolve_shared(tree)
     nodes = _adapter_nodes(tree)
     if not nodes:
         raise ValueError("save_peft: the tree has no adapter nodes")
-    many = next((n.names for _, n in nodes if isinstance(n, MultiAdapterNode)), None)
-    if many:  # many adapters trained together: one PEFT adapter each, by name
+    names_of_many = adapter_names_in(tree)
+    if names_of_many:  # many adapters trained together: one PEFT adapter each, by name
 
         def write_each(tmp: Path) -> None:
-            for name in many:
-                save_peft(tmp / name, model, pick(tree, name), base_model=base_model, modules_to_save=modules_to_save,
+            for name in names_of_many:
+                save_peft(tmp / name, model, one_adapter(tree, name), base_model=base_model, modules_to_save=modules_to_save,
                           base=base, overwrite=True)
 
         return atomic_dir(out_dir, overwrite, write_each)

@@ -21,7 +21,8 @@ import re
 from typing import Any
 
 import numpy as np
-from lorax_variants.variants.lora import LoraNode
+
+from lorax_variants.codec import peft_alpha
 
 __all__ = ["EXPERT_PATHS", "is_expert_path", "export_experts", "import_experts", "check_target_parameters"]
 
@@ -45,15 +46,10 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
-def _alpha(scale: float, r: int) -> float:
-    alpha = scale * r
-    return float(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 * max(1.0, abs(alpha)) else float(alpha)
-
-
 def export_experts(model: Any, nodes: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """PEFT tensors and config fields (``target_parameters``, rank/alpha patterns) for the expert-bank nodes."""
     for path, n in nodes.items():
-        if type(n) is not LoraNode:
+        if getattr(type(n), "variant", None) != "lora":  # plain LoRA nodes only (not DoRA, not others)
             raise ValueError(f"{path}: PEFT holds expert-bank adapters as LoRA only (target_parameters); a "
                              f"{type(n).__name__} there cannot be exported as a PEFT adapter (export it merged)")
     L, E = next(iter(nodes.values())).shape[:2]
@@ -85,7 +81,7 @@ def export_experts(model: Any, nodes: dict[str, Any]) -> tuple[dict[str, np.ndar
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].transpose(2, 1, 0).reshape(-1, r * E))
     extra = {"target_parameters": [f"mlp.experts.{p}" for p in present],
              "rank_pattern": {f"experts.{p}": int(fused[p][0].shape[-1]) for p in present},
-             "alpha_pattern": {f"experts.{p}": _alpha(fused[p][2], fused[p][0].shape[-1]) for p in present}}
+             "alpha_pattern": {f"experts.{p}": peft_alpha(fused[p][2], fused[p][0].shape[-1]) for p in present}}
     return tensors, extra
 
 

@@ -42,7 +42,7 @@ __all__ = [
     "KVCache",
     "cached_attention",
     "init_from_shapes",
-    
+
     "REMAT_POLICIES",
 ]
 

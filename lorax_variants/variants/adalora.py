@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorax_variants.codec import PREFIX, Key, PeftCodec, Refusal, Site, layers, peft_alpha, register_codec
 from lorax_variants.nodes.base import AdapterNode, Node, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.recipes import OptimContext, Recipe, plain_optimizer, register_recipe
@@ -267,3 +268,92 @@ def _adalora_summary(opt_state: Any) -> dict[str, Any]:
 register_recipe(Recipe(
     "adalora", "adalora", AdaLora, optimizer=_adalora, tracks_ranks=True, summary=_adalora_summary, figures=("rank_allocation",),
     penalty=lambda s: (lambda tree: s.orth_reg * orthogonal_penalty(tree)) if s.orth_reg else None))
+
+
+# PEFT's AdaLoRA format (``AdaLoraConfig``): per module ``lora_A`` [k, in], ``lora_E`` [k, 1], ``lora_B`` [out, k]
+# truncated to the k kept triplets, with ``rank_pattern``: per module (``<module>.lora_E``, with or without the
+# adapter name, as PEFT writes it after or before saving) the mask over ``init_r``; before any allocation
+# (``rank_pattern: null``) every triplet is kept. Scale ``alpha / (init_r + 1e-5)`` as PEFT's.
+KEYS = (Key.plain("lora_A", "lora_a"), Key("lora_E", ("lora_e",)), Key.plain("lora_B", "lora_b"))
+
+
+def _peft_write(sites: list[Site], conv1d: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    tensors: dict[str, np.ndarray] = {}
+    pattern: dict[str, list[bool]] = {}
+    r0 = alpha = None
+    for s in sites:
+        n = s.node
+        r0 = n.lora_a.shape[-1]
+        alpha = n.scale * (r0 + 1e-5)
+        for m, a, e, b, keep in zip(s.modules, layers(n.lora_a, s.lead), layers(n.lora_e, s.lead),
+                                    layers(n.lora_b, s.lead), layers(n.rank_mask, s.lead)):
+            keep = keep.astype(bool)
+            a, e, b = a.astype(np.float32), e.astype(np.float32), b.astype(np.float32)
+            tensors[f"{PREFIX}{m}.{KEYS[0].suffix}"] = np.ascontiguousarray(a.T[keep])
+            tensors[f"{PREFIX}{m}.{KEYS[1].suffix}"] = np.ascontiguousarray((e * keep)[keep][:, None])
+            tensors[f"{PREFIX}{m}.{KEYS[2].suffix}"] = np.ascontiguousarray(b.T[:, keep])
+            pattern[f"{m}.lora_E"] = [bool(k) for k in keep]  # as PEFT saves it (adapter name dropped)
+    return {"r": r0, "init_r": r0, "target_r": r0, "lora_alpha": peft_alpha(alpha, 1), "rank_pattern": pattern,
+            "total_step": 1000, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+            "orth_reg_weight": 0.5, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}, tensors
+
+
+def _peft_residual(cfg: dict[str, Any]) -> None:
+    init = cfg.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", None):
+        raise Refusal("init_lora_weights", f"{init!r} for AdaLoRA (its triplets start from a plain init)")
+
+
+def _peft_read(cfg: dict[str, Any], found: dict[str, Any], tensors: dict[str, np.ndarray], experts: dict[str, Any],
+               residual: str | None) -> tuple[dict[str, Any], Any]:
+    return {"variant": "adalora", "r": int(cfg.get("init_r", 12)), "alpha": float(cfg.get("lora_alpha") or 8),
+            "dropout": float(cfg.get("lora_dropout") or 0.0)}, None
+
+
+def _keep(cfg: dict[str, Any], module: str, r: int) -> np.ndarray:
+    pattern = cfg.get("rank_pattern") or {}
+    for key in (f"{module}.lora_E", f"{module}.lora_E.default"):
+        if key in pattern:
+            return np.asarray(pattern[key], bool)
+    hits = [v for k, v in pattern.items() if k.startswith(f"{module}.lora_E.")]
+    return np.asarray(hits[0], bool) if hits else np.ones(r, bool)
+
+
+def _peft_fill(n: AdaLoraNode, site: Site, tensors: dict[str, np.ndarray], cfg: dict[str, Any], ctx: Any) -> AdaLoraNode:
+    d_in, d_out = n.shape[-2:]
+    r = n.lora_a.shape[-1]
+
+    def get(m: str, key: Key, shape: tuple[int, ...]) -> np.ndarray:
+        name = f"{PREFIX}{m}.{key.suffix}"
+        if name not in tensors:
+            raise ValueError(f"adapter tensor {name!r} is missing")
+        if tensors[name].shape != shape:
+            raise ValueError(f"adapter tensor {name!r} has shape {tensors[name].shape}; {site.path} of this model "
+                             f"needs {shape}")
+        return tensors[name]
+
+    a_s, e_s, b_s, masks = [], [], [], []
+    for m in site.modules:
+        a, e, b = np.zeros((r, d_in), np.float32), np.zeros((r,), np.float32), np.zeros((d_out, r), np.float32)
+        keep = np.zeros(r, bool)
+        if m is not None:
+            keep = _keep(cfg, m, r)
+            if keep.shape != (r,):
+                raise ValueError(f"rank_pattern of {m} has {keep.size} entries; init_r is {r}")
+            k = int(keep.sum())
+            a[keep] = get(m, KEYS[0], (k, d_in))
+            e[keep] = get(m, KEYS[1], (k, 1))[:, 0]
+            b[:, keep] = get(m, KEYS[2], (d_out, k))
+        a_s.append(a.T), e_s.append(e), b_s.append(b.T), masks.append(keep)
+
+    def stack(xs: list[np.ndarray], like: Any) -> jax.Array:
+        return jnp.asarray(np.stack(xs) if site.lead else xs[0], like.dtype)
+
+    return n.replace(lora_a=stack(a_s, n.lora_a), lora_e=stack(e_s, n.lora_e), lora_b=stack(b_s, n.lora_b),
+                     rank_mask=stack(masks, n.rank_mask))
+
+
+PEFT = register_codec(PeftCodec(
+    "ADALORA", AdaLoraNode, KEYS, write=_peft_write, residual=_peft_residual, read=_peft_read, fill=_peft_fill,
+    reads=frozenset({"fan_in_fan_out"})))

@@ -70,4 +70,4 @@ register_recipe(Recipe(
     "delta_lora", "lora", DeltaLora, weight_changes=False, extras=_delta_weights, with_extras=_with_delta_weights,
     after_update=lambda s, frozen, old, new, step: delta_lora_update(frozen, old, new, step, lam=s.update_ratio,
                                                                      start_step=s.start),
-    lora_shaped=True))
+    lora_shaped=True, moves_base=True))

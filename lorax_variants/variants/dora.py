@@ -21,10 +21,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.codec import register_codec
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.recipes import Recipe, register_recipe
 from lorax_variants.registry import Target, lora_factors, register_variant
+from lorax_variants.variants.lora import PEFT as LORA_FORMAT
 
 __all__ = ['DoraNode']
 
@@ -97,3 +99,5 @@ def build_dora(t: Target) -> DoraNode:
 
 
 register_recipe(Recipe("dora", "dora", figures=("magnitude_direction",)))  # ΔM/ΔD against LoRA-shaped runs
+
+register_codec(LORA_FORMAT, node=DoraNode)  # PEFT's LoRA format with use_dora (its lora_magnitude_vector key)

@@ -18,7 +18,7 @@ import transformers as T
 
 import lorax_variants as lv
 from lorax_variants.hf import from_pretrained, load_peft, save_peft
-from lorax_variants.hf.peft_import import vera_projections
+from lorax_variants.variants.vera import vera_projections
 from tests import hf_models as H
 from tests.close import assert_close
 
