@@ -25,6 +25,8 @@ import optax
 import lorax_variants as lv
 from lorax_variants.models import STACKED, TinyConfig, TinyTransformer, lm_loss
 from lorax_variants.variants import lora_drop
+from lorax_variants.variants.eva import eva
+from lorax_variants.variants.lora_ga import lora_ga, weight_gradients
 from lorax_variants.variants.adalora import adalora_allocator
 from lorax_variants.variants.delta_lora import delta_lora_update
 from lorax_variants.variants.lora_fa import lorafa_projection
@@ -139,6 +141,15 @@ def run(steps: int = 150, pretrain: int = 300, seq: int = 64, batch: int = 16, r
     dropped, keep = lora_drop.select(probe, scores, threshold=0.9)
     go("LoRA-drop", dropped, adam)
     results["LoRA-drop"]["kept"] = f"{sum(int(k.sum()) for k in keep.values())}/{sum(k.size for k in keep.values())} layers"
+    # The high-rank structured family (PEFT's benchmark ranks them above LoRA) and the data-driven inits.
+    go("HiRA", lv.adapt(base, spec(variant="hira"), 1), adam)
+    go("MiSS", lv.adapt(base, spec(variant="miss"), 1), adam)
+    go("SHiRA", lv.adapt(base, spec(variant="shira", settings=lv.Shira(random_seed=0)), 1), adam)
+    init_batches = [next(batches(tune_train, seq, batch, seed=11 + i)) for i in range(4)]  # training data only
+    lora = lv.adapt(base, spec(), 1)
+    grads = weight_gradients(lambda tree, ids: lm_loss(model.apply(tree, ids), ids), lora, init_batches)
+    go("LoRA-GA", lora_ga(lora, grads, key=1), adam)
+    go("EVA", eva(lora, lambda tree, ids: model.apply(tree, ids), init_batches), adam)
     go("full", base, lambda t: optax.adam(1e-3), extra=".*")
     return results
 

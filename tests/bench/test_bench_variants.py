@@ -15,7 +15,8 @@ spec.loader.exec_module(bench)
 def test_every_variant_learns_in_a_short_run():
     res = bench.run(steps=25, pretrain=10, seq=32, batch=8, r=4)
     assert set(res) == {"untuned base", "LoRA", "LoRA+", "LoRA-FA", "rsLoRA", "VeRA", "DoRA", "AdaLoRA", "Delta-LoRA",
-                        "DyLoRA", "SoRA", "LoRA-drop", "full", "LoRA @5e-4", "LoRA+ @5e-4"}
+                        "DyLoRA", "SoRA", "LoRA-drop", "full", "LoRA @5e-4", "LoRA+ @5e-4", "HiRA", "MiSS", "SHiRA",
+                        "LoRA-GA", "EVA"}
     for name, r in res.items():
         if name == "untuned base":
             continue
