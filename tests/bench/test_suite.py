@@ -14,7 +14,7 @@ ALL = {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak", "4 memory", "4 FSDP", "5 compi
 
 
 @pytest.mark.parametrize("variants, only, figures", [
-    ("lora", "peft,flops", {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak"}),  # FSDP bytes: tests/train/test_sharded.py
+    pytest.param("lora", "peft,flops", {"1 vs PEFT", "2 FLOPs", "3 MFU", "3 peak"}, marks=pytest.mark.slow),  # CI's test-slow
     pytest.param("lora,dora,vera,adalora,qlora,full", "peft,flops,memory,fsdp,compile,merged,long", ALL,
                  marks=pytest.mark.slow),
 ])

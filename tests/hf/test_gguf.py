@@ -135,6 +135,7 @@ def test_bad_files_are_refused_by_name(tmp_path):
         from_gguf(tmp_path / "junk.gguf")
 
 
+@pytest.mark.slow  # CI's `make test-slow` (about a minute: two GGUF parses of a 49k vocabulary in transformers)
 def test_the_real_smollm2_file_with_its_tokenizer():
     if not SMOLLM.is_file():
         pytest.fail(f"{SMOLLM} is missing: `make assets` fetches it (pinned, checksum checked)")

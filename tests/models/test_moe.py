@@ -78,14 +78,14 @@ def test_no_dense_pass_of_every_expert_over_every_token():
 VARIANTS = [v for v in lv.variant_names() if v != "multitask"]
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v in ("lora", "dora", "qlora") else pytest.mark.slow)
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v in ("lora", "qlora") else pytest.mark.slow)
                                      for v in VARIANTS + ["qlora"]])
 def test_every_variant_on_the_expert_banks_factored_equals_merged(variant):
     p = _params()
     if variant == "qlora":
         p = lv.quantize(p, lv.QuantSpec(targets=BANKS, stacked=BANKS, block_size=8))
     spec = lv.AdapterSpec(targets=BANKS, stacked=BANKS, r=3, variant="lora" if variant == "qlora" else variant,
-                          settings=lv.DyLora(r_min=2) if variant == "dylora" else None)
+                          settings={"dylora": lv.DyLora(r_min=2), "qalora": lv.QaLora(group_size=4)}.get(variant))
     trainable, frozen = lv.split(lv.adapt(p, spec, 0))
     tree = lv.combine(jax.tree.map(lambda v: v + 0.05, trainable), frozen)
     if variant == "dylora":

@@ -36,15 +36,18 @@ VARIANTS = {
 
 # Covered in the default run elsewhere: rsLoRA (a scale: the export tests), PiSSA (pissa_nf4 here, the export CLI),
 # Delta-LoRA (test_delta_lora_changes_the_frozen_weights_and_lora_does_not).
-# HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow); LoRA+, SoRA and
-# DoRA train through the app in tests/train/test_report.py (12 steps each, their figures checked).
+# HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow); DoRA trains
+# through the app in tests/train/test_report.py (12 steps, its figures checked), LoRA+ and SoRA there under
+# `slow` (their optimizers: tests/optim). LoRA-drop: the app's resume test (tests/train/test_resume.py);
+# LoRA-GA and EVA: the export CLI's runs (tests/train/test_export_cli.py). Every case here runs in CI's
+# `make test-slow`.
 # LoRA-FA: its node and projection in tests/nodes and tests/optim/test_lorafa.py.
 # LoRA: nearly every app test trains it; AdaLoRA: test_report's run (its budget pruned, its figures); QLoRA:
 # pissa_nf4 and loftq here and tests/hf/test_bnb.py (LoRA over an NF4 checkpoint through the app).
 # LoftQ: tests/test_loftq.py (the algorithm against PEFT's) and the app's plan of configs; QA-LoRA: its node,
 # merge and PEFT export tests (tests/nodes/test_qalora.py, tests/hf/test_export.py).
 ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
-             "lora", "adalora", "qlora", "loftq", "qalora")
+             "lora", "adalora", "qlora", "loftq", "qalora", "lora_drop", "lora_ga", "eva")
 
 
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in ELSEWHERE else v for v in VARIANTS])
@@ -304,6 +307,7 @@ def test_non_finite_updates_are_skipped_and_leave_the_adapters_as_they_were(asse
     assert np.all(b == 0) and np.all(np.isfinite(np.asarray(result.trainable["layers"]["attn"]["q_proj"].lora_a)))
 
 
+@pytest.mark.slow  # CI's `make test-slow`; by default the many-adapter step's equality runs in tests/nodes/test_multi.py
 def test_many_adapters_train_together_each_on_its_rows(assets, tmp_path):
     """Three adapters (LoRA r=4 and r=2 from task labels, DoRA r=8 from a file of its own) in one run: per-adapter
     eval metrics, one PEFT adapter per name that PEFT loads with our logits, a merged export of one of them."""

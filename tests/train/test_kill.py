@@ -127,6 +127,7 @@ def _resume_message(out: Path, args: list[str], capsys) -> str:
 CHOSEN = [("metrics", 3), ("ckpt_items", 2), ("ckpt_finalize", 1), ("ckpt_delete", 1), ("adapters", 1)]
 
 
+@pytest.mark.slow  # CI's `make test-slow`; the default run resumes after SIGTERM/stop (tests/train/test_resume.py)
 def test_kill_9_at_chosen_points_then_resume(assets, tmp_path, capsys):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     train(lm_args(assets, whole, *BASE))

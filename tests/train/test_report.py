@@ -28,17 +28,38 @@ RUNS = {
 }
 
 
+# The runs of the figure kinds only one variant draws (LoRA+'s rate groups, SoRA's active ranks, LoRA-drop's
+# importances): under `slow` (CI's `make test-slow`); the default run draws LoRA, DoRA, AdaLoRA and multi-task.
+SLOW = ("loraplus", "sora", "lora_drop")
+
+
+class _Runs(dict):
+    """Run directories by name, each trained the first time a test asks for it (once per module)."""
+
+    def __init__(self, assets: dict[str, Path], d: Path):
+        super().__init__()
+        self.assets, self.d = assets, d
+
+    def __missing__(self, name: str) -> Path:
+        out = self.d / name
+        if name == "multitask":
+            train(cls_args(self.assets, out, "adapter.variant=multitask", "adapter.multitask.n_tasks=2",
+                           "data.task_field=task", "data.tasks=[reviews, tweets]", "train.steps=12", "train.eval_every=4"))
+        else:
+            if name == "dora":
+                self["lora"]  # noqa: B018 - first: DoRA's report finds the LoRA run beside it
+            train(lm_args(self.assets, out, *COMMON, *RUNS[name]))
+        self[name] = out
+        return out
+
+
 @pytest.fixture(scope="module")
-def runs(assets, tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("report_runs")
-    out = {}
-    for name, extra in RUNS.items():
-        out[name] = d / name
-        train(lm_args(assets, out[name], *COMMON, *extra))
-    out["multitask"] = d / "multitask"
-    train(cls_args(assets, out["multitask"], "adapter.variant=multitask", "adapter.multitask.n_tasks=2", "data.task_field=task",
-                   "data.tasks=[reviews, tweets]", "train.steps=12", "train.eval_every=4"))
-    return out
+def runs(assets, tmp_path_factory) -> _Runs:
+    return _Runs(assets, tmp_path_factory.mktemp("report_runs"))
+
+
+def _slow(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
 
 
 def _check_png(path: Path, min_size: tuple[int, int] = (500, 300)) -> np.ndarray:
@@ -64,16 +85,18 @@ def _figs(run: Path) -> set[str]:
     return {p.name for p in (run / "report").glob("*.png")}
 
 
-def test_every_run_writes_its_report_at_the_end(runs):
-    for name, run in runs.items():
-        page = (run / "report" / "index.html").read_text()
-        assert "loss.png" in _figs(run), name
-        for fig in _figs(run):
-            assert f"src='{fig}'" in page, (name, fig)
-            _check_png(run / "report" / fig)
-        assert "final train loss" in page and "<h2>Config</h2>" in page
+@pytest.mark.parametrize("name", _slow([*RUNS, "multitask"]))
+def test_every_run_writes_its_report_at_the_end(runs, name):
+    run = runs[name]
+    page = (run / "report" / "index.html").read_text()
+    assert "loss.png" in _figs(run), name
+    for fig in _figs(run):
+        assert f"src='{fig}'" in page, (name, fig)
+        _check_png(run / "report" / fig)
+    assert "final train loss" in page and "<h2>Config</h2>" in page
 
 
+@pytest.mark.slow
 def test_loraplus_learning_rates_per_group(runs):
     run = runs["loraplus"]
     assert {"loss.png", "lr.png"} <= _figs(run)
@@ -96,6 +119,7 @@ def test_adalora_rank_heatmap_and_budget(runs):
     assert totals[-1] == 1 * sum(np.size(v) for v in final.values())
 
 
+@pytest.mark.slow
 def test_sora_active_ranks_over_time(runs):
     run = runs["sora"]
     assert "sora_ranks.png" in _figs(run)
@@ -134,6 +158,7 @@ def test_dora_scatter_with_the_lora_run_beside_it(runs, assets):
     assert_close(row["dD"]["layers/attn/q_proj"], dd, 1e-3)
 
 
+@pytest.mark.slow
 def test_lora_drop_importance_and_threshold(runs):
     run = runs["lora_drop"]
     assert "lora_drop.png" in _figs(run)
@@ -155,11 +180,12 @@ def test_multitask_per_task_metrics(runs):
 
 
 def test_report_command_and_comparison_page(runs, tmp_path, capsys):
-    dirs = [str(runs[k]) for k in ("lora", "dora", "sora", "adalora")]
+    kinds = ("lora", "dora", "adalora")
+    dirs = [str(runs[k]) for k in kinds]
     code, err = main(["report", *dirs, "--out", str(tmp_path / "cmp")], capsys)
     assert code == 0, err
     page = (tmp_path / "cmp" / "index.html").read_text()
-    for k in ("lora", "dora", "sora", "adalora"):
+    for k in kinds:
         assert re.search(rf"<td>{k}</td><td>{k}</td><td>[\d,]+</td>", page), k  # run, variant, trainable params
     for fig in ("compare_loss.png", "compare_bars.png", "dora_scatter.png"):
         _check_png(tmp_path / "cmp" / fig)
