@@ -7,7 +7,7 @@
     loss = merged(model.apply)(adapted, x)        # any JAX model, exact for every variant
 """
 
-from lorax_variants import variants
+from lorax_variants import objectives, variants
 from lorax_variants.adapt import Target, adapt, register_variant, variant_names
 from lorax_variants.nodes import AdapterNode, Node
 from lorax_variants.nodes.quantized import QuantizedNode
@@ -29,5 +29,6 @@ __all__ = [
     "tree_bytes", "ParamCount", "with_dropout", "without_dropout", "trainable_mask", "leaves_with_paths",
     "map_with_paths", "path_str", "Node", "AdapterNode", "QuantizedNode", "Shared", "resolve_shared", "as_lora",
     "BASE", "route", "sort_by_adapter", "QuantSpec", "quantize", "dequantize", "Target", "register_variant", "variant_names", "variants",
+    "objectives",
     *variants.EXPORTS,
 ]

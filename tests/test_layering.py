@@ -20,7 +20,7 @@ LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a
     {"spec"},
     {"registry", "recipes", "codec"},
     {"nodes.quantized"},
-    {"ops", "quant", "adapt", "per_call", "routing", "sharding", "stats", "optim", "optim.*"},
+    {"ops", "quant", "adapt", "per_call", "routing", "sharding", "stats", "optim", "optim.*", "objectives"},
     {"variants.*"},  # one module per variant; a variant may build on another (LoRA's node)
     {"variants", "diagnostics"},
     {"models", "models.*"},
