@@ -40,13 +40,17 @@ batch: token-level). Defaults are TRL's (``DPOConfig``, ``CPOConfig`` for SimPO,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from lorax_variants.ops import without_adapters
+
 __all__ = ["token_logps", "completion_logps", "PreferenceLoss", "dpo_loss", "simpo_loss", "preference_metrics",
-           "group_advantages", "GrpoLoss", "grpo_loss"]
+           "group_advantages", "GrpoLoss", "grpo_loss", "preference_loss", "reference_logps", "PREFERENCE_OBJECTIVES"]
+
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo")
 
 DPO_LOSSES = ("sigmoid", "robust", "ipo")
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -131,6 +135,47 @@ def preference_metrics(out: PreferenceLoss) -> dict[str, jax.Array]:
     return {"rewards/chosen": jnp.mean(out.chosen_rewards), "rewards/rejected": jnp.mean(out.rejected_rewards),
             "rewards/margins": jnp.mean(out.chosen_rewards - out.rejected_rewards),
             "rewards/accuracies": jnp.mean((out.chosen_rewards > out.rejected_rewards).astype(jnp.float32))}
+
+
+LogpsFn = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+
+
+def reference_logps(logps_fn: LogpsFn, tree: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """The reference policy's completion log-probabilities [rows]: ``logps_fn`` on ``tree`` with its adapters off
+    (``without_adapters``: the same frozen arrays), no gradient. Run it once per pair before training to cache
+    them (``reference="precomputed"``), or let ``preference_loss`` run it inside the step (``"base"``)."""
+    logps, _ = logps_fn(without_adapters(tree), batch)
+    return jax.lax.stop_gradient(logps)
+
+
+def preference_loss(logps_fn: LogpsFn, tree: Any, batch: dict[str, jax.Array], *, objective: str = "dpo",
+                    reference: str = "base", **settings: Any) -> PreferenceLoss:
+    """A preference objective on a batch of pairs: rows ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``
+    (prompt and completion in one row). ``logps_fn(tree, batch) -> (summed completion log-probs, lengths)`` per
+    row (e.g. ``completion_logps`` of the model's logits); ``objective``: ``dpo`` (``loss_type``, ``beta``,
+    ``label_smoothing`` as ``dpo_loss``), ``ipo`` or ``simpo`` (reference-free). ``reference``: ``"base"`` runs
+    ``logps_fn`` again with the adapters off, in the same computation (no second weight tree), ``"precomputed"``
+    reads ``batch["ref_logps"]`` [rows]."""
+    if objective not in PREFERENCE_OBJECTIVES:
+        raise ValueError(f"preference_loss: objective {objective!r}; expected one of {PREFERENCE_OBJECTIVES}")
+    if reference not in ("base", "precomputed"):
+        raise ValueError(f"preference_loss: reference {reference!r}; expected 'base' or 'precomputed'")
+    logps, lengths = logps_fn(tree, batch)
+    if logps.shape[0] % 2:
+        raise ValueError(f"preference_loss: {logps.shape[0]} rows; expected the chosen rows then as many rejected")
+    b = logps.shape[0] // 2
+    if objective == "simpo":
+        return simpo_loss(logps[:b], logps[b:], lengths[:b], lengths[b:], **settings)
+    if reference == "base":
+        ref = reference_logps(logps_fn, tree, batch)
+    else:
+        if "ref_logps" not in batch:
+            raise ValueError("preference_loss: reference='precomputed' needs batch['ref_logps'] (reference_logps)")
+        ref = batch["ref_logps"]
+    if objective == "ipo":
+        settings = {**settings, "loss_type": "ipo"}
+    return dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
+                    **settings)
 
 
 def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") -> jax.Array:

@@ -26,7 +26,8 @@ from lorax_variants.nodes.base import AdapterNode, Node, dense, dense_t, embed
 from lorax_variants.shared import resolve_shared
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 
-__all__ = ["dense", "dense_t", "embed", "merge", "merged", "merge_quantized", "as_lora", "adapter_names_in", "one_adapter"]  # dense, dense_t, embed: the node protocol's
+__all__ = ["dense", "dense_t", "embed", "merge", "merged", "merge_quantized", "as_lora", "adapter_names_in", "one_adapter",
+           "without_adapters"]  # dense, dense_t, embed: the node protocol's
 
 
 def as_lora(tree: Any, **options: Any) -> Any:
@@ -40,6 +41,14 @@ def as_lora(tree: Any, **options: Any) -> Any:
         return x.as_lora(**{k: v for k, v in options.items() if k in accepted and v is not None})
 
     return jax.tree.map(reduce, resolve_shared(tree), is_leaf=lambda x: isinstance(x, Node))
+
+
+def without_adapters(tree: Any) -> Any:
+    """``tree`` with every adapter node replaced by the frozen weight it adapts (a quantized weight stays
+    quantized): the model the adapters were made over, as PEFT's ``disable_adapter()`` gives it. The same arrays,
+    no copy: the reference policy of preference and RL tuning costs no memory."""
+    return jax.tree.map(lambda x: x.weight if isinstance(x, AdapterNode) else x, tree,
+                        is_leaf=lambda x: isinstance(x, Node))
 
 
 def adapter_names_in(tree: Any) -> tuple[str, ...] | None:

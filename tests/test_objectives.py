@@ -236,3 +236,87 @@ def test_bad_settings_are_named():
         O.grpo_loss(m, m, x, m, beta=0.1)
     with pytest.raises(ValueError, match="with sequence-level importance sampling use 'grpo'"):
         O.grpo_loss(m, m, x, m, importance_sampling_level="sequence")
+
+
+def _tiny(quantized: bool = False):
+    import jax
+
+    import lorax_variants as lv
+    from lorax_variants.models import STACKED, TinyConfig, TinyTransformer
+
+    model = TinyTransformer(TinyConfig(vocab_size=V, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_len=T))
+    params = model.init(jax.random.key(0))
+    targets = r"layers/(attn|mlp)/\w+_proj"
+    base = lv.quantize(params, lv.QuantSpec(targets=targets, stacked=STACKED, block_size=16)) if quantized else params
+    tree = lv.adapt(base, lv.AdapterSpec(targets=targets, stacked=STACKED, r=4, alpha=8), 1)
+    trainable, frozen = lv.split(tree)
+    trainable = jax.tree.map(lambda x: x + 0.05, trainable)  # B != 0: the adapters change the function
+    return model, base, trainable, frozen
+
+
+def _batch(seed: int = 6):
+    ids, mask, _, _ = _pairs(seed)
+    return {"input_ids": jnp.asarray(ids), "completion_mask": jnp.asarray(mask)}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_reference_is_the_base_with_adapters_off_and_costs_no_argument_bytes(quantized):
+    """``reference="base"``: the reference log-probs are the unadapted model's (the same frozen arrays, NF4 too);
+    the DPO step's compiled arguments are exactly an SFT step's on the same rows (no second weight tree); the
+    precomputed reference gives the same loss and gradients."""
+    import jax
+
+    import lorax_variants as lv
+
+    model, base, trainable, frozen = _tiny(quantized)
+    batch = _batch()
+    logps_fn = lambda t, b: O.completion_logps(model.apply(t, b["input_ids"]), b["input_ids"], b["completion_mask"])  # noqa: E731
+    want, _ = O.completion_logps(model.apply(base, batch["input_ids"]), batch["input_ids"], batch["completion_mask"])
+    ref = O.reference_logps(logps_fn, lv.combine(trainable, frozen), batch)
+    assert_close(np.asarray(ref), np.asarray(want), 1e-6)
+    mine, _ = logps_fn(lv.combine(trainable, frozen), batch)
+    assert float(jnp.max(jnp.abs(mine - ref))) > 1e-3  # the adapters do change the policy
+
+    def dpo(tr, fr, b):
+        return O.preference_loss(logps_fn, lv.combine(tr, fr), b, beta=0.1).loss
+
+    def dpo_cached(tr, fr, b):
+        return O.preference_loss(logps_fn, lv.combine(tr, fr), b, reference="precomputed", beta=0.1).loss
+
+    def sft(tr, fr, b):
+        logps, lengths = logps_fn(lv.combine(tr, fr), b)
+        return -jnp.sum(logps) / jnp.sum(lengths)
+
+    def args(f, b):
+        return jax.jit(jax.grad(f)).lower(trainable, frozen, b).compile().memory_analysis().argument_size_in_bytes
+
+    assert args(dpo, batch) == args(sft, batch)
+    cached = dict(batch, ref_logps=ref)
+    assert_close(np.asarray(dpo(trainable, frozen, batch)), np.asarray(dpo_cached(trainable, frozen, cached)), 1e-6)
+    g1, g2 = jax.grad(dpo)(trainable, frozen, batch), jax.grad(dpo_cached)(trainable, frozen, cached)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert_close(np.asarray(a), np.asarray(b), 1e-5)
+    assert any(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(g1))
+
+
+def test_preference_loss_is_dpo_ipo_simpo_of_the_pairs():
+    """At the same log-probs, ``preference_loss`` is ``dpo_loss``/``simpo_loss`` of the rows split in halves."""
+    import lorax_variants as lv
+
+    model, _, trainable, frozen = _tiny()
+    batch = _batch(7)
+    tree = lv.combine(trainable, frozen)
+    logps_fn = lambda t, b: O.completion_logps(model.apply(t, b["input_ids"]), b["input_ids"], b["completion_mask"])  # noqa: E731
+    logps, lengths = logps_fn(tree, batch)
+    ref = O.reference_logps(logps_fn, tree, batch)
+    ipo = O.preference_loss(logps_fn, tree, batch, objective="ipo", beta=0.2)
+    want = O.dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=0.2, loss_type="ipo", chosen_lengths=lengths[:B],
+                      rejected_lengths=lengths[B:])
+    assert_close(np.asarray(ipo.losses), np.asarray(want.losses), 1e-6)
+    simpo = O.preference_loss(logps_fn, tree, batch, objective="simpo", beta=2.0, gamma=1.0)
+    want = O.simpo_loss(logps[:B], logps[B:], lengths[:B], lengths[B:], beta=2.0, gamma=1.0)
+    assert_close(np.asarray(simpo.losses), np.asarray(want.losses), 1e-6)
+    with pytest.raises(ValueError, match="needs batch\\['ref_logps'\\]"):
+        O.preference_loss(logps_fn, tree, batch, reference="precomputed")
+    with pytest.raises(ValueError, match="objective 'kto'"):
+        O.preference_loss(logps_fn, tree, batch, objective="kto")
