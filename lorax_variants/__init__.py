@@ -12,7 +12,7 @@ from lorax_variants.adapt import Target, adapt, register_variant, variant_names
 from lorax_variants.nodes import AdapterNode, Node
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.shared import Shared, resolve_shared
-from lorax_variants.ops import as_lora, dense, merge, merge_quantized, merged
+from lorax_variants.ops import as_lora, dense, merge, merge_quantized, merged, without_adapters
 from lorax_variants.quant import QuantSpec, dequantize, quantize
 from lorax_variants.per_call import with_dropout, without_dropout
 from lorax_variants.routing import BASE, route, sort_by_adapter
@@ -29,6 +29,6 @@ __all__ = [
     "tree_bytes", "ParamCount", "with_dropout", "without_dropout", "trainable_mask", "leaves_with_paths",
     "map_with_paths", "path_str", "Node", "AdapterNode", "QuantizedNode", "Shared", "resolve_shared", "as_lora",
     "BASE", "route", "sort_by_adapter", "QuantSpec", "quantize", "dequantize", "Target", "register_variant", "variant_names", "variants",
-    "objectives",
+    "objectives", "without_adapters",
     *variants.EXPORTS,
 ]

@@ -100,6 +100,8 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
         raise ValueError(f"dpo_loss: loss_type {loss_type!r}; expected one of {DPO_LOSSES}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if not beta > 0:
+        raise ValueError(f"dpo_loss: beta must be > 0 (the KL weight; IPO's 1/(2β) margin), got {beta}")
     chosen = chosen_logps.astype(jnp.float32) - ref_chosen_logps.astype(jnp.float32)
     rejected = rejected_logps.astype(jnp.float32) - ref_rejected_logps.astype(jnp.float32)
     delta = chosen - rejected
@@ -124,6 +126,8 @@ def simpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, chosen_length
     β times the length-normalized log-probabilities."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"simpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if not beta > 0:
+        raise ValueError(f"simpo_loss: beta must be > 0, got {beta}")
     chosen = chosen_logps.astype(jnp.float32) / jnp.maximum(chosen_lengths, 1.0)
     rejected = rejected_logps.astype(jnp.float32) / jnp.maximum(rejected_lengths, 1.0)
     losses = _smoothed(beta * (chosen - rejected) - gamma, label_smoothing)
@@ -184,6 +188,9 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") 
     Bessel's correction, as TRL's."""
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale {scale!r}; expected 'group', 'batch' or 'none'")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_advantages: group_size must be an integer >= 2 (a group's mean and spread need two "
+                         f"completions per prompt), got {group_size!r}")
     r = rewards.astype(jnp.float32)
     if r.shape[0] % group_size:
         raise ValueError(f"group_advantages: {r.shape[0]} rewards are not whole groups of {group_size}")
@@ -192,8 +199,7 @@ def group_advantages(rewards: jax.Array, group_size: int, scale: str = "group") 
     if scale == "none":
         return centred
     if scale == "group":
-        std = jnp.std(groups, axis=1, ddof=1, keepdims=True) if group_size > 1 else jnp.full((groups.shape[0], 1), jnp.nan)
-        std = jnp.broadcast_to(std, groups.shape).reshape(r.shape)
+        std = jnp.broadcast_to(jnp.std(groups, axis=1, ddof=1, keepdims=True), groups.shape).reshape(r.shape)
     else:
         std = jnp.std(r, ddof=1) if r.shape[0] > 1 else jnp.nan
     return jnp.nan_to_num(centred / (std + 1e-4), nan=0.0)
@@ -220,6 +226,8 @@ def grpo_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, mas
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(f"grpo_loss: importance_sampling_level {importance_sampling_level!r}; expected 'token' or "
                          "'sequence'")
+    if beta < 0:
+        raise ValueError(f"grpo_loss: beta must be >= 0 (the KL weight; 0: no reference), got {beta}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError("grpo_loss: beta > 0 needs the reference's ref_logps")
     if importance_sampling_level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo"):

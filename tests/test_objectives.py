@@ -231,6 +231,13 @@ def test_bad_settings_are_named():
         O.dpo_loss(x, x, x, x, label_smoothing=0.5)
     with pytest.raises(ValueError, match="not whole groups of 4"):
         O.group_advantages(jnp.zeros(6), 4)
+    with pytest.raises(ValueError, match="group_size must be an integer >= 2"):
+        O.group_advantages(jnp.zeros(6), 1)
+    for beta in (0.0, -0.1):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            O.dpo_loss(x, x, x, x, beta=beta)
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            O.simpo_loss(x, x, x, x, beta=beta)
     m = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="beta > 0 needs"):
         O.grpo_loss(m, m, x, m, beta=0.1)

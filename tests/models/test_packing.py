@@ -123,10 +123,9 @@ def test_splash_kernel_takes_segment_ids_in_interpret_mode():
 MODELS = ["llama3_rope_tied_bias", "qwen3_windows", "gemma3", "gpt2"]
 
 
-# Every model on the dense path; the blockwise path for Gemma 3 (sliding layers, soft-capped logits) in the
-# default run and for the others under slow (the layer-level tests above cover its masks on every option).
-CASES = [pytest.param(m, i, marks=pytest.mark.slow if i == "flash" and m != "gemma3" else ())
-         for m in MODELS for i in ("dense", "flash")]
+# Every model on the dense path in the default run; the blockwise path under slow (CI's `make test-slow`; the
+# layer-level tests above cover its masks on every option in the default run).
+CASES = [pytest.param(m, i, marks=pytest.mark.slow if i == "flash" else ()) for m in MODELS for i in ("dense", "flash")]
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,9 @@ print(json.dumps({"loss": abs(float(l1) - float(l8)), "grads": diff, "weight": s
 """
 
 
-@pytest.mark.parametrize("impl, routes", [("gather", [1, 0, -1, 1, 0, 0, 1, -1]),
+# Under slow (CI's `make test-slow`): the default run checks sharded training in tests/train/test_sharded.py and
+# the many-adapter step's exactness on one device above.
+@pytest.mark.parametrize("impl, routes", [pytest.param("gather", [1, 0, -1, 1, 0, 0, 1, -1], marks=pytest.mark.slow),
                                           pytest.param("ragged", [0, 0, 0, 1, 1, 1, -1, -1], marks=pytest.mark.slow)])
 def test_sharded_over_data_fsdp_tensor_equals_one_device(impl, routes):
     """The batch over data x fsdp, the frozen and adapter leaves over fsdp/tensor as a single adapter's (8 simulated

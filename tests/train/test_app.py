@@ -39,7 +39,8 @@ VARIANTS = {
 # HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow); DoRA trains
 # through the app in tests/train/test_report.py (12 steps, its figures checked), LoRA+ and SoRA there under
 # `slow` (their optimizers: tests/optim). LoRA-drop: the app's resume test (tests/train/test_resume.py);
-# LoRA-GA and EVA: the export CLI's runs (tests/train/test_export_cli.py). Every case here runs in CI's
+# EVA: the export CLI's run (tests/train/test_export_cli.py); LoRA-GA: its node and init against PEFT
+# (tests/nodes/test_lora_ga.py), its app runs under slow. Every case here runs in CI's
 # `make test-slow`.
 # LoRA-FA: its node and projection in tests/nodes and tests/optim/test_lorafa.py.
 # LoRA: nearly every app test trains it; AdaLoRA: test_report's run (its budget pruned, its figures); QLoRA:

@@ -17,8 +17,11 @@ IDS = np.random.default_rng(1).integers(0, 96, (2, 10))
 
 # LoRA and DoRA exports through the CLI under slow: the same writer as PiSSA's here (and tests/hf/test_export.py
 # exports every variant; test_demo exports LoRA through the CLI's function)
+# LoRA-GA's under slow too (its init and moved base against PEFT: tests/nodes/test_lora_ga.py; PiSSA's here
+# writes the same PEFT form from the initial factors)
 @pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow), "pissa",
-                                     pytest.param("dora", marks=pytest.mark.slow), "lora_ga", "eva"])
+                                     pytest.param("dora", marks=pytest.mark.slow),
+                                     pytest.param("lora_ga", marks=pytest.mark.slow), "eva"])
 def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
     import peft
 
