@@ -73,6 +73,7 @@ UNSUPPORTED = {  # field -> what it means, refused when set
     "use_bdlora": "BD-LoRA (use_bdlora)",
 }
 
+
 def _refuse(cfg_path: Path, field: str, why: str) -> None:
     raise ValueError(f"{cfg_path}: {field}: {why}; this adapter cannot be represented here")
 
