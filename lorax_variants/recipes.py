@@ -21,6 +21,13 @@ dataclass: the app's config section ``adapter.<name>``) and hooks, each optional
 
 A loop (the app's, or a user's) calls the hooks and never names a variant. A variant registers its recipe
 from its own module (``lorax_variants/variants/<name>.py``) with ``register_recipe``.
+
+Initializations are registered the same way (``InitRecipe``, ``register_init``): an init's settings (the
+config section ``adapter.<init>``), the ``AdapterSpec.init`` its adapters are first built with, and its hooks:
+``from_data(settings, tree, data)`` runs over the first training batches (``InitData``: the loop's loss,
+forward, batches), ``on_quantized(settings, params, spec, qspec, key)`` builds adapters and quantized bases
+together; flags say what it needs (a LoRA-shaped variant, a quantized or a full-precision base, one host)
+and whether it moves the frozen base (an adapter export then writes its initial factors).
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import optax
 
 from lorax_variants.spec import AdapterSpec
 
-__all__ = ["Recipe", "OptimContext", "Reshape", "RECIPES", "recipe", "register_recipe", "plain_optimizer", "Route"]
+__all__ = ["Recipe", "OptimContext", "Reshape", "RECIPES", "recipe", "register_recipe", "plain_optimizer", "Route",
+           "InitRecipe", "InitData", "INITS", "init_recipe", "register_init"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,3 +164,73 @@ def recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown variant {name!r}; choose from {sorted(RECIPES)}")
     return RECIPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class InitData:
+    """What an init that reads training data gets from the loop: ``loss(tree, batch)`` (the batch's mean loss,
+    no dropout), ``forward(tree, batch)`` (the model's output on a host batch), ``token_mask(batch)`` ([B, T]
+    tokens the loss covers), ``global_batches(n)`` (the first n training batches, placed on the mesh),
+    ``host_batches(n)`` (this host's first n, at most as many as there are), ``seed`` (``adapter.seed``)."""
+
+    loss: Callable[[Any, Any], jax.Array]
+    forward: Callable[[Any, Any], Any]
+    token_mask: Callable[[Any], np.ndarray]
+    global_batches: Callable[[int], list[Any]]
+    host_batches: Callable[[int], list[Any]]
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InitRecipe:
+    """An adapter initialization for a training loop (see the module docstring).
+
+    ``built_as``: the ``AdapterSpec.init`` the adapters are built with before the hooks run. ``full_weights``:
+    the adapted weights are read in full precision and quantized after the init (their bases are the init's
+    residual). ``moves_base``: the init changes the frozen base (PEFT export writes the initial factors, PEFT's
+    conversion to LoRA on the original base). ``lora_only``: LoRA-shaped, unrouted variants only;
+    ``needs_quant`` / ``refuses_quant``: a quantized base is required / refused; ``single_host``: one process
+    only. ``check(settings, adapter_config)``: refuse what the init cannot do (``ValueError("field: ...")``);
+    ``describe(settings)``: the log line after it ran."""
+
+    name: str
+    settings: type | None = None
+    built_as: str = "kaiming"
+    from_data: Callable[[Any, Any, InitData], Any] | None = None
+    on_quantized: Callable[[Any, Any, AdapterSpec, Any, jax.Array], Any] | None = None
+    full_weights: bool = False
+    moves_base: bool = False
+    lora_only: bool = False
+    needs_quant: bool = False
+    refuses_quant: bool = False
+    single_host: bool = False
+    check: Callable[[Any, Any], None] | None = None
+    describe: Callable[[Any], str] | None = None
+
+    def defaults(self) -> Any:
+        """The settings with their defaults (``None`` for an init without settings)."""
+        return self.settings() if self.settings is not None else None
+
+
+INITS: dict[str, InitRecipe] = {}
+
+
+def register_init(r: InitRecipe) -> InitRecipe:
+    """Register an initialization under ``r.name`` (its module does this for itself)."""
+    INITS[r.name] = r
+    return r
+
+
+def init_recipe(name: str) -> InitRecipe:
+    """The init registered as ``name``; an unknown name is an error listing the known ones."""
+    if name not in INITS:
+        raise ValueError(f"unknown adapter init {name!r}; choose from {sorted(INITS)}")
+    return INITS[name]
+
+
+# The inits AdapterSpec builds itself (lorax_variants.inits): random A (B = 0), or the weight's principal
+# (PiSSA) / QR (OLoRA) factors with the residual as the base.
+register_init(InitRecipe("kaiming"))
+register_init(InitRecipe("gaussian", built_as="gaussian"))
+register_init(InitRecipe("pissa", built_as="pissa", full_weights=True, moves_base=True))
+register_init(InitRecipe("olora", built_as="olora", full_weights=True, moves_base=True))

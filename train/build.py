@@ -83,7 +83,7 @@ def adapter_spec(cfg: Config, stacked: str) -> lv.AdapterSpec | None:
     try:
         return lv.AdapterSpec(targets=tuple(a.targets) if isinstance(a.targets, list) else a.targets,
                               variant=variant.node, r=a.r, alpha=a.alpha, rank_pattern=a.rank_pattern,
-                              alpha_pattern=a.alpha_pattern, init={"loftq": "gaussian", "lora_ga": "kaiming", "eva": "kaiming"}.get(a.init, a.init),
+                              alpha_pattern=a.alpha_pattern, init=recipes.init_recipe(a.init).built_as,
                               rslora=a.rslora, dropout=a.dropout,
                               stacked=stacked, **variant.spec(a.settings()))
     except (ValueError, TypeError) as e:
@@ -145,8 +145,8 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     spec, quant = adapter_spec(cfg, stacked), quant_spec(cfg, stacked)
     dtype = jnp.dtype(cfg.model.param_dtype)
     head_key = jax.random.key(cfg.adapter.seed + 1)
-    loftq = cfg.adapter.init == "loftq"
-    on_load, on_residual = _pissa_quant_split(model, spec, quant, late=loftq)
+    init = recipes.init_recipe(cfg.adapter.init)
+    on_load, on_residual = _pissa_quant_split(model, spec, quant, late=init.full_weights)
     if abstract:
         model.new_leaves = []
         params = jax.eval_shape(lambda k: model.init(k, dtype), head_key)
@@ -159,8 +159,8 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
         if spec is None:
             return p
         key = jax.random.key(cfg.adapter.seed)
-        if loftq and on_residual is not None:  # LoftQ: the adapted weights' bases and A, B together
-            return lv.loftq(p, spec, on_residual, key, iters=cfg.adapter.loftq_iters)
+        if init.on_quantized is not None and on_residual is not None:  # e.g. LoftQ: bases and A, B together
+            return init.on_quantized(cfg.adapter.init_settings(), p, spec, on_residual, key)
         variant = recipes.recipe(cfg.adapter.variant)
         if variant.adapt is not None:  # e.g. many adapters, one spec each
             tree = variant.adapt(cfg.adapter.settings(), p, spec, key)
@@ -189,9 +189,9 @@ def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None, quant: lv.QuantS
     """``(quantized as read, quantized after adapting)``. PiSSA takes the top singular triplets of the
     full-precision weight and leaves the residual as the base, so with quantization the weights it adapts
     are read in full precision, adapted, and their residuals quantized (PiSSA + NF4, as QLoRA users of PiSSA
-    do); every other quantized weight is quantized as it is read. ``late``: the same for another init that
-    needs the full-precision weight (LoftQ)."""
-    if quant is None or spec is None or (spec.init not in ("pissa", "olora") and not late):
+    do); every other quantized weight is quantized as it is read. ``late``: the init needs the full-precision
+    weights (``InitRecipe.full_weights``: PiSSA, OLoRA, LoftQ)."""
+    if quant is None or spec is None or not late:
         return quant, None
     from lorax_variants.hf.names import shape_items
     from lorax_variants.tree import compile_patterns, matches

@@ -18,8 +18,6 @@ from typing import Any, Literal
 import yaml
 
 from lorax_variants import recipes
-from lorax_variants.variants.eva import Eva
-from lorax_variants.variants.lora_ga import LoraGa
 
 __all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest"]
 
@@ -54,32 +52,34 @@ class AdapterConfig:
     alpha: float = 16.0
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    # loftq: with quant (NF4 etc.); lora_ga: from the gradient of the first adapter.lora_ga.batches batches;
-    # eva: A from the principal components of each layer's inputs over the first adapter.eva.batches batches
-    init: Literal["kaiming", "gaussian", "pissa", "olora", "loftq", "lora_ga", "eva"] = "kaiming"
-    loftq_iters: int = 1  # LoftQ's alternations of quantization and SVD
-    lora_ga: LoraGa = dataclasses.field(default_factory=LoraGa)  # LoRA-GA's direction, scale, stable_gamma, batches
-    eva: Eva = dataclasses.field(default_factory=Eva)  # EVA's rho, tau, whiten, adjust_scaling_factors, batches
+    # a registered init (lorax_variants.recipes.INITS): kaiming, gaussian, pissa, olora, and those the variants'
+    # modules register (loftq with quant; lora_ga, eva from the first training batches); its settings are the
+    # section adapter.<init> (e.g. adapter.lora_ga.batches)
+    init: str = "kaiming"
     rslora: bool = False
     dropout: float = 0.0
     train_extra: str | list[str] | None = None  # regexes of other leaves to train (e.g. "head/.*")
     seed: int = 0  # adapter init (and VeRA's projections)
-    # Each variant's own settings: the section adapter.<variant>, checked against the settings type the variant
-    # registers (lorax_variants.recipes); only the section of adapter.variant is used.
+    # Each variant's and each init's own settings: the section adapter.<name>, checked against the settings type
+    # it registers (lorax_variants.recipes); only the sections of adapter.variant and adapter.init are used.
     sections: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
-        """``adapter.<variant>``: that variant's section (its defaults where the config has none)."""
+        """``adapter.<variant>`` / ``adapter.<init>``: that section (its defaults where the config has none)."""
         if name.startswith("_") or name == "sections":
             raise AttributeError(name)
-        kind = recipes.RECIPES[name].settings if name in recipes.RECIPES else None
+        kind = _sections().get(name)
         if kind is None:
-            raise AttributeError(f"AdapterConfig has no field or variant section {name!r}")
+            raise AttributeError(f"AdapterConfig has no field or section {name!r}")
         return self.sections.get(name) or kind()
 
     def settings(self) -> Any:
         """The settings of ``variant`` (its section, or the defaults; ``None`` for a variant without any)."""
         return getattr(self, self.variant) if recipes.recipe(self.variant).settings is not None else None
+
+    def init_settings(self) -> Any:
+        """The settings of ``init`` (its section, or the defaults; ``None`` for an init without any)."""
+        return getattr(self, self.init) if recipes.init_recipe(self.init).settings is not None else None
 
 
 @dataclasses.dataclass
@@ -274,9 +274,14 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {t} at {where}")
 
 
+RENAMED = {"adapter.loftq_iters": "adapter.loftq.iters"}
+
+
 def _moved(path: str) -> str | None:
     """Where an old flat key of a variant's setting went: ``optim.<variant>_<field>`` and ``adapter.<field>``
     (a field of one variant's settings) moved into that variant's section ``adapter.<variant>``."""
+    if path in RENAMED:
+        return RENAMED[path]
     kinds = _sections()
     section, _, key = path.partition(".")
     if section == "optim":
@@ -293,8 +298,9 @@ def _moved(path: str) -> str | None:
 
 
 def _sections() -> dict[str, type]:
-    """Variant name -> its settings type (the ``adapter.<variant>`` sections a config may hold)."""
-    return {name: r.settings for name, r in recipes.RECIPES.items() if r.settings is not None}
+    """Variant or init name -> its settings type (the ``adapter.<name>`` sections a config may hold)."""
+    out = {name: r.settings for name, r in recipes.INITS.items() if r.settings is not None}
+    return out | {name: r.settings for name, r in recipes.RECIPES.items() if r.settings is not None}
 
 
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -341,6 +347,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     active = cfg.adapter.settings()  # the variant's settings as the run uses them, defaults included
     if active is not None:
         d["adapter"][cfg.adapter.variant] = dataclasses.asdict(active)
+    if cfg.adapter.init in recipes.INITS and cfg.adapter.init_settings() is not None:
+        d["adapter"][cfg.adapter.init] = dataclasses.asdict(cfg.adapter.init_settings())
     return d
 
 
@@ -439,8 +447,8 @@ def check(cfg: Config) -> None:
     need(cfg.adapter.r >= 1, "adapter.r", "must be at least 1")
     need(cfg.adapter.alpha > 0, "adapter.alpha", "must be positive")
     need(0 <= cfg.adapter.dropout < 1, "adapter.dropout", "must be in [0, 1)")
-    given = dict(cfg.adapter.sections)  # every section given is checked, the variant's (defaults or not) too
-    if cfg.adapter.variant in recipes.RECIPES:
+    given = {k: v for k, v in cfg.adapter.sections.items() if k in recipes.RECIPES}  # every variant section given
+    if cfg.adapter.variant in recipes.RECIPES:  # is checked, the variant's (defaults or not) too
         given[cfg.adapter.variant] = cfg.adapter.settings()
     for name, settings in given.items():
         check = recipes.RECIPES[name].check
@@ -449,20 +457,20 @@ def check(cfg: Config) -> None:
                 check(settings, cfg.train.steps)
         except ValueError as e:  # "field: what is wrong"
             raise ConfigError(f"adapter.{name}.{e}") from None
-    need(cfg.adapter.loftq_iters >= 1, "adapter.loftq_iters", "must be at least 1")
-    need(cfg.adapter.init != "loftq" or cfg.quant.kind != "none", "adapter.init",
-         "loftq initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
-    if cfg.adapter.init in ("lora_ga", "eva"):
-        init = cfg.adapter.init
-        need(recipes.RECIPES[cfg.adapter.variant].lora_shaped and not recipes.RECIPES[cfg.adapter.variant].routed,
-             "adapter.init", f"{init} initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
-        need(cfg.quant.kind == "none", "adapter.init", f"{init} needs the full-precision base "
-             "(quant.kind must be none)")
-        need(init != "eva" or not cfg.adapter.rslora, "adapter.rslora", "eva with rsLoRA: PEFT's per-layer alpha "
-             "adjustment gives each layer its own scale alpha·√rank/r, which one stacked node cannot hold")
-    need(cfg.adapter.init != "loftq" or recipes.RECIPES[cfg.adapter.variant].lora_shaped, "adapter.init",
-         f"loftq initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
+    need(cfg.adapter.init in recipes.INITS, "adapter.init", f"must be one of {sorted(recipes.INITS)}")
+    init, variant = recipes.INITS[cfg.adapter.init], recipes.RECIPES[cfg.adapter.variant]
+    need(not init.needs_quant or cfg.quant.kind != "none", "adapter.init",
+         f"{init.name} initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
+    need(not init.refuses_quant or cfg.quant.kind == "none", "adapter.init",
+         f"{init.name} needs the full-precision base (quant.kind must be none)")
+    need(not init.lora_only or (variant.lora_shaped and not (variant.routed and init.from_data is not None)),
+         "adapter.init", f"{init.name} initializes LoRA adapters, not adapter.variant={cfg.adapter.variant}")
+    if init.check is not None:
+        try:
+            init.check(cfg.adapter.init_settings(), cfg.adapter)
+        except ValueError as e:  # "field: what is wrong" (a field of adapter)
+            raise ConfigError(f"adapter.{e}") from None
     routed = [name for name, r in recipes.RECIPES.items() if r.routed]
     variant = recipes.RECIPES[cfg.adapter.variant]
     labelled = variant.routed

@@ -24,6 +24,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
            task: int | None = None, step: int | None = None, dtype: str | None = None,
            adapter: str | None = None, force_base: bool = False) -> Path:
     import lorax_variants as lv
+    from lorax_variants import recipes
     from lorax_variants.hf import save_merged, save_peft
     from train import checkpoint as ckpt
     from train.build import model_dir
@@ -85,7 +86,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
              if not isinstance(x, lv.Node)]  # trained plain leaves: a head, biases
     variant = None if many else cfg.adapter.variant  # many adapters: each one's own (LoRA or DoRA, in the tree)
     path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=variant,
-                     initial=initial if cfg.adapter.init in ("pissa", "olora", "lora_ga") else None, modules_to_save=extra or None,
+                     initial=initial if recipes.init_recipe(cfg.adapter.init).moves_base else None, modules_to_save=extra or None,
                      overwrite=overwrite)
     _copy_tokenizer(model_dir(cfg), path)
     for name in many[0] if many and adapter is None else []:  # one PEFT adapter directory per adapter

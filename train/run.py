@@ -27,6 +27,7 @@ import lorax_variants as lv
 from lorax_variants.diagnostics import active_ranks, magnitude_direction
 from lorax_variants.hf.build import load_hf_config
 from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomic
+from lorax_variants import recipes
 from lorax_variants.recipes import recipe
 from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
@@ -38,7 +39,7 @@ from train.data import Batches, TokenData, eval_batches, load_data, load_routed,
 from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups
-from train.step import make_steps
+from train.step import StepFns, make_steps
 
 __all__ = ["run", "restore", "Interrupted", "NonFinite", "Result"]
 
@@ -121,57 +122,52 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     p = _with_optimizer(Prepared(cfg, tokenizer, train, held, labels, built, None, None, None, base), built)
     if abstract:
         return p
-    return _lora_ga(p) if cfg.adapter.init == "lora_ga" else _eva(p) if cfg.adapter.init == "eva" else p
+    init = recipes.init_recipe(cfg.adapter.init)
+    return _init_from_data(p, init) if init.from_data is not None else p
 
 
-def _eva(p: Prepared) -> Prepared:
-    """EVA: each adapter's A from the principal components of its layer's inputs over the first
-    ``adapter.eva.batches`` training batches (the tokens the loss covers), the ranks redistributed.
-    Deterministic, so a resume or an export that prepares the run again gets the same adapters."""
-    cfg, settings = p.cfg, p.cfg.adapter.eva
-    if jax.process_count() > 1:
-        raise ConfigError("adapter.init=eva: the input PCA runs on one host's batches; multi-host runs are not "
-                          "supported yet (initialize with lorax_variants.eva and start from that tree)")
-    batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, 0, 1)
-    sample = [batches.local(i) for i in range(min(settings.batches, max(1, len(p.train) // cfg.train.batch_size)))]
+def _init_from_data(p: Prepared, init: recipes.InitRecipe) -> Prepared:
+    """An init that reads the first training batches (``InitRecipe.from_data``: LoRA-GA's gradient, EVA's input
+    components, ...): the loop's loss, forward and batches handed to the init's own module. Deterministic, so a
+    resume or an export that prepares the run again gets the same adapters and bases."""
+    cfg = p.cfg
+    if init.single_host and jax.process_count() > 1:
+        raise ConfigError(f"adapter.init={init.name}: it runs on one host's batches; multi-host runs are not supported "
+                          "yet (initialize with lorax_variants and start from that tree)")
     model = p.built.model
+    fns: list[StepFns] = []
+
+    def steps() -> StepFns:
+        if not fns:
+            fns.append(_steps(p))
+        return fns[0]
 
     def forward(tree: Any, b: dict[str, Any]) -> Any:
         packed = {"segment_ids": jnp.asarray(b["segment_ids"])} if "segment_ids" in b else {}
         return model.apply(tree, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]), **packed)
 
-    def mask(b: dict[str, Any]) -> np.ndarray:
+    def token_mask(b: dict[str, Any]) -> np.ndarray:
         m = np.asarray(b["attention_mask"]).astype(bool)
         return m & np.asarray(b["loss_mask"]).astype(bool) if "loss_mask" in b else m
 
+    def global_batches(n: int) -> list[Any]:
+        batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, jax.process_index(), jax.process_count(),
+                          sharded="shards" in p.train.stats)
+        return _global_batches(batches, steps(), range(n))
+
+    def host_batches(n: int) -> list[Any]:
+        batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, 0, 1)
+        return [batches.local(i) for i in range(min(n, max(1, len(p.train) // cfg.train.batch_size)))]
+
+    data = recipes.InitData(loss=lambda tree, b: steps().loss(tree, b), forward=forward, token_mask=token_mask,
+                            global_batches=global_batches, host_batches=host_batches, seed=cfg.adapter.seed)
     tree = lv.combine(p.built.trainable, p.built.frozen)
     try:
-        tree = lv.eva(tree, forward, sample, mask=mask, settings=settings)
+        tree = init.from_data(cfg.adapter.init_settings(), tree, data)
     except ValueError as e:
-        raise ConfigError(f"adapter.init=eva: {e}") from None
-    print(f"{cfg.name}: EVA: adapters set from the input components of {len(sample)} training batches "
-          "(the rank budget redistributed by explained variance)", flush=True)
-    return _with_optimizer(p, rebuild(p.built, tree))
-
-
-def _lora_ga(p: Prepared) -> Prepared:
-    """LoRA-GA: the adapters and their bases set from the loss's gradient over the first ``adapter.lora_ga.batches``
-    training batches (the batches steps 1, 2, ... train on). Deterministic, so a resume or an export that
-    prepares the run again gets the same moved bases."""
-    cfg, settings = p.cfg, p.cfg.adapter.lora_ga
-    fns = _steps(p)
-    batches = Batches(p.train, cfg.train.batch_size, cfg.data.seed, jax.process_index(), jax.process_count(),
-                      sharded="shards" in p.train.stats)
-    sample = _global_batches(batches, fns, range(settings.batches))
-    tree = lv.combine(p.built.trainable, p.built.frozen)
-    try:
-        grads = lv.weight_gradients(fns.loss, tree, sample)
-        tree = lv.lora_ga(tree, grads, settings, key=cfg.adapter.seed)
-    except ValueError as e:
-        raise ConfigError(f"adapter.init=lora_ga: {e}") from None
-    if jax.process_index() == 0:
-        print(f"{cfg.name}: LoRA-GA: adapters and bases set from the gradient of {settings.batches} training batches "
-              f"(direction {settings.direction}, scale {settings.scale})", flush=True)
+        raise ConfigError(f"adapter.init={init.name}: {e}") from None
+    if jax.process_index() == 0 and init.describe is not None:
+        print(f"{cfg.name}: {init.describe(cfg.adapter.init_settings())}", flush=True)
     return _with_optimizer(p, rebuild(p.built, tree))
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_variants.nodes.base import Node, dense, frozen, node, static
+from lorax_variants.recipes import InitData, InitRecipe, register_init
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.lora import LoraNode
 
@@ -342,3 +343,21 @@ def _with_components(tree: Any, nodes: dict, paths: list[str], keys: list, rep: 
         return n.replace(lora_a=jnp.asarray(a, n.lora_a.dtype), lora_b=b, scale=scale)
 
     return map_with_paths(one, tree, nodes_are_leaves=True)
+
+
+def _from_data(settings: Eva, tree: Any, data: InitData) -> Any:
+    """The app's EVA: the input PCA over this host's first ``settings.batches`` training batches (the tokens the
+    loss covers). Deterministic: a resume or an export that prepares the run again gets the same adapters."""
+    return eva(tree, data.forward, data.host_batches(settings.batches), mask=data.token_mask, settings=settings)
+
+
+def _check(settings: Eva, adapter: Any) -> None:
+    if getattr(adapter, "rslora", False):
+        raise ValueError("rslora: eva with rsLoRA: PEFT's per-layer alpha adjustment gives each layer its own scale "
+                         "alpha·√rank/r, which one stacked node cannot hold")
+
+
+register_init(InitRecipe(
+    "eva", Eva, from_data=_from_data, lora_only=True, refuses_quant=True, single_host=True, check=_check,
+    describe=lambda s: f"EVA: adapters set from the input components of the first {s.batches} training batches "
+                       "(the rank budget redistributed by explained variance)"))

@@ -10,6 +10,7 @@ alpha. Stacked layers are done one at a time (one full-precision layer in memory
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,12 +19,13 @@ import numpy as np
 
 from lorax_variants.adapt import adapt
 from lorax_variants.nodes.base import Node
+from lorax_variants.recipes import InitRecipe, register_init
 from lorax_variants.variants.lora import LoraNode
 from lorax_variants.quant import QuantSpec, dequantize, quantize_array, quantize_paths, quantized_paths
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import map_with_paths
 
-__all__ = ["loftq", "loftq_factors"]
+__all__ = ["loftq", "loftq_factors", "LoftQ"]
 
 
 def loftq_factors(w: jax.Array, r: int, scale: float, qspec: QuantSpec, iters: int = 1,
@@ -75,3 +77,19 @@ def loftq(params: Any, spec: AdapterSpec, qspec: QuantSpec, key: Any, iters: int
 
     out = map_with_paths(one, adapted, nodes_are_leaves=True)
     return quantize_paths(out, qspec, chosen - done)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoftQ:
+    """LoftQ's alternations of quantization and SVD (``iters``, PEFT's ``loftq_iter``)."""
+
+    iters: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"LoftQ.iters must be a positive integer, got {self.iters!r}")
+
+
+register_init(InitRecipe(
+    "loftq", LoftQ, built_as="gaussian", full_weights=True, lora_only=True, needs_quant=True,
+    on_quantized=lambda s, params, spec, qspec, key: loftq(params, spec, qspec, key, iters=s.iters)))

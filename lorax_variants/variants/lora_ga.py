@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_variants.nodes.base import Node
+from lorax_variants.recipes import InitData, InitRecipe, register_init
 from lorax_variants.registry import path_key
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.lora import LoraNode
@@ -184,3 +185,17 @@ def weight_gradients(loss: Callable[[Any, Any], jax.Array], tree: Any, batches: 
     if count == 0:
         raise ValueError("weight_gradients: no batches")
     return {p: (v / count).astype(jnp.float32) for p, v in total.items()}
+
+
+def _from_data(settings: LoraGa, tree: Any, data: InitData) -> Any:
+    """The app's LoRA-GA: the gradient averaged over the first ``settings.batches`` training batches (the ones
+    steps 1, 2, ... train on), then ``lora_ga``. Deterministic: a resume or an export that prepares the run
+    again gets the same moved bases."""
+    grads = weight_gradients(data.loss, tree, data.global_batches(settings.batches))
+    return lora_ga(tree, grads, settings, key=data.seed)
+
+
+register_init(InitRecipe(
+    "lora_ga", LoraGa, from_data=_from_data, moves_base=True, lora_only=True, refuses_quant=True,
+    describe=lambda s: f"LoRA-GA: adapters and bases set from the gradient of {s.batches} training batches "
+                       f"(direction {s.direction}, scale {s.scale})"))

@@ -24,7 +24,7 @@ VARIANTS = {
     "sora": ["adapter.variant=sora", "adapter.sora.xi=0.001"], "qlora": ["quant.kind=nf4", "quant.block_size=32"],
     "lora_drop": ["adapter.variant=lora_drop", "adapter.lora_drop.select_at=3", "adapter.lora_drop.threshold=0.5"],
     "pissa_nf4": ["adapter.init=pissa", "optim.lr=0.002", "quant.kind=nf4", "quant.block_size=32"],
-    "loftq": ["adapter.init=loftq", "adapter.loftq_iters=2", "quant.kind=nf4", "quant.block_size=32"],
+    "loftq": ["adapter.init=loftq", "adapter.loftq.iters=2", "quant.kind=nf4", "quant.block_size=32"],
     "qalora": ["adapter.variant=qalora", "quant.kind=int4_asym", "quant.block_size=32", "optim.lr=0.003"],
     "hira": ["adapter.variant=hira", "optim.lr=0.05"],
     "miss": ["adapter.variant=miss", "optim.lr=0.01"], "miss_bat": ["adapter.variant=miss", "adapter.miss.mode=bat"],

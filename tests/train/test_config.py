@@ -37,6 +37,10 @@ def test_defaults_overrides_and_types():
     ("adapter.lora_drop.threshold=2", "adapter.lora_drop.threshold: must be in (0, 1], got 2.0"),
     ("adapter.sora.xii=1", "unknown config key 'adapter.sora.xii' (did you mean adapter.sora.xi?)"),
     ("adapter.variant=lorra", "adapter.variant: must be one of"),
+    ("adapter.init=lora-ga", "adapter.init: must be one of ['eva', 'gaussian', 'kaiming', 'loftq', 'lora_ga', 'olora', "
+                             "'pissa']"),
+    ("adapter.loftq.iters=0", "adapter.loftq: LoftQ.iters must be a positive integer, got 0"),
+    ("adapter.eva.tau=2", "adapter.eva: Eva.tau must be in [0, 1], got 2.0"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -48,11 +52,26 @@ def test_bad_values_name_the_field(override, message):
     ("optim.adalora_target_r=2", "adapter.adalora.target_r"), ("optim.loraplus_ratio=4", "adapter.loraplus.ratio"),
     ("optim.delta_lora_lambda=0.5", "adapter.delta_lora (its keys: ['update_ratio', 'start'])"), ("adapter.n_tasks=2", "adapter.multitask.n_tasks"),
     ("optim.lora_drop_select_at=3", "adapter.lora_drop.select_at"), ("adapter.r_min=2", "adapter.dylora.r_min"),
+    ("adapter.loftq_iters=2", "adapter.loftq.iters"),
 ])
 def test_a_moved_key_names_its_new_place(old, new):
     """Each variant's settings live in its own section; a config with the old flat key is told where it went."""
     with pytest.raises(ConfigError, match=re.escape(f"moved to '{new}'")):
         load(None, [old])
+
+
+def test_init_settings_come_from_their_section_and_its_checks_apply():
+    """An init's settings are its section (registered by the init's module); the init's own refusals apply."""
+    cfg = load(None, ["adapter.init=lora_ga", "adapter.lora_ga.batches=3", "adapter.eva.tau=0.5"])
+    assert cfg.adapter.init_settings().batches == 3 and cfg.adapter.eva.tau == 0.5
+    with pytest.raises(ConfigError, match="adapter.rslora: eva with rsLoRA"):
+        load(None, ["adapter.init=eva", "adapter.rslora=true"])
+    with pytest.raises(ConfigError, match="adapter.init: loftq initializes adapters over a quantized base"):
+        load(None, ["adapter.init=loftq"])
+    with pytest.raises(ConfigError, match="adapter.init: lora_ga needs the full-precision base"):
+        load(None, ["adapter.init=lora_ga", "quant.kind=nf4"])
+    with pytest.raises(ConfigError, match="adapter.init: eva initializes LoRA adapters, not adapter.variant=vera"):
+        load(None, ["adapter.init=eva", "adapter.variant=vera"])
 
 
 def test_variant_settings_come_from_their_section():
