@@ -43,6 +43,7 @@ def test_loftq_equals_the_reference_loop(iters, scale):
     assert_close(np.asarray(scale * (a @ b)), lr_ref, 2e-4)
 
 
+@pytest.mark.slow  # CI's `make test-slow`; LoftQ's factors against PEFT's stay in the default run
 def test_loftq_starts_closer_to_w_than_qlora_on_a_stacked_model():
     params = {"layers": {"q": jax.random.normal(jax.random.key(1), (3, 128, 64)) * 0.05,
                          "v": jax.random.normal(jax.random.key(2), (3, 128, 64)) * 0.05}}

@@ -266,7 +266,7 @@ def _batch(seed: int = 6):
     return {"input_ids": jnp.asarray(ids), "completion_mask": jnp.asarray(mask)}
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=pytest.mark.slow)])  # NF4: CI's test-slow
 def test_the_reference_is_the_base_with_adapters_off_and_costs_no_argument_bytes(quantized):
     """``reference="base"``: the reference log-probs are the unadapted model's (the same frozen arrays, NF4 too);
     the DPO step's compiled arguments are exactly an SFT step's on the same rows (no second weight tree); the
@@ -278,10 +278,10 @@ def test_the_reference_is_the_base_with_adapters_off_and_costs_no_argument_bytes
     model, base, trainable, frozen = _tiny(quantized)
     batch = _batch()
     logps_fn = lambda t, b: O.completion_logps(model.apply(t, b["input_ids"]), b["input_ids"], b["completion_mask"])  # noqa: E731
-    want, _ = O.completion_logps(model.apply(base, batch["input_ids"]), batch["input_ids"], batch["completion_mask"])
-    ref = O.reference_logps(logps_fn, lv.combine(trainable, frozen), batch)
+    want, _ = jax.jit(logps_fn)(base, batch)
+    ref = jax.jit(lambda t, f, b: O.reference_logps(logps_fn, lv.combine(t, f), b))(trainable, frozen, batch)
     assert_close(np.asarray(ref), np.asarray(want), 1e-6)
-    mine, _ = logps_fn(lv.combine(trainable, frozen), batch)
+    mine, _ = jax.jit(lambda t, f, b: logps_fn(lv.combine(t, f), b))(trainable, frozen, batch)
     assert float(jnp.max(jnp.abs(mine - ref))) > 1e-3  # the adapters do change the policy
 
     def dpo(tr, fr, b):
@@ -299,8 +299,9 @@ def test_the_reference_is_the_base_with_adapters_off_and_costs_no_argument_bytes
 
     assert args(dpo, batch) == args(sft, batch)
     cached = dict(batch, ref_logps=ref)
-    assert_close(np.asarray(dpo(trainable, frozen, batch)), np.asarray(dpo_cached(trainable, frozen, cached)), 1e-6)
-    g1, g2 = jax.grad(dpo)(trainable, frozen, batch), jax.grad(dpo_cached)(trainable, frozen, cached)
+    (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(trainable, frozen, b) for f, b in ((dpo, batch),
+                                                                                            (dpo_cached, cached)))
+    assert_close(np.asarray(l1), np.asarray(l2), 1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert_close(np.asarray(a), np.asarray(b), 1e-5)
     assert any(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(g1))
@@ -310,10 +311,13 @@ def test_preference_loss_is_dpo_ipo_simpo_of_the_pairs():
     """At the same log-probs, ``preference_loss`` is ``dpo_loss``/``simpo_loss`` of the rows split in halves."""
     import lorax_variants as lv
 
+    import jax
+
     model, _, trainable, frozen = _tiny()
     batch = _batch(7)
     tree = lv.combine(trainable, frozen)
-    logps_fn = lambda t, b: O.completion_logps(model.apply(t, b["input_ids"]), b["input_ids"], b["completion_mask"])  # noqa: E731
+    logps_fn = jax.jit(lambda t, b: O.completion_logps(model.apply(t, b["input_ids"]), b["input_ids"],
+                                                       b["completion_mask"]))
     logps, lengths = logps_fn(tree, batch)
     ref = O.reference_logps(logps_fn, tree, batch)
     ipo = O.preference_loss(logps_fn, tree, batch, objective="ipo", beta=0.2)

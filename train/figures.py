@@ -229,7 +229,7 @@ def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
     ax.set(xlabel="layer", ylabel="module", title=f"{run.name}: AdaLoRA final rank per layer and module\n"
                                                     f"(of initial r={r}, at step {ranks[-1]['step']})")
     fig.tight_layout()
-    paths = [save(fig, out / "adalora_ranks.png")]
+    paths = [save(fig, out / "rank_allocation.png")]
     fig, ax = pyplot.subplots(figsize=(7, 4))
     s, tot = run.series("ranks", "total")
     ax.plot(s, tot, lw=2, label="total rank kept")
@@ -251,7 +251,7 @@ def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(save(fig, out / "adalora_budget.png"))
+    paths.append(save(fig, out / "rank_budget.png"))
     return paths
 
 
@@ -283,7 +283,7 @@ def fig_active_ranks(run: Run, out: Path) -> Path | None:
     ax2.set_ylim(bottom=0)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    return save(fig, out / "sora_ranks.png")
+    return save(fig, out / "active_ranks.png")
 
 
 def _slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -359,7 +359,7 @@ def fig_magnitude_direction(run: Run, peers: list[Run], out: Path, *, all_peers:
     fig.suptitle(_wrap("Magnitude vs direction change per layer (DoRA paper, Fig. 2): LoRA's slope is positive, "
                        "DoRA's can be negative", 60 * cols), fontsize=9)
     fig.tight_layout()
-    return save(fig, out / "dora_scatter.png")
+    return save(fig, out / "magnitude_direction.png")
 
 
 def _wrap(text: str, width: int) -> str:
@@ -411,7 +411,7 @@ def fig_layer_importance(run: Run, out: Path) -> Path | None:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    return save(fig, out / "lora_drop.png")
+    return save(fig, out / "layer_importance.png")
 
 
 def fig_tasks(run: Run, out: Path) -> Path | None:

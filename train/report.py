@@ -8,12 +8,12 @@ Figures, each drawn when the run has the data (``metrics.jsonl`` rows of kind tr
 weights, lora_drop, written by ``train.run``):
 - ``loss.png``: train loss (raw and smoothed) and eval loss; the eval metric beside it.
 - ``lr.png``: the learning rate of each parameter group (LoRA+: A's and B's).
-- ``adalora_ranks.png``: AdaLoRA's final rank per layer and module (the paper's rank-allocation
-  heatmap); ``adalora_budget.png``: the total rank over training against the target.
-- ``sora_ranks.png``: SoRA's active ranks per layer and module over training, and their total.
-- ``dora_scatter.png``: ΔM against ΔD per layer at each checkpoint (DoRA paper, Figure 2), for this
+- ``rank_allocation.png``: AdaLoRA's final rank per layer and module (the paper's rank-allocation
+  heatmap); ``rank_budget.png``: the total rank over training against the target.
+- ``active_ranks.png``: SoRA's active ranks per layer and module over training, and their total.
+- ``magnitude_direction.png``: ΔM against ΔD per layer at each checkpoint (DoRA paper, Figure 2), for this
   run and any LoRA/DoRA run of the same base model given alongside or found beside it.
-- ``lora_drop.png``: LoRA-drop's importance per layer, which layers kept their adapters, and the
+- ``layer_importance.png``: LoRA-drop's importance per layer, which layers kept their adapters, and the
   cumulative share against the threshold.
 - ``tasks.png``: multi-task eval metrics per task.
 """
@@ -43,15 +43,15 @@ VARIANT_FIGURES = {"rank_allocation": fig_rank_allocation, "active_ranks": fig_a
 CAPTIONS = {
     "loss.png": "Training loss (faint: every logged step; solid: smoothed) and evaluation loss.",
     "lr.png": "Learning rate of each parameter group. LoRA+ trains B at a multiple of A's rate.",
-    "adalora_ranks.png": "AdaLoRA's rank allocation: the rank each layer and module kept at the end. "
+    "rank_allocation.png": "AdaLoRA's rank allocation: the rank each layer and module kept at the end. "
                          "Layers that matter more to the task keep more of the budget.",
-    "adalora_budget.png": "AdaLoRA's total rank over training: the allocator prunes from the initial budget "
+    "rank_budget.png": "AdaLoRA's total rank over training: the allocator prunes from the initial budget "
                           "to the target on a cubic schedule.",
-    "sora_ranks.png": "SoRA: ranks whose gate is still non-zero, per layer and module, as the proximal step "
+    "active_ranks.png": "SoRA: ranks whose gate is still non-zero, per layer and module, as the proximal step "
                       "drives gates to zero.",
-    "dora_scatter.png": "Magnitude change ΔM against direction change ΔD of the adapted weights, one point per "
+    "magnitude_direction.png": "Magnitude change ΔM against direction change ΔD of the adapted weights, one point per "
                         "layer per checkpoint (DoRA paper, Figure 2).",
-    "lora_drop.png": "LoRA-drop: each layer's importance (share of the adapters' output norm). Layers up to the "
+    "layer_importance.png": "LoRA-drop: each layer's importance (share of the adapters' output norm). Layers up to the "
                      "threshold of cumulative importance keep their own adapters; the rest share one.",
     "tasks.png": "Multi-task adapters: evaluation metrics per task.",
 }

@@ -21,6 +21,7 @@ def test_bench_script_runs_small(script, args):
     assert "lora" in proc.stdout and "x" in proc.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow  # CI's `make test-slow`; the same memory equality is asserted by default in tests/test_objectives.py
 def test_preference_bench_runs_small_and_the_reference_adds_no_argument_bytes():
     """The DPO-vs-SFT benchmark at a tiny size: every row printed; DPO with the in-step reference compiles to the
     SFT step's argument bytes (the printed MiB column, from the compiled memory analysis)."""

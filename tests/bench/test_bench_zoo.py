@@ -5,6 +5,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from lorax_variants import hf
 
@@ -21,6 +22,7 @@ def _hlo_lines(layers: int, scan: bool) -> int:
     return len(step.lower(params, ids).compile().as_text().splitlines())
 
 
+@pytest.mark.slow  # CI's `make test-slow`
 def test_scanned_program_size_is_flat_in_depth():
     assert _hlo_lines(32, scan=True) <= 1.05 * _hlo_lines(2, scan=True)
     assert _hlo_lines(8, scan=False) > 2 * _hlo_lines(2, scan=False)  # unrolled grows: the check can see it

@@ -71,6 +71,7 @@ def test_loads_as_stored_bit_for_bit(base, tmp_path, quant_type, double):
     assert_close(np.asarray(model.apply(params, jnp.asarray(IDS))), H.torch_out(dense, IDS), 5e-4)
 
 
+@pytest.mark.slow  # CI's `make test-slow`; loading bnb-4bit bit for bit stays in the default run, QLoRA through the app too (pissa_nf4)
 def test_lora_trains_over_a_prequantized_checkpoint_through_the_app(base, tmp_path):
     from tests.train.conftest import lm_args, losses, train
 

@@ -86,7 +86,12 @@ IDS = np.random.default_rng(0).integers(0, 96, (2, 9))
 LINEAR_ONLY = ("miss", "shira")  # PEFT formats without a Conv1D layer (GPT-2's projections)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# The default run exports one variant per PEFT format and the ones that reduce to LoRA in their own way; the rest
+# (more of the same writers) under slow, CI's `make test-slow`.
+DEFAULT = ("lora", "pissa", "dora", "vera", "adalora", "qlora", "hira", "miss", "shira", "dylora", "sora")
+
+
+@pytest.mark.parametrize("variant", [v if v in DEFAULT else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def test_peft_and_merged_exports_give_our_logits(base, variant, tmp_path):
     import peft
 

@@ -136,7 +136,8 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("which", ["shira", pytest.param("all", marks=pytest.mark.slow)])
+# Under slow (CI's `make test-slow`); sharded training's equality runs by default in tests/train/test_sharded.py
+@pytest.mark.parametrize("which", [pytest.param("shira", marks=pytest.mark.slow), pytest.param("all", marks=pytest.mark.slow)])
 def test_new_variants_sharded_over_data_fsdp_tensor_equal_one_device(which):
     """HiRA, MiSS (bat), SHiRA and a LoRA-GA init on 8 simulated devices (data x fsdp x tensor, their
     leaves sharded by the same rules as every node's): the one-device loss and gradients; the LoRA-GA init from

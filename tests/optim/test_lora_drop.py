@@ -55,6 +55,7 @@ def test_select_keeps_the_top_share_and_the_rest_share_one_set_that_trains():
         lora_drop.select(tree, scores, threshold=0)
 
 
+@pytest.mark.slow  # CI's `make test-slow`; LoRA-drop's app resume (stacked, under scan) stays in the default run
 def test_stacked_model_per_layer_importance_and_selection_under_scan():
     model = TinyTransformer(TinyConfig(d_model=32, n_heads=2, d_ff=64, n_layers=4))
     params = model.init(jax.random.key(0))

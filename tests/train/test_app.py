@@ -240,7 +240,9 @@ def test_dry_run_plans_todays_models_at_real_size(name, assets, tmp_path, capsys
     assert info["bytes_per_device"]["frozen"] < 0.45 * 2 * total
 
 
-@pytest.mark.parametrize("name, extra", [("qwen3_moe", ["quant.kind=nf4", "quant.block_size=32"]),
+# Under slow (CI's `make test-slow`): the MoE banks' node tests and the zoo's parity run by default.
+@pytest.mark.parametrize("name, extra", [pytest.param("qwen3_moe", ["quant.kind=nf4", "quant.block_size=32"],
+                                                      marks=pytest.mark.slow),
                                          pytest.param("gemma3", ["adapter.variant=dora"], marks=pytest.mark.slow)])
 def test_todays_families_train_through_the_app(name, extra, assets, tmp_path):
     """QLoRA on a mixture-of-experts model (attention and every expert bank adapted, the router trained through

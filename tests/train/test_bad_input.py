@@ -225,6 +225,7 @@ def test_checkpoint_of_another_variant_or_model_is_refused(assets, tmp_path, cap
     assert (out / "config.json").read_text() == config  # export still rebuilds the run that wrote the checkpoints
 
 
+@pytest.mark.slow  # CI's `make test-slow` (an 8-device subprocess for one message)
 def test_batch_not_divisible_by_the_mesh(assets, tmp_path):
     proc = cli(lm_args(assets, tmp_path / "o", "train.grad_accum=16", "mesh.data=2"), devices=2, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -56,6 +56,7 @@ def test_two_processes_equal_one(assets, tmp_path, resume):
         assert_close(b[k], a[k], 2e-5, err_msg=k)
 
 
+@pytest.mark.slow  # CI's `make test-slow`; the default run's multi-device coverage: tests/train/test_sharded.py
 def test_each_host_prepares_only_its_slice(assets, tmp_path):
     """data.host_shards (the default): each host tokenizes and packs half the training examples, the run's
     figures are both halves together (what one process prepares from all of them), and the hosts train one

@@ -108,7 +108,7 @@ def test_loraplus_learning_rates_per_group(runs):
 
 def test_adalora_rank_heatmap_and_budget(runs):
     run = runs["adalora"]
-    assert {"adalora_ranks.png", "adalora_budget.png"} <= _figs(run)
+    assert {"rank_allocation.png", "rank_budget.png"} <= _figs(run)
     ranks = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "ranks"]
     totals = [r["total"] for r in ranks]
     assert totals[0] > totals[-1]  # the budget shrank
@@ -122,7 +122,7 @@ def test_adalora_rank_heatmap_and_budget(runs):
 @pytest.mark.slow
 def test_sora_active_ranks_over_time(runs):
     run = runs["sora"]
-    assert "sora_ranks.png" in _figs(run)
+    assert "active_ranks.png" in _figs(run)
     ranks = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "ranks"]
     assert len(ranks) == 12 and ranks[0]["total"] > ranks[-1]["total"]
 
@@ -137,9 +137,9 @@ def test_dora_scatter_with_the_lora_run_beside_it(runs, assets):
     from lorax_variants.hf import from_pretrained
     from tests.train.conftest import adapters
 
-    assert "dora_scatter.png" in _figs(runs["dora"]) and "dora_scatter.png" in _figs(runs["lora"])
+    assert "magnitude_direction.png" in _figs(runs["dora"]) and "magnitude_direction.png" in _figs(runs["lora"])
     # The DoRA report found the LoRA run beside it: two panels (wider than one).
-    with open(runs["dora"] / "report" / "dora_scatter.png", "rb") as f:
+    with open(runs["dora"] / "report" / "magnitude_direction.png", "rb") as f:
         f.seek(16)
         width = struct.unpack(">I", f.read(4))[0]
     assert width > 1000
@@ -161,7 +161,7 @@ def test_dora_scatter_with_the_lora_run_beside_it(runs, assets):
 @pytest.mark.slow
 def test_lora_drop_importance_and_threshold(runs):
     run = runs["lora_drop"]
-    assert "lora_drop.png" in _figs(run)
+    assert "layer_importance.png" in _figs(run)
     (row,) = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "lora_drop"]
     imp = np.concatenate([np.atleast_1d(v) for v in row["importance"].values()])
     keep = np.concatenate([np.atleast_1d(v) for v in row["keep"].values()])
@@ -187,7 +187,7 @@ def test_report_command_and_comparison_page(runs, tmp_path, capsys):
     page = (tmp_path / "cmp" / "index.html").read_text()
     for k in kinds:
         assert re.search(rf"<td>{k}</td><td>{k}</td><td>[\d,]+</td>", page), k  # run, variant, trainable params
-    for fig in ("compare_loss.png", "compare_bars.png", "dora_scatter.png"):
+    for fig in ("compare_loss.png", "compare_bars.png", "magnitude_direction.png"):
         _check_png(tmp_path / "cmp" / fig)
         assert f"src='{fig}'" in page
     links = re.findall(r"href='([^']+)'", page)
@@ -224,10 +224,10 @@ def test_dora_scatter_shows_one_peer_however_many_siblings(runs, tmp_path):
     peers = [Run(d) for d in sorted(parent.iterdir()) if d.name != "dora"]
     assert closest_peer(Run(dora), peers).name == "lora_same"
     report(dora)
-    img = _check_png(dora / "report" / "dora_scatter.png")
+    img = _check_png(dora / "report" / "magnitude_direction.png")
     assert 1000 < img.shape[1] < 1500, img.shape  # two panels, not six
     page = compare(sorted(parent.iterdir()), tmp_path / "cmp")
-    big = _check_png(page.parent / "dora_scatter.png")
+    big = _check_png(page.parent / "magnitude_direction.png")
     assert big.shape[1] < 2000 and big.shape[0] > 900, big.shape  # a 3 x 2 grid, not one row of six
     assert accuracy_label([Run(runs["multitask"])]) == "eval accuracy"
     assert accuracy_label([Run(runs["lora"])]) == "eval next-token accuracy"
