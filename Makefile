@@ -93,10 +93,10 @@ test: $(VENV)/.test-deps assets
 
 # The slow tests alone (CI runs them after `make test`): every case of the matrices the default run samples,
 # the real-model and whole-pipeline runs.
-test-slow: $(VENV)/.test-deps assets
+test-slow: $(VENV)/.test-deps assets $(SOTU)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
-test-all: $(VENV)/.test-deps assets
+test-all: $(VENV)/.test-deps assets $(SOTU)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)/.demo-deps $(RT)
