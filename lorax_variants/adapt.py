@@ -18,7 +18,6 @@ import jax
 
 from lorax_variants.nodes.base import AdapterNode
 from lorax_variants.registry import (
-    RESIDUAL_INITS,
     Target,
     builder_of,
     path_key,
@@ -29,7 +28,7 @@ from lorax_variants.registry import (
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import closest_paths, compile_patterns, leaves_with_paths, map_with_paths, matches
 
-__all__ = ["adapt", "Target", "register_variant", "variant_names", "path_key", "RESIDUAL_INITS"]
+__all__ = ["adapt", "Target", "register_variant", "variant_names", "path_key"]
 
 def _as_key(key: Any) -> jax.Array:
     if isinstance(key, int):

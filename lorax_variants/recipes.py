@@ -188,7 +188,8 @@ class InitRecipe:
     ``built_as``: the ``AdapterSpec.init`` the adapters are built with before the hooks run. ``full_weights``:
     the adapted weights are read in full precision and quantized after the init (their bases are the init's
     residual). ``moves_base``: the init changes the frozen base (PEFT export writes the initial factors, PEFT's
-    conversion to LoRA on the original base). ``lora_only``: LoRA-shaped, unrouted variants only;
+    conversion to LoRA on the original base). ``peft_reruns``: PEFT re-runs the init on the base when it loads
+    an adapter saved with ``init_lora_weights=<name>``, so such an export needs no initial factors. ``lora_only``: LoRA-shaped, unrouted variants only;
     ``needs_quant`` / ``refuses_quant``: a quantized base is required / refused; ``single_host``: one process
     only. ``check(settings, adapter_config)``: refuse what the init cannot do (``ValueError("field: ...")``);
     ``describe(settings)``: the log line after it ran."""
@@ -200,6 +201,7 @@ class InitRecipe:
     on_quantized: Callable[[Any, Any, AdapterSpec, Any, jax.Array], Any] | None = None
     full_weights: bool = False
     moves_base: bool = False
+    peft_reruns: bool = False
     lora_only: bool = False
     needs_quant: bool = False
     refuses_quant: bool = False
@@ -228,9 +230,7 @@ def init_recipe(name: str) -> InitRecipe:
     return INITS[name]
 
 
-# The inits AdapterSpec builds itself (lorax_variants.inits): random A (B = 0), or the weight's principal
-# (PiSSA) / QR (OLoRA) factors with the residual as the base.
+# The random inits AdapterSpec builds itself (A drawn, B = 0; lorax_variants.inits); those that take A, B from
+# the weight (PiSSA, OLoRA) and the data-driven ones register from their modules in variants/.
 register_init(InitRecipe("kaiming"))
 register_init(InitRecipe("gaussian", built_as="gaussian"))
-register_init(InitRecipe("pissa", built_as="pissa", full_weights=True, moves_base=True))
-register_init(InitRecipe("olora", built_as="olora", full_weights=True, moves_base=True))

@@ -1,7 +1,9 @@
 """The variant registry: a variant is a builder ``builder(target) -> node`` registered under its name
 beside its node class (``nodes/<variant>.py``); ``adapt`` looks builders up here. ``Target`` is what a
-builder sees of one leaf; ``lora_factors`` the LoRA initialization (Gaussian or Kaiming A, zero B, or the
-residual inits PiSSA/OLoRA that move s·A₀B₀ out of the weight) that LoRA-shaped variants share.
+builder sees of one leaf; ``lora_factors`` the LoRA initialization that LoRA-shaped variants share, by the
+registered factor init ``AdapterSpec.init`` names: a random A and a zero B (kaiming, gaussian: here), or A, B
+from the weight with the residual as the base (``register_factor_init(FactorInit(..., factors=...))``: PiSSA,
+OLoRA, in their modules).
 
 Below every variant and above the node protocol, so that a variant's file imports only downward."""
 
@@ -14,13 +16,51 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.inits import gaussian_a, kaiming_a, olora_factors, pissa_factors
+from lorax_variants.inits import gaussian_a, kaiming_a
 from lorax_variants.nodes.base import Node
-from lorax_variants.spec import AdapterSpec, register_settings, settings_type
+from lorax_variants.spec import FACTOR_INITS, AdapterSpec, register_settings, settings_type
 
-__all__ = ["Target", "register_variant", "settings_of", "variant_names", "builder_of", "rank_bounded", "is_factored", "path_key", "lora_factors", "RESIDUAL_INITS"]
+__all__ = ["Target", "register_variant", "settings_of", "variant_names", "builder_of", "rank_bounded", "is_factored", "path_key", "lora_factors", "FactorInit", "register_factor_init", "factor_init", "rewrites_base"]
 
-RESIDUAL_INITS = ("pissa", "olora")  # inits that move s·A₀B₀ out of the base weight into the adapter
+
+@dataclasses.dataclass(frozen=True)
+class FactorInit:
+    """How LoRA-shaped factors start (``AdapterSpec.init``). Either ``draw_a(key, shape [..., in, r], dtype)``:
+    a random A with B = 0, so the adapted layer starts equal to the base; or ``factors(w [in, out], r, scale)
+    -> (A [in, r], B [r, out], W_res [in, out])`` in float32: A, B from the full-precision weight, the residual
+    W - s·A B the new base (the init rewrites the base, so it cannot run on a quantized weight nor under
+    adapters that share one base). ``label``: its name in messages."""
+
+    name: str
+    label: str
+    draw_a: Callable[..., jax.Array] | None = None
+    factors: Callable[[jax.Array, int, float], tuple[jax.Array, jax.Array, jax.Array]] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.draw_a is None) == (self.factors is None):
+            raise TypeError(f"FactorInit {self.name!r}: give draw_a or factors (one of them)")
+
+
+def register_factor_init(f: FactorInit) -> FactorInit:
+    """Make ``f.name`` a valid ``AdapterSpec.init`` (the module that defines the init does this)."""
+    FACTOR_INITS[f.name] = f
+    return f
+
+
+def factor_init(name: str) -> FactorInit:
+    """The factor init registered as ``name``."""
+    if name not in FACTOR_INITS:
+        raise ValueError(f"AdapterSpec.init {name!r} is unknown; known: {sorted(FACTOR_INITS)}")
+    return FACTOR_INITS[name]
+
+
+def rewrites_base(spec: AdapterSpec) -> bool:
+    """Whether ``spec.init`` takes A, B from the weight and leaves the residual as the base (PiSSA, OLoRA)."""
+    return factor_init(spec.init).factors is not None
+
+
+register_factor_init(FactorInit("kaiming", "Kaiming", draw_a=kaiming_a))
+register_factor_init(FactorInit("gaussian", "Gaussian", draw_a=gaussian_a))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,24 +169,21 @@ def path_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def lora_factors(t: Target) -> tuple[Any, jax.Array, jax.Array]:
-    """``(base weight, A, B)`` for a LoRA-shaped adapter of ``t``: A drawn (Gaussian or Kaiming, by
-    ``spec.init``) and B zero, so the adapted layer starts equal to the base; PiSSA (arXiv 2404.02948) and
-    OLoRA (arXiv 2406.01775) instead take A, B from the weight (SVD / QR) and return the residual
-    W - s·A B as the base."""
+    """``(base weight, A, B)`` for a LoRA-shaped adapter of ``t`` by its factor init (``spec.init``): a drawn A
+    and a zero B, so the adapted layer starts equal to the base; or A, B from the weight and the residual
+    W - s·A B as the base (per layer of a stacked weight)."""
     dtype = jnp.dtype(t.spec.dtype)
-    a_shape, b_shape = t.lead + (t.d_in, t.r), t.lead + (t.r, t.d_out)
-    if t.spec.init in RESIDUAL_INITS:
-        name = {"pissa": "PiSSA", "olora": "OLoRA"}[t.spec.init]
+    how = factor_init(t.spec.init)
+    if how.factors is not None:
         if isinstance(t.weight, Node):
             raise ValueError(
-                f"{t.path}: {name} needs the full-precision weight; initialize {name} before "
+                f"{t.path}: {how.label} needs the full-precision weight; initialize {how.label} before "
                 "quantizing the base (then quantize the residual)"
             )
-        factors = pissa_factors if t.spec.init == "pissa" else olora_factors
-        fn = lambda w: factors(w, t.r, t.scale)  # noqa: E731
+        fn = lambda w: how.factors(w, t.r, t.scale)  # noqa: E731
         for _ in t.lead:
             fn = jax.vmap(fn)
         a, b, residual = fn(t.weight)
         return residual.astype(t.weight.dtype), a.astype(dtype), b.astype(dtype)
-    init_a = kaiming_a if t.spec.init == "kaiming" else gaussian_a
-    return t.weight, init_a(t.key, a_shape, dtype), jnp.zeros(b_shape, dtype)
+    a_shape, b_shape = t.lead + (t.d_in, t.r), t.lead + (t.r, t.d_out)
+    return t.weight, how.draw_a(t.key, a_shape, dtype), jnp.zeros(b_shape, dtype)

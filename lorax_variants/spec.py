@@ -14,9 +14,11 @@ from typing import Any, Mapping
 
 from lorax_variants.tree import compile_patterns
 
-__all__ = ["AdapterSpec", "INITS", "register_settings", "settings_type"]
+__all__ = ["AdapterSpec", "FACTOR_INITS", "register_settings", "settings_type"]
 
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+# How adapter factors may start: name -> ``registry.FactorInit``, filled by ``registry.register_factor_init``
+# (kaiming and gaussian by the registry; PiSSA, OLoRA by their modules in ``variants/``).
+FACTOR_INITS: dict[str, Any] = {}
 
 
 def _pairs(value: Any, field: str, kind: type) -> tuple[tuple[str, Any], ...]:
@@ -52,10 +54,10 @@ class AdapterSpec:
       rank_pattern / alpha_pattern: per-path overrides ``{regex: value}``, first match wins
         (PEFT's ``rank_pattern``/``alpha_pattern``; layer-wise budgets). Each key must match
         at least one target.
-      init: ``"kaiming"`` (loralib: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0), ``"gaussian"``
-        (A ~ N(0, 1/r), B = 0, as PEFT) or ``"pissa"`` (arXiv 2404.02948: A, B from the top-r
-        singular triplets of W, the base weight replaced by the residual) or ``"olora"`` (arXiv 2406.01775:
-        A, B from a QR decomposition of W, the base replaced by the residual).
+      init: how the factors start, a registered factor init: ``"kaiming"`` (loralib: A ~ U(-1/sqrt(in),
+        1/sqrt(in)), B = 0), ``"gaussian"`` (A ~ N(0, 1/r), B = 0, as PEFT), or one that takes A, B from the
+        weight and leaves the residual as the base: ``"pissa"`` (arXiv 2404.02948, ``variants/pissa.py``),
+        ``"olora"`` (arXiv 2406.01775, ``variants/olora.py``).
       rslora: rank-stabilized scaling alpha / sqrt(r) (arXiv 2312.03732).
       dropout: dropout rate on the adapter input (applied when keys are set by
         ``with_dropout``).
@@ -102,8 +104,8 @@ class AdapterSpec:
         set_("alpha", float(self.alpha))
         set_("rank_pattern", _pairs(self.rank_pattern, "rank_pattern", int))
         set_("alpha_pattern", _pairs(self.alpha_pattern, "alpha_pattern", float))
-        if self.init not in INITS:
-            raise ValueError(f"AdapterSpec.init must be one of {INITS}, got {self.init!r}")
+        if self.init not in FACTOR_INITS:
+            raise ValueError(f"AdapterSpec.init must be one of {sorted(FACTOR_INITS)}, got {self.init!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"AdapterSpec.dropout must be in [0, 1), got {self.dropout!r}")
         set_("dropout", float(self.dropout))

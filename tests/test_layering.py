@@ -165,9 +165,9 @@ def _variant_identifiers() -> set[str]:
     from lorax_variants.recipes import INITS
 
     names = {n for n in RECIPES if n not in ("none", "lora")} | set(lv.variant_names()) - {"lora"}
-    # the inits a variant's module registers (LoRA-GA, EVA, LoftQ); AdapterSpec's own (kaiming, gaussian, PiSSA,
-    # OLoRA: lorax_variants.inits) are the core's
-    names |= set(INITS) - {"kaiming", "gaussian", "pissa", "olora"}
+    # the inits a variant's module registers (PiSSA, OLoRA, LoRA-GA, EVA, LoftQ); the random ones (kaiming,
+    # gaussian: lorax_variants.inits) are the core's
+    names |= set(INITS) - {"kaiming", "gaussian"}
     classes = {n for n in lv.variants.EXPORTS if n[:1].isupper()}
     return names | classes
 

@@ -146,7 +146,7 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     dtype = jnp.dtype(cfg.model.param_dtype)
     head_key = jax.random.key(cfg.adapter.seed + 1)
     init = recipes.init_recipe(cfg.adapter.init)
-    on_load, on_residual = _pissa_quant_split(model, spec, quant, late=init.full_weights)
+    on_load, on_residual = _quant_split(model, spec, quant, late=init.full_weights)
     if abstract:
         model.new_leaves = []
         params = jax.eval_shape(lambda k: model.init(k, dtype), head_key)
@@ -184,13 +184,12 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
 
 
-def _pissa_quant_split(model: Any, spec: lv.AdapterSpec | None, quant: lv.QuantSpec | None,
+def _quant_split(model: Any, spec: lv.AdapterSpec | None, quant: lv.QuantSpec | None,
                        late: bool = False) -> tuple[lv.QuantSpec | None, lv.QuantSpec | None]:
-    """``(quantized as read, quantized after adapting)``. PiSSA takes the top singular triplets of the
-    full-precision weight and leaves the residual as the base, so with quantization the weights it adapts
-    are read in full precision, adapted, and their residuals quantized (PiSSA + NF4, as QLoRA users of PiSSA
-    do); every other quantized weight is quantized as it is read. ``late``: the init needs the full-precision
-    weights (``InitRecipe.full_weights``: PiSSA, OLoRA, LoftQ)."""
+    """``(quantized as read, quantized after adapting)``. An init that reads the full-precision weights
+    (``late``: ``InitRecipe.full_weights``, e.g. one that leaves a residual as the base) gets the weights it
+    adapts in full precision, and their bases (residuals) are quantized after it ran; every other quantized
+    weight is quantized as it is read."""
     if quant is None or spec is None or not late:
         return quant, None
     from lorax_variants.hf.names import shape_items

@@ -38,7 +38,7 @@ from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.ops import adapter_names_in, as_lora, one_adapter
-from lorax_variants.recipes import RECIPES
+from lorax_variants.recipes import INITS, RECIPES
 from lorax_variants.shared import resolve_shared
 from lorax_variants.tree import leaves_with_paths
 
@@ -160,7 +160,7 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
 
     ``rank``: DyLoRA's rank to export. ``initial``: the adapted tree at initialization, for PiSSA and
     OLoRA (its A₀, B₀: PEFT's conversion to plain LoRA on the original base); without it, ``init``
-    (``"pissa"``/``"olora"``) writes the adapter as PEFT saves one unconverted: PEFT recomputes the
+    (an init PEFT re-runs on the base: ``"pissa"``, ``"olora"``) writes the adapter as PEFT saves one unconverted: PEFT recomputes the
     residual base W − s·A₀B₀ from the original base when it loads it. ``variant``: the training
     variant where the tree alone does not tell (one whose recipe ``moves_base``, Delta-LoRA, is refused: it
     changed W).
@@ -201,10 +201,12 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     nodes = _adapter_nodes(tree)
     init_nodes = dict(_adapter_nodes(initial)) if initial is not None else None
     config, tensors = _peft_dict(model, nodes, base=base_model, initial=init_nodes)
-    if init in ("pissa", "olora") and initial is None:
+    reruns = sorted(n for n, r in INITS.items() if r.peft_reruns)
+    if init is not None and (init not in INITS or INITS[init].moves_base and not INITS[init].peft_reruns):
+        raise ValueError(f"save_peft: init={init!r}; expected one PEFT re-runs on the base ({', '.join(reruns)}), "
+                         "an init that keeps the base, or None; for any other pass initial=<the tree at init>")
+    if init in reruns and initial is None:
         config["init_lora_weights"] = init
-    elif init not in (None, "kaiming", "gaussian"):
-        raise ValueError(f"save_peft: init={init!r}; expected 'pissa' or 'olora' (or None)")
     if getattr(model, "task", None) == "sequence_classification":
         config["task_type"] = "SEQ_CLS"
     changed = list(modules_to_save or []) + (_changed_leaves(tree, base) if base is not None else [])

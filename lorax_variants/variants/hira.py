@@ -23,7 +23,7 @@ from lorax_variants.codec import Key, PeftCodec, register_codec
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import RESIDUAL_INITS, Target, lora_factors, register_variant
+from lorax_variants.registry import Target, lora_factors, register_variant, rewrites_base
 
 __all__ = ["HiraNode"]
 
@@ -60,7 +60,7 @@ class HiraNode(AdapterNode):
 
 @register_variant("hira", factored=False)
 def build_hira(t: Target) -> HiraNode:
-    if t.spec.init in RESIDUAL_INITS:
+    if rewrites_base(t.spec):
         raise ValueError(f"{t.path}: HiRA starts from B = 0 (init kaiming or gaussian), not {t.spec.init}")
     weight, a, b = lora_factors(t)
     return HiraNode(weight=weight, hira_a=a, hira_b=b, dropout=t.spec.dropout)

@@ -27,7 +27,7 @@ import numpy as np
 from lorax_variants.codec import PREFIX, Key, PeftCodec, Refusal, Site, layers, pattern_value, peft_alpha, register_codec
 from lorax_variants.nodes.base import AdapterNode, dense, dense_t, embed, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
-from lorax_variants.recipes import Recipe, register_recipe
+from lorax_variants.recipes import INITS, Recipe, register_recipe
 from lorax_variants.registry import Target, lora_factors, register_variant
 from lorax_variants.shared import Shared, value_of
 from lorax_variants.tree import leaves_with_paths, map_with_paths
@@ -173,7 +173,7 @@ def _peft_residual(cfg: dict[str, Any]) -> str | None:
     init = cfg.get("init_lora_weights", True)
     if init in PLAIN_INITS or init is None:
         return None
-    if init in ("pissa", "olora"):  # PEFT re-runs them on the base when it loads the adapter; so do we
+    if init in INITS and INITS[init].peft_reruns:  # PEFT re-runs them on the base when it loads the adapter; so do we
         if cfg.get("use_dora") and init == "olora":
             raise Refusal("init_lora_weights", "OLoRA with DoRA")
         return init

@@ -61,6 +61,7 @@ from lorax_variants.adapt import adapt
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, Route, register_recipe
+from lorax_variants.registry import rewrites_base
 from lorax_variants.spec import AdapterSpec
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.dora import DoraNode
@@ -277,7 +278,7 @@ def adapters(params: Any, specs: Mapping[str, AdapterSpec], key: Any, *, impl: s
         if spec.variant not in ("lora", "dora"):
             raise ValueError(f"adapter {name!r}: variant {spec.variant!r}; many adapters at once take 'lora' and "
                              "'dora'")
-        if spec.init in ("pissa", "olora"):
+        if rewrites_base(spec):
             raise ValueError(f"adapter {name!r}: init {spec.init!r} rewrites the base weight, which the adapters "
                              "share")
         try:

@@ -24,7 +24,7 @@ from lorax_variants.codec import Key, PeftCodec, register_codec, same
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import RESIDUAL_INITS, Target, register_variant, settings_of
+from lorax_variants.registry import Target, register_variant, rewrites_base, settings_of
 
 __all__ = ["MissNode", "Miss"]
 
@@ -110,7 +110,7 @@ class MissNode(AdapterNode):
 @register_variant("miss", settings=Miss, rank_bounded=False)  # bat alone forms W + Δ (see above)
 def build_miss(t: Target) -> MissNode:
     s = settings_of(t.spec)
-    if t.spec.init in RESIDUAL_INITS:
+    if rewrites_base(t.spec):
         raise ValueError(f"{t.path}: MiSS starts from M = 0, not from {t.spec.init}")
     if t.r > t.d_in:
         raise ValueError(f"{t.path}: MiSS block size r={t.r} exceeds the weight's input dimension {t.d_in}")

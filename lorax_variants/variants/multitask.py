@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static
 from lorax_variants.nodes.factored import adapter_dropout
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import Target, lora_factors, register_variant, settings_of
+from lorax_variants.registry import Target, lora_factors, register_variant, rewrites_base, settings_of
 from lorax_variants.spec import register_settings
 from lorax_variants.tree import leaves_with_paths, map_with_paths
 from lorax_variants.variants.lora import LoraNode
@@ -100,9 +100,9 @@ class MultiTaskNode(AdapterNode):
 def build_multitask(t: Target) -> MultiTaskNode:
     n = settings_of(t.spec).n_tasks
     keys = jax.random.split(t.key, n)
-    factors = [lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
-    if t.spec.init in ("pissa", "olora"):
+    if rewrites_base(t.spec):
         raise ValueError(f"{t.path}: {t.spec.init} rewrites the base weight; it cannot be shared by {n} task adapters")
+    factors = [lora_factors(Target(**{**t.__dict__, "key": k})) for k in keys]
     lead = len(t.lead)
     a = jnp.stack([f[1] for f in factors], axis=lead)
     b = jnp.stack([f[2] for f in factors], axis=lead)

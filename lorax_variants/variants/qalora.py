@@ -25,12 +25,11 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from lorax_variants.inits import gaussian_a, kaiming_a
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.recipes import Recipe, register_recipe
-from lorax_variants.registry import Target, register_variant, settings_of
+from lorax_variants.registry import Target, factor_init, register_variant, settings_of
 from lorax_variants.spec import register_settings
 from lorax_variants.variants.lora import LoraNode
 
@@ -120,15 +119,15 @@ def build_qalora(t: Target) -> QaLoraNode:
     if t.d_in % group:
         raise ValueError(f"{t.path}: input dimension {t.d_in} is not a multiple of the QA-LoRA group size {group}")
     if isinstance(w, QuantizedNode) and group % w.block_size:
-        raise ValueError(f"{t.path}: AdapterSpec.group_size {group} is not a multiple of the weight's quantization "
+        raise ValueError(f"{t.path}: QA-LoRA group_size {group} is not a multiple of the weight's quantization "
                          f"block_size {w.block_size}; QA-LoRA's update could not fold into the quantized weight")
-    if t.spec.init not in ("kaiming", "gaussian"):
-        raise ValueError(f"{t.path}: QA-LoRA starts from a random A and a zero B (init 'kaiming' or 'gaussian'), "
+    how = factor_init(t.spec.init)
+    if how.draw_a is None:
+        raise ValueError(f"{t.path}: QA-LoRA starts from a random A and a zero B (a random init: kaiming or gaussian), "
                          f"not {t.spec.init!r}")
     dtype = jnp.dtype(t.spec.dtype)
     groups = t.d_in // group
-    init_a = kaiming_a if t.spec.init == "kaiming" else gaussian_a
-    a = init_a(t.key, t.lead + (groups, t.r), dtype)
+    a = how.draw_a(t.key, t.lead + (groups, t.r), dtype)
     b = jnp.zeros(t.lead + (t.r, t.d_out), dtype)
     return QaLoraNode(weight=w, lora_a=a, lora_b=b, scale=t.scale, group_size=group, dropout=t.spec.dropout)
 
