@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Key", "PeftCodec", "Site", "Refusal", "PREFIX", "register_codec", "codec_of", "codec_for", "transposed",
+__all__ = ["Key", "PeftCodec", "Site", "Refusal", "PREFIX", "module_tensor", "stack_layers", "register_codec", "codec_of", "codec_for", "transposed",
            "same", "peft_types", "fill_by_keys", "layers", "peft_alpha", "pattern_value"]
 
 PREFIX = "base_model.model."  # where PEFT keeps the adapted model's modules
@@ -190,11 +190,30 @@ def peft_types() -> tuple[str, ...]:
     return tuple(sorted(_BY_TYPE))
 
 
+def module_tensor(tensors: dict[str, np.ndarray], site: Site, module: str, suffix: str,
+                  shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The file's tensor ``<PREFIX><module>.<suffix>``; a missing one, or one of another ``shape`` than this
+    model's ``site`` needs, is an error naming it."""
+    name = f"{PREFIX}{module}.{suffix}"
+    if name not in tensors:
+        raise ValueError(f"adapter tensor {name!r} is missing")
+    if shape is not None and tuple(tensors[name].shape) != tuple(shape):
+        raise ValueError(f"adapter tensor {name!r} has shape {tensors[name].shape}; {site.path} of this model needs "
+                         f"{tuple(shape)} (an adapter for a different base model or rank?)")
+    return tensors[name]
+
+
+def stack_layers(site: Site, xs: list[np.ndarray], like: Any) -> Any:
+    """A node field from its per-layer values (one per ``site.modules``): stacked over the layers of a stacked
+    site, else the one value, in ``like``'s dtype."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.stack(xs) if site.lead else xs[0], like.dtype)
+
+
 def fill_by_keys(n: Any, codec: PeftCodec, site: Site, tensors: dict[str, np.ndarray]) -> Any:
     """``n`` with its codec's fields read from the file by the key table, layer by layer (a layer without
     tensors keeps the fresh adapter's values, which leave it equal to the base)."""
-    import jax.numpy as jnp
-
     own = {f: np.asarray(getattr(n, f)) for f in codec.fields}
     per: dict[str, list[np.ndarray]] = {f: [] for f in codec.fields}
     for i, m in enumerate(site.modules):
@@ -203,9 +222,7 @@ def fill_by_keys(n: Any, codec: PeftCodec, site: Site, tensors: dict[str, np.nda
             vals = mine
             if m is not None:
                 name = f"{PREFIX}{m}.{key.suffix}"
-                if name not in tensors:
-                    raise ValueError(f"adapter tensor {name!r} is missing")
-                vals = [np.asarray(v) for v in key.decode(tensors[name])]
+                vals = [np.asarray(v) for v in key.decode(module_tensor(tensors, site, m, key.suffix))]
                 for f, v, w in zip(key.fields, vals, mine):
                     if v.shape != w.shape:
                         raise ValueError(f"adapter tensor {name!r} {tensors[name].shape} gives {f} of shape {v.shape}; "
@@ -213,4 +230,4 @@ def fill_by_keys(n: Any, codec: PeftCodec, site: Site, tensors: dict[str, np.nda
                                          "model or rank?)")
             for f, v in zip(key.fields, vals):
                 per[f].append(v)
-    return n.replace(**{f: jnp.asarray(np.stack(v) if site.lead else v[0], getattr(n, f).dtype) for f, v in per.items()})
+    return n.replace(**{f: stack_layers(site, v, getattr(n, f)) for f, v in per.items()})

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorax_variants.codec import PREFIX, Key, PeftCodec, Refusal, Site, layers, peft_alpha, register_codec
+from lorax_variants.codec import PREFIX, Key, PeftCodec, Refusal, Site, layers, module_tensor, peft_alpha, register_codec, stack_layers
 from lorax_variants.nodes.base import AdapterNode, Node, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.recipes import OptimContext, Recipe, plain_optimizer, register_recipe
@@ -324,15 +324,6 @@ def _peft_fill(n: AdaLoraNode, site: Site, tensors: dict[str, np.ndarray], cfg: 
     d_in, d_out = n.shape[-2:]
     r = n.lora_a.shape[-1]
 
-    def get(m: str, key: Key, shape: tuple[int, ...]) -> np.ndarray:
-        name = f"{PREFIX}{m}.{key.suffix}"
-        if name not in tensors:
-            raise ValueError(f"adapter tensor {name!r} is missing")
-        if tensors[name].shape != shape:
-            raise ValueError(f"adapter tensor {name!r} has shape {tensors[name].shape}; {site.path} of this model "
-                             f"needs {shape}")
-        return tensors[name]
-
     a_s, e_s, b_s, masks = [], [], [], []
     for m in site.modules:
         a, e, b = np.zeros((r, d_in), np.float32), np.zeros((r,), np.float32), np.zeros((d_out, r), np.float32)
@@ -342,16 +333,12 @@ def _peft_fill(n: AdaLoraNode, site: Site, tensors: dict[str, np.ndarray], cfg: 
             if keep.shape != (r,):
                 raise ValueError(f"rank_pattern of {m} has {keep.size} entries; init_r is {r}")
             k = int(keep.sum())
-            a[keep] = get(m, KEYS[0], (k, d_in))
-            e[keep] = get(m, KEYS[1], (k, 1))[:, 0]
-            b[:, keep] = get(m, KEYS[2], (d_out, k))
+            a[keep] = module_tensor(tensors, site, m, KEYS[0].suffix, (k, d_in))
+            e[keep] = module_tensor(tensors, site, m, KEYS[1].suffix, (k, 1))[:, 0]
+            b[:, keep] = module_tensor(tensors, site, m, KEYS[2].suffix, (d_out, k))
         a_s.append(a.T), e_s.append(e), b_s.append(b.T), masks.append(keep)
-
-    def stack(xs: list[np.ndarray], like: Any) -> jax.Array:
-        return jnp.asarray(np.stack(xs) if site.lead else xs[0], like.dtype)
-
-    return n.replace(lora_a=stack(a_s, n.lora_a), lora_e=stack(e_s, n.lora_e), lora_b=stack(b_s, n.lora_b),
-                     rank_mask=stack(masks, n.rank_mask))
+    return n.replace(lora_a=stack_layers(site, a_s, n.lora_a), lora_e=stack_layers(site, e_s, n.lora_e),
+                     lora_b=stack_layers(site, b_s, n.lora_b), rank_mask=stack_layers(site, masks, n.rank_mask))
 
 
 PEFT = register_codec(PeftCodec(

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.codec import PREFIX, Key, PeftCodec, Refusal, Site, layers, pattern_value, peft_alpha, register_codec
+from lorax_variants.codec import (PREFIX, Key, PeftCodec, Refusal, Site, layers, module_tensor, pattern_value, peft_alpha,
+                                  register_codec, stack_layers)
 from lorax_variants.nodes.base import AdapterNode, dense, dense_t, embed, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
 from lorax_variants.recipes import INITS, Recipe, register_recipe
@@ -240,21 +241,11 @@ def _peft_fill(n: Any, site: Site, tensors: dict[str, np.ndarray], cfg: dict[str
             a_full[:, :k] = a.T
             b_full[:k] = b.T * (per_module[m][1] / n.scale)  # the node's one scale; differences go into B
             if dora:
-                mk = next((f"{PREFIX}{m}.{s}" for s in (KEYS[2].suffix, *KEYS[2].aliases) if f"{PREFIX}{m}.{s}" in tensors),
-                          None)
-                if mk is None:
-                    raise ValueError(f"adapter tensor {PREFIX}{m}.{KEYS[2].suffix!r} is missing")
-                if tensors[mk].shape != (d_out,):
-                    raise ValueError(f"adapter tensor {mk!r} has shape {tensors[mk].shape}; {site.path} of this model "
-                                     f"needs {(d_out,)}")
-                mag = tensors[mk]
+                suffix = next((s for s in (KEYS[2].suffix, *KEYS[2].aliases) if f"{PREFIX}{m}.{s}" in tensors), KEYS[2].suffix)
+                mag = module_tensor(tensors, site, m, suffix, (d_out,))
         a_s.append(a_full), b_s.append(b_full), mags.append(mag)
-
-    def stack(xs: list[np.ndarray], like: Any) -> jax.Array:
-        return jnp.asarray(np.stack(xs) if site.lead else xs[0], like.dtype)
-
-    out = n.replace(lora_a=stack(a_s, n.lora_a), lora_b=stack(b_s, n.lora_b))
-    return out.replace(magnitude=stack(mags, n.magnitude)) if dora else out
+    out = n.replace(lora_a=stack_layers(site, a_s, n.lora_a), lora_b=stack_layers(site, b_s, n.lora_b))
+    return out.replace(magnitude=stack_layers(site, mags, n.magnitude)) if dora else out
 
 
 PEFT = register_codec(PeftCodec(

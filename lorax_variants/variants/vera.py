@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_variants.codec import PREFIX, Key, PeftCodec, Site, layers, register_codec
+from lorax_variants.codec import PREFIX, Key, PeftCodec, Site, layers, module_tensor, register_codec, stack_layers
 
 from lorax_variants.nodes.base import AdapterNode, dense, frozen, node, param, static, weight_of
 from lorax_variants.nodes.factored import adapter_dropout, low_rank
@@ -161,21 +161,10 @@ def _peft_fill(n: VeraNode, site: Site, tensors: dict[str, np.ndarray], cfg: dic
     r, d_out = n.lambda_d.shape[-1], n.shape[-1]
 
     def get(m: str | None, key: Key, shape: tuple[int, ...]) -> np.ndarray:
-        if m is None:
-            return np.zeros(shape, np.float32)
-        name = f"{PREFIX}{m}.{key.suffix}"
-        if name not in tensors:
-            raise ValueError(f"adapter tensor {name!r} is missing")
-        if tensors[name].shape != shape:
-            raise ValueError(f"adapter tensor {name!r} has shape {tensors[name].shape}; {site.path} of this model "
-                             f"needs {shape}")
-        return tensors[name]
+        return np.zeros(shape, np.float32) if m is None else module_tensor(tensors, site, m, key.suffix, shape)
 
-    def stack(xs: list[np.ndarray], like: Any) -> jax.Array:
-        return jnp.asarray(np.stack(xs) if site.lead else xs[0], like.dtype)
-
-    return n.replace(lambda_d=stack([get(m, KEYS[0], (r,)) for m in site.modules], n.lambda_d),
-                     lambda_b=stack([get(m, KEYS[1], (d_out,)) for m in site.modules], n.lambda_b))
+    return n.replace(lambda_d=stack_layers(site, [get(m, KEYS[0], (r,)) for m in site.modules], n.lambda_d),
+                     lambda_b=stack_layers(site, [get(m, KEYS[1], (d_out,)) for m in site.modules], n.lambda_b))
 
 
 def _peft_finish(tree: Any, cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> Any:
