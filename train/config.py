@@ -274,22 +274,19 @@ def _coerce(value: Any, t: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {t} at {where}")
 
 
-RENAMED = {"adapter.loftq_iters": "adapter.loftq.iters"}
-
-
 def _moved(path: str) -> str | None:
-    """Where an old flat key of a variant's setting went: ``optim.<variant>_<field>`` and ``adapter.<field>``
-    (a field of one variant's settings) moved into that variant's section ``adapter.<variant>``."""
-    if path in RENAMED:
-        return RENAMED[path]
+    """Where an old flat key of a variant's (or an init's) setting went: ``optim.<variant>_<field>``,
+    ``adapter.<init>_<field>`` and ``adapter.<field>`` (a field of one variant's settings) moved into that
+    section, ``adapter.<variant>``."""
     kinds = _sections()
     section, _, key = path.partition(".")
-    if section == "optim":
+    if section in ("optim", "adapter"):
         for name in sorted(kinds, key=len, reverse=True):
             if key.startswith(name + "_"):
                 field = key[len(name) + 1:]
                 fields = [f.name for f in dataclasses.fields(kinds[name])]
-                return f"adapter.{name}.{field}" if field in fields else f"adapter.{name} (its keys: {fields})"
+                if field in fields or section == "optim":
+                    return f"adapter.{name}.{field}" if field in fields else f"adapter.{name} (its keys: {fields})"
     if section == "adapter":
         owners = [n for n, k in kinds.items() if key in {f.name for f in dataclasses.fields(k)}]
         if len(owners) == 1:

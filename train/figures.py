@@ -216,7 +216,7 @@ def _heatmap(ax: Any, names: list[str], grid: np.ndarray, *, vmax: float, cmap: 
 
 
 def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
-    """The final rank per layer and module (a heatmap) and the rank budget over training (AdaLoRA's allocator)."""
+    """The final rank per layer and module (a heatmap) and the rank budget over training (a rank allocator's)."""
     ranks = run.kind("ranks")
     if not ranks:  # (drawn for the variants whose recipe names it)
         return []
@@ -226,7 +226,7 @@ def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
     fig, ax = pyplot.subplots(figsize=(max(6, 0.5 * grid.shape[1] + 3), max(2.5, 0.45 * len(names) + 1.5)))
     im = _heatmap(ax, names, grid, vmax=r, cmap="viridis")
     fig.colorbar(im, ax=ax, label="rank kept")
-    ax.set(xlabel="layer", ylabel="module", title=f"{run.name}: AdaLoRA final rank per layer and module\n"
+    ax.set(xlabel="layer", ylabel="module", title=f"{run.name} ({run.variant}): final rank per layer and module\n"
                                                     f"(of initial r={r}, at step {ranks[-1]['step']})")
     fig.tight_layout()
     paths = [save(fig, out / "rank_allocation.png")]
@@ -246,7 +246,7 @@ def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
     if opt.get("tfinal") is not None and steps:
         ax.axvline(steps - opt["tfinal"] + 1, color="tab:gray", alpha=0.6, lw=1, ls="-.",
                    label="target budget from (steps - tfinal)")
-    ax.set(xlabel="step", ylabel="sum of ranks over adapted weights", title=f"{run.name}: AdaLoRA rank budget over training")
+    ax.set(xlabel="step", ylabel="sum of ranks over adapted weights", title=f"{run.name} ({run.variant}): rank budget over training")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -256,7 +256,7 @@ def fig_rank_allocation(run: Run, out: Path) -> list[Path]:
 
 
 def fig_active_ranks(run: Run, out: Path) -> Path | None:
-    """Ranks still active per layer and module over training, and their total (SoRA's gates)."""
+    """Ranks still active per layer and module over training, and their total (gates driven to zero)."""
     rows = run.kind("ranks")
     if not rows:
         return None
@@ -275,7 +275,7 @@ def fig_active_ranks(run: Run, out: Path) -> Path | None:
     im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=r, interpolation="nearest",
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, len(labels) - 0.5, -0.5))
     ax.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) > 20 else 9)
-    ax.set(xlabel="step", ylabel="module, layer", title=f"{run.name}: SoRA active ranks (non-zero gates, of r={r})")
+    ax.set(xlabel="step", ylabel="module, layer", title=f"{run.name} ({run.variant}): active ranks (non-zero gates, of r={r})")
     fig.colorbar(im, ax=ax, label="active ranks")
     ax2.plot(steps, grid.sum(axis=0), lw=2)
     ax2.set_xlim(ax.get_xlim())
@@ -399,7 +399,7 @@ def fig_layer_importance(run: Run, out: Path) -> Path | None:
     ax.barh(y[~kept_a], imp_a[~kept_a], color="tab:gray", label="shares one adapter per shape")
     ax.set_yticks(y, labels, fontsize=7 if len(labels) > 20 else 9)
     ax.invert_yaxis()
-    ax.set(xlabel="importance (share of total ‖ΔW x‖²)", title=f"{run.name}: LoRA-drop importance at step {row['step']}")
+    ax.set(xlabel="importance (share of total ‖ΔW x‖²)", title=f"{run.name} ({run.variant}): layer importance at step {row['step']}")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)
     order = np.argsort(-imp_a)

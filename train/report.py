@@ -7,13 +7,14 @@ config and summary. Written automatically at the end of every run. Several: each
 Figures, each drawn when the run has the data (``metrics.jsonl`` rows of kind train, eval, ranks,
 weights, lora_drop, written by ``train.run``):
 - ``loss.png``: train loss (raw and smoothed) and eval loss; the eval metric beside it.
-- ``lr.png``: the learning rate of each parameter group (LoRA+: A's and B's).
-- ``rank_allocation.png``: AdaLoRA's final rank per layer and module (the paper's rank-allocation
-  heatmap); ``rank_budget.png``: the total rank over training against the target.
-- ``active_ranks.png``: SoRA's active ranks per layer and module over training, and their total.
+- ``lr.png``: the learning rate of each parameter group (e.g. A's and B's where they differ).
+The variants' own figures, drawn for the runs whose recipe declares them (``Recipe.figures``):
+- ``rank_allocation.png``: a rank allocator's final rank per layer and module (a heatmap);
+  ``rank_budget.png``: the total rank over training against the target.
+- ``active_ranks.png``: ranks with non-zero gates per layer and module over training, and their total.
 - ``magnitude_direction.png``: ΔM against ΔD per layer at each checkpoint (DoRA paper, Figure 2), for this
   run and any LoRA/DoRA run of the same base model given alongside or found beside it.
-- ``layer_importance.png``: LoRA-drop's importance per layer, which layers kept their adapters, and the
+- ``layer_importance.png``: each layer's importance, which layers kept their own adapters, and the
   cumulative share against the threshold.
 - ``tasks.png``: multi-task eval metrics per task.
 """
@@ -43,15 +44,15 @@ VARIANT_FIGURES = {"rank_allocation": fig_rank_allocation, "active_ranks": fig_a
 CAPTIONS = {
     "loss.png": "Training loss (faint: every logged step; solid: smoothed) and evaluation loss.",
     "lr.png": "Learning rate of each parameter group. LoRA+ trains B at a multiple of A's rate.",
-    "rank_allocation.png": "AdaLoRA's rank allocation: the rank each layer and module kept at the end. "
+    "rank_allocation.png": "Rank allocation: the rank each layer and module kept at the end. "
                          "Layers that matter more to the task keep more of the budget.",
-    "rank_budget.png": "AdaLoRA's total rank over training: the allocator prunes from the initial budget "
+    "rank_budget.png": "Total rank over training: the allocator prunes from the initial budget "
                           "to the target on a cubic schedule.",
-    "active_ranks.png": "SoRA: ranks whose gate is still non-zero, per layer and module, as the proximal step "
+    "active_ranks.png": "Ranks whose gate is still non-zero, per layer and module, as the proximal step "
                       "drives gates to zero.",
     "magnitude_direction.png": "Magnitude change ΔM against direction change ΔD of the adapted weights, one point per "
                         "layer per checkpoint (DoRA paper, Figure 2).",
-    "layer_importance.png": "LoRA-drop: each layer's importance (share of the adapters' output norm). Layers up to the "
+    "layer_importance.png": "Each layer's importance (share of the adapters' output norm). Layers up to the "
                      "threshold of cumulative importance keep their own adapters; the rest share one.",
     "tasks.png": "Multi-task adapters: evaluation metrics per task.",
 }
