@@ -40,20 +40,90 @@ batch: token-level). Defaults are TRL's (``DPOConfig``, ``CPOConfig`` for SimPO,
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lorax_variants.ops import without_adapters
 
-__all__ = ["token_logps", "completion_logps", "PreferenceLoss", "dpo_loss", "simpo_loss", "preference_metrics",
+__all__ = ["Dpo", "Ipo", "Simpo", "OBJECTIVES", "token_logps", "completion_logps", "PreferenceLoss", "dpo_loss", "simpo_loss", "preference_metrics",
            "group_advantages", "GrpoLoss", "grpo_loss", "preference_loss", "reference_logps", "PREFERENCE_OBJECTIVES"]
 
 PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo")
 
 DPO_LOSSES = ("sigmoid", "robust", "ipo")
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _check_beta(beta: float, label_smoothing: float = 0.0) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be > 0 (the strength of the pull to the reference / the reward scale), got {beta!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dpo:
+    """DPO's settings (TRL's ``DPOConfig`` defaults): ``beta``, ``label_smoothing`` (ε), ``loss_type`` sigmoid or
+    robust, ``reference``: ``base`` (the adapters switched off, in the step) or ``precomputed`` (the adapted model
+    at initialization, once before training: needed where the initial model is not the base, e.g. an init that
+    rewrites the base or a variant that moves it)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: Literal["sigmoid", "robust"] = "sigmoid"
+    reference: Literal["base", "precomputed"] = "base"
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta, self.label_smoothing)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``preference_loss``."""
+        return {"objective": "dpo", "reference": self.reference, "beta": self.beta,
+                "label_smoothing": self.label_smoothing, "loss_type": self.loss_type}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ipo:
+    """IPO's settings: ``beta`` (the target margin is 1/(2β)), ``reference`` as ``Dpo``'s."""
+
+    beta: float = 0.1
+    reference: Literal["base", "precomputed"] = "base"
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``preference_loss``."""
+        return {"objective": "ipo", "reference": self.reference, "beta": self.beta}
+
+
+@dataclasses.dataclass(frozen=True)
+class Simpo:
+    """SimPO's settings (TRL's ``CPOConfig`` defaults for ``loss_type="simpo"``): ``beta``, ``gamma`` (the target
+    reward margin, TRL's ``simpo_gamma``), ``label_smoothing``. No reference."""
+
+    beta: float = 0.1
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_beta(self.beta, self.label_smoothing)
+
+    @property
+    def reference(self) -> None:
+        """SimPO has no reference."""
+        return None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``preference_loss``."""
+        return {"objective": "simpo", "beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
+
+
+# The preference objectives' settings types by name (a training loop's ``objective`` sections).
+OBJECTIVES: dict[str, type] = {"dpo": Dpo, "ipo": Ipo, "simpo": Simpo}
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lorax_variants import recipes
+from lorax_variants import objectives, recipes
 
 __all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest"]
 
@@ -106,6 +106,11 @@ class DataConfig:
     prompt_field: str | None = None  # instruction data: the prompt is masked out of the loss
     response_field: str | None = None
     messages_field: str | None = None  # chat data: a column of conversations, lists of {role, content} turns
+    # preference pairs (train.objective dpo, ipo, simpo): the preferred and the other completion of each prompt,
+    # strings or conversations (turns); the prompt: data.prompt_field (a string or turns), or left out where
+    # chosen and rejected are whole conversations (their common turns are the prompt)
+    chosen_field: str | None = None
+    rejected_field: str | None = None
     chat_template: str | None = None  # default: the tokenizer's; or a named template (chatml) or a template file
     # which tokens the loss covers: auto = assistant (conversations), completion (prompt/response), all (text)
     loss_on: Literal["auto", "assistant", "all", "completion"] = "auto"
@@ -165,6 +170,9 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
+    # sft: next-token loss on the data's completion tokens; dpo, ipo, simpo: preference pairs (data.chosen_field,
+    # data.rejected_field), with the objective's settings in the section objective.<name>
+    objective: Literal["sft", "dpo", "ipo", "simpo"] = "sft"
     steps: int = 100
     batch_size: int = 8  # global, over all hosts and devices
     grad_accum: int = 1
@@ -190,6 +198,20 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class ObjectiveConfig:
+    """Each training objective's settings (``lorax_variants.objectives``), one section each; the one
+    ``train.objective`` names is used."""
+
+    dpo: objectives.Dpo = dataclasses.field(default_factory=objectives.Dpo)
+    ipo: objectives.Ipo = dataclasses.field(default_factory=objectives.Ipo)
+    simpo: objectives.Simpo = dataclasses.field(default_factory=objectives.Simpo)
+
+    def settings(self, name: str) -> Any:
+        """The settings of objective ``name`` (``None`` for sft)."""
+        return getattr(self, name, None)
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
@@ -199,6 +221,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     name: str = "run"
 
     def __post_init__(self) -> None:
@@ -495,8 +518,33 @@ def check(cfg: Config) -> None:
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     need(cfg.data.max_examples is None or cfg.data.max_examples >= 1, "data.max_examples", "must be positive")
     need(cfg.quant.block_size in (32, 64, 128, 256), "quant.block_size", "must be 32, 64, 128 or 256")
-    need((cfg.data.prompt_field is None) == (cfg.data.response_field is None), "data.prompt_field",
+    pairs = cfg.train.objective != "sft"
+    need(pairs or (cfg.data.prompt_field is None) == (cfg.data.response_field is None), "data.prompt_field",
          "instruction data needs both data.prompt_field and data.response_field")
+    need((cfg.data.chosen_field is None) == (cfg.data.rejected_field is None), "data.chosen_field",
+         "preference pairs need both data.chosen_field and data.rejected_field")
+    need(not pairs or bool(cfg.data.chosen_field), "train.objective",
+         "trains on preference pairs: name their columns in data.chosen_field and data.rejected_field")
+    need(pairs or not cfg.data.chosen_field, "data.chosen_field",
+         "holds preference pairs, which train.objective sft does not read (set train.objective: dpo, ipo or simpo)")
+    if pairs:
+        need(cfg.model.task == "causal_lm", "train.objective", "compares completions of a causal LM (model.task)")
+        need(cfg.data.response_field is None and cfg.data.messages_field is None, "train.objective",
+             "reads pairs (data.prompt_field, data.chosen_field, data.rejected_field); unset data.response_field and "
+             "data.messages_field")
+        need(cfg.data.loss_on in ("auto", "completion"), "data.loss_on",
+             "must be auto or completion with preference pairs (their log-probabilities are the completions')")
+        need(not cfg.train.gen_eval, "train.gen_eval", "scores answers of SFT data; a preference run's eval reports "
+             "the held-out preference accuracy")
+        settings = cfg.objective.settings(cfg.train.objective)
+        init, variant = recipes.INITS.get(cfg.adapter.init), recipes.RECIPES.get(cfg.adapter.variant)
+        moved = (init is not None and init.moves_base) or (variant is not None and variant.moves_base)
+        if getattr(settings, "reference", None) == "base" and moved:
+            why = (f"adapter.init={cfg.adapter.init} rewrites the base" if init is not None and init.moves_base
+                   else f"adapter.variant={cfg.adapter.variant} moves the base as it trains")
+            raise ConfigError(f"objective.{cfg.train.objective}.reference: base is the model with the adapters off, "
+                              f"which is not the initial model here ({why}); set it to precomputed (the initial "
+                              "model's log-probabilities, once before training)")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 
 from train.chat import chat_template, check_conversation, render
 from train.config import ConfigError, DataConfig
+from train.pairs import check_pair, encode_pairs
 
 __all__ = ["TokenData", "resolve", "read_examples", "tokenize", "load_data", "Batches", "pack_lengths",
            "packing_efficiency"]
@@ -139,7 +140,18 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
     and response fields) must hold a string, a label or task column a value (not null). A bad row is an
     error naming the file, the row and the field, unless ``data.skip_bad_rows`` leaves such rows out."""
     wanted: list[tuple[str, str, bool]] = []  # (config field, column, must be a string)
-    if task == "sequence_classification":
+    bad: dict[int, tuple[str, str, Any]] = {}
+    if cfg.chosen_field:  # preference pairs: each pair checked whole
+        cols = [("data.chosen_field", cfg.chosen_field), ("data.rejected_field", cfg.rejected_field)]
+        cols += [("data.prompt_field", cfg.prompt_field)] if cfg.prompt_field else []
+        _columns(ds, cols, source)
+        columns = dict(cols)
+        prompts = _values(ds, cfg.prompt_field) if cfg.prompt_field else [None] * len(ds)
+        for i, (p, c, r) in enumerate(zip(prompts, _values(ds, cfg.chosen_field), _values(ds, cfg.rejected_field))):
+            wrong = check_pair(p, c, r, cfg.prompt_field is not None)
+            if wrong is not None:
+                bad[i] = (wrong[0], columns.get(wrong[0], cfg.chosen_field), _Said(wrong[1]))
+    elif task == "sequence_classification":
         wanted += [("data.text_field", cfg.text_field, True), ("data.label_field", cfg.label_field, False)]
     elif cfg.messages_field:
         wanted.append(("data.messages_field", cfg.messages_field, False))
@@ -151,7 +163,6 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
         wanted.append(("data.task_field", cfg.task_field, False))
     dropped = {str(x) for x in cfg.drop_labels or []}  # rows data.drop_labels leaves out are not checked
     labels = _values(ds, cfg.label_field) if dropped and cfg.label_field in ds.column_names else None
-    bad: dict[int, tuple[str, str, Any]] = {}
     for what, column, text in wanted:
         if column not in ds.column_names:
             continue  # named by the tokenizer's column check
@@ -171,7 +182,8 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
         files = _files(source, field)
         path, row = _file_of_row(files, _format(files, cfg.format, field), cfg, first)
         raise ConfigError(f"{what}: row {row + 1} of {path} has {_kind(v)} in column {column!r}"
-                          + ("" if column in (cfg.label_field, cfg.task_field, cfg.messages_field) else ", not text")
+                          + ("" if column in (cfg.label_field, cfg.task_field, cfg.messages_field) or isinstance(v, _Said)
+                             else ", not text")
                           + f" ({len(bad)} such row{'s' if len(bad) > 1 else ''} in {source!r}); fix the data, or set "
                           "data.skip_bad_rows: true to leave such rows out (counted in the data stats)")
     kept = ds.select([i for i in range(len(ds)) if i not in bad])
@@ -212,6 +224,7 @@ class TokenData:
     stats: dict[str, int]
     # held-out chat or prompt/response examples for a generation eval: {"ids", "prompt", "reference"}
     prompts: list[dict[str, Any]] | None = None
+    rows: np.ndarray | None = None  # which examples the rows are, where some were left out (preference pairs)
 
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
@@ -264,7 +277,8 @@ def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
     ``split`` says which part of the data this is, for errors (``"the eval split (...)"``)."""
     data, names = _tokenize(ds, cfg, task, tokenizer, source, label_names, split)
     if cfg.task_field is not None:
-        data.arrays["task_ids"] = task_ids(ds, cfg, source, index)
+        ids = task_ids(ds, cfg, source, index)
+        data.arrays["task_ids"] = ids if data.rows is None else ids[data.rows]
     return data, names
 
 
@@ -305,6 +319,9 @@ def _tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
             ids[i, : len(e)], mask[i, : len(e)] = e, 1
         labels = np.array([index[str(v)] for v in raw], np.int32)
         return TokenData({"input_ids": ids, "attention_mask": mask, "labels": labels}, stats), names
+    if cfg.chosen_field:
+        arrays, pair_stats, kept = encode_pairs(ds, cfg, tokenizer, source, pad, split)
+        return TokenData(arrays, stats | pair_stats, rows=kept), None
     if cfg.messages_field:
         _columns(ds, [("data.messages_field", cfg.messages_field)], source)
     elif cfg.prompt_field:
@@ -549,7 +566,7 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
                     split=splits[1], index=index)[0] if eval_ds is not None else None
     if held is not None:
         held.stats["skipped_rows"] = skipped_eval
-        if task == "causal_lm" and (cfg.messages_field or cfg.prompt_field):
+        if task == "causal_lm" and (cfg.messages_field or cfg.prompt_field) and not cfg.chosen_field:
             held.prompts = prompts(eval_ds, cfg, tokenizer, cfg.eval_source or cfg.source)
     return train, held, names
 
@@ -667,6 +684,7 @@ def eval_batches(data: TokenData, batch_size: int, limit: int, process_index: in
         if "labels" in batch:
             batch["labels"] = np.where(ok, batch["labels"], -1).astype(np.int32)
         else:
-            batch["loss_mask"] = batch["loss_mask"] * ok[:, None].astype(np.int32)
+            m = batch["loss_mask"]
+            batch["loss_mask"] = m * ok.reshape(-1, *[1] * (m.ndim - 1)).astype(np.int32)
         out.append(batch)
     return out

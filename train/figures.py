@@ -159,7 +159,8 @@ def fig_loss(run: Run, out: Path) -> Path | None:
         return None
     pyplot = plt()
     evals = run.kind("eval")
-    metric = next((k for k in ("accuracy", "token_accuracy", "perplexity") if evals and k in evals[-1]), None)
+    metric = next((k for k in ("preference_accuracy", "accuracy", "token_accuracy", "perplexity")
+                   if evals and k in evals[-1]), None)
     fig, axes = pyplot.subplots(1, 2 if metric else 1, figsize=(11 if metric else 7, 4), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="train loss")
@@ -167,7 +168,9 @@ def fig_loss(run: Run, out: Path) -> Path | None:
     es, el = run.series("eval", "loss")
     if len(es):
         ax.plot(es, el, "o-", color="tab:orange", label="eval loss")
-    ax.set(xlabel="step", ylabel="loss (cross-entropy)", title=f"{run.name}: loss")
+    objective = run.config.get("train", {}).get("objective", "sft")
+    ax.set(xlabel="step", ylabel="loss (cross-entropy)" if objective == "sft" else f"loss ({objective})",
+           title=f"{run.name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
     if metric:
@@ -178,6 +181,37 @@ def fig_loss(run: Run, out: Path) -> Path | None:
         ax2.grid(alpha=0.3)
     fig.tight_layout()
     return save(fig, out / "loss.png")
+
+
+def fig_preference(run: Run, out: Path) -> Path | None:
+    """A preference run's implicit rewards (β log π/π_ref of the chosen and the rejected completion, and their
+    margin) over training, and the preference accuracy on training batches and held-out pairs."""
+    steps, chosen = run.series("train", "rewards_chosen")
+    if not len(steps):
+        return None
+    pyplot = plt()
+    fig, (ax, ax2) = pyplot.subplots(1, 2, figsize=(11, 4))
+    for key, color, label in (("rewards_chosen", "tab:green", "chosen"), ("rewards_rejected", "tab:red", "rejected"),
+                              ("rewards_margin", "tab:blue", "margin (chosen - rejected)")):
+        s, v = run.series("train", key)
+        ax.plot(s, smooth(v), color=color, lw=2, label=f"train {label}")
+        es, ev = run.series("eval", key)
+        if len(es):
+            ax.plot(es, ev, "o--", color=color, label=f"eval {label}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="step", ylabel="implicit reward", title=f"{run.name}: rewards")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    s, v = run.series("train", "preference_accuracy")
+    ax2.plot(s, smooth(v), color="tab:blue", lw=2, label="train batches (smoothed)")
+    es, ev = run.series("eval", "preference_accuracy")
+    if len(es):
+        ax2.plot(es, ev, "o-", color="tab:orange", label="held-out pairs")
+    ax2.set(xlabel="step", ylabel="chosen reward > rejected", title="preference accuracy", ylim=(-0.02, 1.02))
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, out / "preference.png")
 
 
 def fig_lr(run: Run, out: Path) -> Path | None:

@@ -7,6 +7,7 @@ config and summary. Written automatically at the end of every run. Several: each
 Figures, each drawn when the run has the data (``metrics.jsonl`` rows of kind train, eval, ranks,
 weights, lora_drop, written by ``train.run``):
 - ``loss.png``: train loss (raw and smoothed) and eval loss; the eval metric beside it.
+- ``preference.png`` (preference objectives): chosen/rejected rewards, margin, preference accuracy.
 - ``lr.png``: the learning rate of each parameter group (e.g. A's and B's where they differ).
 The variants' own figures, drawn for the runs whose recipe declares them (``Recipe.figures``):
 - ``rank_allocation.png``: a rank allocator's final rank per layer and module (a heatmap);
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from lorax_variants.recipes import RECIPES
-from train.figures import (Run, fig_active_ranks, fig_layer_importance, fig_loss, fig_lr, fig_magnitude_direction,
+from train.figures import (Run, fig_active_ranks, fig_layer_importance, fig_loss, fig_lr, fig_magnitude_direction, fig_preference,
                            fig_rank_allocation, fig_tasks, plt, read_json, save, scatter_side, smooth)
 
 __all__ = ["report", "compare", "main", "accuracy_label"]
@@ -43,6 +44,9 @@ VARIANT_FIGURES = {"rank_allocation": fig_rank_allocation, "active_ranks": fig_a
 
 CAPTIONS = {
     "loss.png": "Training loss (faint: every logged step; solid: smoothed) and evaluation loss.",
+    "preference.png": "Preference objective: the implicit rewards β·log(π/π_ref) of the chosen and the rejected "
+                      "completions and their margin (for SimPO: β times the mean log-probability per token), and how "
+                      "often the chosen one scores higher, on training batches and on held-out pairs.",
     "lr.png": "Learning rate of each parameter group. LoRA+ trains B at a multiple of A's rate.",
     "rank_allocation.png": "Rank allocation: the rank each layer and module kept at the end. "
                          "Layers that matter more to the task keep more of the budget.",
@@ -127,7 +131,8 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
         stale.unlink()
     peers = _peers(run, [Run(o) for o in others])
     own = RECIPES[run.variant].figures if run.variant in RECIPES else ()  # the variant's figures (its recipe's)
-    figs: list[Path | None] = [fig_loss(run, out), fig_lr(run, out), fig_magnitude_direction(run, peers, out)]
+    figs: list[Path | None] = [fig_loss(run, out), fig_preference(run, out), fig_lr(run, out),
+                               fig_magnitude_direction(run, peers, out)]
     for name in (n for n in own if n in VARIANT_FIGURES):
         drawn = VARIANT_FIGURES[name](run, out)
         figs += drawn if isinstance(drawn, list) else [drawn]

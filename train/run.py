@@ -123,7 +123,34 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     if abstract:
         return p
     init = recipes.init_recipe(cfg.adapter.init)
-    return _init_from_data(p, init) if init.from_data is not None else p
+    p = _init_from_data(p, init) if init.from_data is not None else p
+    if getattr(cfg.objective.settings(cfg.train.objective), "reference", None) == "precomputed":
+        _reference_logps(p)
+    return p
+
+
+def _reference_logps(p: Prepared) -> None:
+    """``reference: precomputed``: every pair's summed completion log-probabilities under the initial adapted
+    model (before any step), as ``ref_logps`` [pairs, 2] beside the token rows of the train and eval data.
+    Deterministic, so a resumed run computes the same ones."""
+    cfg = p.cfg
+    if jax.process_count() > 1:
+        raise ConfigError(f"objective.{cfg.train.objective}.reference: precomputed runs on one process so far; use "
+                          "base (the adapters switched off in the step)")
+    fns = _steps(p)
+    n = cfg.train.batch_size
+    for data in (p.train, p.eval):
+        if data is None:
+            continue
+        out = []
+        for start in range(0, len(data), n):
+            chunk = {k: v[start:start + n] for k, v in data.arrays.items() if k != "ref_logps"}
+            real = len(chunk["input_ids"])
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], n - real, 0)]) if real < n else v for k, v in chunk.items()}
+            arrays = {k: jax.make_array_from_process_local_data(fns.batch_sharding(v.ndim, False), v)
+                      for k, v in chunk.items()}  # in the data's order (routed rows are not grouped here)
+            out.append(np.asarray(jax.device_get(fns.pair_logps(p.built.trainable, p.built.frozen, arrays)))[:real])
+        data.arrays["ref_logps"] = np.concatenate(out).astype(np.float32)
 
 
 def _init_from_data(p: Prepared, init: recipes.InitRecipe) -> Prepared:
@@ -211,7 +238,8 @@ def _steps(p: Prepared) -> Any:
         b.model, cfg.model.task, p.optimizer, mesh=b.mesh, trainable_sh=b.trainable_sh, frozen_sh=b.frozen_sh,
         opt_sh=p.opt_sh, compute_dtype=cfg.model.compute_dtype, dropout=cfg.adapter.dropout > 0,
         variant=recipe(cfg.adapter.variant), settings=cfg.adapter.settings(), n_tasks=n_routes(cfg),
-        loss_chunk=cfg.model.loss_chunk,
+        loss_chunk=cfg.model.loss_chunk, objective=cfg.train.objective,
+        objective_settings=cfg.objective.settings(cfg.train.objective),
     )
 
 
@@ -291,8 +319,14 @@ def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float
         out = jax.device_get(fns.eval(trainable, frozen, arrays))
         sums = {k: sums.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
 
-    def metrics(loss_sum: Any, count: Any, correct: Any) -> dict[str, float]:
+    pairs = cfg.train.objective != "sft"
+
+    def metrics(loss_sum: Any, count: Any, correct: Any, chosen: Any = 0.0, rejected: Any = 0.0) -> dict[str, float]:
         n = max(float(count), 1.0)
+        if pairs:  # the held-out preference accuracy and TRL's reward metrics
+            return {"loss": float(loss_sum) / n, "pairs": float(count), "preference_accuracy": float(correct) / n,
+                    "rewards_chosen": float(chosen) / n, "rewards_rejected": float(rejected) / n,
+                    "rewards_margin": (float(chosen) - float(rejected)) / n}
         res = {"loss": float(loss_sum) / n, "examples" if cfg.model.task != "causal_lm" else "tokens": float(count)}
         if cfg.model.task == "sequence_classification":
             res["accuracy"] = float(correct) / n
@@ -301,9 +335,11 @@ def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float
             res["token_accuracy"] = float(correct) / n
         return res
 
-    res = metrics(sums["loss_sum"], sums["count"], sums["correct"])
+    extra = ("rewards_chosen", "rewards_rejected") if pairs else ()
+    res = metrics(sums["loss_sum"], sums["count"], sums["correct"], *(sums[k] for k in extra))
     for t in range(len(sums.get("task_count", []))):
-        for k, v in metrics(sums["task_loss_sum"][t], sums["task_count"][t], sums["task_correct"][t]).items():
+        for k, v in metrics(sums["task_loss_sum"][t], sums["task_count"][t], sums["task_correct"][t],
+                            *(sums[f"task_{k}"][t] for k in extra)).items():
             res[f"task{t}_{k}"] = v
     return res
 
@@ -382,7 +418,8 @@ def _samples(p: Prepared, trainable: Any, frozen: Any) -> list[str]:
     cfg, model = p.cfg, p.built.model
     if cfg.model.task != "causal_lm" or not cfg.train.samples or p.eval is None:
         return []
-    rows = p.eval.arrays["input_ids"][: cfg.train.samples, :8]
+    rows = p.eval.arrays["input_ids"][: cfg.train.samples]
+    rows = (rows[:, 0] if rows.ndim == 3 else rows)[:, :8]  # pairs: the chosen row's start
     tree = lv.combine(trainable, frozen)
     tok = p.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -590,7 +627,8 @@ class _Loop:
                               f"({p.train.stats['truncated']} truncated"
                               + (f", {p.train.stats['dropped_examples']} longer than data.seq_len left out"
                                  if p.train.stats.get("dropped_examples") else "")
-                              + (f", packed at {packing_efficiency(p.train.stats):.1%} real tokens"
+                              + (f", {'packed' if cfg.data.packing and cfg.train.objective == 'sft' else 'padded'} at "
+                                 f"{packing_efficiency(p.train.stats):.1%} real tokens"
                                  if p.train.stats.get("row_tokens") else "")
                               + (f", {p.train.stats['skipped_rows']} bad rows left out by data.skip_bad_rows"
                                  if p.train.stats.get("skipped_rows") else "")

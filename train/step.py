@@ -3,6 +3,11 @@
     loss = Σ_tokens CE / #tokens over the whole global batch (micro-batches accumulated as sums,
     so accumulation and the number of hosts do not change the loss or the gradient)
 
+With a preference objective (``dpo``, ``ipo``, ``simpo``: ``lorax_variants.objectives``) a batch holds pairs
+``[..., 2, T]`` (chosen, rejected) and the loss is the mean over the global batch's pairs of the pair losses;
+the summed completion log-probabilities come from the same chunked cross-entropy as SFT's, and the reference
+(``reference: base``) is the same tree with its adapters off, in the same jitted step.
+
 Adapter leaves and optimizer state stay float32; the forward casts them (and the frozen
 weights) to ``compute_dtype``, so gradients arrive in float32 through the cast. A step whose loss
 or gradients are not finite leaves every state untouched and says so in its metrics.
@@ -20,7 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
-from lorax_variants import recipes
+from lorax_variants import objectives, recipes
 from lorax_variants.models.loss import token_cross_entropy
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.quantized import QuantizedNode
@@ -80,16 +85,30 @@ class StepFns:
     eval: Callable[..., Any]  # (trainable, frozen, batch) -> metrics sums
     batch_sharding: Callable[[int], NamedSharding]
     loss: Callable[..., Any] | None = None  # (adapted tree, batch [rows, ...]) -> the batch's mean loss, no dropout
+    pair_logps: Callable[..., Any] | None = None  # (trainable, frozen, pairs [rows, 2, T]) -> summed logps [rows, 2]
+
+
+def pair_rows(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Pairs ``[B, 2, T]`` as rows ``[2B, T]``: the chosen rows, then the rejected (``preference_loss``'s order);
+    ``task_ids`` repeated, ``ref_logps`` ``[B, 2]`` laid out the same way."""
+    out = {k: jnp.concatenate([batch[k][:, 0], batch[k][:, 1]], 0)
+           for k in ("input_ids", "attention_mask", "loss_mask", "ref_logps") if k in batch}
+    if "task_ids" in batch:
+        out["task_ids"] = jnp.concatenate([batch["task_ids"], batch["task_ids"]], 0)
+    return out
 
 
 def make_steps(
     model: Any, task: str, optimizer: optax.GradientTransformation, *, mesh: Any, trainable_sh: Any, frozen_sh: Any,
     opt_sh: Any, compute_dtype: str = "float32", dropout: bool = False, variant: recipes.Recipe | None = None,
-    settings: Any = None, n_tasks: int = 1, loss_chunk: int = 2048,
+    settings: Any = None, n_tasks: int = 1, loss_chunk: int = 2048, objective: str = "sft",
+    objective_settings: Any = None,
 ) -> StepFns:
     """Jitted steps. Batches come as ``[accum, micro, ...]`` arrays (micro over data x fsdp). ``variant``: the
     recipe whose hooks the step calls (its penalty, the tree a training forward sees, the frozen leaves after an
-    update) with its ``settings``."""
+    update) with its ``settings``. ``objective``: ``sft`` or a preference objective with its settings
+    (``lorax_variants.objectives.Dpo``, ...)."""
+    pairs = objective != "sft"
     variant = variant or recipes.recipe("lora")
     penalty = variant.penalty(settings)
     if variant.route_mean and penalty is not None:
@@ -101,23 +120,50 @@ def make_steps(
             tree = lv.with_dropout(tree, jax.random.fold_in(key, 1))
         if train and variant.train_tree is not None:
             tree = variant.train_tree(settings, tree, jax.random.fold_in(key, 2))
-        if "task_ids" in batch:
-            tree = lv.route(tree, batch["task_ids"])
-        if task == "causal_lm":  # logits per chunk of tokens only (models.loss)
-            params = lv.resolve_shared(tree)
-            packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
-            h = model.hidden(params, batch["input_ids"], batch["attention_mask"], **packed)
-            ce, correct = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:], chunk=loss_chunk)
-            rows = lm_rows(ce, correct, batch)
+        if pairs:
+            rows = preference_rows(tree, batch)
         else:
-            rows = task_loss(task, model.apply(tree, batch["input_ids"], batch["attention_mask"]), batch)
+            if "task_ids" in batch:
+                tree = lv.route(tree, batch["task_ids"])
+            if task == "causal_lm":  # logits per chunk of tokens only (models.loss)
+                params = lv.resolve_shared(tree)
+                packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+                h = model.hidden(params, batch["input_ids"], batch["attention_mask"], **packed)
+                ce, correct = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:],
+                                                  chunk=loss_chunk)
+                rows = lm_rows(ce, correct, batch)
+            else:
+                rows = task_loss(task, model.apply(tree, batch["input_ids"], batch["attention_mask"]), batch)
+            rows = dict(zip(("loss_sum", "count", "correct"), rows))
         if not train:
             return rows
-        total, count, correct = (jnp.sum(r) for r in rows)
-        extra = penalty(tree).astype(jnp.float32) * count if penalty is not None else 0.0
+        sums = {k: jnp.sum(v) for k, v in rows.items()}
+        extra = penalty(tree).astype(jnp.float32) * sums["count"] if penalty is not None else 0.0
         if "row_weight" in batch:  # each route's mean over its rows of the whole batch (already normalized)
-            return jnp.sum(rows[0] * batch["row_weight"]), (total, count, correct)
-        return total + extra, (total, count, correct)
+            return jnp.sum(rows["loss_sum"] * batch["row_weight"]), sums
+        return sums["loss_sum"] + extra, sums
+
+    def logps(tree: Any, rows: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Summed log-probabilities of each row's completion (its loss mask) and its length."""
+        if "task_ids" in rows:
+            tree = lv.route(tree, rows["task_ids"])
+        params = lv.resolve_shared(tree)
+        h = model.hidden(params, rows["input_ids"], rows["attention_mask"])
+        ce, _ = token_cross_entropy(model, params, h[:, :-1], rows["input_ids"][:, 1:], chunk=loss_chunk)
+        mask = _lm_mask(rows)
+        return -jnp.sum(ce * mask, -1), jnp.sum(mask, -1)
+
+    def preference_rows(tree: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per pair: the loss, whether it counts (padding pairs of an eval batch do not), whether the chosen
+        completion's reward is the higher, the rewards, and the real tokens of the pair."""
+        rows = pair_rows(batch)
+        out = objectives.preference_loss(logps, tree, rows, **objective_settings.kwargs())
+        b = batch["input_ids"].shape[0]
+        valid = (jnp.sum(rows["loss_mask"][:b], -1) > 0).astype(jnp.float32)
+        return {"loss_sum": out.losses * valid, "count": valid,
+                "correct": (out.chosen_rewards > out.rejected_rewards) * valid,
+                "rewards_chosen": out.chosen_rewards * valid, "rewards_rejected": out.rejected_rewards * valid,
+                "tokens": jnp.sum(batch["attention_mask"], (-2, -1)).astype(jnp.float32) * valid}
 
     grad_fn = jax.grad(forward, has_aux=True)
 
@@ -126,17 +172,19 @@ def make_steps(
 
         def micro(carry, xs):
             mb, i = xs
-            g, (total, count, correct) = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, i), True)
-            gsum, tsum, csum, ksum = carry
-            return (jax.tree.map(jnp.add, gsum, g), tsum + total, csum + count, ksum + correct), None
+            g, sums = grad_fn(trainable, frozen, mb, jax.random.fold_in(key, i), True)
+            gsum, acc = carry
+            return (jax.tree.map(jnp.add, gsum, g), jax.tree.map(jnp.add, acc, sums)), None
 
         per_route = variant.route_mean and "task_ids" in batch
         if per_route:
             batch = dict(batch, row_weight=_route_weights(batch))
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
         n_micro = batch["input_ids"].shape[0]
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        (gsum, total, count, correct), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        names = ("loss_sum", "count", "correct") + (("rewards_chosen", "rewards_rejected", "tokens") if pairs else ())
+        init = (zeros, {k: jnp.float32(0) for k in names})
+        (gsum, acc), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        total, count, correct = acc["loss_sum"], acc["count"], acc["correct"]
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / (1.0 if per_route else denom)).astype(p.dtype), gsum, trainable)
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
@@ -150,6 +198,12 @@ def make_steps(
         metrics = {"loss": total / denom, "grad_norm": grad_norm, "tokens": count, "accuracy": correct / denom,
                    "finite": ok,  # and where not: one bool per trainable leaf, gradient and updated value (for the log)
                    "finite_grads": _finite_norms(grads), "finite_params": _finite_norms(new_trainable)}
+        if pairs:  # TRL's preference metrics, over the batch's pairs
+            del metrics["accuracy"]
+            metrics |= {"tokens": acc["tokens"], "pairs": count, "preference_accuracy": correct / denom,
+                        "rewards_chosen": acc["rewards_chosen"] / denom,
+                        "rewards_rejected": acc["rewards_rejected"] / denom,
+                        "rewards_margin": (acc["rewards_chosen"] - acc["rewards_rejected"]) / denom}
         # Frozen weights that no variant hook changes are not an output: XLA would copy every one of them into a
         # new buffer each step (an undonated input cannot be an output), doubling their memory during the step.
         out_frozen = keep(new_frozen, frozen) if variant.after_update is not None else None
@@ -161,6 +215,8 @@ def make_steps(
         is the one it would get alone on its rows)."""
         if task == "sequence_classification":
             counts = (batch["labels"] >= 0).astype(jnp.float32)
+        elif pairs:
+            counts = (jnp.sum(batch["loss_mask"][:, :, 0], -1) > 0).astype(jnp.float32)
         else:
             counts = jnp.sum(_lm_mask(batch), -1)
         onehot = jax.nn.one_hot(batch["task_ids"], n_tasks, dtype=jnp.float32)  # [accum, micro, n]
@@ -172,7 +228,7 @@ def make_steps(
         return jnp.stack([jnp.isfinite(optax.tree.norm(x)) for x in jax.tree.leaves(tree)])
 
     def eval_step(trainable, frozen, batch):
-        rows = dict(zip(("loss_sum", "count", "correct"), forward(trainable, frozen, batch, None, False)))
+        rows = forward(trainable, frozen, batch, None, False)
         out = {k: jnp.sum(v) for k, v in rows.items()}
         if "task_ids" in batch:  # per task: [n_tasks] sums
             onehot = jax.nn.one_hot(batch["task_ids"], n_tasks, dtype=jnp.float32)
@@ -194,7 +250,14 @@ def make_steps(
     )
     evaluate = jax.jit(eval_step, in_shardings=(trainable_sh, frozen_sh, None), out_shardings=replicated)
     def mean_loss(tree, batch):
-        total, count, _ = (jnp.sum(r) for r in forward(*lv.split(tree), batch, None, False))
-        return total / jnp.maximum(count, 1.0)
+        rows = forward(*lv.split(tree), batch, None, False)
+        return jnp.sum(rows["loss_sum"]) / jnp.maximum(jnp.sum(rows["count"]), 1.0)
 
-    return StepFns(train, evaluate, lambda ndim, accum=True: batch_sh(ndim, accum), mean_loss)
+    def pair_logps(trainable, frozen, batch):
+        tree = lv.combine(cast_tree(trainable, compute_dtype), cast_tree(frozen, compute_dtype))
+        lp, _ = logps(tree, pair_rows(batch))
+        b = batch["input_ids"].shape[0]
+        return jnp.stack([lp[:b], lp[b:]], -1)
+
+    return StepFns(train, evaluate, lambda ndim, accum=True: batch_sh(ndim, accum), mean_loss,
+                   jax.jit(pair_logps, in_shardings=(trainable_sh, frozen_sh, None), out_shardings=replicated))
