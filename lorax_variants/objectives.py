@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from lorax_variants.ops import without_adapters
 
-__all__ = ["Dpo", "Ipo", "Simpo", "OBJECTIVES", "token_logps", "completion_logps", "PreferenceLoss", "dpo_loss", "simpo_loss", "preference_metrics",
+__all__ = ["Dpo", "Ipo", "Simpo", "Grpo", "OBJECTIVES", "token_logps", "completion_logps", "PreferenceLoss", "dpo_loss", "simpo_loss", "preference_metrics",
            "group_advantages", "GrpoLoss", "grpo_loss", "preference_loss", "reference_logps", "PREFERENCE_OBJECTIVES"]
 
 PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo")
@@ -122,8 +122,66 @@ class Simpo:
         return {"objective": "simpo", "beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
 
 
-# The preference objectives' settings types by name (a training loop's ``objective`` sections).
-OBJECTIVES: dict[str, type] = {"dpo": Dpo, "ipo": Ipo, "simpo": Simpo}
+@dataclasses.dataclass(frozen=True)
+class Grpo:
+    """GRPO's settings for a training loop (TRL's ``GRPOConfig`` defaults where it has them): ``reward``, the
+    function ``module:function`` called as ``fn(prompt, completion, row) -> float``; ``group_size`` completions
+    sampled per prompt (TRL's ``num_generations``) with ``temperature``, ``top_p``, ``top_k`` (None: all),
+    ``max_completion_length`` new tokens at most; the loss's ``beta`` (KL to the reference: the adapters off;
+    0: no reference pass), ``epsilon``/``epsilon_high`` (clip range), ``loss_type``,
+    ``importance_sampling_level`` and ``scale_rewards`` as ``grpo_loss`` and ``group_advantages``. One update
+    per generation (TRL's ``num_iterations=1``: the sampling policy is the policy, its ratio 1 with gradient)."""
+
+    reward: str = ""
+    group_size: int = 8
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reward, str) or (self.reward and ":" not in self.reward):
+            raise ValueError(f"reward must name a function as module:function (called with prompt, completion, row; "
+                             f"returning a number), got {self.reward!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size must be an integer >= 2 (a group's mean and spread need two completions "
+                             f"per prompt), got {self.group_size!r}")
+        if not isinstance(self.max_completion_length, int) or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples its completions), got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or null, got {self.top_k!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0 (the KL weight; 0: no reference), got {self.beta!r}")
+        if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
+            raise ValueError(f"epsilon and epsilon_high must be > 0, got {self.epsilon!r}, {self.epsilon_high!r}")
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            raise ValueError(f"loss_type {self.loss_type!r} sums per-token losses; with importance_sampling_level "
+                             "sequence use grpo")
+
+    @property
+    def reference(self) -> str | None:
+        """``base`` where the loss has a KL term (the adapters off), else None."""
+        return "base" if self.beta > 0 else None
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``grpo_loss``."""
+        return {"beta": self.beta, "epsilon": self.epsilon, "epsilon_high": self.epsilon_high,
+                "loss_type": self.loss_type, "importance_sampling_level": self.importance_sampling_level,
+                "max_completion_length": self.max_completion_length}
+
+
+# The objectives' settings types by name (a training loop's ``objective`` sections).
+OBJECTIVES: dict[str, type] = {"dpo": Dpo, "ipo": Ipo, "simpo": Simpo, "grpo": Grpo}
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -171,8 +171,9 @@ class DistributedConfig:
 @dataclasses.dataclass
 class TrainConfig:
     # sft: next-token loss on the data's completion tokens; dpo, ipo, simpo: preference pairs (data.chosen_field,
-    # data.rejected_field), with the objective's settings in the section objective.<name>
-    objective: Literal["sft", "dpo", "ipo", "simpo"] = "sft"
+    # data.rejected_field); grpo: prompts (data.prompt_field), completions sampled and scored by a reward function;
+    # each objective's settings in the section objective.<name>
+    objective: Literal["sft", "dpo", "ipo", "simpo", "grpo"] = "sft"
     steps: int = 100
     batch_size: int = 8  # global, over all hosts and devices
     grad_accum: int = 1
@@ -205,6 +206,7 @@ class ObjectiveConfig:
     dpo: objectives.Dpo = dataclasses.field(default_factory=objectives.Dpo)
     ipo: objectives.Ipo = dataclasses.field(default_factory=objectives.Ipo)
     simpo: objectives.Simpo = dataclasses.field(default_factory=objectives.Simpo)
+    grpo: objectives.Grpo = dataclasses.field(default_factory=objectives.Grpo)
 
     def settings(self, name: str) -> Any:
         """The settings of objective ``name`` (``None`` for sft)."""
@@ -479,6 +481,8 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"adapter.{name}.{e}") from None
     need(cfg.adapter.variant in recipes.RECIPES, "adapter.variant", f"must be one of {sorted(recipes.RECIPES)}")
     need(cfg.adapter.init in recipes.INITS, "adapter.init", f"must be one of {sorted(recipes.INITS)}")
+    need(cfg.train.objective != "grpo" or not recipes.RECIPES[cfg.adapter.variant].routed, "adapter.variant",
+         "routes rows to several adapters; GRPO's rollouts are not routed yet (train them one at a time)")
     init, variant = recipes.INITS[cfg.adapter.init], recipes.RECIPES[cfg.adapter.variant]
     need(not init.needs_quant or cfg.quant.kind != "none", "adapter.init",
          f"{init.name} initializes adapters over a quantized base: set quant.kind (e.g. nf4)")
@@ -506,7 +510,8 @@ def check(cfg: Config) -> None:
     need(labelled == (cfg.data.task_field is not None), "data.task_field",
          f"is needed by (and only by) adapter.variant in {routed}" + (" with adapters that name a task label"
                                                                        if variant.routes is not None else ""))
-    need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm", "data.packing",
+    need(cfg.data.task_field is None or not cfg.data.packing or cfg.model.task != "causal_lm"
+         or cfg.train.objective != "sft", "data.packing",
          "must be false with data.task_field (a packed row would mix tasks)")
     need(not (cfg.data.messages_field and cfg.data.prompt_field), "data.messages_field",
          "and data.prompt_field are two kinds of data: name one")
@@ -518,15 +523,35 @@ def check(cfg: Config) -> None:
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     need(cfg.data.max_examples is None or cfg.data.max_examples >= 1, "data.max_examples", "must be positive")
     need(cfg.quant.block_size in (32, 64, 128, 256), "quant.block_size", "must be 32, 64, 128 or 256")
-    pairs = cfg.train.objective != "sft"
-    need(pairs or (cfg.data.prompt_field is None) == (cfg.data.response_field is None), "data.prompt_field",
+    pairs = cfg.train.objective in ("dpo", "ipo", "simpo")
+    grpo = cfg.train.objective == "grpo"
+    need(pairs or not cfg.data.chosen_field, "data.chosen_field",
+         f"holds preference pairs, which train.objective {cfg.train.objective} does not read (set train.objective: "
+         "dpo, ipo or simpo)")
+    need(pairs or grpo or (cfg.data.prompt_field is None) == (cfg.data.response_field is None), "data.prompt_field",
          "instruction data needs both data.prompt_field and data.response_field")
     need((cfg.data.chosen_field is None) == (cfg.data.rejected_field is None), "data.chosen_field",
          "preference pairs need both data.chosen_field and data.rejected_field")
     need(not pairs or bool(cfg.data.chosen_field), "train.objective",
          "trains on preference pairs: name their columns in data.chosen_field and data.rejected_field")
-    need(pairs or not cfg.data.chosen_field, "data.chosen_field",
-         "holds preference pairs, which train.objective sft does not read (set train.objective: dpo, ipo or simpo)")
+    if pairs or grpo:
+        need(init_recipe_of(cfg).from_data is None, "adapter.init", f"{cfg.adapter.init} initializes from SFT batches; "
+             f"train.objective={cfg.train.objective} has none (initialize in an SFT run, or use another init)")
+        need(not cfg.train.gen_eval, "train.gen_eval", "scores answers of SFT data; a preference run's eval reports "
+             "the held-out preference accuracy, a GRPO run's the held-out reward")
+    if grpo:
+        s = cfg.objective.grpo
+        need(cfg.model.task == "causal_lm", "train.objective", "samples completions of a causal LM (model.task)")
+        need(bool(cfg.data.prompt_field) and cfg.data.response_field is None and cfg.data.messages_field is None,
+             "train.objective", "grpo reads prompts (data.prompt_field: text or turns) and samples the completions; "
+             "unset data.response_field and data.messages_field")
+        if ":" not in s.reward:
+            raise ConfigError("objective.grpo.reward: name the reward function as module:function (called with "
+                              f"prompt, completion, row; returning a number), got {s.reward!r}")
+        need(cfg.train.batch_size % s.group_size == 0, "train.batch_size",
+             f"counts completions: it must be a multiple of objective.grpo.group_size={s.group_size}")
+        need(cfg.data.seq_len > s.max_completion_length, "data.seq_len",
+             f"must leave room for a prompt beside objective.grpo.max_completion_length={s.max_completion_length}")
     if pairs:
         need(cfg.model.task == "causal_lm", "train.objective", "compares completions of a causal LM (model.task)")
         need(cfg.data.response_field is None and cfg.data.messages_field is None, "train.objective",
@@ -534,17 +559,21 @@ def check(cfg: Config) -> None:
              "data.messages_field")
         need(cfg.data.loss_on in ("auto", "completion"), "data.loss_on",
              "must be auto or completion with preference pairs (their log-probabilities are the completions')")
-        need(not cfg.train.gen_eval, "train.gen_eval", "scores answers of SFT data; a preference run's eval reports "
-             "the held-out preference accuracy")
+    if pairs or grpo:
         settings = cfg.objective.settings(cfg.train.objective)
-        init, variant = recipes.INITS.get(cfg.adapter.init), recipes.RECIPES.get(cfg.adapter.variant)
-        moved = (init is not None and init.moves_base) or (variant is not None and variant.moves_base)
-        if getattr(settings, "reference", None) == "base" and moved:
-            why = (f"adapter.init={cfg.adapter.init} rewrites the base" if init is not None and init.moves_base
+        init, variant = recipes.INITS[cfg.adapter.init], recipes.RECIPES[cfg.adapter.variant]
+        if settings.reference == "base" and (init.moves_base or variant.moves_base):
+            why = (f"adapter.init={cfg.adapter.init} rewrites the base" if init.moves_base
                    else f"adapter.variant={cfg.adapter.variant} moves the base as it trains")
+            fix = ("set it to precomputed (the initial model's log-probabilities, once before training)" if pairs
+                   else "set objective.grpo.beta: 0 (no reference)")
             raise ConfigError(f"objective.{cfg.train.objective}.reference: base is the model with the adapters off, "
-                              f"which is not the initial model here ({why}); set it to precomputed (the initial "
-                              "model's log-probabilities, once before training)")
+                              f"which is not the initial model here ({why}); {fix}")
+
+
+def init_recipe_of(cfg: Config) -> recipes.InitRecipe:
+    """The registered init ``adapter.init`` names (checked before this is called)."""
+    return recipes.INITS[cfg.adapter.init]
 
 
 def _get(cfg: Config, dotted: str) -> Any:

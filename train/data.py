@@ -31,6 +31,7 @@ import numpy as np
 from train.chat import chat_template, check_conversation, render
 from train.config import ConfigError, DataConfig
 from train.pairs import check_pair, encode_pairs
+from train.rollout import encode_prompts
 
 __all__ = ["TokenData", "resolve", "read_examples", "tokenize", "load_data", "Batches", "pack_lengths",
            "packing_efficiency"]
@@ -155,6 +156,13 @@ def check_rows(ds: Any, cfg: DataConfig, task: str, source: str, field: str = "d
         wanted += [("data.text_field", cfg.text_field, True), ("data.label_field", cfg.label_field, False)]
     elif cfg.messages_field:
         wanted.append(("data.messages_field", cfg.messages_field, False))
+    elif cfg.prompt_field and cfg.response_field is None:  # prompts alone (GRPO): text or turns
+        if cfg.prompt_field in ds.column_names:
+            for i, v in enumerate(_values(ds, cfg.prompt_field)):
+                wrong = None if isinstance(v, str) and v.strip() else "an empty prompt" if isinstance(v, str) else \
+                    check_conversation(v, False)
+                if wrong is not None:
+                    bad[i] = ("data.prompt_field", cfg.prompt_field, _Said(wrong))
     elif cfg.prompt_field:
         wanted += [("data.prompt_field", cfg.prompt_field, True), ("data.response_field", cfg.response_field, True)]
     else:
@@ -225,6 +233,7 @@ class TokenData:
     # held-out chat or prompt/response examples for a generation eval: {"ids", "prompt", "reference"}
     prompts: list[dict[str, Any]] | None = None
     rows: np.ndarray | None = None  # which examples the rows are, where some were left out (preference pairs)
+    prompt_rows: tuple[list[str], list[dict]] | None = None  # GRPO: each prompt as text, and its data row
 
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
@@ -271,10 +280,14 @@ def task_ids(ds: Any, cfg: DataConfig, source: str, index: dict[str, int] | None
 
 def tokenize(ds: Any, cfg: DataConfig, task: str, tokenizer: Any, source: str,
              label_names: list[str] | None = None, split: str | None = None,
-             index: dict[str, int] | None = None) -> tuple[TokenData, list[str] | None]:
+             index: dict[str, int] | None = None, prompt_width: int | None = None) -> tuple[TokenData, list[str] | None]:
     """Token rows for ``task`` (``causal_lm`` or ``sequence_classification``).
 
     ``split`` says which part of the data this is, for errors (``"the eval split (...)"``)."""
+    if prompt_width is not None:  # prompts only (GRPO samples the completions)
+        _columns(ds, [("data.prompt_field", cfg.prompt_field)], source)
+        arrays, stats, texts, rows = encode_prompts(ds, cfg, tokenizer, source, _pad_id(tokenizer), prompt_width, split)
+        return TokenData(arrays, stats, prompt_rows=(texts, rows)), None
     data, names = _tokenize(ds, cfg, task, tokenizer, source, label_names, split)
     if cfg.task_field is not None:
         ids = task_ids(ds, cfg, source, index)
@@ -523,13 +536,14 @@ _FIX_EVAL = ("raise data.eval_fraction, name a longer held-out file in data.eval
 
 
 def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.source",
-              index: dict[str, int] | None = None,
-              shard: tuple[int, int] = (0, 1)) -> tuple[TokenData, TokenData | None, list[str] | None]:
+              index: dict[str, int] | None = None, shard: tuple[int, int] = (0, 1),
+              prompt_width: int | None = None) -> tuple[TokenData, TokenData | None, list[str] | None]:
     """``(train, eval or None, label names)``; the eval split is fixed by ``data.seed``. ``field``: the config
     field that named ``cfg.source`` (for errors); ``index``: task label -> adapter (many adapters); ``shard``:
     ``(i, n)``: only the ``i``-th of ``n`` contiguous slices of the training examples is tokenized and packed
     (a host's share; the raw file is memory-mapped Arrow, the eval split stays whole). The train split's
-    ``stats`` are its slice's, with ``shard`` recorded."""
+    ``stats`` are its slice's, with ``shard`` recorded. ``prompt_width``: prompts only, up to that many tokens
+    (GRPO)."""
     ds, skipped = check_rows(read_examples(cfg, cfg.source, field), cfg, task, cfg.source, field)
     ds = _drop_labels(ds, cfg, cfg.source)
     if cfg.max_examples is not None:
@@ -558,15 +572,17 @@ def load_data(cfg: DataConfig, task: str, tokenizer: Any, *, field: str = "data.
             raise ConfigError(f"{field}: {len(ds)} training examples in {cfg.source!r} cannot be shared by "
                               f"{shard[1]} hosts (data.host_shards: false gives every host all of them)")
         ds = ds.shard(num_shards=shard[1], index=shard[0], contiguous=True)
-    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, names, split=splits[0], index=index)
+    train, names = tokenize(ds, cfg, task, tokenizer, cfg.source, names, split=splits[0], index=index,
+                            prompt_width=prompt_width)
     if shard[1] > 1:
         train.stats["shard"], train.stats["shards"] = shard
     train.stats["skipped_rows"] = skipped  # bad rows of data.source left out (data.skip_bad_rows), before any split
     held = tokenize(eval_ds, cfg, task, tokenizer, cfg.eval_source or cfg.source, names,
-                    split=splits[1], index=index)[0] if eval_ds is not None else None
+                    split=splits[1], index=index, prompt_width=prompt_width)[0] if eval_ds is not None else None
     if held is not None:
         held.stats["skipped_rows"] = skipped_eval
-        if task == "causal_lm" and (cfg.messages_field or cfg.prompt_field) and not cfg.chosen_field:
+        if task == "causal_lm" and (cfg.messages_field or cfg.prompt_field) and not cfg.chosen_field and \
+                prompt_width is None:
             held.prompts = prompts(eval_ds, cfg, tokenizer, cfg.eval_source or cfg.source)
     return train, held, names
 

@@ -159,7 +159,7 @@ def fig_loss(run: Run, out: Path) -> Path | None:
         return None
     pyplot = plt()
     evals = run.kind("eval")
-    metric = next((k for k in ("preference_accuracy", "accuracy", "token_accuracy", "perplexity")
+    metric = next((k for k in ("preference_accuracy", "reward", "accuracy", "token_accuracy", "perplexity")
                    if evals and k in evals[-1]), None)
     fig, axes = pyplot.subplots(1, 2 if metric else 1, figsize=(11 if metric else 7, 4), squeeze=False)
     ax = axes[0, 0]
@@ -212,6 +212,46 @@ def fig_preference(run: Run, out: Path) -> Path | None:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     return save(fig, out / "preference.png")
+
+
+def fig_grpo(run: Run, out: Path) -> Path | None:
+    """A GRPO run: the mean reward of the sampled completions (and its spread within groups, what the advantages
+    are made of) and the held-out greedy reward; the completions' length and how many hit the limit; the KL to
+    the reference and the clipped share of tokens."""
+    steps, reward = run.series("train", "reward")
+    if not len(steps):
+        return None
+    pyplot = plt()
+    fig, (ax, ax2, ax3) = pyplot.subplots(1, 3, figsize=(15, 4))
+    ax.plot(steps, reward, color="tab:blue", alpha=0.3, lw=1)
+    ax.plot(steps, smooth(reward), color="tab:blue", lw=2, label="sampled completions (smoothed)")
+    s, v = run.series("train", "reward_std_in_group")
+    ax.plot(s, smooth(v), color="tab:purple", lw=1.5, ls="--", label="std within groups (smoothed)")
+    es, ev = run.series("eval", "reward")
+    if len(es):
+        ax.plot(es, ev, "o-", color="tab:orange", label="held-out prompts, greedy")
+    ax.set(xlabel="step", ylabel="reward", title=f"{run.name}: reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    s, v = run.series("train", "completion_length")
+    ax2.plot(s, smooth(v), color="tab:green", lw=2, label="mean completion length")
+    ax2b = ax2.twinx()
+    s, v = run.series("train", "clipped_completions")
+    ax2b.plot(s, smooth(v), color="tab:gray", lw=1.5, ls="--", label="share at the length limit")
+    ax2b.set(ylim=(-0.02, 1.02), ylabel="share at the limit")
+    ax2.set(xlabel="step", ylabel="tokens", title="completions")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="upper left", fontsize=8)
+    ax2b.legend(loc="upper right", fontsize=8)
+    for key, color, label in (("kl", "tab:red", "KL to the reference"), ("clip_ratio", "tab:brown", "clipped tokens")):
+        s, v = run.series("train", key)
+        if len(s):
+            ax3.plot(s, smooth(v), color=color, lw=2, label=label)
+    ax3.set(xlabel="step", title="KL and clipping")
+    ax3.grid(alpha=0.3)
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, out / "grpo.png")
 
 
 def fig_lr(run: Run, out: Path) -> Path | None:

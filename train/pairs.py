@@ -17,9 +17,9 @@ Tokenized as TRL's ``DPOTrainer`` does, token for token (tested against it):
   template that renders the prompt differently once a completion follows is refused, naming it.
 
 Pairs are padded, one sequence per row, chosen at ``[:, 0]`` and rejected at ``[:, 1]`` (packing is for SFT).
-A sequence longer than ``data.seq_len`` is cut (``data.truncation: cut``: its first ``seq_len`` tokens; a pair
-left without a completion token on either side is dropped and counted), dropped (``drop``) or refused
-(``error``).
+A pair longer than ``data.seq_len`` is cut (``data.truncation: cut``: the prompt loses its first tokens, the turns
+furthest from the replies, down to what the longer completion leaves but never below half the row, then the
+completions lose their ends; counted), dropped (``drop``, counted) or refused (``error``).
 """
 
 from __future__ import annotations
@@ -136,18 +136,20 @@ def encode_pairs(ds: Any, cfg: DataConfig, tokenizer: Any, source: str, pad: int
                 raise ConfigError(f"data.truncation=error: pair {i + 1} of {where} has a sequence of {longest} tokens, "
                                   f"more than data.seq_len={T}; raise data.seq_len, or set data.truncation to cut or "
                                   "drop")
-            cut = [(ids[:T], flags[:T]) for ids, flags in seqs]
-            if cfg.truncation == "drop" or not all(sum(f) for _, f in cut):
-                stats["dropped_examples"] += 1  # drop, or cut leaving a side without a completion token
+            if cfg.truncation == "drop":
+                stats["dropped_examples"] += 1
                 continue
+            # cut: the prompt loses its start (the turns furthest from the replies) down to what the longer
+            # completion leaves, but keeps at least half the row; then the completions lose their ends
+            keep = min(n_prompt, max(T - max(len(ids) - n_prompt for ids, _ in seqs), T // 2))
+            cut = [(ids[n_prompt - keep:][:T], flags[n_prompt - keep:][:T]) for ids, flags in seqs]
             stats["truncated"] += 1
             stats["truncated_tokens"] += sum(max(0, len(ids) - T) for ids, _ in seqs)
             seqs = cut
         rows.append(tuple(seqs))
         kept.append(i)
     if not rows:
-        raise ConfigError(f"data.seq_len={T}: no pair of {where} keeps a completion token within data.seq_len (the "
-                          "prompts are longer); raise data.seq_len")
+        raise ConfigError(f"data.truncation=drop: every pair of {where} is longer than data.seq_len={T}")
     n = len(rows)
     ids = np.full((n, 2, T), pad, np.int32)
     mask = np.zeros((n, 2, T), np.int32)

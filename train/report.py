@@ -8,6 +8,7 @@ Figures, each drawn when the run has the data (``metrics.jsonl`` rows of kind tr
 weights, lora_drop, written by ``train.run``):
 - ``loss.png``: train loss (raw and smoothed) and eval loss; the eval metric beside it.
 - ``preference.png`` (preference objectives): chosen/rejected rewards, margin, preference accuracy.
+- ``grpo.png`` (GRPO): rewards (sampled, within-group spread, held-out greedy), completion lengths, KL, clipping.
 - ``lr.png``: the learning rate of each parameter group (e.g. A's and B's where they differ).
 The variants' own figures, drawn for the runs whose recipe declares them (``Recipe.figures``):
 - ``rank_allocation.png``: a rank allocator's final rank per layer and module (a heatmap);
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from lorax_variants.recipes import RECIPES
-from train.figures import (Run, fig_active_ranks, fig_layer_importance, fig_loss, fig_lr, fig_magnitude_direction, fig_preference,
+from train.figures import (Run, fig_active_ranks, fig_layer_importance, fig_loss, fig_lr, fig_magnitude_direction, fig_preference, fig_grpo,
                            fig_rank_allocation, fig_tasks, plt, read_json, save, scatter_side, smooth)
 
 __all__ = ["report", "compare", "main", "accuracy_label"]
@@ -47,6 +48,10 @@ CAPTIONS = {
     "preference.png": "Preference objective: the implicit rewards β·log(π/π_ref) of the chosen and the rejected "
                       "completions and their margin (for SimPO: β times the mean log-probability per token), and how "
                       "often the chosen one scores higher, on training batches and on held-out pairs.",
+    "grpo.png": "GRPO: the mean reward of the sampled completions and its spread within each prompt's group (the "
+                "advantages are made of it: a group whose completions all score the same teaches nothing), the "
+                "held-out prompts' greedy reward; the completions' length and the share that hit "
+                "max_completion_length; the KL to the reference (beta > 0) and the share of clipped tokens.",
     "lr.png": "Learning rate of each parameter group. LoRA+ trains B at a multiple of A's rate.",
     "rank_allocation.png": "Rank allocation: the rank each layer and module kept at the end. "
                          "Layers that matter more to the task keep more of the budget.",
@@ -131,7 +136,7 @@ def report(run_dir: str | Path, others: list[str | Path] = ()) -> Path:
         stale.unlink()
     peers = _peers(run, [Run(o) for o in others])
     own = RECIPES[run.variant].figures if run.variant in RECIPES else ()  # the variant's figures (its recipe's)
-    figs: list[Path | None] = [fig_loss(run, out), fig_preference(run, out), fig_lr(run, out),
+    figs: list[Path | None] = [fig_loss(run, out), fig_preference(run, out), fig_grpo(run, out), fig_lr(run, out),
                                fig_magnitude_direction(run, peers, out)]
     for name in (n for n in own if n in VARIANT_FIGURES):
         drawn = VARIANT_FIGURES[name](run, out)

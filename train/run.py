@@ -39,6 +39,7 @@ from train.data import Batches, TokenData, eval_batches, load_data, load_routed,
 from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups
+from train.rollout import group_stats, reward_function, rollout
 from train.step import StepFns, make_steps
 
 __all__ = ["run", "restore", "Interrupted", "NonFinite", "Result"]
@@ -90,10 +91,17 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     check_positions(cfg, hf_config)  # before reading any data
     table = routes(cfg)
     shard = (jax.process_index(), jax.process_count()) if cfg.data.host_shards else (0, 1)
+    grpo = cfg.objective.settings(cfg.train.objective) if cfg.train.objective == "grpo" else None
+    if grpo is not None:
+        if jax.process_count() > 1:
+            raise ConfigError("train.objective=grpo: rollouts run on one process so far (the mesh's devices of one "
+                              "host); multi-host GRPO is not supported yet")
+        reward_function(grpo.reward)  # a wrong name fails now, not after the first rollout
     if table is not None:  # many adapters: each adapter's rows from its task label or its own source
         train, held, labels = load_routed(cfg.data, cfg.model.task, tokenizer, table, shard)
     else:
-        train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer, shard=shard)
+        width = cfg.data.seq_len - grpo.max_completion_length if grpo is not None else None
+        train, held, labels = load_data(cfg.data, cfg.model.task, tokenizer, shard=shard, prompt_width=width)
     if shard[1] > 1:  # the run's figures are every host's together
         train.stats = _all_hosts(train.stats, len(train)) | {"host_examples": train.stats["examples"],
                                                              "host_rows": len(train)}
@@ -307,6 +315,30 @@ def _global_batch(local: dict[str, np.ndarray], accum: int, steps_fns: Any) -> d
         v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
         out[k] = jax.make_array_from_process_local_data(steps_fns.batch_sharding(v.ndim), v)
     return out
+
+
+def evaluate_all(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float]:
+    """The eval of the run's objective: GRPO's held-out reward, else the held-out loss (and generation eval)."""
+    if p.cfg.train.objective == "grpo":
+        return _reward_eval(p, trainable, frozen)
+    return _eval(p, fns, trainable, frozen) | _gen_eval(p, trainable, frozen)
+
+
+def _reward_eval(p: Prepared, trainable: Any, frozen: Any) -> dict[str, float]:
+    """GRPO: the mean reward of greedy completions (KV cache, up to ``max_completion_length``) of the held-out
+    prompts (the first ``train.eval_batches`` x ``train.batch_size``; 0: all)."""
+    cfg, s = p.cfg, p.cfg.objective.grpo
+    n = len(p.eval) if not cfg.train.eval_batches else min(len(p.eval), cfg.train.eval_batches * cfg.train.batch_size)
+    texts, rows = p.eval.prompt_rows
+    arrays = p.eval.arrays
+    asks = [{"ids": arrays["input_ids"][i, : int(arrays["attention_mask"][i].sum())].tolist()} for i in range(n)]
+    answers = greedy_answers(p.built.model, lv.combine(trainable, frozen), p.tokenizer, asks, s.max_completion_length,
+                             cfg.train.batch_size)
+    fn = reward_function(s.reward)
+    from train.rollout import _reward
+
+    scores = [_reward(fn, s.reward, texts[i], a, rows[i]) for i, a in enumerate(answers)]
+    return {"reward": float(np.mean(scores)), "prompts": float(n)}
 
 
 def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float]:
@@ -609,8 +641,12 @@ class _Loop:
         self.keep, self.start = s.keep, s.step
         self.variant = recipe(cfg.adapter.variant)
         self.fns = _steps(p)
-        self.batches = Batches(p.train, t.batch_size, cfg.data.seed, jax.process_index(), jax.process_count(),
+        self.grpo = cfg.objective.grpo if cfg.train.objective == "grpo" else None
+        per_step = t.batch_size // self.grpo.group_size if self.grpo is not None else t.batch_size  # GRPO: prompts
+        self.batches = Batches(p.train, per_step, cfg.data.seed, jax.process_index(), jax.process_count(),
                                sharded="shards" in p.train.stats)
+        if self.grpo is not None:
+            self.reward_fn, self.stops = reward_function(self.grpo.reward), stop_tokens(p.tokenizer)
         self.groups = lr_groups(cfg, self.trainable, p.built.model.stacked)
         self.run_id = s.run_id
         self.metrics = Metrics(out, t.steps, s.step, active=lead, progress=t.progress, run_id=s.run_id)
@@ -646,9 +682,11 @@ class _Loop:
 
     def train_step(self, step: int) -> int:
         """One optimizer step; the clock starts after the first (compiling) one. Returns the steps done."""
-        batch = _global_batch(self.batches.local(step), self.t.grad_accum, self.fns)
+        local, host = self._grpo_batch(step) if self.grpo is not None else (self.batches.local(step), {})
+        batch = _global_batch(local, self.t.grad_accum, self.fns)
         self.trainable, frozen, self.opt_state, m = self.fns.train(self.trainable, self.frozen, self.opt_state,
                                                                    batch, jnp.int32(step), self.key)
+        m = dict(m, **host)
         self.frozen = self.frozen if frozen is None else frozen  # None: the variant leaves them as they were
         self.pending.append((step, m))
         if step == self.start:
@@ -656,6 +694,28 @@ class _Loop:
             self.t0 = time.perf_counter()
         self._police(keep_last=True)  # the step before this one (done by now): the step just queued keeps running
         return step + 1
+
+    def _grpo_batch(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """GRPO: this step's prompts, ``group_size`` sampled completions each with the current adapters, their
+        rewards and advantages, as the update's rows; and the rollout's metrics."""
+        s, p, accum = self.grpo, self.p, self.t.grad_accum
+        prompts = self.batches.local(step)
+        texts, rows = p.train.prompt_rows
+        key = jax.random.fold_in(jax.random.fold_in(self.key, step), 0x5EED)  # a pure function of (seed, step)
+        start = time.perf_counter()
+        roll = rollout(p.built.model, lv.combine(self.trainable, self.frozen), p.tokenizer, prompts, texts, rows, s,
+                       self.reward_fn, key, self.stops, self.cfg.data.seq_len)
+        seconds = time.perf_counter() - start
+        adv = np.asarray(lv.objectives.group_advantages(jnp.asarray(roll["reward"]), s.group_size, s.scale_rewards))
+        b = len(adv)
+        items = float((roll["loss_mask"][:, 1:] * roll["attention_mask"][:, 1:]).sum())
+        local = {k: roll[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+        local |= {"advantages": adv.astype(np.float32), "share": np.full(b, 1.0 / accum, np.float32),
+                  "num_items": np.full(b, items, np.float32)}
+        host = group_stats(roll["reward"], s.group_size) | {
+            "completion_length": float(roll["length"].mean()), "clipped_completions": float(roll["clipped"].mean()),
+            "rollout_seconds": seconds}
+        return local, host
 
     def _police(self, keep_last: bool = False) -> None:
         """The non-finite policy, every step: fetch the pending steps' metrics (all but the one just queued
@@ -699,8 +759,10 @@ class _Loop:
                                                "ranks": {k: v.tolist() for k, v in ranks.items()}})
         rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         unit = "tok/s" if self.lm else "ex/s"  # what the step counts: target tokens, or examples
-        self.metrics.progress(done, {"loss": f"{self.row['loss']:.4f}", "lr": f"{self.row['lr']:.2e}",
-                                     unit: f"{rate:,.1f}"})
+        shown = {"loss": f"{self.row['loss']:.4f}", "lr": f"{self.row['lr']:.2e}", unit: f"{rate:,.1f}"}
+        if "reward" in self.row:
+            shown = {"reward": f"{self.row['reward']:.3f}"} | shown
+        self.metrics.progress(done, shown)
 
     def _write_rows(self) -> None:
         """The checked steps' rows into the metrics."""
@@ -730,8 +792,7 @@ class _Loop:
         """Every ``eval_every`` steps (the last step's eval is ``finish``'s)."""
         t = self.t
         if self.p.eval is not None and t.eval_every and done % t.eval_every == 0 and done != t.steps:
-            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen) | _gen_eval(
-                self.p, self.trainable, self.frozen)
+            self.last_eval = evaluate_all(self.p, self.fns, self.trainable, self.frozen)
             self.metrics.write("eval", done, self.last_eval)
             self.metrics.echo(f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.last_eval.items()))
 
@@ -769,8 +830,7 @@ class _Loop:
         self._police()
         self.elapsed = time.perf_counter() - self.t0
         if self.p.eval is not None:
-            self.last_eval = _eval(self.p, self.fns, self.trainable, self.frozen) | _gen_eval(
-                self.p, self.trainable, self.frozen)
+            self.last_eval = evaluate_all(self.p, self.fns, self.trainable, self.frozen)
             self.metrics.write("eval", t.steps, self.last_eval)
         for i, s in enumerate(_samples(self.p, self.trainable, self.frozen)):
             self.metrics.echo(f"sample {i}: {s}")

@@ -108,7 +108,8 @@ def make_steps(
     recipe whose hooks the step calls (its penalty, the tree a training forward sees, the frozen leaves after an
     update) with its ``settings``. ``objective``: ``sft`` or a preference objective with its settings
     (``lorax_variants.objectives.Dpo``, ...)."""
-    pairs = objective != "sft"
+    grpo = objective == "grpo"
+    pairs = objective not in ("sft", "grpo")
     variant = variant or recipes.recipe("lora")
     penalty = variant.penalty(settings)
     if variant.route_mean and penalty is not None:
@@ -122,6 +123,8 @@ def make_steps(
             tree = variant.train_tree(settings, tree, jax.random.fold_in(key, 2))
         if pairs:
             rows = preference_rows(tree, batch)
+        elif grpo:
+            rows = grpo_rows(tree, batch)
         else:
             if "task_ids" in batch:
                 tree = lv.route(tree, batch["task_ids"])
@@ -147,11 +150,33 @@ def make_steps(
         """Summed log-probabilities of each row's completion (its loss mask) and its length."""
         if "task_ids" in rows:
             tree = lv.route(tree, rows["task_ids"])
-        params = lv.resolve_shared(tree)
-        h = model.hidden(params, rows["input_ids"], rows["attention_mask"])
-        ce, _ = token_cross_entropy(model, params, h[:, :-1], rows["input_ids"][:, 1:], chunk=loss_chunk)
         mask = _lm_mask(rows)
-        return -jnp.sum(ce * mask, -1), jnp.sum(mask, -1)
+        return jnp.sum(token_logps(tree, rows) * mask, -1), jnp.sum(mask, -1)
+
+    def token_logps(tree: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """log π of every next token [B, T-1] (the chunked cross-entropy's negative)."""
+        params = lv.resolve_shared(tree)
+        h = model.hidden(params, batch["input_ids"], batch["attention_mask"])
+        ce, _ = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:], chunk=loss_chunk)
+        return -ce
+
+    def grpo_rows(tree: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """This micro-batch's share of GRPO's loss over the whole generation batch (``share``: its rows' part of
+        the batch's; ``num_items``: the batch's completion tokens), so that the micro-batches' sum is the loss
+        of the whole batch for every ``loss_type``; and its share of the KL and clip metrics."""
+        s = objective_settings
+        logps = token_logps(tree, batch)
+        mask = _lm_mask(batch)
+        ref = jax.lax.stop_gradient(token_logps(lv.without_adapters(tree), batch)) if s.beta > 0 else None
+        share, total = batch["share"][0], batch["num_items"][0]
+        out = objectives.grpo_loss(logps, jax.lax.stop_gradient(logps), batch["advantages"], mask, ref_logps=ref,
+                                   num_items=total, **s.loss_kwargs())
+        weight = {"grpo": share, "dr_grpo": share, "bnpo": jnp.sum(mask) / jnp.maximum(total, 1.0), "dapo": 1.0}
+        rows = {"loss_sum": out.loss * weight[s.loss_type], "count": share, "correct": jnp.float32(0.0),
+                "tokens": jnp.sum(mask), "clip_ratio": out.metrics["clip_ratio/region_mean"] * share}
+        if "kl" in out.metrics:
+            rows["kl"] = out.metrics["kl"] * share
+        return rows
 
     def preference_rows(tree: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Per pair: the loss, whether it counts (padding pairs of an eval batch do not), whether the chosen
@@ -182,6 +207,8 @@ def make_steps(
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
         n_micro = batch["input_ids"].shape[0]
         names = ("loss_sum", "count", "correct") + (("rewards_chosen", "rewards_rejected", "tokens") if pairs else ())
+        if grpo:
+            names += ("tokens", "clip_ratio") + (("kl",) if objective_settings.beta > 0 else ())
         init = (zeros, {k: jnp.float32(0) for k in names})
         (gsum, acc), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
         total, count, correct = acc["loss_sum"], acc["count"], acc["correct"]
@@ -198,6 +225,11 @@ def make_steps(
         metrics = {"loss": total / denom, "grad_norm": grad_norm, "tokens": count, "accuracy": correct / denom,
                    "finite": ok,  # and where not: one bool per trainable leaf, gradient and updated value (for the log)
                    "finite_grads": _finite_norms(grads), "finite_params": _finite_norms(new_trainable)}
+        if grpo:  # the generation batch's loss (count: the micro-batches' shares, summing to 1)
+            del metrics["accuracy"]
+            metrics |= {"tokens": acc["tokens"], "clip_ratio": acc["clip_ratio"]}
+            if "kl" in acc:
+                metrics["kl"] = acc["kl"]
         if pairs:  # TRL's preference metrics, over the batch's pairs
             del metrics["accuracy"]
             metrics |= {"tokens": acc["tokens"], "pairs": count, "preference_accuracy": correct / denom,

@@ -110,7 +110,7 @@ def _torch_logps(model, ids, mask, completion):
     return logits, (logp * torch.as_tensor(completion)[:, 1:]).sum(-1)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "ipo"])
+@pytest.mark.parametrize("objective", ["dpo", pytest.param("ipo", marks=pytest.mark.slow)])  # IPO's loss: test_objectives
 def test_the_apps_held_out_dpo_metrics_equal_trls_on_the_exported_adapters(assets, tmp_path, objective):
     """After 6 steps: the app's eval loss and reward metrics equal TRL's DPOTrainer._compute_loss on the same
     held-out pairs, computed in torch on the base model with the run's PEFT adapter (reference: the adapter
@@ -183,8 +183,13 @@ def test_simpo_trains_without_a_reference(assets, tmp_path):
     assert margins[-1] > margins[0] and r.summary["eval"]["preference_accuracy"] >= 0.75
 
 
-@pytest.mark.parametrize("variant, extra", [("dora", ()), ("vera", ("adapter.r=16",)), ("lora", ("quant.kind=nf4",)),
-                                            ("adalora", ()), ("multitask", ())])
+SLOW = pytest.mark.slow  # by default the QLoRA and the routed (multi-task) cases; CI's slow pass runs all
+
+
+@pytest.mark.parametrize("variant, extra", [pytest.param("dora", (), marks=SLOW),
+                                            pytest.param("vera", ("adapter.r=16",), marks=SLOW),
+                                            ("lora", ("quant.kind=nf4", "quant.block_size=32")),
+                                            pytest.param("adalora", (), marks=SLOW), ("multitask", ())])
 def test_variants_train_under_dpo(assets, tmp_path, variant, extra):
     rows = _string_pairs(48, seed=3)
     more = ()
@@ -199,9 +204,9 @@ def test_variants_train_under_dpo(assets, tmp_path, variant, extra):
 
 
 @pytest.mark.parametrize("rows, field, match", [
-    ([{"prompt": "a", "chosen": "", "rejected": "b"}], "chosen", r"data.chosen_field: row 1 of .* has an empty completion"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "  "}], "rejected", r"data.rejected_field: row 1 .* empty completion"),
-    ([{"prompt": "a", "chosen": "b", "rejected": None}], "rejected", r"data.rejected_field: row 1 .* null"),
+    ([{"prompt": "a", "chosen": "", "rejected": "b"}], "chosen", r"data.chosen_field: row 9 of .* has an empty completion"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "  "}], "rejected", r"data.rejected_field: row 9 .* empty completion"),
+    ([{"prompt": "a", "chosen": "b", "rejected": None}], "rejected", r"data.rejected_field: row 9 .* null"),
 ])
 def test_bad_pairs_are_named(assets, tmp_path, rows, field, match):
     data = _write(tmp_path, _string_pairs(8) + rows)
@@ -214,7 +219,8 @@ def test_bad_pairs_are_named(assets, tmp_path, rows, field, match):
     ("objective.dpo.beta=-1", r"objective.dpo: beta must be > 0"),
     ("objective.dpo.label_smoothing=0.5", r"objective.dpo: label_smoothing must be in \[0, 0.5\)"),
     ("adapter.init=pissa", r"objective.dpo.reference: base is the model with the adapters off.*precomputed"),
-    ("data.chosen_field=null", r"train.objective: trains on preference pairs"),
+    ("data.chosen_field=null", r"data.chosen_field: preference pairs need both"),
+    ("train.objective=sft", r"data.chosen_field: holds preference pairs, which train.objective sft does not read"),
     ("train.gen_eval=2", r"train.gen_eval: scores answers of SFT data"),
 ])
 def test_bad_preference_settings_are_named(assets, tmp_path, setting, match):
@@ -223,3 +229,24 @@ def test_bad_preference_settings_are_named(assets, tmp_path, setting, match):
     data = _write(tmp_path, _string_pairs(8))
     with pytest.raises(ConfigError, match=match):
         load(None, _dpo_args(assets, tmp_path / "bad", data, setting))
+
+
+def test_a_long_prompt_loses_its_start_and_the_replies_are_kept_whole(tok):  # noqa: F811
+    """data.truncation=cut on a pair: the prompt keeps its end (the turns nearest the replies), the completions
+    stay whole where the row allows it."""
+    import datasets
+
+    rng = np.random.default_rng(4)
+    rows = [{"prompt": _say(rng, 60, 80), "chosen": " yes the cat sat", "rejected": " no"} for _ in range(3)]
+    T = 32
+    cfg = DataConfig(prompt_field="prompt", chosen_field="chosen", rejected_field="rejected", seq_len=T)
+    data, _ = tokenize(datasets.Dataset.from_list(rows), cfg, "causal_lm", tok, "mem")
+    assert data.stats["truncated"] == 3 and data.stats["dropped_examples"] == 0
+    for r, ids, mask, loss in zip(rows, data.arrays["input_ids"], data.arrays["attention_mask"], data.arrays["loss_mask"]):
+        n_prompt = len(tok(r["prompt"])["input_ids"])
+        full = [tok(r["prompt"] + r[k] + tok.eos_token)["input_ids"] for k in ("chosen", "rejected")]
+        keep = T - max(len(f) - n_prompt for f in full)
+        for side in range(2):
+            n = int(mask[side].sum())
+            assert ids[side, :n].tolist() == full[side][n_prompt - keep:]
+            assert loss[side, :n].tolist() == [0] * keep + [1] * (len(full[side]) - n_prompt)
