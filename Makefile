@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-slow test-all demo demo-lm demo-chat demo-dpo bench lock clean assets libtpu
+.PHONY: test test-slow test-all demo demo-lm demo-chat demo-dpo demo-grpo bench lock clean assets libtpu
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -64,6 +64,17 @@ $(DPO_DEMO): | $(PY)
 	echo "$(DPO_SHA)  $(ASSETS)/dl/$(DPO_SDIST)" | sha256sum -c --quiet -
 	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(DPO_SDIST) llamafactory-0.9.5/data/dpo_en_demo.json $@
 	rm -f $(ASSETS)/dl/$(DPO_SDIST)
+
+ARITH      := $(ASSETS)/bigbench_arithmetic
+BB_SDIST   := bigbench-1.0.0.tar.gz
+BB_SHA     := 1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
+
+$(ARITH): | $(PY)
+	mkdir -p $(ASSETS)/dl
+	$(PIP) download -q --no-deps --no-binary :all: --dest $(ASSETS)/dl bigbench==1.0.0
+	echo "$(BB_SHA)  $(ASSETS)/dl/$(BB_SDIST)" | sha256sum -c --quiet -
+	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(BB_SDIST) bigbench-1.0.0/bigbench/benchmark_tasks/arithmetic/ $@ .json
+	rm -f $(ASSETS)/dl/$(BB_SDIST)
 
 assets: $(SMOLLM) $(RT) $(CHITCHAT)
 
@@ -124,6 +135,10 @@ demo-chat: $(VENV)/.test-deps $(SMOLLM) $(CHITCHAT)
 # DPO: LoRA on SmolLM2-135M-Instruct with real preference pairs (LLaMA-Factory's dpo_en_demo), held-out accuracy.
 demo-dpo: $(VENV)/.test-deps $(SMOLLM) $(DPO_DEMO)
 	$(PY) -m train.demo_dpo
+
+# GRPO: LoRA on SmolLM2-135M-Instruct, rewarded for exact answers to BIG-bench arithmetic questions.
+demo-grpo: $(VENV)/.test-deps $(SMOLLM) $(ARITH)
+	$(PY) -m train.demo_grpo
 
 # The performance suite: one table (README "Benchmarks"). The other bench/ scripts are single studies.
 bench: $(VENV)/.test-deps $(LIBTPU)/libtpu

@@ -77,9 +77,10 @@ def held_out_logps(result, trainable) -> tuple[np.ndarray, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.demo_dpo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo-dpo")
-    ap.add_argument("--held-out", type=int, default=60)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--seq-len", type=int, default=384)
+    ap.add_argument("--held-out", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", default="5e-4")
     ap.add_argument("--beta", default="0.1")
     ap.add_argument("--no-progress", action="store_true")
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
            "data.prompt_field=prompt", "data.chosen_field=chosen", "data.rejected_field=rejected",
            f"data.seq_len={args.seq_len}", "data.truncation=cut", "train.objective=dpo", f"objective.dpo.beta={args.beta}",
            "adapter.r=16", "adapter.alpha=32", "adapter.targets=layers/(attn|mlp)/\\w+_proj", f"optim.lr={args.lr}",
-           "optim.warmup_steps=0", f"train.steps={args.steps}", "train.batch_size=8", "train.log_every=5",
-           "train.eval_every=10", "train.eval_batches=0", "train.samples=0", f"train.output_dir={out / 'dpo'}",
+           "optim.warmup_steps=0", f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.log_every=4",
+           "train.eval_every=0", "train.eval_batches=0", "train.samples=0", f"train.output_dir={out / 'dpo'}",
            *(["train.progress=false"] if args.no_progress else [])]
     shutil.rmtree(out / "dpo", ignore_errors=True)
     result = run(load(None, cfg))
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = s["eval"]
     print(f"\n{data['examples']} training pairs -> {data['pairs']} ({data['dropped_examples']} whose prompt fills "
           f"{args.seq_len} tokens left out, {data['truncated']} cut); {int(ev['pairs'])} held out; {args.steps} "
-          f"steps of 8 pairs, LoRA r=16 on every projection, beta {args.beta}, lr {args.lr}")
+          f"steps of {args.batch} pairs, LoRA r=16 on every projection, beta {args.beta}, lr {args.lr}")
     print(f"held-out pairs where the chosen reply is more likely: {wins(before, False):.1%} before -> "
           f"{wins(after, False):.1%} after (summed log-probability); {wins(before, True):.1%} -> {wins(after, True):.1%} "
           "(per token)")

@@ -702,6 +702,7 @@ class _Loop:
         prompts = self.batches.local(step)
         texts, rows = p.train.prompt_rows
         key = jax.random.fold_in(jax.random.fold_in(self.key, step), 0x5EED)  # a pure function of (seed, step)
+        jax.block_until_ready(self.trainable)  # the last update done: the rollout's clock is the rollout's alone
         start = time.perf_counter()
         roll = rollout(p.built.model, lv.combine(self.trainable, self.frozen), p.tokenizer, prompts, texts, rows, s,
                        self.reward_fn, key, self.stops, self.cfg.data.seq_len)

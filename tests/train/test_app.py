@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.train.conftest import cls_args, lm_args, losses, main, train
+from tests import hf_models as H
 from tests.close import assert_close
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -191,9 +192,18 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys, monkeypatc
     elif "models/bert" in text or "base: bert_example.yaml" in text:
         sets += [f"model.path={assets['bert']}", f"data.source={assets['cls']}", "data.text_field=sentence",
                  "data.label_field=sentiment", "data.seq_len=12"]
+    if "objective: dpo" in text:  # preference pairs
+        texts = H.lm_texts(120)
+        rows = [{"prompt": texts[i], "chosen": " " + texts[i + 1], "rejected": " " + texts[i + 2]} for i in range(0, 120, 3)]
+        (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        sets += [f"data.source={tmp_path / 'pairs.jsonl'}", "data.prompt_field=prompt"]
+    if "objective: grpo" in text:  # prompts, and a reward function
+        rows = [{"prompt": t[:20]} for t in H.lm_texts(40)]
+        (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        sets += [f"data.source={tmp_path / 'prompts.jsonl'}", "data.prompt_field=prompt", "data.seq_len=24",
+                 "objective.grpo.reward=tests.train.rewards:the_share", "objective.grpo.max_completion_length=8",
+                 "objective.grpo.group_size=4"]
     if "variant: many" in text:  # rows labelled with the adapters' task labels
-        from tests import hf_models as H
-
         rows = [{"text": t, "task": ("support", "legal", "code")[i % 3]} for i, t in enumerate(H.lm_texts(60))]
         (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
         sets += [f"data.source={tmp_path / 'tasks.jsonl'}"]

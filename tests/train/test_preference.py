@@ -48,7 +48,7 @@ def _chat_pairs(n, seed=0, implicit=False):
     return out
 
 
-def _trl_tokens(tok, rows, tmp_path):
+def _trl_tokens(tok, rows, tmp_path):  # noqa: F811
     """TRL's DPOTrainer's ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` per pair."""
     import copy
 
@@ -66,7 +66,7 @@ def _trl_tokens(tok, rows, tmp_path):
     return [(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"])) for r in trainer.train_dataset]
 
 
-def _ours(tok, rows, **kw):
+def _ours(tok, rows, **kw):  # noqa: F811
     import datasets
 
     cfg = DataConfig(prompt_field="prompt" if "prompt" in rows[0] else None, chosen_field="chosen",
