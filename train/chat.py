@@ -26,7 +26,7 @@ from typing import Any
 
 from train.config import ConfigError
 
-__all__ = ["ROLES", "TEMPLATES", "check_conversation", "chat_template", "render"]
+__all__ = ["ROLES", "TEMPLATES", "check_conversation", "chat_template", "render", "apply_template"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -85,7 +85,7 @@ def render(tokenizer: Any, turns: list[dict[str, str]], template: str, name: str
     """Token ids of the conversation and their loss flags (``loss_on``: ``assistant`` or ``all``)."""
     turns = [{"role": t["role"], "content": t["content"]} for t in turns]
     if loss_on == "all" or not _GENERATION.search(template):
-        text = _apply(tokenizer, turns, template, name)
+        text = apply_template(tokenizer, turns, template, name)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         if loss_on == "all":
@@ -93,11 +93,13 @@ def render(tokenizer: Any, turns: list[dict[str, str]], template: str, name: str
         spans = _assistant_spans(tokenizer, turns, template, name, text)
         flags = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
         return ids, flags
-    out = _apply(tokenizer, turns, template, name, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = apply_template(tokenizer, turns, template, name, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     return list(out["input_ids"]), [int(x) for x in out["assistant_masks"]]
 
 
-def _apply(tokenizer: Any, turns: list[dict[str, str]], template: str, name: str, **kwargs: Any) -> Any:
+def apply_template(tokenizer: Any, turns: list[dict[str, str]], template: str, name: str, **kwargs: Any) -> Any:
+    """``tokenizer.apply_chat_template`` (text unless ``tokenize=True``); a template's failure is an error naming
+    the template."""
     kwargs.setdefault("tokenize", False)
     try:
         return tokenizer.apply_chat_template(turns, chat_template=template, **kwargs)
@@ -111,8 +113,8 @@ def _assistant_spans(tokenizer: Any, turns: list[dict[str, str]], template: str,
     for i, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        before = _apply(tokenizer, turns[:i], template, name, add_generation_prompt=True)
-        through = _apply(tokenizer, turns[:i + 1], template, name)
+        before = apply_template(tokenizer, turns[:i], template, name, add_generation_prompt=True)
+        through = apply_template(tokenizer, turns[:i + 1], template, name)
         if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
             raise ConfigError(f"data.chat_template: {name} renders the turns before assistant turn {i + 1} "
                               "differently once the conversation goes on, so its tokens cannot be found by rendering "

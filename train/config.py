@@ -19,7 +19,8 @@ import yaml
 
 from lorax_variants import objectives, recipes
 
-__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest"]
+__all__ = ["Config", "ConfigError", "load", "from_dict", "to_dict", "apply_overrides", "config_digest",
+           "import_function"]
 
 
 class ConfigError(ValueError):
@@ -569,6 +570,21 @@ def check(cfg: Config) -> None:
                    else "set objective.grpo.beta: 0 (no reference)")
             raise ConfigError(f"objective.{cfg.train.objective}.reference: base is the model with the adapters off, "
                               f"which is not the initial model here ({why}); {fix}")
+
+
+def import_function(spec: str, field: str) -> Any:
+    """The function a config value ``module:function`` names; one that cannot be imported or is not callable
+    is an error naming ``field``."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{field}: cannot load {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ConfigError(f"{field}: {spec!r} is not a function")
+    return fn
 
 
 def init_recipe_of(cfg: Config) -> recipes.InitRecipe:

@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out / "dpo", ignore_errors=True)
     result = run(load(None, cfg))
     s = result.summary
-    before, lengths = held_out_logps(result, result.prepared.built.trainable)
+    import jax
+
+    # before: LoRA with B = 0 is the base model (the initial adapters were donated to the first step)
+    before, lengths = held_out_logps(result, jax.tree.map(lambda x: x * 0, result.trainable))
     after, _ = held_out_logps(result, result.trainable)
     data = s["data"]
 

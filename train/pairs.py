@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from train.chat import ROLES, chat_template
+from train.chat import ROLES, apply_template, chat_template
 from train.config import ConfigError, DataConfig
 
 __all__ = ["check_pair", "encode_pairs"]
@@ -76,11 +76,7 @@ def _split_common(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) 
 
 
 def _chat_ids(tokenizer: Any, template: str, name: str, turns: list[dict[str, str]], **kw: Any) -> list[int]:
-    try:
-        out = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=True, return_dict=True, **kw)
-    except Exception as e:  # noqa: BLE001 - a template raises what it likes
-        raise ConfigError(f"data.chat_template: {name} cannot render this conversation: {type(e).__name__}: {e}") from None
-    return list(out["input_ids"])
+    return list(apply_template(tokenizer, turns, template, name, tokenize=True, return_dict=True, **kw)["input_ids"])
 
 
 def _pair_tokens(tokenizer: Any, cfg: DataConfig, prompt: Any, chosen: Any, rejected: Any,

@@ -11,16 +11,15 @@ prompt, then the completion up to and including its stop token (the loss mask), 
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
 import numpy as np
 
-from train.chat import chat_template
-from train.config import ConfigError, DataConfig
+from train.chat import apply_template, chat_template
+from train.config import ConfigError, DataConfig, import_function
 
-__all__ = ["reward_function", "encode_prompts", "rollout", "group_stats"]
+__all__ = ["reward_function", "encode_prompts", "rollout", "group_stats", "score_completion"]
 
 
 def reward_function(spec: str) -> Any:
@@ -28,25 +27,15 @@ def reward_function(spec: str) -> Any:
     if not spec:
         raise ConfigError("objective.grpo.reward: name the reward function as module:function (called with prompt, "
                           "completion, row; returning a number)")
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"objective.grpo.reward: cannot load {spec!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise ConfigError(f"objective.grpo.reward: {spec!r} is not a function")
-    return fn
+    return import_function(spec, "objective.grpo.reward")
 
 
 def _prompt_text(tokenizer: Any, value: Any, template: tuple[str, str] | None) -> tuple[str, list[int]]:
     if isinstance(value, str):
         return value, list(tokenizer(value)["input_ids"])
     text_t, name = template
-    try:
-        text = tokenizer.apply_chat_template([{"role": t["role"], "content": t["content"]} for t in value],
-                                             chat_template=text_t, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template raises what it likes
-        raise ConfigError(f"data.chat_template: {name} cannot render this prompt: {type(e).__name__}: {e}") from None
+    text = apply_template(tokenizer, [{"role": t["role"], "content": t["content"]} for t in value], text_t, name,
+                          add_generation_prompt=True)
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -88,7 +77,8 @@ def encode_prompts(ds: Any, cfg: DataConfig, tokenizer: Any, source: str, pad: i
     return {"input_ids": ids, "attention_mask": mask, "index": np.arange(len(kept), dtype=np.int32)}, stats, texts, rows
 
 
-def _reward(fn: Any, spec: str, prompt: str, completion: str, row: dict) -> float:
+def score_completion(fn: Any, spec: str, prompt: str, completion: str, row: dict) -> float:
+    """The reward function's score of one completion; an exception or a non-number is an error naming it."""
     try:
         value = fn(prompt, completion, row)
     except Exception as e:  # noqa: BLE001 - the user's function: named, with what it was given
@@ -134,7 +124,7 @@ def rollout(model: Any, tree: Any, tokenizer: Any, prompts: dict[str, np.ndarray
         lengths[i] = len(comp)
         text = tokenizer.decode([t for t in comp if t not in stop_set], skip_special_tokens=True)
         j = int(prompts["index"][i // g])
-        rewards[i] = _reward(fn, settings.reward, texts[j], text, rows[j])
+        rewards[i] = score_completion(fn, settings.reward, texts[j], text, rows[j])
     return {"input_ids": rows_ids, "attention_mask": rows_mask, "loss_mask": rows_loss, "reward": rewards,
             "length": lengths, "clipped": clipped}
 

@@ -33,13 +33,13 @@ from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
 from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
-from train.config import Config, ConfigError, config_digest, to_dict
+from train.config import Config, ConfigError, config_digest, import_function, to_dict
 from train.fingerprint import fingerprint
 from train.data import Batches, TokenData, eval_batches, load_data, load_routed, packing_efficiency
 from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups
-from train.rollout import group_stats, reward_function, rollout
+from train.rollout import group_stats, reward_function, rollout, score_completion
 from train.step import StepFns, make_steps
 
 __all__ = ["run", "restore", "Interrupted", "NonFinite", "Result"]
@@ -335,9 +335,7 @@ def _reward_eval(p: Prepared, trainable: Any, frozen: Any) -> dict[str, float]:
     answers = greedy_answers(p.built.model, lv.combine(trainable, frozen), p.tokenizer, asks, s.max_completion_length,
                              cfg.train.batch_size)
     fn = reward_function(s.reward)
-    from train.rollout import _reward
-
-    scores = [_reward(fn, s.reward, texts[i], a, rows[i]) for i, a in enumerate(answers)]
+    scores = [score_completion(fn, s.reward, texts[i], a, rows[i]) for i, a in enumerate(answers)]
     return {"reward": float(np.mean(scores)), "prompts": float(n)}
 
 
@@ -391,16 +389,7 @@ def score_function(spec: str) -> Any:
     names, called as ``fn(prompt, reference, output)`` and returning a number."""
     if spec == "exact_match":
         return lambda prompt, reference, output: float(output.strip() == reference.strip())
-    import importlib
-
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"train.gen_eval_score: cannot load {spec!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise ConfigError(f"train.gen_eval_score: {spec!r} is not a function")
-    return fn
+    return import_function(spec, "train.gen_eval_score")
 
 
 def greedy_answers(model: Any, tree: Any, tokenizer: Any, asks: list[dict[str, Any]], max_new_tokens: int,

@@ -172,3 +172,26 @@ def test_grpo_resumes_exactly(assets, tmp_path):
 def test_bad_grpo_input_is_named(assets, tmp_path, setting, match):
     with pytest.raises(ConfigError, match=match):
         train(_grpo_args(assets, tmp_path / "bad", _prompts(tmp_path), "train.steps=1", setting))
+
+
+@pytest.mark.slow  # the update's sharding is the SFT step's (tests/train/test_sharded.py); this adds the rollout
+def test_grpo_runs_sharded_over_8_devices(assets, tmp_path):
+    """Rollouts through generate with the FSDP x tensor-sharded tree, and the sharded update: the run finishes
+    with the rewards and losses logged (samples drawn from sharded logits need not equal one device's)."""
+    from tests.train.conftest import cli
+
+    cli(_grpo_args(assets, tmp_path / "eight", _prompts(tmp_path), "train.steps=3", "mesh.fsdp=4", "mesh.tensor=2"),
+        devices=8)
+    rows = [json.loads(x) for x in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) == 3 and all(np.isfinite(r["loss"]) and "reward" in r for r in train_rows)
+
+
+@pytest.mark.slow  # by default LoRA; the update is each variant's SFT forward (test_every_variant_trains)
+@pytest.mark.parametrize("variant, extra", [("dora", ()), ("lora", ("quant.kind=nf4", "quant.block_size=32")),
+                                            ("vera", ("adapter.r=16",))])
+def test_variants_train_under_grpo(assets, tmp_path, variant, extra):
+    r = train(_grpo_args(assets, tmp_path / variant, _prompts(tmp_path), f"adapter.variant={variant}", "train.steps=4",
+                         *extra))
+    rows = [json.loads(x) for x in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["loss"]) for x in rows if x["kind"] == "train") and "reward" in r.summary["eval"]

@@ -250,3 +250,19 @@ def test_a_long_prompt_loses_its_start_and_the_replies_are_kept_whole(tok):  # n
             n = int(mask[side].sum())
             assert ids[side, :n].tolist() == full[side][n_prompt - keep:]
             assert loss[side, :n].tolist() == [0] * keep + [1] * (len(full[side]) - n_prompt)
+
+
+def test_dpo_sharded_over_8_devices_equals_one_device(assets, tmp_path):
+    """The DPO step under FSDP x tensor parallelism on 8 simulated devices: the single device's losses and
+    adapters (pairs split over the batch axis like SFT rows; the reference pass sharded the same way)."""
+    from tests.train.conftest import adapters, cli, losses
+
+    data = _write(tmp_path, _string_pairs(48, seed=5))
+    common = ("train.steps=4", "train.grad_accum=2")
+    cli(_dpo_args(assets, tmp_path / "one", data, *common, "mesh.fsdp=1"), devices=1)
+    cli(_dpo_args(assets, tmp_path / "eight", data, *common, "mesh.fsdp=4", "mesh.tensor=2"), devices=8)
+    assert_close(losses(tmp_path / "eight"), losses(tmp_path / "one"), 2e-5)
+    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "eight")
+    assert any(np.abs(a[k]).max() > 0 for k in a if k.endswith("lora_b"))
+    for k in a:
+        assert_close(b[k], a[k], 1e-4, err_msg=k)
