@@ -42,8 +42,6 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
-    import transformers as T
 
     import lorax_variants as lv
     from tests import hf_models as H
@@ -53,12 +51,7 @@ def main() -> None:
 
     d = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     texts = H.lm_texts(400)
-    cfg = T.LlamaConfig(vocab_size=128, hidden_size=a.d, num_hidden_layers=a.layers,
-                        num_attention_heads=max(1, a.d // 64), num_key_value_heads=max(1, a.d // 128),
-                        intermediate_size=int(a.d * 8 / 3) // 64 * 64, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    T.LlamaForCausalLM(cfg).save_pretrained(d / "model")
-    H.save_tokenizer(d / "model", texts, vocab_size=128)
+    H.random_llama(d / "model", a.d, a.layers, texts)
     (d / "prompts.jsonl").write_text("\n".join(json.dumps({"prompt": " ".join(t.split()[:8])}) for t in texts))
     b = a.prompts * a.group
     c = load(None, [f"model.path={d / 'model'}", f"data.source={d / 'prompts.jsonl'}", "data.prompt_field=prompt",

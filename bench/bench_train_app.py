@@ -29,8 +29,6 @@ def main() -> None:
     ap.add_argument("--variants", default="full,lora,dora,vera,qlora")
     args = ap.parse_args()
 
-    import torch
-    import transformers as T
 
     from tests import hf_models as H
     from train.config import load
@@ -38,12 +36,7 @@ def main() -> None:
 
     d = Path(tempfile.mkdtemp(prefix="bench-app-"))
     texts = H.lm_texts(4000)
-    cfg = T.LlamaConfig(vocab_size=128, hidden_size=args.d, num_hidden_layers=args.layers,
-                        num_attention_heads=max(1, args.d // 64), num_key_value_heads=max(1, args.d // 128),
-                        intermediate_size=int(args.d * 8 / 3) // 64 * 64, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    T.LlamaForCausalLM(cfg).save_pretrained(d / "model")
-    H.save_tokenizer(d / "model", texts, vocab_size=128)
+    H.random_llama(d / "model", args.d, args.layers, texts)
     (d / "lm.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
     common = [f"model.path={d / 'model'}", f"data.source={d / 'lm.jsonl'}", f"data.seq_len={args.seq}",
               f"train.batch_size={args.batch}", f"train.steps={args.steps}", "train.progress=false",

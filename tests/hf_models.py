@@ -140,3 +140,16 @@ def tiny_run_model(name: str, directory, texts) -> None:
     """A tiny random HF model plus a tokenizer fitted to ``texts``, in ``directory``."""
     build(name, directory)
     save_tokenizer(directory, texts, bert=name.startswith(("bert", "roberta")))
+
+
+def random_llama(directory, d: int, layers: int, texts, vocab: int = 128) -> None:
+    """A random Llama of width ``d`` and ``layers`` layers (GQA, SwiGLU) with a word-level tokenizer fitted to
+    ``texts``, saved in ``directory`` (the benchmarks' model)."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
+                        num_attention_heads=max(1, d // 64), num_key_value_heads=max(1, d // 128),
+                        intermediate_size=int(d * 8 / 3) // 64 * 64, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(cfg).save_pretrained(directory)
+    save_tokenizer(directory, texts, vocab_size=vocab)
