@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     a = ap.parse_args()
 
     import jax
@@ -70,21 +70,26 @@ def main() -> None:
     ids = np.repeat(prompts["input_ids"], a.group, axis=0)
     mask = np.repeat(prompts["attention_mask"], a.group, axis=0)
 
-    def timed(fn):
-        fn(0)
-        out = []
+    def timed(*fns):
+        """Median seconds of each of ``fns`` (called with the rep's index), compiled first, run alternately so
+        that the machine's drift falls on all of them alike."""
+        for fn in fns:
+            fn(0)
+        out = [[] for _ in fns]
         for i in range(a.reps):
-            start = time.perf_counter()
-            fn(i + 1)
-            out.append(time.perf_counter() - start)
-        return statistics.median(out)
+            for fn, times in zip(fns, out):
+                start = time.perf_counter()
+                fn(i + 1)
+                times.append(time.perf_counter() - start)
+        return [statistics.median(t) for t in out]
 
     rolls = []
-    t_roll = timed(lambda i: rolls.append(rollout(model, tree, tok, prompts, texts_, rows, s, words,
-                                                  jax.random.key(i), stops, c.data.seq_len)))
-    t_gen = timed(lambda i: jax.block_until_ready(model.generate(
-        tree, ids, attention_mask=mask, max_new_tokens=a.new, temperature=s.temperature, stop_tokens=stops,
-        pad_token_id=pad, key=jax.random.key(i))))
+    t_roll, t_gen = timed(
+        lambda i: rolls.append(rollout(model, tree, tok, prompts, texts_, rows, s, words, jax.random.key(i), stops,
+                                       c.data.seq_len)),
+        lambda i: np.asarray(jax.device_get(model.generate(
+            tree, ids, attention_mask=mask, max_new_tokens=a.new, temperature=s.temperature, stop_tokens=stops,
+            pad_token_id=pad, key=jax.random.key(i)))))
     generated = float(np.mean([r["length"].sum() for r in rolls]))
     fns = _steps(p)
     roll = rolls[-1]
@@ -100,7 +105,7 @@ def main() -> None:
         jax.block_until_ready(m["loss"])
         state.update(t=t, o=o)
 
-    t_upd = timed(update)
+    (t_upd,) = timed(update)
     print(f"Llama d={a.d} layers={a.layers}, LoRA r=16; {a.prompts} prompts x {a.group} completions, up to {a.new} "
           f"new tokens (mean {generated / b:.1f} generated), {jax.devices()[0].platform}")
     print(f"{'part':34} {'median s':>9} {'generated tok/s':>16} {'/ generate':>11}")
