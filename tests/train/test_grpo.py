@@ -47,7 +47,8 @@ def _group_norms(pairs):
     return dict(out)
 
 
-@pytest.mark.parametrize("loss_type, beta", [("dapo", 0.0), ("grpo", 0.04)])
+@pytest.mark.parametrize("loss_type, beta", [pytest.param("dapo", 0.0, marks=pytest.mark.slow),  # dapo's sum: test_objectives
+                                             ("grpo", 0.04)])
 def test_the_apps_grpo_step_equals_trls_loss_and_gradients(assets, tmp_path, loss_type, beta):
     import jax
     import jax.numpy as jnp
@@ -142,6 +143,7 @@ def test_grpo_raises_the_held_out_reward(assets, tmp_path):
     assert (tmp_path / "after" / "report" / "grpo.png").is_file()
 
 
+@pytest.mark.slow  # exact resume of SFT runs by default (tests/train/test_resume.py); this adds the rollout key
 def test_grpo_resumes_exactly(assets, tmp_path):
     """Rollouts are a pure function of the seed and the step: a run stopped at step 3 and resumed ends where an
     uninterrupted one does."""

@@ -174,6 +174,7 @@ def test_dpo_learns_the_preference_and_precomputed_reference_is_the_base(assets,
     assert (tmp_path / "base" / "report" / "preference.png").is_file()
 
 
+@pytest.mark.slow  # SimPO's loss equals TRL's by default (tests/test_objectives.py); the app path is DPO's
 def test_simpo_trains_without_a_reference(assets, tmp_path):
     data = _write(tmp_path, _string_pairs(48, seed=2))
     r = train(_dpo_args(assets, tmp_path / "simpo", data, "train.objective=simpo", "train.steps=10",
@@ -183,13 +184,14 @@ def test_simpo_trains_without_a_reference(assets, tmp_path):
     assert margins[-1] > margins[0] and r.summary["eval"]["preference_accuracy"] >= 0.75
 
 
-SLOW = pytest.mark.slow  # by default the QLoRA and the routed (multi-task) cases; CI's slow pass runs all
+SLOW = pytest.mark.slow  # the forward is each variant's SFT forward (tests/train/test_app.py); CI's slow pass runs all
 
 
 @pytest.mark.parametrize("variant, extra", [pytest.param("dora", (), marks=SLOW),
                                             pytest.param("vera", ("adapter.r=16",), marks=SLOW),
-                                            ("lora", ("quant.kind=nf4", "quant.block_size=32")),
-                                            pytest.param("adalora", (), marks=SLOW), ("multitask", ()),
+                                            pytest.param("lora", ("quant.kind=nf4", "quant.block_size=32"), marks=SLOW),
+                                            pytest.param("adalora", (), marks=SLOW),
+                                            pytest.param("multitask", (), marks=SLOW),
                                             pytest.param("lora_drop", ("adapter.lora_drop.select_at=3",), marks=SLOW)])
 def test_variants_train_under_dpo(assets, tmp_path, variant, extra):
     rows = _string_pairs(48, seed=3)
@@ -253,6 +255,7 @@ def test_a_long_prompt_loses_its_start_and_the_replies_are_kept_whole(tok):  # n
             assert loss[side, :n].tolist() == [0] * keep + [1] * (len(full[side]) - n_prompt)
 
 
+@pytest.mark.slow  # the step's sharding is SFT's, checked by default in tests/train/test_sharded.py
 def test_dpo_sharded_over_8_devices_equals_one_device(assets, tmp_path):
     """The DPO step under FSDP x tensor parallelism on 8 simulated devices: the single device's losses and
     adapters (pairs split over the batch axis like SFT rows; the reference pass sharded the same way)."""
@@ -267,3 +270,29 @@ def test_dpo_sharded_over_8_devices_equals_one_device(assets, tmp_path):
     assert any(np.abs(a[k]).max() > 0 for k in a if k.endswith("lora_b"))
     for k in a:
         assert_close(b[k], a[k], 1e-4, err_msg=k)
+
+
+@pytest.mark.slow  # the library's DPO step against SFT's by default (tests/test_objectives.py)
+def test_the_apps_dpo_step_takes_the_sft_steps_argument_bytes(assets, tmp_path):
+    """The app's jitted DPO step (reference: base, in the step) against its SFT step on the same tokens (B pairs
+    as 2B rows): the compiled argument bytes are equal (no second weight tree)."""
+    import jax
+    import jax.numpy as jnp
+
+    from train.config import load
+    from train.run import _prepare, _steps
+
+    data = _write(tmp_path, _string_pairs(16))
+    sizes = {}
+    for objective in ("sft", "dpo"):
+        extra = (("data.chosen_field=null", "data.rejected_field=null", "data.response_field=chosen")
+                 if objective == "sft" else ())
+        cfg = load(None, _dpo_args(assets, tmp_path / objective, data, f"train.objective={objective}", *extra))
+        p = _prepare(cfg, abstract=False)
+        fns = _steps(p)
+        rows = (1, 8, 2, 20) if objective == "dpo" else (1, 16, 20)
+        batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+        compiled = fns.train.lower(p.built.trainable, p.built.frozen, jax.eval_shape(p.optimizer.init, p.built.trainable),
+                                   batch, jnp.int32(0), jax.random.key(0)).compile()
+        sizes[objective] = compiled.memory_analysis().argument_size_in_bytes
+    assert sizes["dpo"] == sizes["sft"] > 0
