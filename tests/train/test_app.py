@@ -48,7 +48,8 @@ VARIANTS = {
 # pissa_nf4 and loftq here and tests/hf/test_bnb.py (LoRA over an NF4 checkpoint through the app).
 # LoftQ: tests/test_loftq.py (the algorithm against PEFT's) and the app's plan of configs; QA-LoRA: its node,
 # merge and PEFT export tests (tests/nodes/test_qalora.py, tests/hf/test_export.py).
-ELSEWHERE = ("rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
+# VeRA: its node, stacked apply and PEFT codec (tests/nodes/test_vera.py, tests/hf), its app run under slow.
+ELSEWHERE = ("vera", "rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
              "lora", "adalora", "qlora", "loftq", "qalora", "lora_drop", "lora_ga", "eva")
 
 

@@ -128,6 +128,7 @@ def test_the_apps_grpo_step_equals_trls_loss_and_gradients(assets, tmp_path, los
         assert stub._metrics["train"]["kl"][-1] > 0
 
 
+@pytest.mark.slow  # by default the step equals TRL's; learning on a real task: make demo-grpo (README)
 def test_grpo_raises_the_held_out_reward(assets, tmp_path):
     """A learnable reward (the share of "the" among the completion's words): the held-out prompts' greedy
     reward rises from the base model's to all-"the" within 30 steps; the metrics and the report's figure."""
