@@ -40,7 +40,7 @@ VARIANTS = {
 # HiRA, MiSS, SHiRA: tests/nodes/test_<name>.py and test_all_variants.py (their app runs: slow); DoRA trains
 # through the app in tests/train/test_report.py (12 steps, its figures checked), LoRA+ and SoRA there under
 # `slow` (their optimizers: tests/optim). LoRA-drop: the app's resume test (tests/train/test_resume.py);
-# EVA: the export CLI's run (tests/train/test_export_cli.py); LoRA-GA: its node and init against PEFT
+# EVA: its init against PEFT (tests/nodes/test_eva.py; its app runs under slow); LoRA-GA: its node and init against PEFT
 # (tests/nodes/test_lora_ga.py), its app runs under slow. Every case here runs in CI's
 # `make test-slow`.
 # LoRA-FA: its node and projection in tests/nodes and tests/optim/test_lorafa.py.
@@ -49,7 +49,8 @@ VARIANTS = {
 # LoftQ: tests/test_loftq.py (the algorithm against PEFT's) and the app's plan of configs; QA-LoRA: its node,
 # merge and PEFT export tests (tests/nodes/test_qalora.py, tests/hf/test_export.py).
 # VeRA: its node, stacked apply and PEFT codec (tests/nodes/test_vera.py, tests/hf), its app run under slow.
-ELSEWHERE = ("vera", "rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
+# DyLoRA: its node and rank sampling (tests/nodes), its app run and resume under slow.
+ELSEWHERE = ("vera", "dylora", "rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
              "lora", "adalora", "qlora", "loftq", "qalora", "lora_drop", "lora_ga", "eva")
 
 
@@ -275,6 +276,7 @@ def test_todays_families_train_through_the_app(name, extra, assets, tmp_path):
         assert float(np.abs(np.asarray(moe_t["down_proj"].lora_b)).max()) > 0  # B left zero: the experts trained
 
 
+@pytest.mark.slow  # multi-task through the app by default: tests/train/test_report.py's run (per-task metrics)
 def test_multitask_routes_rows_to_their_task_adapter(assets, tmp_path):
     from tests import hf_models as H
 

@@ -21,7 +21,8 @@ IDS = np.random.default_rng(1).integers(0, 96, (2, 10))
 # writes the same PEFT form from the initial factors)
 @pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow), "pissa",
                                      pytest.param("dora", marks=pytest.mark.slow),
-                                     pytest.param("lora_ga", marks=pytest.mark.slow), "eva"])
+                                     pytest.param("lora_ga", marks=pytest.mark.slow),
+                                     pytest.param("eva", marks=pytest.mark.slow)])  # EVA vs PEFT: tests/nodes/test_eva.py
 def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
     import peft
 
