@@ -31,6 +31,8 @@ import os
 import re
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,18 @@ def _quiet_closed_loop() -> None:
 
     hook._lorax_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+def _settle(before: set[threading.Thread], timeout: float = 300.0) -> None:
+    """After a failed save, wait for the writer threads that save started. When one item fails (a full disk
+    while the meta item is written), orbax raises at once while the other item's array writes go on in its
+    own threads; returning then would let them write into the temporary directory that the next run (or the
+    next save of the same step) removes or reuses. Pool workers idle forever and are not waited for."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t in before or t is threading.current_thread() or t.name.startswith(("ThreadPoolExecutor", "asyncio")):
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _file_in(message: str, step_dir: Path) -> Path:
@@ -141,9 +155,14 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        before = set(threading.enumerate())
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except BaseException:
+            _settle(before)
+            raise
         if jax.process_index() == 0:
             self._write_manifest(step)
         self._empty_trash()

@@ -25,6 +25,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +274,7 @@ def test_disk_full_while_a_checkpoint_is_written_keeps_the_previous_one(runs, as
     """The second checkpoint's write fails with ENOSPC: a named error, checkpoint 2 intact, and the next run
     resumes from it to the undamaged run's adapters."""
     from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
+    from orbax.checkpoint._src.handlers import standard_checkpoint_handler as sh
 
     orig, calls = jh.JsonCheckpointHandler.async_save, []
 
@@ -281,11 +284,30 @@ def test_disk_full_while_a_checkpoint_is_written_keeps_the_previous_one(runs, as
             raise OSError(errno.ENOSPC, "No space left on device", "meta")
         return await orig(self, *a, **k)
 
+    # orbax raises at once while the state item's writes go on in their own threads; one made slow here
+    # (a write landing 0.5 s late) must be over before the run returns, or it races the next run's cleanup
+    orig_state, late, state_calls = sh.StandardCheckpointHandler.async_save, [], []
+
+    async def slow(self, directory, *a, **k):
+        state_calls.append(1)
+
+        def write_late():
+            time.sleep(0.5)
+            (Path(directory) / "late").write_text("x")
+            late.append(Path(directory) / "late")
+
+        if len(state_calls) == 2:  # the save whose meta fails
+            threading.Thread(target=write_late, name="slow-writer").start()
+        return await orig_state(self, directory, *a, **k)
+
     monkeypatch.setattr(jh.JsonCheckpointHandler, "async_save", full)
+    monkeypatch.setattr(sh.StandardCheckpointHandler, "async_save", slow)
     d = tmp_path / "run"
     code, err = main(lm_args(assets, d, *BASE), capsys)
     assert code == 2 and "No space left on device" in err and "Traceback" not in err, err[-2000:]
+    assert len(late) == 1, "the run returned while a writer of its failed save was still writing"
     monkeypatch.setattr(jh.JsonCheckpointHandler, "async_save", orig)
+    monkeypatch.setattr(sh.StandardCheckpointHandler, "async_save", orig_state)
     assert sorted(p.name for p in (d / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     code, err = main(lm_args(assets, d, *BASE), capsys)
     assert code == 0 and "resumed from step 2" in err, err[-2000:]
