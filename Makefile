@@ -76,7 +76,24 @@ $(ARITH): | $(PY)
 	$(PY) tools/unpack_asset.py $(ASSETS)/dl/$(BB_SDIST) bigbench-1.0.0/bigbench/benchmark_tasks/arithmetic/ $@ .json
 	rm -f $(ASSETS)/dl/$(BB_SDIST)
 
-assets: $(SMOLLM) $(RT) $(CHITCHAT)
+# llama.cpp's own converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py, its gguf-py), the GGUF export
+# tests' reference, from the sdist of llama-cpp-python, which vendors llama.cpp; the sdist is kept for the
+# llama-cpp-python build (make llama-cpp).
+LLAMA_CPP  := $(ASSETS)/llama.cpp
+LCP_VER    := 0.3.36
+LCP_SDIST  := $(ASSETS)/dl/llama_cpp_python-$(LCP_VER).tar.gz
+LCP_SHA    := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+
+$(LCP_SDIST): | $(PY)
+	mkdir -p $(ASSETS)/dl/lcp.part
+	$(PIP) download -q --no-deps --no-binary :all: --dest $(ASSETS)/dl/lcp.part llama-cpp-python==$(LCP_VER)
+	echo "$(LCP_SHA)  $(ASSETS)/dl/lcp.part/llama_cpp_python-$(LCP_VER).tar.gz" | sha256sum -c --quiet -
+	mv $(ASSETS)/dl/lcp.part/llama_cpp_python-$(LCP_VER).tar.gz $@
+
+$(LLAMA_CPP): | $(LCP_SDIST)
+	$(PY) tools/unpack_asset.py $(LCP_SDIST) llama_cpp_python-$(LCP_VER)/vendor/llama.cpp/ $@ .py
+
+assets: $(SMOLLM) $(RT) $(CHITCHAT) $(LLAMA_CPP)
 
 # XLA's TPU compiler (the libtpu wheel jax[tpu] pins), for TPU memory figures compiled on this machine
 # without a TPU (bench/bench_long_context.py --tpu); never imported by the library.

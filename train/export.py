@@ -1,11 +1,12 @@
-"""``python -m train export``: a run's checkpoint as a merged HF model or a PEFT adapter.
+"""``python -m train export``: a run's checkpoint as a merged HF model, a PEFT adapter or a GGUF file.
 
     python -m train export --checkpoint runs/dora --format peft --out exports/dora-peft
     python -m train export --checkpoint runs/dylora --format merged --rank 4 --out exports/dylora-r4
+    python -m train export --checkpoint runs/lora --format gguf --gguf-type q8_0 --out exports/lora.q8_0.gguf
 
 The run is rebuilt from its ``config.json`` (base model re-read, re-quantized), its latest (or
-``--step``) checkpoint restored and checked, then written with ``lorax_variants.hf.save_merged`` or
-``save_peft``. PiSSA adapters are written as PEFT's conversion for the original base (the
+``--step``) checkpoint restored and checked, then written with ``lorax_variants.hf.save_merged``,
+``save_peft`` or ``save_gguf`` (the merged model for llama.cpp, with the base model's tokenizer). PiSSA adapters are written as PEFT's conversion for the original base (the
 initial factors are regenerated from the run's seed).
 """
 
@@ -22,10 +23,10 @@ __all__ = ["main", "export"]
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, rank: int | None = None,
            task: int | None = None, step: int | None = None, dtype: str | None = None,
-           adapter: str | None = None, force_base: bool = False) -> Path:
+           adapter: str | None = None, force_base: bool = False, gguf_type: str = "f16") -> Path:
     import lorax_variants as lv
     from lorax_variants import recipes
-    from lorax_variants.hf import save_merged, save_peft
+    from lorax_variants.hf import save_gguf, save_merged, save_peft
     from train import checkpoint as ckpt
     from train.build import model_dir
     from train.config import ConfigError, from_dict
@@ -68,9 +69,15 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     many = [x.names for _, x in lv.leaves_with_paths(tree, nodes_are_leaves=True) if getattr(x, "names", None)]
     if adapter is not None and (not many or adapter not in many[0]):
         raise ConfigError(f"--adapter {adapter!r}: the run's adapters are {list(many[0]) if many else 'not named'}")
+    if fmt in ("merged", "gguf") and many and adapter is None:
+        raise ConfigError(f"--adapter: the run trained adapters {list(many[0])}; merge one of them (--adapter NAME)")
+    if fmt == "gguf":
+        try:
+            return save_gguf(out, model, tree, file_type=gguf_type, tokenizer=model_dir(cfg), rank=rank, task=task,
+                             adapter=adapter, name=run_dir.name, overwrite=overwrite)
+        except ValueError as e:
+            raise ConfigError(f"--format gguf: {e}") from None
     if fmt == "merged":
-        if many and adapter is None:
-            raise ConfigError(f"--adapter: the run trained adapters {list(many[0])}; merge one of them (--adapter NAME)")
         return save_merged(out, model, tree, rank=rank, task=task, adapter=adapter, dtype=dtype,
                            tokenizer_from=model_dir(cfg), overwrite=overwrite)
     if adapter is not None:
@@ -125,8 +132,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def main(argv: list[str]) -> Any:
     ap = argparse.ArgumentParser(prog="python -m train export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="a run's output directory (config.json + checkpoints/)")
-    ap.add_argument("--format", required=True, choices=["merged", "peft"])
-    ap.add_argument("--out", required=True, help="directory to write (refused if it exists, unless --overwrite)")
+    ap.add_argument("--format", required=True, choices=["merged", "peft", "gguf"])
+    ap.add_argument("--out", required=True, help="directory to write (gguf: the file; refused if it exists, unless "
+                                                 "--overwrite)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--rank", type=int, help="DyLoRA: the rank to export")
@@ -134,11 +142,13 @@ def main(argv: list[str]) -> Any:
     ap.add_argument("--adapter", help="many adapters: the one to export (merged: required; peft: default all, "
                                       "one directory each)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged: weight dtype")
+    ap.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                    help="gguf: the weight matrices' type (vectors and norms stay f32)")
     ap.add_argument("--force-base", action="store_true", help="export even if model.path now holds other weights "
                     "than the run was trained on")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     a = ap.parse_args(argv)
     path = export(a.checkpoint, a.format, a.out, overwrite=a.overwrite, rank=a.rank, task=a.task, step=a.step,
-                  dtype=a.dtype, adapter=a.adapter, force_base=a.force_base)
+                  dtype=a.dtype, adapter=a.adapter, force_base=a.force_base, gguf_type=a.gguf_type)
     print(f"wrote {a.format} export to {path}")
     return path

@@ -5,10 +5,11 @@ from lorax_variants.hf.build import SUPPORTED, from_config, load_hf_config, save
 from lorax_variants.hf.convert import params_from_hf, to_hf
 from lorax_variants.hf.export import save_merged
 from lorax_variants.hf.gguf import from_gguf, gguf_tokenizer
+from lorax_variants.hf.gguf_export import save_gguf, save_gguf_lora
 from lorax_variants.hf.peft import save_peft
 from lorax_variants.hf.peft_import import load_peft
 from lorax_variants.hf.safetensors_io import Checkpoint, SafetensorsFile, write_safetensors
 
 __all__ = ["from_pretrained", "from_config", "save_pretrained", "to_hf", "params_from_hf", "load_hf_config",
            "Checkpoint", "SafetensorsFile", "write_safetensors", "SUPPORTED", "save_merged", "save_peft", "load_peft",
-           "from_gguf", "gguf_tokenizer"]
+           "from_gguf", "gguf_tokenizer", "save_gguf", "save_gguf_lora"]

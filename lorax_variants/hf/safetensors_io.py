@@ -24,7 +24,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "write_bytes_atomic", "write_text_atomic", "DTYPES"]
+__all__ = ["SafetensorsFile", "Checkpoint", "write_safetensors", "atomic_dir", "atomic_file", "write_bytes_atomic", "write_text_atomic", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -154,16 +154,25 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         if a.dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
         arrays[name] = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+    atomic_file(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata or {"format": "pt"})))
+
+
+def atomic_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``: a reader sees
+    the old file or the whole new one, never part of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata or {"format": "pt"}))
+        write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return path
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -1,0 +1,214 @@
+"""GGUF export: our file against llama.cpp's own converter, and read back by transformers and by us.
+
+The reference is llama.cpp's ``convert_hf_to_gguf.py`` (from the pinned llama-cpp-python sdist, which vendors
+llama.cpp; `make` unpacks it into the asset cache) run on our merged transformers export of the same adapted
+tree: every tensor must be the same bytes of the same type and shape, every metadata field the same value,
+apart from the descriptive ``general.*`` names. Then transformers' GGUF loader reads our file with our logits.
+Tiny random models built here with transformers, tokenized with the real SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import lorax_variants as lv
+from lorax_variants.hf import from_gguf, from_pretrained, save_gguf, save_gguf_lora, save_merged, save_peft
+from lorax_variants.hf.gguf import gguf_tokenizer
+from tests.close import assert_close
+
+ASSET = Path(os.environ.get("LORAX_ASSETS", Path(__file__).resolve().parents[2] / ".cache" / "assets"))
+SMOLLM = ASSET / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER = ASSET / "llama.cpp" / "convert_hf_to_gguf.py"
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+ARCHS = {
+    "llama": lambda v: (T.LlamaForCausalLM, T.LlamaConfig(vocab_size=v, **COMMON, tie_word_embeddings=True)),
+    "llama31": lambda v: (T.LlamaForCausalLM, T.LlamaConfig(vocab_size=v, **COMMON, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))),
+    # head_dim 128: transformers' GGUF reader takes Qwen3's head_dim from its default, not from key_length
+    "qwen3": lambda v: (T.Qwen3ForCausalLM, T.Qwen3Config(vocab_size=v, **COMMON, head_dim=128, tie_word_embeddings=False)),
+    "mistral": lambda v: (T.MistralForCausalLM, T.MistralConfig(vocab_size=v, **COMMON, tie_word_embeddings=False)),
+}
+TARGETS = r"layers/(attn|mlp)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not SMOLLM.is_file():
+        pytest.fail(f"{SMOLLM} is missing: `make assets` fetches it (pinned, checksum checked)")
+    return gguf_tokenizer(SMOLLM)
+
+
+@pytest.fixture(scope="module")
+def bases(tokenizer, tmp_path_factory):
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            d = tmp_path_factory.mktemp(arch)
+            cls, config = ARCHS[arch](len(tokenizer))
+            torch.manual_seed(0)
+            cls(config).save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            model, params = from_pretrained(d)
+            tree = lv.adapt(params, lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=4, alpha=8), jax.random.key(1))
+            trainable, frozen = lv.split(tree)  # B = 0 at init would hide a wrong merge: move every factor
+            leaves, treedef = jax.tree.flatten(trainable)
+            keys = jax.random.split(jax.random.key(2), len(leaves))
+            moved = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+            made[arch] = d, model, lv.combine(jax.tree.unflatten(treedef, moved), frozen)
+        return made[arch]
+
+    return get
+
+
+def converted(merged_dir: Path, out: Path, file_type: str) -> Path:
+    """llama.cpp's converter on a transformers directory (its own vendored gguf-py, in a fresh process)."""
+    if not CONVERTER.is_file():
+        pytest.fail(f"{CONVERTER} is missing: `make assets` unpacks it from the pinned llama-cpp-python sdist")
+    r = subprocess.run([sys.executable, str(CONVERTER), str(merged_dir), "--outfile", str(out), "--outtype", file_type],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+DESCRIPTIVE = ("general.name", "general.size_label", "general.basename", "general.finetune", "GGUF.kv_count")
+
+
+def assert_same_gguf(ours: Path, theirs: Path) -> None:
+    a, b = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
+    fa = {k: f for k, f in a.fields.items() if k not in DESCRIPTIVE}
+    fb = {k: f for k, f in b.fields.items() if k not in DESCRIPTIVE}
+    assert sorted(fa) == sorted(fb)
+    for k in fa:
+        assert fa[k].types == fb[k].types and fa[k].contents() == fb[k].contents(), k
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert sorted(ta) == sorted(tb)
+    for n, t in ta.items():
+        u = tb[n]
+        assert (t.tensor_type, list(t.shape)) == (u.tensor_type, list(u.shape)), n
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)), n
+
+
+# A 49k-token vocabulary makes each case ~15 s (the converter's and the readers' per-token loops): the default
+# run converts one; every architecture and type runs under slow (CI's `make test-slow`).
+CASES = [("llama", "q8_0")]
+SLOW = [(a, t) for a in ARCHS for t in ("f32", "f16", "bf16", "q8_0") if (a, t) not in CASES]
+
+
+@pytest.mark.parametrize("arch,file_type", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW])
+def test_the_same_file_as_llama_cpps_converter(bases, arch, file_type, tmp_path):
+    d, model, tree = bases(arch)
+    ours = save_gguf(tmp_path / "ours.gguf", model, tree, file_type=file_type, tokenizer=d)
+    merged = save_merged(tmp_path / "merged", model, tree, dtype=jnp.float32, tokenizer_from=d)
+    assert_same_gguf(ours, converted(merged, tmp_path / "theirs.gguf", file_type))
+
+
+def _logits(model, tree, ids):
+    return np.asarray(model.apply(tree, jnp.asarray(ids)))
+
+
+def converted_lora(peft_dir: Path, base_dir: Path, out: Path, file_type: str) -> Path:
+    r = subprocess.run([sys.executable, str(CONVERTER.with_name("convert_lora_to_gguf.py")), str(peft_dir), "--base",
+                        str(base_dir), "--outfile", str(out), "--outtype", file_type], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+LORA_CASES = [("llama", "f32"), ("qwen3", "q8_0"), ("mistral", "f16"), ("llama", "bf16")]
+
+
+@pytest.mark.slow  # CI's `make test-slow` (~10 s a case); the default run compares a merged file
+@pytest.mark.parametrize("arch,file_type", LORA_CASES)
+def test_the_same_lora_adapter_as_llama_cpps_converter(bases, arch, file_type, tmp_path):
+    """Our GGUF LoRA file against convert_lora_to_gguf.py on our PEFT export of the same adapters."""
+    d, model, tree = bases(arch)
+    ours = save_gguf_lora(tmp_path / "ours.gguf", model, tree, file_type=file_type)
+    peft_dir = save_peft(tmp_path / "peft", model, tree, base_model=str(d))
+    assert_same_gguf(ours, converted_lora(peft_dir, d, tmp_path / "theirs.gguf", file_type))
+
+
+def test_lora_adapter_refusals_and_folded_scales(bases, tmp_path):
+    d, model, _ = bases("llama")
+    params = lv.merge(bases("llama")[2])
+    dora = lv.adapt(params, lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=4, variant="dora"), jax.random.key(1))
+    with pytest.raises(ValueError, match="DoraNode does not reduce to LoRA"):
+        save_gguf_lora(tmp_path / "a.gguf", model, dora)
+    with pytest.raises(ValueError, match="a GGUF LoRA adapter is written in f32, f16, bf16 or q8_0"):
+        save_gguf_lora(tmp_path / "a.gguf", model, dora, file_type="q4_0")
+    # two scales (a rank pattern): folded into lora_b, alpha 0 (llama.cpp's "scale 1"); the products are ours
+    spec = lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=4, alpha=8, rank_pattern=((r"layers/mlp/\w+", 2),))
+    tree = lv.adapt(params, spec, jax.random.key(3))
+    tr, fr = lv.split(tree)
+    leaves, td = jax.tree.flatten(tr)
+    tree = lv.combine(jax.tree.unflatten(td, [x + 0.1 for x in leaves]), fr)
+    path = save_gguf_lora(tmp_path / "folded.gguf", model, tree)
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["adapter.lora.alpha"].contents() == 0.0
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    node = dict(lv.leaves_with_paths(tree, nodes_are_leaves=True))["layers/mlp/down_proj"]
+    want = float(node.scale) * np.asarray(node.lora_a[1]) @ np.asarray(node.lora_b[1])  # [in, out]
+    assert_close(t["blk.1.ffn_down.weight.lora_a"].T @ t["blk.1.ffn_down.weight.lora_b"].T, want, 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
+def test_transformers_reads_our_file_with_our_logits_and_tokenizer(bases, tokenizer, arch, tmp_path):
+    d, model, tree = bases(arch)
+    path = save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d)
+    ids = np.asarray([tokenizer("The capital of France is Paris. 3 + 4 = 7")["input_ids"]])
+    with torch.no_grad():
+        hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert_close(_logits(model, tree, ids), ref, 1e-5)
+    tok = T.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert tok.chat_template == tokenizer.chat_template
+    assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+@pytest.mark.slow  # ~25 s: three GGUF parses of the 49k vocabulary (the default run converts and reads back)
+def test_a_gguf_base_round_trips_with_its_own_tokenizer_fields(bases, tmp_path):
+    """A model loaded from GGUF exports its tokenizer fields as they were, and an unadapted F32 round trip
+    writes the same tensors."""
+    d, model, tree = bases("llama")
+    first = save_gguf(tmp_path / "first.gguf", model, lv.merge(tree), file_type="f32", tokenizer=d)
+    model2, params2 = from_gguf(first)
+    second = save_gguf(tmp_path / "second.gguf", model2, params2, file_type="f32")  # tokenizer: the file's own
+    assert_same_gguf(second, first)
+    # quantized: within the block quantizer's error, and Q8_0 exactly what gguf's quantizer makes of our weights
+    q8 = save_gguf(tmp_path / "q8.gguf", model2, params2, file_type="q8_0")
+    _, back = from_gguf(q8)
+    for (p, a), (_, b) in zip(lv.leaves_with_paths(back), lv.leaves_with_paths(params2)):
+        # Q8_0: |err| <= d/2 + 127 |d - fp16(d)|, d = max |block| / 127; vectors and norms stay F32
+        tol = (0.5 + 127 * 2**-11) / 127 if np.ndim(a) >= 2 else 0.0
+        assert_close(np.asarray(a), np.asarray(b), tol + 1e-7)
+
+
+def test_bad_input_is_named(bases, tmp_path):
+    d, model, tree = bases("llama")
+    with pytest.raises(ValueError, match="file_type 'q4_k' is not one gguf can write"):
+        save_gguf(tmp_path / "a.gguf", model, tree, file_type="q4_k", tokenizer=d)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        save_gguf(tmp_path / "a.gguf", model, tree)
+    with pytest.raises(ValueError, match="no tokenizer.json there"):
+        save_gguf(tmp_path / "a.gguf", model, tree, tokenizer=tmp_path)
+    (tmp_path / "a.gguf").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="a.gguf exists"):
+        save_gguf(tmp_path / "a.gguf", model, tree, tokenizer=d)
+    gpt2 = T.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2)
+    T.GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "gpt2")
+    m, p = from_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="gpt2: no GGUF export for this architecture"):
+        save_gguf(tmp_path / "b.gguf", m, p, tokenizer=d)
