@@ -59,6 +59,36 @@ def test_export_refusals(assets, tmp_path, capsys):
     code, err = main(["export", "--checkpoint", str(tmp_path / "nope"), "--format", "merged", "--out", str(tmp_path / "x")],
                      capsys)
     assert code == 2 and "is not a run directory" in err
+    code, err = main(["export", "--checkpoint", str(run), "--format", "gguf", "--out", str(tmp_path / "g.gguf")], capsys)
+    assert code == 2 and "--format gguf: tokenizer" in err and "a WordLevel tokenizer" in err, err
+    assert not (tmp_path / "g.gguf").exists()
+
+
+@pytest.mark.slow  # CI's `make test-slow`: the writer's own tests (tests/hf/test_gguf_export.py) run by default
+def test_export_gguf_from_a_run_reads_back_in_transformers(assets, tmp_path, capsys):
+    """A LoRA run on a model with a real BPE tokenizer (SmolLM2's), exported with `--format gguf`: transformers'
+    GGUF loader gives the run's logits; the Q8_0 export is within Q8_0's error of them."""
+    import torch
+
+    from lorax_variants.hf.gguf import gguf_tokenizer
+    from tests.hf.test_gguf_export import SMOLLM
+
+    tok = gguf_tokenizer(SMOLLM)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
+    tok.save_pretrained(base)
+    run = tmp_path / "run"
+    result = train(lm_args(assets, run, f"model.path={base}", "train.steps=3"))
+    ids = np.asarray([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    ours = np.asarray(result.built.model.apply(lv.combine(result.trainable, result.frozen), jnp.asarray(ids)))
+    for kind in ("f32", "q8_0"):
+        code, err = main(["export", "--checkpoint", str(run), "--format", "gguf", "--gguf-type", kind, "--out",
+                          str(tmp_path / f"m.{kind}.gguf")], capsys)
+        assert code == 0, err
+        m = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"m.{kind}.gguf", dtype=torch.float32).eval()
+        assert_close(H.torch_out(m, ids), ours, 1e-5 if kind == "f32" else 2e-2)
 
 
 def test_classification_run_exports_its_head_as_modules_to_save(assets, tmp_path, capsys):
