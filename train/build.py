@@ -55,8 +55,12 @@ def model_dir(cfg: Config) -> Path:
     if not cfg.model.path:
         raise ConfigError("model.path is empty: name an HF model directory (config.json + safetensors)")
     path = resolve(cfg.model.path, "model.path")
+    if path.suffix == ".gguf":  # a GGUF file: weights, config and tokenizer in one (llama.cpp's downloads)
+        if not path.is_file():
+            raise ConfigError(f"model.path: {cfg.model.path!r}: no such GGUF file")
+        return path
     if not path.is_dir():
-        raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory")
+        raise ConfigError(f"model.path: {cfg.model.path!r} is not a directory (nor a .gguf file)")
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path: {path} has no config.json")
     return path
@@ -65,6 +69,13 @@ def model_dir(cfg: Config) -> Path:
 def load_tokenizer(path: Path) -> Any:
     import transformers
 
+    if path.suffix == ".gguf":
+        from lorax_variants.hf.gguf import gguf_tokenizer
+
+        try:
+            return gguf_tokenizer(path)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise ConfigError(f"model.path: could not read the tokenizer of {path}: {type(e).__name__}: {e}") from None
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
         raise ConfigError(f"model.path: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
@@ -134,7 +145,7 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     """Load (or, ``abstract``, plan) the model, quantize, adapt, split and shard. ``hf_config``: the model's
     config already read (``hf.load_hf_config``), so a run reads config.json once and builds the model once."""
     path = model_dir(cfg)
-    hf_config = hf_config if hf_config is not None else auto.load_hf_config(path)
+    hf_config = hf_config if hf_config is not None else auto.model_config(path)
     if num_labels is not None:
         hf_config.num_labels = num_labels
     task = cfg.model.task

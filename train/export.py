@@ -78,8 +78,10 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
         except ValueError as e:
             raise ConfigError(f"--format gguf: {e}") from None
     if fmt == "merged":
-        return save_merged(out, model, tree, rank=rank, task=task, adapter=adapter, dtype=dtype,
+        path = save_merged(out, model, tree, rank=rank, task=task, adapter=adapter, dtype=dtype,
                            tokenizer_from=model_dir(cfg), overwrite=overwrite)
+        _copy_tokenizer(model_dir(cfg), path)  # a GGUF base: its tokenizer written out as transformers files
+        return path
     if adapter is not None:
         tree = lv.pick(tree, adapter)
     if cfg.quant.kind != "none":
@@ -124,6 +126,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
     from lorax_variants.hf.export import TOKENIZER_FILES
 
+    if src.suffix == ".gguf":  # the base is one GGUF file: its tokenizer as transformers saves one
+        if dst.is_dir() and not (dst / "tokenizer.json").exists():
+            from lorax_variants.hf.gguf import gguf_tokenizer
+
+            gguf_tokenizer(src).save_pretrained(dst)
+        return
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and dst.is_dir() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)

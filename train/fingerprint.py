@@ -30,6 +30,8 @@ PREFIX = "sha256:"
 
 def _identity_files(model_dir: Path) -> list[Path]:
     """The files whose bytes make the model: weights, config, tokenizer (sorted by name)."""
+    if model_dir.is_file():  # a GGUF file: weights, config and tokenizer in one
+        return [model_dir]
     keep = {"config.json", *TOKENIZER_FILES}
     return sorted(p for p in model_dir.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name in keep))
 
@@ -38,7 +40,8 @@ def _cache_path(model_dir: Path) -> tuple[Path, Path]:
     """(beside the weights, in the user's cache): read the first that exists, write the first writable one."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorax_variants" / "fingerprints"
     key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:32]
-    return model_dir / CACHE_NAME, root / f"{key}.json"
+    beside = model_dir.with_name(model_dir.name + CACHE_NAME) if model_dir.is_file() else model_dir / CACHE_NAME
+    return beside, root / f"{key}.json"
 
 
 def _read_cache(paths: tuple[Path, Path]) -> dict[str, dict[str, object]]:

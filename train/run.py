@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lorax_variants as lv
 from lorax_variants.diagnostics import active_ranks, magnitude_direction
-from lorax_variants.hf.build import load_hf_config
+from lorax_variants.hf.auto import model_config
 from lorax_variants.hf.safetensors_io import write_safetensors, write_text_atomic
 from lorax_variants import recipes
 from lorax_variants.recipes import recipe
@@ -87,7 +87,7 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
     init_distributed(cfg)
     path = model_dir(cfg)
     tokenizer = load_tokenizer(path)
-    hf_config = load_hf_config(path)  # read once: the positions check and the model both use it
+    hf_config = model_config(path)  # read once: the positions check and the model both use it
     check_positions(cfg, hf_config)  # before reading any data
     table = routes(cfg)
     shard = (jax.process_index(), jax.process_count()) if cfg.data.host_shards else (0, 1)

@@ -12,11 +12,11 @@ import jax
 
 from lorax_variants.hf.bnb import bnb_reader, check_quantization_config
 from lorax_variants.hf.build import from_config, load_hf_config, load_params
-from lorax_variants.hf.gguf import from_gguf
+from lorax_variants.hf.gguf import GGUFTensors, from_gguf, gguf_hf_config
 from lorax_variants.hf.safetensors_io import Checkpoint
 from lorax_variants.quant import QuantSpec
 
-__all__ = ["from_pretrained", "load_pretrained"]
+__all__ = ["from_pretrained", "load_pretrained", "model_config"]
 
 
 def from_pretrained(
@@ -56,11 +56,22 @@ def from_pretrained(
     return model, load_pretrained(model, path, dtype, hf_config=hf_config, quantize=quantize, new_head=new_head)
 
 
+def model_config(path: str | os.PathLike) -> Any:
+    """The transformers config of an HF model directory or a GGUF file (``.gguf``)."""
+    return gguf_hf_config(path) if str(path).endswith(".gguf") else load_hf_config(path)
+
+
 def load_pretrained(model: Any, path: str | os.PathLike, dtype: Any = None, *, hf_config: Any,
                     quantize: QuantSpec | None = None, new_head: jax.Array | None = None) -> dict[str, Any]:
-    """The params of an HF model directory for a model already built from its ``hf_config`` (what
-    ``from_pretrained`` does after building it; a caller that built the model to plan around it loads
+    """The params of an HF model directory (or a GGUF file) for a model already built from its ``hf_config``
+    (what ``from_pretrained`` does after building it; a caller that built the model to plan around it loads
     into the same object, reading config.json once)."""
+    if str(path).endswith(".gguf"):
+        if new_head is not None and getattr(model, "task", None) not in (None, "causal_lm"):
+            raise ValueError(f"{path}: a GGUF file holds a causal LM; a task head does not apply")
+        params = load_params(model, GGUFTensors(path, model), dtype, quantize=quantize)
+        model.gguf_path = str(path)
+        return params
     checkpoint = Checkpoint(path)
     pre = bnb_reader(checkpoint, str(path)) if check_quantization_config(hf_config, str(path)) else None
     return load_params(model, checkpoint, dtype, quantize=quantize, new_head=new_head, prequantized=pre)

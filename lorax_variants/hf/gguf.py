@@ -28,7 +28,7 @@ import numpy as np
 from lorax_variants.hf import names
 from lorax_variants.hf.build import from_config, load_params
 
-__all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "GGUFTensors", "ARCHITECTURES"]
+__all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "gguf_hf_config", "GGUFTensors", "ARCHITECTURES"]
 
 # GGUF general.architecture -> whether llama.cpp permuted q/k rows (Llama's converter does; Qwen's do not).
 ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
@@ -66,6 +66,14 @@ def gguf_config(path: str | os.PathLike, reader: Any = None) -> Any:
     key_length = reader.fields.get(f"{arch}.attention.key_length")
     if key_length is not None:  # transformers' qwen3 table leaves head_dim at its default (128)
         config.head_dim = int(key_length.contents())
+    return config
+
+
+def gguf_hf_config(path: str | os.PathLike, reader: Any = None) -> Any:
+    """``gguf_config`` with ``tie_word_embeddings`` as the file holds the head (no ``output.weight``: tied)."""
+    reader = reader if reader is not None else _reader(Path(path))
+    config = gguf_config(path, reader)
+    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
     return config
 
 
@@ -135,8 +143,7 @@ def from_gguf(path: str | os.PathLike, dtype: Any = None, *, remat: str = "none"
     """``(model, params)`` of a GGUF file (see the module docstring). ``quantize``: a ``QuantSpec`` applied
     one tensor at a time as they are dequantized (e.g. NF4 for QLoRA on a Q4 download)."""
     reader = _reader(Path(path))  # one parse of the file's metadata for the config and the tensors
-    hf_config = gguf_config(path, reader)
-    hf_config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    hf_config = gguf_hf_config(path, reader)
     model = from_config(hf_config, remat=remat, scan=scan)
     params = load_params(model, GGUFTensors(path, model, reader), dtype, quantize=quantize)
     model.gguf_path = str(path)

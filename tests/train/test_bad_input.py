@@ -61,6 +61,15 @@ def _case_missing_model_dir(assets, tmp_path):
     return lm_args(assets, tmp_path / "o", f"model.path={tmp_path / 'nope'}"), r"nope"
 
 
+def _case_missing_gguf_file(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", f"model.path={tmp_path / 'nope.gguf'}"), r"model.path: .*nope.gguf'?: no such GGUF file"
+
+
+def _case_damaged_gguf_file(assets, tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 20)
+    return lm_args(assets, tmp_path / "o", f"model.path={tmp_path / 'junk.gguf'}"), r"junk.gguf"
+
+
 def _case_unsupported_architecture(assets, tmp_path):
     d = _copy_model(assets, tmp_path)
     cfg = json.loads((d / "config.json").read_text())

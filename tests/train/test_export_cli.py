@@ -105,3 +105,37 @@ def test_classification_run_exports_its_head_as_modules_to_save(assets, tmp_path
     assert main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "m")], capsys)[0] == 0
     merged = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
     assert_close(H.torch_out(merged, ids), ours, 5e-3)
+
+
+@pytest.mark.slow  # CI's `make test-slow`
+def test_a_gguf_file_as_model_path_trains_and_exports(assets, tmp_path, capsys):
+    """model.path = a .gguf file (config, weights and tokenizer from it): the run trains, its fingerprint is the
+    file's, and its merged export (with the file's tokenizer written out) gives the run's logits in transformers."""
+    import torch
+
+    import lorax_variants.hf as hf
+    from lorax_variants.hf.gguf import gguf_tokenizer
+    from tests.hf.test_gguf_export import SMOLLM
+
+    tok = gguf_tokenizer(SMOLLM)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
+    tok.save_pretrained(base)
+    model, params = hf.from_pretrained(base)
+    gguf_file = hf.save_gguf(tmp_path / "base.f32.gguf", model, params, file_type="f32", tokenizer=base)
+    run = tmp_path / "run"
+    result = train(lm_args(assets, run, f"model.path={gguf_file}", "train.steps=3"))
+    meta = (run / "config.json").read_text()
+    assert str(gguf_file) in meta
+    ids = np.asarray([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    ours = np.asarray(result.built.model.apply(lv.combine(result.trainable, result.frozen), jnp.asarray(ids)))
+    code, err = main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    merged = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_close(H.torch_out(merged, ids), ours, 1e-5)
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "merged")(
+        "the quick brown fox")["input_ids"] == tok("the quick brown fox")["input_ids"]
+    code, err = main(lm_args(assets, run, f"model.path={gguf_file}", "train.steps=4"), capsys)  # the same base
+    assert code == 0 and "resumed from step 3" in err, err[-2000:]
