@@ -9,7 +9,6 @@ Tiny random models built here with transformers, tokenized with the real SmolLM2
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,53 +23,9 @@ import transformers as T
 
 import lorax_variants as lv
 from lorax_variants.hf import from_gguf, from_pretrained, save_gguf, save_gguf_lora, save_merged, save_peft
-from lorax_variants.hf.gguf import gguf_tokenizer
 from tests.close import assert_close
 
-ASSET = Path(os.environ.get("LORAX_ASSETS", Path(__file__).resolve().parents[2] / ".cache" / "assets"))
-SMOLLM = ASSET / "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER = ASSET / "llama.cpp" / "convert_hf_to_gguf.py"
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
-ARCHS = {
-    "llama": lambda v: (T.LlamaForCausalLM, T.LlamaConfig(vocab_size=v, **COMMON, tie_word_embeddings=True)),
-    "llama31": lambda v: (T.LlamaForCausalLM, T.LlamaConfig(vocab_size=v, **COMMON, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))),
-    # head_dim 128: transformers' GGUF reader takes Qwen3's head_dim from its default, not from key_length
-    "qwen3": lambda v: (T.Qwen3ForCausalLM, T.Qwen3Config(vocab_size=v, **COMMON, head_dim=128, tie_word_embeddings=False)),
-    "mistral": lambda v: (T.MistralForCausalLM, T.MistralConfig(vocab_size=v, **COMMON, tie_word_embeddings=False)),
-}
-TARGETS = r"layers/(attn|mlp)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    if not SMOLLM.is_file():
-        pytest.fail(f"{SMOLLM} is missing: `make assets` fetches it (pinned, checksum checked)")
-    return gguf_tokenizer(SMOLLM)
-
-
-@pytest.fixture(scope="module")
-def bases(tokenizer, tmp_path_factory):
-    made = {}
-
-    def get(arch):
-        if arch not in made:
-            d = tmp_path_factory.mktemp(arch)
-            cls, config = ARCHS[arch](len(tokenizer))
-            torch.manual_seed(0)
-            cls(config).save_pretrained(d)
-            tokenizer.save_pretrained(d)
-            model, params = from_pretrained(d)
-            tree = lv.adapt(params, lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=4, alpha=8), jax.random.key(1))
-            trainable, frozen = lv.split(tree)  # B = 0 at init would hide a wrong merge: move every factor
-            leaves, treedef = jax.tree.flatten(trainable)
-            keys = jax.random.split(jax.random.key(2), len(leaves))
-            moved = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-            made[arch] = d, model, lv.combine(jax.tree.unflatten(treedef, moved), frozen)
-        return made[arch]
-
-    return get
+from tests.hf.gguf_models import ARCHS, CONVERTER, SMOLLM, TARGETS  # noqa: F401 - SMOLLM: other tests' too
 
 
 def converted(merged_dir: Path, out: Path, file_type: str) -> Path:
@@ -108,8 +63,8 @@ SLOW = [(a, t) for a in ARCHS for t in ("f32", "f16", "bf16", "q8_0") if (a, t) 
 
 
 @pytest.mark.parametrize("arch,file_type", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW])
-def test_the_same_file_as_llama_cpps_converter(bases, arch, file_type, tmp_path):
-    d, model, tree = bases(arch)
+def test_the_same_file_as_llama_cpps_converter(gguf_bases, arch, file_type, tmp_path):
+    d, model, tree = gguf_bases(arch)
     ours = save_gguf(tmp_path / "ours.gguf", model, tree, file_type=file_type, tokenizer=d)
     merged = save_merged(tmp_path / "merged", model, tree, dtype=jnp.float32, tokenizer_from=d)
     assert_same_gguf(ours, converted(merged, tmp_path / "theirs.gguf", file_type))
@@ -131,17 +86,17 @@ LORA_CASES = [("llama", "f32"), ("qwen3", "q8_0"), ("mistral", "f16"), ("llama",
 
 @pytest.mark.slow  # CI's `make test-slow` (~10 s a case); the default run compares a merged file
 @pytest.mark.parametrize("arch,file_type", LORA_CASES)
-def test_the_same_lora_adapter_as_llama_cpps_converter(bases, arch, file_type, tmp_path):
+def test_the_same_lora_adapter_as_llama_cpps_converter(gguf_bases, arch, file_type, tmp_path):
     """Our GGUF LoRA file against convert_lora_to_gguf.py on our PEFT export of the same adapters."""
-    d, model, tree = bases(arch)
+    d, model, tree = gguf_bases(arch)
     ours = save_gguf_lora(tmp_path / "ours.gguf", model, tree, file_type=file_type)
     peft_dir = save_peft(tmp_path / "peft", model, tree, base_model=str(d))
     assert_same_gguf(ours, converted_lora(peft_dir, d, tmp_path / "theirs.gguf", file_type))
 
 
-def test_lora_adapter_refusals_and_folded_scales(bases, tmp_path):
-    d, model, _ = bases("llama")
-    params = lv.merge(bases("llama")[2])
+def test_lora_adapter_refusals_and_folded_scales(gguf_bases, tmp_path):
+    d, model, _ = gguf_bases("llama")
+    params = lv.merge(gguf_bases("llama")[2])
     dora = lv.adapt(params, lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=4, variant="dora"), jax.random.key(1))
     with pytest.raises(ValueError, match="DoraNode does not reduce to LoRA"):
         save_gguf_lora(tmp_path / "a.gguf", model, dora)
@@ -163,26 +118,26 @@ def test_lora_adapter_refusals_and_folded_scales(bases, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
-def test_transformers_reads_our_file_with_our_logits_and_tokenizer(bases, tokenizer, arch, tmp_path):
-    d, model, tree = bases(arch)
+def test_transformers_reads_our_file_with_our_logits_and_tokenizer(gguf_bases, smol_tokenizer, arch, tmp_path):
+    d, model, tree = gguf_bases(arch)
     path = save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d)
-    ids = np.asarray([tokenizer("The capital of France is Paris. 3 + 4 = 7")["input_ids"]])
+    ids = np.asarray([smol_tokenizer("The capital of France is Paris. 3 + 4 = 7")["input_ids"]])
     with torch.no_grad():
         hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
         ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
     assert_close(_logits(model, tree, ids), ref, 1e-5)
     tok = T.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
+    text = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
                                          add_generation_prompt=True)
-    assert tok.chat_template == tokenizer.chat_template
-    assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tok.chat_template == smol_tokenizer.chat_template
+    assert tok(text)["input_ids"] == smol_tokenizer(text)["input_ids"]
 
 
 @pytest.mark.slow  # ~25 s: three GGUF parses of the 49k vocabulary (the default run converts and reads back)
-def test_a_gguf_base_round_trips_with_its_own_tokenizer_fields(bases, tmp_path):
+def test_a_gguf_base_round_trips_with_its_own_tokenizer_fields(gguf_bases, tmp_path):
     """A model loaded from GGUF exports its tokenizer fields as they were, and an unadapted F32 round trip
     writes the same tensors."""
-    d, model, tree = bases("llama")
+    d, model, tree = gguf_bases("llama")
     first = save_gguf(tmp_path / "first.gguf", model, lv.merge(tree), file_type="f32", tokenizer=d)
     model2, params2 = from_gguf(first)
     second = save_gguf(tmp_path / "second.gguf", model2, params2, file_type="f32")  # tokenizer: the file's own
@@ -196,8 +151,8 @@ def test_a_gguf_base_round_trips_with_its_own_tokenizer_fields(bases, tmp_path):
         assert_close(np.asarray(a), np.asarray(b), tol + 1e-7)
 
 
-def test_bad_input_is_named(bases, tmp_path):
-    d, model, tree = bases("llama")
+def test_bad_input_is_named(gguf_bases, tmp_path):
+    d, model, tree = gguf_bases("llama")
     with pytest.raises(ValueError, match="file_type 'q4_k' is not one gguf can write"):
         save_gguf(tmp_path / "a.gguf", model, tree, file_type="q4_k", tokenizer=d)
     with pytest.raises(ValueError, match="needs the tokenizer"):

@@ -13,7 +13,7 @@ import pytest
 import lorax_variants as lv
 from lorax_variants.hf import from_gguf, save_gguf, save_gguf_lora
 from tests.close import assert_close, rel_error
-from tests.hf.test_gguf_export import SMOLLM, TARGETS, bases, tokenizer  # noqa: F401 - fixtures
+from tests.hf.gguf_models import SMOLLM, TARGETS
 
 pytestmark = pytest.mark.slow  # CI's `make test-slow` (after building llama-cpp-python once: `make llama-cpp`)
 
@@ -80,13 +80,13 @@ def _base(tree):
                              else n, tree, nodes_are_leaves=True)
 
 
-def test_tiny_llama_runs_in_llama_cpp_with_our_logits(bases, tokenizer, tmp_path):
-    d, model, _ = bases("llama")
-    params = lv.merge(bases("llama")[2])
-    _check(model, _moved_lora(model, params), tokenizer, tmp_path, tol=1e-4)
+def test_tiny_llama_runs_in_llama_cpp_with_our_logits(gguf_bases, smol_tokenizer, tmp_path):
+    d, model, _ = gguf_bases("llama")
+    params = lv.merge(gguf_bases("llama")[2])
+    _check(model, _moved_lora(model, params), smol_tokenizer, tmp_path, tol=1e-4)
 
 
-def test_smollm2_135m_after_lora_runs_in_llama_cpp_with_our_logits(tokenizer, tmp_path):
+def test_smollm2_135m_after_lora_runs_in_llama_cpp_with_our_logits(smol_tokenizer, tmp_path):
     model, params = from_gguf(SMOLLM)
-    errors = _check(model, _moved_lora(model, params, scale=0.02), tokenizer, tmp_path, tol=1e-4)
+    errors = _check(model, _moved_lora(model, params, scale=0.02), smol_tokenizer, tmp_path, tol=1e-4)
     print(f"SmolLM2-135M after LoRA, llama.cpp vs ours, max |diff| / max |logit|: {errors}")

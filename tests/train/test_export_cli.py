@@ -71,7 +71,7 @@ def test_export_gguf_from_a_run_reads_back_in_transformers(assets, tmp_path, cap
     import torch
 
     from lorax_variants.hf.gguf import gguf_tokenizer
-    from tests.hf.test_gguf_export import SMOLLM
+    from tests.hf.gguf_models import SMOLLM
 
     tok = gguf_tokenizer(SMOLLM)
     base = tmp_path / "base"
@@ -115,7 +115,7 @@ def test_a_gguf_file_as_model_path_trains_and_exports(assets, tmp_path, capsys):
 
     import lorax_variants.hf as hf
     from lorax_variants.hf.gguf import gguf_tokenizer
-    from tests.hf.test_gguf_export import SMOLLM
+    from tests.hf.gguf_models import SMOLLM
 
     tok = gguf_tokenizer(SMOLLM)
     base = tmp_path / "base"

@@ -1,0 +1,23 @@
+"""The tiny models and assets of the GGUF tests (tests/hf/conftest.py builds them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import transformers as T
+
+ASSET = Path(os.environ.get("LORAX_ASSETS", Path(__file__).resolve().parents[2] / ".cache" / "assets"))
+SMOLLM = ASSET / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER = ASSET / "llama.cpp" / "convert_hf_to_gguf.py"
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+ARCHS = {
+    "llama": lambda v: (T.LlamaForCausalLM, T.LlamaConfig(vocab_size=v, **COMMON, tie_word_embeddings=True)),
+    "llama31": lambda v: (T.LlamaForCausalLM, T.LlamaConfig(vocab_size=v, **COMMON, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))),
+    # head_dim 128: transformers' GGUF reader takes Qwen3's head_dim from its default, not from key_length
+    "qwen3": lambda v: (T.Qwen3ForCausalLM, T.Qwen3Config(vocab_size=v, **COMMON, head_dim=128, tie_word_embeddings=False)),
+    "mistral": lambda v: (T.MistralForCausalLM, T.MistralConfig(vocab_size=v, **COMMON, tie_word_embeddings=False)),
+}
+TARGETS = r"layers/(attn|mlp)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"
