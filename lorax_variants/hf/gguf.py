@@ -10,7 +10,9 @@ converter permutes the rows of q and k of Llama-architecture models for its inte
     w_gguf = w.reshape(heads, 2, d/heads/2, in).swapaxes(1, 2).reshape(d, in)
 
 and we undo it, ``w = w_gguf.reshape(heads, d/heads/2, 2, in).swapaxes(1, 2).reshape(d, in)`` (``heads`` =
-key-value heads for k). Tensors are dequantized one at a time as they are
+key-value heads for k). Gemma's norms are stored as w + 1 (llama.cpp multiplies by w, Gemma by 1 + w) and read
+back as w. Llama 3.1's RoPE scaling is recorded only as the ``rope_freqs`` factors: its parameters are
+recovered from them. Tensors are dequantized one at a time as they are
 read (``GGUFTensors`` is a lazy mapping), so ``quantize=QuantSpec(...)`` re-quantizes to NF4 with a peak
 of the quantized model plus one float tensor.
 """
@@ -31,7 +33,9 @@ from lorax_variants.hf.build import from_config, load_params
 __all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "gguf_hf_config", "GGUFTensors", "ARCHITECTURES"]
 
 # GGUF general.architecture -> whether llama.cpp permuted q/k rows (Llama's converter does; Qwen's do not).
-ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "gemma2": False, "gemma3": False}
+# Gemma's norms: llama.cpp's converter stores w + 1 (llama.cpp multiplies by w, Gemma's RMSNorm by 1 + w)
+_NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
 _IGNORED = (r"rope_freqs\.weight",)  # llama.cpp's precomputed RoPE factors (we compute them from the config)
 
 
@@ -73,8 +77,48 @@ def gguf_hf_config(path: str | os.PathLike, reader: Any = None) -> Any:
     """``gguf_config`` with ``tie_word_embeddings`` as the file holds the head (no ``output.weight``: tied)."""
     reader = reader if reader is not None else _reader(Path(path))
     config = gguf_config(path, reader)
-    config.tie_word_embeddings = "output.weight" not in {t.name for t in reader.tensors}
+    by_name = {t.name: t for t in reader.tensors}
+    config.tie_word_embeddings = "output.weight" not in by_name
+    if "rope_freqs.weight" in by_name:  # Llama 3.1's RoPE scaling, which only this tensor records
+        from gguf import quants
+
+        t = by_name["rope_freqs.weight"]
+        factors = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float64).reshape(-1)
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        theta = float(rope.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        config.rope_parameters = _llama3_rope(factors, theta, dim, Path(path))
     return config
+
+
+def _llama3_rope(factors: np.ndarray, theta: float, dim: int, path: Path) -> dict[str, Any]:
+    """transformers' ``llama3`` RoPE parameters that give llama.cpp's ``rope_freqs`` factors.
+
+    Per frequency the factor is 1 (short wavelengths), ``factor`` (long ones) or between, where
+    ``1/f = 1/factor + s (1 - 1/factor)`` with ``s = (orig/wavelen - low) / (high - low)``: linear in 1/wavelen. Two
+    or more factors in between give its slope and intercept; (orig, low, high) are then fixed up to a common
+    scale that changes no factor, so ``low_freq_factor`` is taken as 1. The result is checked against the file."""
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / inv
+    if factors.shape != inv.shape:
+        raise ValueError(f"{path}: rope_freqs.weight has {factors.size} factors; head_dim {dim} needs {inv.size}")
+    factor = float(factors.max())
+    mid = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or mid.sum() < 2:
+        raise ValueError(f"{path}: rope_freqs.weight is not Llama 3.1's RoPE scaling with a smooth band (factors "
+                         f"{factors[:4]}...); not supported")
+    s = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
+    a, b = np.polyfit(1 / wavelen[mid], s, 1)
+    low = 1.0
+    high = low - low / b
+    orig = a * (high - low)
+    rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": float(high), "original_max_position_embeddings": float(orig)}
+    again = np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, 1 / (
+        (1 - (orig / wavelen - low) / (high - low)) / factor + (orig / wavelen - low) / (high - low))))
+    if not np.allclose(again, factors, rtol=1e-4):
+        raise ValueError(f"{path}: rope_freqs.weight does not follow Llama 3.1's RoPE scaling; not supported")
+    return rope
 
 
 def gguf_tokenizer(path: str | os.PathLike) -> Any:
@@ -126,6 +170,8 @@ class GGUFTensors(Mapping):
             raise ValueError(f"{self.path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot "
                              "dequantize") from None
         w = w.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims fastest first
+        if self.arch in _NORM_SHIFT and name.endswith("norm.weight"):
+            w = w - np.float32(_NORM_SHIFT[self.arch])
         if self.permute and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
             heads = self.heads if ".q_proj." in name else self.kv_heads
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

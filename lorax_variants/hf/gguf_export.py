@@ -45,7 +45,9 @@ __all__ = ["save_gguf", "save_gguf_lora", "FILE_TYPES", "GGUF_ARCHITECTURES"]
 
 # our model_type -> (GGUF architecture, llama.cpp permutes q/k rows)
 GGUF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                      "qwen3": ("qwen3", False)}
+                      "qwen3": ("qwen3", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3", False), "gemma3_text": ("gemma3", False)}
+# Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w: its converter stores w + 1 (and we read w - 1)
+NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
 
 # file type name -> (tensor type of the weight matrices, general.file_type)
 FILE_TYPES = {
@@ -235,9 +237,26 @@ def _default_name(model: Any, source: Path) -> str:
 
 
 def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> None:
-    """As convert_hf_to_gguf.py's TextModel.set_gguf_parameters (plus LlamaModel's for ``llama``)."""
+    """As convert_hf_to_gguf.py's TextModel.set_gguf_parameters (plus LlamaModel's for ``llama``; Gemma 2's
+    and Gemma 3's own)."""
     import gguf
 
+    if arch == "gemma2":  # Gemma2Model.set_gguf_parameters (no RoPE base: llama.cpp's default 10000)
+        w.add_context_length(hp["max_position_embeddings"])
+        w.add_embedding_length(hp["hidden_size"])
+        w.add_block_count(hp["num_hidden_layers"])
+        w.add_feed_forward_length(hp["intermediate_size"])
+        w.add_head_count(hp["num_attention_heads"])
+        w.add_head_count_kv(hp.get("num_key_value_heads") or hp["num_attention_heads"])
+        w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+        w.add_file_type(getattr(gguf.LlamaFileType, file_type))
+        w.add_attn_logit_softcapping(hp["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+        w.add_sliding_window(hp["sliding_window"])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        return
     w.add_block_count(hp["num_hidden_layers"])
     w.add_context_length(hp["max_position_embeddings"])
     w.add_embedding_length(hp["hidden_size"])
@@ -263,11 +282,28 @@ def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> N
         raise ValueError(f"rope_type {kind!r}: llama.cpp has no equivalent we can write")
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(rope["rope_theta"])
+    local = (hp.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+    if local is not None:
+        w.add_rope_freq_base_swa(local)
     w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
     if hp.get("head_dim") is not None:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
     w.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    if arch == "gemma3":  # Gemma3Model.set_gguf_parameters, after the base's
+        w.add_context_length(hp.get("max_position_embeddings", 131072))
+        w.add_head_count(hp.get("num_attention_heads", 8))
+        w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+        w.add_key_length(hp.get("head_dim", 256))
+        w.add_value_length(hp.get("head_dim", 256))
+        w.add_rope_freq_base(rope.get("rope_theta") or 1_000_000.0)
+        if hp.get("attn_logit_softcapping") is not None:
+            raise ValueError("gemma3 with attn_logit_softcapping: llama.cpp's gemma3 has no attention soft cap")
+        if hp.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(hp["final_logit_softcapping"])
+        if hp.get("sliding_window_pattern") != 1:
+            w.add_sliding_window(hp["sliding_window"])
+        w.add_head_count_kv(hp.get("num_key_value_heads", 4))
     if arch == "llama":
         w.add_vocab_size(hp["vocab_size"])
         w.add_rope_dimension_count(hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"])
@@ -276,8 +312,9 @@ def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> N
 
 def _rope(hp: dict[str, Any]) -> dict[str, Any]:
     """transformers 5 keeps RoPE settings in ``rope_parameters`` (older configs: ``rope_scaling`` and
-    ``rope_theta``)."""
+    ``rope_theta``); per layer type for Gemma 3 (the global layers' here, as the converter reads them)."""
     rope = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+    rope = dict(rope.get("full_attention", rope))
     rope.setdefault("rope_theta", hp.get("rope_theta"))
     return rope
 
@@ -318,8 +355,13 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
     heads = hp["num_attention_heads"]
     kv_heads = hp.get("num_key_value_heads") or heads
     qtype = gguf.GGMLQuantizationType[qtype_name]
+    shift = NORM_SHIFT.get(arch, 0.0)
     for name in sorted(tensors):
         x = np.asarray(tensors[name], np.float32)
+        if shift and name.endswith("norm.weight"):
+            x = x + np.float32(shift)
+        if name == "lm_head.weight" and arch == "gemma2":
+            continue  # the converter skips it: llama.cpp's gemma2 always ties the head
         if permute and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             n = heads if ".q_proj." in name else kv_heads
             x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)

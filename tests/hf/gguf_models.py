@@ -19,5 +19,12 @@ ARCHS = {
     # head_dim 128: transformers' GGUF reader takes Qwen3's head_dim from its default, not from key_length
     "qwen3": lambda v: (T.Qwen3ForCausalLM, T.Qwen3Config(vocab_size=v, **COMMON, head_dim=128, tie_word_embeddings=False)),
     "mistral": lambda v: (T.MistralForCausalLM, T.MistralConfig(vocab_size=v, **COMMON, tie_word_embeddings=False)),
+    # Gemma: head_dim = query_pre_attn_scalar (llama.cpp scales queries by 1/sqrt(head_dim) below 27B, transformers'
+    # GGUF reader leaves query_pre_attn_scalar at 256); a window shorter than the test's sequences
+    "gemma2": lambda v: (T.Gemma2ForCausalLM, T.Gemma2Config(vocab_size=v, **COMMON, head_dim=256, query_pre_attn_scalar=256,
+                                                            sliding_window=4)),
+    "gemma3": lambda v: (T.Gemma3ForCausalLM, T.Gemma3TextConfig(vocab_size=v, **COMMON, head_dim=256,
+                                                                query_pre_attn_scalar=256, sliding_window=4)),
 }
+CONVERTED = [a for a in ARCHS if a != "gemma2"]  # the converter writes Gemma 2 with a SentencePiece vocabulary only
 TARGETS = r"layers/(attn|mlp)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"

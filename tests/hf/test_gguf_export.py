@@ -25,7 +25,7 @@ import lorax_variants as lv
 from lorax_variants.hf import from_gguf, from_pretrained, save_gguf, save_gguf_lora, save_merged, save_peft
 from tests.close import assert_close
 
-from tests.hf.gguf_models import ARCHS, CONVERTER, SMOLLM, TARGETS  # noqa: F401 - SMOLLM: other tests' too
+from tests.hf.gguf_models import ARCHS, CONVERTED, CONVERTER, SMOLLM, TARGETS  # noqa: F401 - SMOLLM: other tests' too
 
 
 def converted(merged_dir: Path, out: Path, file_type: str) -> Path:
@@ -59,7 +59,7 @@ def assert_same_gguf(ours: Path, theirs: Path) -> None:
 # A 49k-token vocabulary makes each case ~15 s (the converter's and the readers' per-token loops): the default
 # run converts one; every architecture and type runs under slow (CI's `make test-slow`).
 CASES = [("llama", "q8_0")]
-SLOW = [(a, t) for a in ARCHS for t in ("f32", "f16", "bf16", "q8_0") if (a, t) not in CASES]
+SLOW = [(a, t) for a in CONVERTED for t in ("f32", "f16", "bf16", "q8_0") if (a, t) not in CASES]
 
 
 @pytest.mark.parametrize("arch,file_type", CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW])
@@ -117,15 +117,20 @@ def test_lora_adapter_refusals_and_folded_scales(gguf_bases, tmp_path):
     assert_close(t["blk.1.ffn_down.weight.lora_a"].T @ t["blk.1.ffn_down.weight.lora_b"].T, want, 1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["llama"] + [pytest.param(a, marks=pytest.mark.slow) for a in ARCHS if a != "llama"])
 def test_transformers_reads_our_file_with_our_logits_and_tokenizer(gguf_bases, smol_tokenizer, arch, tmp_path):
     d, model, tree = gguf_bases(arch)
     path = save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d)
     ids = np.asarray([smol_tokenizer("The capital of France is Paris. 3 + 4 = 7")["input_ids"]])
-    with torch.no_grad():
-        hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-        ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
-    assert_close(_logits(model, tree, ids), ref, 1e-5)
+    ours = _logits(model, tree, ids)
+    if arch != "llama31":  # transformers' GGUF loader drops rope_freqs (Llama 3.1's RoPE scaling): not comparable
+        with torch.no_grad():
+            hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+            ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+        assert_close(ours, ref, 1e-5)
+    # our own GGUF import (Gemma: norms stored + 1, read - 1; Llama 3.1: its RoPE parameters from rope_freqs)
+    back_model, back = from_gguf(path)
+    assert_close(_logits(back_model, back, ids), ours, 1e-5)
     tok = T.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     text = smol_tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
                                          add_generation_prompt=True)
@@ -167,3 +172,19 @@ def test_bad_input_is_named(gguf_bases, tmp_path):
     m, p = from_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="gpt2: no GGUF export for this architecture"):
         save_gguf(tmp_path / "b.gguf", m, p, tokenizer=d)
+
+
+def test_llama31_rope_parameters_are_recovered_from_rope_freqs():
+    """Llama 3.1/3.2's parameters (theta 500000, factor 8, low 1, high 4, original 8192, head_dim 128) from the
+    factors the converter writes (our writer's equal the converter's: the llama31 cases above)."""
+    from lorax_variants.hf.gguf import _llama3_rope
+    from lorax_variants.hf.gguf_export import _llama3_factors
+
+    want = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    factors = _llama3_factors(dict(rope_parameters=want, head_dim=128, hidden_size=4096, num_attention_heads=32))
+    got = _llama3_rope(factors.astype(np.float64), 500000.0, 128, Path("x.gguf"))
+    assert got["rope_type"] == "llama3" and got["factor"] == 8.0 and got["low_freq_factor"] == 1.0
+    assert abs(got["high_freq_factor"] - 4.0) < 1e-4 and abs(got["original_max_position_embeddings"] - 8192) < 1e-2
+    with pytest.raises(ValueError, match="x.gguf: rope_freqs.weight is not Llama 3.1's RoPE scaling"):
+        _llama3_rope(np.ones(64), 500000.0, 128, Path("x.gguf"))
