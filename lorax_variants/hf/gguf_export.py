@@ -114,16 +114,7 @@ def save_gguf(path: str | os.PathLike, model: Any, tree: Any, *, file_type: str 
     else:
         _bpe_tokenizer(w, Path(source), hp, arch, pre)
     _tensors(w, arch, permute, hp, tensors, FILE_TYPES[file_type][0])
-
-    from lorax_variants.hf.safetensors_io import atomic_file
-
-    def write(tmp: Path) -> None:
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
-        w.close()
-
-    return atomic_file(out, write)
+    return _write(w, out)
 
 
 def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type: str = "f32",
@@ -204,7 +195,11 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
     for theirs in sorted(pairs):
         _add(w, theirs + ".lora_a", pairs[theirs][0], qtype)
         _add(w, theirs + ".lora_b", pairs[theirs][1], qtype)
+    return _write(w, out)
 
+
+def _write(w: Any, out: Path) -> Path:
+    """The writer's file, atomically (a temporary file beside ``out``, renamed when whole)."""
     from lorax_variants.hf.safetensors_io import atomic_file
 
     def write(tmp: Path) -> None:

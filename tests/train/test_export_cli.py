@@ -64,21 +64,28 @@ def test_export_refusals(assets, tmp_path, capsys):
     assert not (tmp_path / "g.gguf").exists()
 
 
-@pytest.mark.slow  # CI's `make test-slow`: the writer's own tests (tests/hf/test_gguf_export.py) run by default
-def test_export_gguf_from_a_run_reads_back_in_transformers(assets, tmp_path, capsys):
-    """A LoRA run on a model with a real BPE tokenizer (SmolLM2's), exported with `--format gguf`: transformers'
-    GGUF loader gives the run's logits; the Q8_0 export is within Q8_0's error of them."""
+def _bpe_llama(base):
+    """A tiny random Llama with the real SmolLM2 tokenizer (a BPE tokenizer llama.cpp knows)."""
     import torch
 
     from lorax_variants.hf.gguf import gguf_tokenizer
     from tests.hf.gguf_models import SMOLLM
 
     tok = gguf_tokenizer(SMOLLM)
-    base = tmp_path / "base"
     torch.manual_seed(0)
     T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
     tok.save_pretrained(base)
+    return tok, base
+
+
+@pytest.mark.slow  # CI's `make test-slow`: the writer's own tests (tests/hf/test_gguf_export.py) run by default
+def test_export_gguf_from_a_run_reads_back_in_transformers(assets, tmp_path, capsys):
+    """A LoRA run on a model with a real BPE tokenizer (SmolLM2's), exported with `--format gguf`: transformers'
+    GGUF loader gives the run's logits; the Q8_0 export is within Q8_0's error of them."""
+    import torch
+
+    tok, base = _bpe_llama(tmp_path / "base")
     run = tmp_path / "run"
     result = train(lm_args(assets, run, f"model.path={base}", "train.steps=3"))
     ids = np.asarray([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
@@ -111,18 +118,9 @@ def test_classification_run_exports_its_head_as_modules_to_save(assets, tmp_path
 def test_a_gguf_file_as_model_path_trains_and_exports(assets, tmp_path, capsys):
     """model.path = a .gguf file (config, weights and tokenizer from it): the run trains, its fingerprint is the
     file's, and its merged export (with the file's tokenizer written out) gives the run's logits in transformers."""
-    import torch
-
     import lorax_variants.hf as hf
-    from lorax_variants.hf.gguf import gguf_tokenizer
-    from tests.hf.gguf_models import SMOLLM
 
-    tok = gguf_tokenizer(SMOLLM)
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
-    tok.save_pretrained(base)
+    tok, base = _bpe_llama(tmp_path / "base")
     model, params = hf.from_pretrained(base)
     gguf_file = hf.save_gguf(tmp_path / "base.f32.gguf", model, params, file_type="f32", tokenizer=base)
     run = tmp_path / "run"
