@@ -355,8 +355,12 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
         x = np.asarray(tensors[name], np.float32)
         if shift and name.endswith("norm.weight"):
             x = x + np.float32(shift)
-        if name == "lm_head.weight" and arch == "gemma2":
-            continue  # the converter skips it: llama.cpp's gemma2 always ties the head
+        if name == "lm_head.weight" and arch == "gemma2":  # llama.cpp's gemma2 always ties the head
+            embed = tensors.get("model.embed_tokens.weight")
+            if embed is None or not np.array_equal(np.asarray(embed, np.float32), x):
+                raise ValueError("gemma2: llama.cpp's gemma2 ties the head to the embedding, and this model's head "
+                                 "differs from it (an adapted or trained head): it cannot be written as gemma2 GGUF")
+            continue  # the converter skips it too
         if permute and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             n = heads if ".q_proj." in name else kv_heads
             x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
