@@ -39,6 +39,8 @@ import jax
 import numpy as np
 
 from lorax_variants.hf.convert import to_hf
+from lorax_variants.hf.peft import _adapter_nodes, _module_list
+from lorax_variants.hf.safetensors_io import atomic_file
 from lorax_variants.ops import as_lora, merge, one_adapter
 
 __all__ = ["save_gguf", "save_gguf_lora", "FILE_TYPES", "GGUF_ARCHITECTURES"]
@@ -135,9 +137,6 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
     """
     import gguf
 
-    from lorax_variants.hf.peft import _adapter_nodes, _module_list
-    from lorax_variants.variants.lora import LoraNode
-
     out = Path(path)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -153,7 +152,7 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
     if not nodes:
         raise ValueError("save_gguf_lora: the tree has no adapter nodes")
     for p, n in nodes:
-        if not isinstance(n, LoraNode):
+        if getattr(type(n), "variant", None) != "lora":  # (what as_lora leaves otherwise does not reduce)
             raise ValueError(f"{p}: a {type(n).__name__} does not reduce to LoRA, so llama.cpp's LoRA format cannot "
                              "hold it; export the merged model (save_gguf / --format gguf)")
         if n.lora_a.ndim > 3:
@@ -200,7 +199,6 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
 
 def _write(w: Any, out: Path) -> Path:
     """The writer's file, atomically (a temporary file beside ``out``, renamed when whole)."""
-    from lorax_variants.hf.safetensors_io import atomic_file
 
     def write(tmp: Path) -> None:
         w.write_header_to_file(path=tmp)
