@@ -35,7 +35,15 @@ __all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "gguf_hf_config", "GGUF
 # GGUF general.architecture -> whether llama.cpp permuted q/k rows (Llama's converter does; Qwen's do not).
 ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "gemma2": False, "gemma3": False}
 # Gemma's norms: llama.cpp's converter stores w + 1 (llama.cpp multiplies by w, Gemma's RMSNorm by 1 + w)
-_NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
+NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
+
+
+def tensor_name_map(arch: str, layers: int) -> Any:
+    """gguf's ``TensorNameMap`` (transformers' names <-> llama.cpp's) for a GGUF architecture name."""
+    import gguf
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    return gguf.get_tensor_name_map(arch_id, layers)
 _IGNORED = (r"rope_freqs\.weight",)  # llama.cpp's precomputed RoPE factors (we compute them from the config)
 
 
@@ -133,7 +141,6 @@ class GGUFTensors(Mapping):
     """A GGUF file's tensors under transformers' names, in torch layout, dequantized when read."""
 
     def __init__(self, path: str | os.PathLike, model: Any, reader: Any = None):
-        import gguf
 
         self.path = Path(path)
         self.reader = reader if reader is not None else _reader(self.path)
@@ -141,8 +148,7 @@ class GGUFTensors(Mapping):
         self.permute = ARCHITECTURES[self.arch]
         c = model.config
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
-        arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
-        tmap = gguf.get_tensor_name_map(arch_id, c.num_hidden_layers)
+        tmap = tensor_name_map(self.arch, c.num_hidden_layers)
         by_name = {t.name: t for t in self.reader.tensors}
         self._tensors: dict[str, Any] = {}
         hf_names = []
@@ -170,8 +176,8 @@ class GGUFTensors(Mapping):
             raise ValueError(f"{self.path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot "
                              "dequantize") from None
         w = w.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims fastest first
-        if self.arch in _NORM_SHIFT and name.endswith("norm.weight"):
-            w = w - np.float32(_NORM_SHIFT[self.arch])
+        if self.arch in NORM_SHIFT and name.endswith("norm.weight"):
+            w = w - np.float32(NORM_SHIFT[self.arch])
         if self.permute and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
             heads = self.heads if ".q_proj." in name else self.kv_heads
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -39,17 +39,17 @@ import jax
 import numpy as np
 
 from lorax_variants.hf.convert import to_hf
+from lorax_variants.hf.gguf import ARCHITECTURES, NORM_SHIFT, tensor_name_map
 from lorax_variants.hf.peft import _adapter_nodes, _module_list
 from lorax_variants.hf.safetensors_io import atomic_file
 from lorax_variants.ops import as_lora, merge, one_adapter
 
 __all__ = ["save_gguf", "save_gguf_lora", "FILE_TYPES", "GGUF_ARCHITECTURES"]
 
-# our model_type -> (GGUF architecture, llama.cpp permutes q/k rows)
-GGUF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                      "qwen3": ("qwen3", False), "gemma2": ("gemma2", False), "gemma3": ("gemma3", False), "gemma3_text": ("gemma3", False)}
-# Gemma's RMSNorm multiplies by (1 + w); llama.cpp's by w: its converter stores w + 1 (and we read w - 1)
-NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
+# our model_type -> GGUF architecture (whether llama.cpp permutes its q/k rows, and its norm shift, are the
+# reader's tables: ARCHITECTURES, NORM_SHIFT)
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                      "gemma3": "gemma3", "gemma3_text": "gemma3"}
 
 # file type name -> (tensor type of the weight matrices, general.file_type)
 FILE_TYPES = {
@@ -95,10 +95,7 @@ def save_gguf(path: str | os.PathLike, model: Any, tree: Any, *, file_type: str 
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type {file_type!r} is not one gguf can write; choose from {sorted(FILE_TYPES)} "
                          "(K-quants and I-quants: quantize our f16 file with llama.cpp's llama-quantize)")
-    mt = model.config.model_type
-    if mt not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{mt}: no GGUF export for this architecture; supported: {sorted(GGUF_ARCHITECTURES)}")
-    arch, permute = GGUF_ARCHITECTURES[mt]
+    arch, permute = _architecture(model)
     source = _tokenizer_source(model, tokenizer)
 
     if adapter is not None:
@@ -142,10 +139,7 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if file_type not in ("f32", "f16", "bf16", "q8_0"):
         raise ValueError(f"file_type {file_type!r}: a GGUF LoRA adapter is written in f32, f16, bf16 or q8_0")
-    mt = model.config.model_type
-    if mt not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{mt}: no GGUF export for this architecture; supported: {sorted(GGUF_ARCHITECTURES)}")
-    arch, permute = GGUF_ARCHITECTURES[mt]
+    arch, permute = _architecture(model)
     if adapter is not None:
         tree = one_adapter(tree, adapter)
     nodes = _adapter_nodes(as_lora(tree, rank=rank, task=task))
@@ -166,8 +160,7 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
     hp = model.hf_config.to_dict()
     heads = hp["num_attention_heads"]
     kv_heads = hp.get("num_key_value_heads") or heads
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    tmap = gguf.get_tensor_name_map(arch_id, hp["num_hidden_layers"])
+    tmap = tensor_name_map(arch, hp["num_hidden_layers"])
     qtype = gguf.GGMLQuantizationType[FILE_TYPES[file_type][0]]
 
     w = gguf.GGUFWriter(None, arch)
@@ -186,7 +179,7 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
             lb = b[i].T  # [out, r]
             if permute and module.endswith(("q_proj", "k_proj")):
                 h = heads if module.endswith("q_proj") else kv_heads
-                lb = lb.reshape(h, 2, lb.shape[0] // h // 2, lb.shape[1]).swapaxes(1, 2).reshape(lb.shape)
+                lb = _permute(lb, h)
             theirs = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
             if theirs is None:
                 raise ValueError(f"{p}: no GGUF name for {module} in llama.cpp's {arch} table")
@@ -195,6 +188,14 @@ def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type:
         _add(w, theirs + ".lora_a", pairs[theirs][0], qtype)
         _add(w, theirs + ".lora_b", pairs[theirs][1], qtype)
     return _write(w, out)
+
+
+def _architecture(model: Any) -> tuple[str, bool]:
+    """The GGUF architecture ``model`` is written as, and whether llama.cpp permutes its q/k rows."""
+    mt = model.config.model_type
+    if mt not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{mt}: no GGUF export for this architecture; supported: {sorted(GGUF_ARCHITECTURES)}")
+    return GGUF_ARCHITECTURES[mt], ARCHITECTURES[GGUF_ARCHITECTURES[mt]]
 
 
 def _write(w: Any, out: Path) -> Path:
@@ -234,13 +235,13 @@ def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> N
     and Gemma 3's own)."""
     import gguf
 
+    w.add_block_count(hp["num_hidden_layers"])
+    w.add_context_length(hp["max_position_embeddings"])
+    w.add_embedding_length(hp["hidden_size"])
+    w.add_feed_forward_length(hp["intermediate_size"])
+    w.add_head_count(hp["num_attention_heads"])
+    w.add_head_count_kv(hp.get("num_key_value_heads") or hp["num_attention_heads"])
     if arch == "gemma2":  # Gemma2Model.set_gguf_parameters (no RoPE base: llama.cpp's default 10000)
-        w.add_context_length(hp["max_position_embeddings"])
-        w.add_embedding_length(hp["hidden_size"])
-        w.add_block_count(hp["num_hidden_layers"])
-        w.add_feed_forward_length(hp["intermediate_size"])
-        w.add_head_count(hp["num_attention_heads"])
-        w.add_head_count_kv(hp.get("num_key_value_heads") or hp["num_attention_heads"])
         w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
@@ -250,12 +251,6 @@ def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> N
         w.add_sliding_window(hp["sliding_window"])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         return
-    w.add_block_count(hp["num_hidden_layers"])
-    w.add_context_length(hp["max_position_embeddings"])
-    w.add_embedding_length(hp["hidden_size"])
-    w.add_feed_forward_length(hp["intermediate_size"])
-    w.add_head_count(hp["num_attention_heads"])
-    w.add_head_count_kv(hp.get("num_key_value_heads") or hp["num_attention_heads"])
     rope = _rope(hp)
     kind = rope.get("rope_type")
     if kind == "linear" and rope.get("factor") is not None:
@@ -343,12 +338,11 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
     """As convert_hf_to_gguf.py's prepare_tensors: names, q/k permutation, the type of each tensor."""
     import gguf
 
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    tmap = gguf.get_tensor_name_map(arch_id, hp["num_hidden_layers"])
+    tmap = tensor_name_map(arch, hp["num_hidden_layers"])
     heads = hp["num_attention_heads"]
     kv_heads = hp.get("num_key_value_heads") or heads
     qtype = gguf.GGMLQuantizationType[qtype_name]
-    shift = NORM_SHIFT.get(arch, 0.0)
+    shift = NORM_SHIFT.get(arch, 0.0)  # Gemma: llama.cpp multiplies by w, Gemma's RMSNorm by 1 + w
     for name in sorted(tensors):
         x = np.asarray(tensors[name], np.float32)
         if shift and name.endswith("norm.weight"):
@@ -361,7 +355,7 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
             continue  # the converter skips it too
         if permute and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
             n = heads if ".q_proj." in name else kv_heads
-            x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+            x = _permute(x, n)
         theirs = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if theirs is None:
             raise ValueError(f"tensor {name}: no GGUF name for it in llama.cpp's {arch} table")
@@ -369,6 +363,12 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
     factors = _llama3_factors(hp)
     if factors is not None:
         _add(w, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, qtype)
+
+
+def _permute(x: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for the ``llama`` architecture (rows ``[heads, 2, d/heads/2]`` -> ``[heads,
+    d/heads/2, 2]``); ``GGUFTensors`` undoes it."""
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
 def _add(w: Any, name: str, x: np.ndarray, qtype: Any) -> None:
