@@ -11,7 +11,9 @@ converter permutes the rows of q and k of Llama-architecture models for its inte
 
 and we undo it, ``w = w_gguf.reshape(heads, d/heads/2, 2, in).swapaxes(1, 2).reshape(d, in)`` (``heads`` =
 key-value heads for k). Gemma's norms are stored as w + 1 (llama.cpp multiplies by w, Gemma by 1 + w) and read
-back as w. Llama 3.1's RoPE scaling is recorded only as the ``rope_freqs`` factors: its parameters are
+back as w. Mixtures of experts (qwen3moe; Mixtral, which llama.cpp writes as ``llama`` with ``expert_count``)
+hold each layer's experts stacked, ``ffn_{gate,up,down}_exps [E, out, in]``: an expert's tensor is its slice,
+and the stack is dequantized once for all its experts. Llama 3.1's RoPE scaling is recorded only as the ``rope_freqs`` factors: its parameters are
 recovered from them. Tensors are dequantized one at a time as they are
 read (``GGUFTensors`` is a lazy mapping), so ``quantize=QuantSpec(...)`` re-quantizes to NF4 with a peak
 of the quantized model plus one float tensor.
@@ -33,7 +35,7 @@ from lorax_variants.hf.build import from_config, load_params
 __all__ = ["from_gguf", "gguf_tokenizer", "gguf_config", "gguf_hf_config", "GGUFTensors", "ARCHITECTURES"]
 
 # GGUF general.architecture -> whether llama.cpp permuted q/k rows (Llama's converter does; Qwen's do not).
-ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "gemma2": False, "gemma3": False}
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "qwen3moe": False, "gemma2": False, "gemma3": False}
 # Gemma's norms: llama.cpp's converter stores w + 1 (llama.cpp multiplies by w, Gemma's RMSNorm by 1 + w)
 NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
 
@@ -78,7 +80,28 @@ def gguf_config(path: str | os.PathLike, reader: Any = None) -> Any:
     key_length = reader.fields.get(f"{arch}.attention.key_length")
     if key_length is not None:  # transformers' qwen3 table leaves head_dim at its default (128)
         config.head_dim = int(key_length.contents())
+    expert_ff = reader.fields.get(f"{arch}.expert_feed_forward_length")
+    if arch == "qwen3moe" and expert_ff is not None:  # transformers' table leaves it at its default (768)
+        config.moe_intermediate_size = int(expert_ff.contents())
+    experts = reader.fields.get(f"{arch}.expert_count")
+    if arch == "llama" and experts is not None and int(experts.contents()) > 0:
+        config = _mixtral(config, reader, int(experts.contents()))
     return config
+
+
+def _mixtral(llama: Any, reader: Any, experts: int) -> Any:
+    """llama.cpp writes Mixtral as ``llama`` with experts (transformers reads that as a dense Llama): the
+    Mixtral config of the same fields (its experts as wide as ``feed_forward_length``, as the converter writes)."""
+    import transformers
+
+    used = reader.fields.get("llama.expert_used_count")
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    fields = {k: v for k, v in llama.to_dict().items() if k in keep and v is not None}
+    return transformers.MixtralConfig(**fields, num_local_experts=experts,
+                                      num_experts_per_tok=int(used.contents()) if used is not None else 2,
+                                      architectures=["MixtralForCausalLM"])
 
 
 def gguf_hf_config(path: str | os.PathLike, reader: Any = None) -> Any:
@@ -151,16 +174,21 @@ class GGUFTensors(Mapping):
         tmap = tensor_name_map(self.arch, c.num_hidden_layers)
         by_name = {t.name: t for t in self.reader.tensors}
         self._tensors: dict[str, Any] = {}
+        self._last: tuple[str, np.ndarray] | None = None  # the last stacked expert tensor, dequantized
         hf_names = []
         for template, _ in names.table(model, "model.").values():
-            hf_names += [template.format(i=i) for i in range(c.num_hidden_layers)] if "{i}" in template else [template]
+            hf_names += [template.format(i=i, e="{e}") for i in range(c.num_hidden_layers)] if "{i}" in template \
+                else [template]
         hf_names.append("lm_head.weight")  # present in untied files only
         mapped = set()
-        for name in hf_names:
-            theirs = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-            if theirs in by_name:
-                self._tensors[name] = by_name[theirs]
-                mapped.add(theirs)
+        for template in hf_names:
+            for name in ([template.format(e=e) for e in range(c.moe.num_experts)] if "{e}" in template else [template]):
+                # an expert's weight is one slice of llama.cpp's stacked [E, out, in] tensor of the layer
+                stacked, e = re.sub(r"\.experts\.(\d+)\.", ".experts.", name), _expert_index(name)
+                theirs = tmap.get_name(stacked, try_suffixes=(".weight", ".bias"))
+                if theirs in by_name:
+                    self._tensors[name] = (by_name[theirs], e)
+                    mapped.add(theirs)
         extra = [n for n in by_name if n not in mapped and not any(re.fullmatch(p, n) for p in _IGNORED)]
         if extra:
             raise ValueError(f"{self.path}: tensors {extra[:6]} have no place in {c.model_type} "
@@ -169,13 +197,19 @@ class GGUFTensors(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         from gguf import quants
 
-        t = self._tensors[name]
-        try:
-            w = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
-        except NotImplementedError:
-            raise ValueError(f"{self.path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot "
-                             "dequantize") from None
-        w = w.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims fastest first
+        t, e = self._tensors[name]
+        if self._last is not None and self._last[0] == t.name:  # the other experts of the stack just read
+            w = self._last[1]
+        else:
+            try:
+                w = np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32)
+            except NotImplementedError:
+                raise ValueError(f"{self.path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot "
+                                 "dequantize") from None
+            w = w.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims fastest first
+            self._last = (t.name, w) if e is not None else None
+        if e is not None:
+            return w[e].copy()
         if self.arch in NORM_SHIFT and name.endswith("norm.weight"):
             w = w - np.float32(NORM_SHIFT[self.arch])
         if self.permute and re.search(r"self_attn\.(q|k)_proj\.(weight|bias)$", name):
@@ -188,6 +222,11 @@ class GGUFTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._tensors)
+
+
+def _expert_index(name: str) -> int | None:
+    m = re.search(r"\.experts\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
 
 
 def from_gguf(path: str | os.PathLike, dtype: Any = None, *, remat: str = "none", scan: bool = True,

@@ -10,8 +10,9 @@ byte, and the same metadata):
 - tensor names through gguf's ``TensorNameMap``; llama.cpp's row permutation of q and k for the ``llama``
   architecture (its RoPE pairs neighbouring dimensions; transformers' pairs halves):
   ``w.reshape(heads, 2, d/heads/2, in).swapaxes(1, 2).reshape(d, in)`` (key-value heads for k);
-  Llama 3.1's RoPE scaling as the ``rope_freqs`` factors tensor;
-- tensor types as the converter chooses them: vectors and norms in F32, every other weight in the file type,
+  Llama 3.1's RoPE scaling as the ``rope_freqs`` factors tensor; each layer's experts (Qwen3-MoE as
+  ``qwen3moe``, Mixtral as ``llama``) stacked into one ``[E, out, in]`` tensor per projection;
+- tensor types as the converter chooses them: vectors, norms and MoE routers in F32, every other weight in the file type,
   a weight whose rows are not a whole number of quantization blocks in F16;
 - the tokenizer: copied field for field from a GGUF file (the base model's, when it was loaded from one),
   or built from a transformers BPE tokenizer directory (``tokenizer.json``) as the converter builds it:
@@ -32,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,8 @@ __all__ = ["save_gguf", "save_gguf_lora", "FILE_TYPES", "GGUF_ARCHITECTURES"]
 
 # our model_type -> GGUF architecture (whether llama.cpp permutes its q/k rows, and its norm shift, are the
 # reader's tables: ARCHITECTURES, NORM_SHIFT)
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                      "gemma3": "gemma3", "gemma3_text": "gemma3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                      "qwen3_moe": "qwen3moe", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 
 # file type name -> (tensor type of the weight matrices, general.file_type)
 FILE_TYPES = {
@@ -195,6 +197,9 @@ def _architecture(model: Any) -> tuple[str, bool]:
     mt = model.config.model_type
     if mt not in GGUF_ARCHITECTURES:
         raise ValueError(f"{mt}: no GGUF export for this architecture; supported: {sorted(GGUF_ARCHITECTURES)}")
+    if mt == "qwen3_moe" and not model.hf_config.norm_topk_prob:
+        raise ValueError("qwen3_moe with norm_topk_prob=False: llama.cpp's qwen3moe always renormalizes the top-k "
+                         "router weights, so it would run a different model; no GGUF export")
     return GGUF_ARCHITECTURES[mt], ARCHITECTURES[GGUF_ARCHITECTURES[mt]]
 
 
@@ -274,6 +279,10 @@ def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> N
     if local is not None:
         w.add_rope_freq_base_swa(local)
     w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+    experts = hp.get("num_local_experts") or hp.get("num_experts")
+    if experts:  # Mixtral, Qwen3-MoE
+        w.add_expert_count(experts)
+        w.add_expert_used_count(hp["num_experts_per_tok"])
     if hp.get("head_dim") is not None:
         w.add_key_length(hp["head_dim"])
         w.add_value_length(hp["head_dim"])
@@ -292,6 +301,8 @@ def _hyperparameters(w: Any, arch: str, hp: dict[str, Any], file_type: str) -> N
         if hp.get("sliding_window_pattern") != 1:
             w.add_sliding_window(hp["sliding_window"])
         w.add_head_count_kv(hp.get("num_key_value_heads", 4))
+    if arch == "qwen3moe":  # Qwen2MoeModel.set_gguf_parameters
+        w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
     if arch == "llama":
         w.add_vocab_size(hp["vocab_size"])
         w.add_rope_dimension_count(hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"])
@@ -343,6 +354,7 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
     kv_heads = hp.get("num_key_value_heads") or heads
     qtype = gguf.GGMLQuantizationType[qtype_name]
     shift = NORM_SHIFT.get(arch, 0.0)  # Gemma: llama.cpp multiplies by w, Gemma's RMSNorm by 1 + w
+    tensors = _stack_experts(tensors)
     for name in sorted(tensors):
         x = np.asarray(tensors[name], np.float32)
         if shift and name.endswith("norm.weight"):
@@ -365,6 +377,22 @@ def _tensors(w: Any, arch: str, permute: bool, hp: dict[str, Any], tensors: dict
         _add(w, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, qtype)
 
 
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each layer's per-expert weights (``...experts.<e>.<proj>.weight``) as one ``[E, out, in]`` tensor under
+    the name without the index, as the converter stacks them before it maps names."""
+    out: dict[str, Any] = {}
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for name, x in tensors.items():
+        m = re.search(r"\.experts\.(\d+)\.", name)
+        if m is None:
+            out[name] = x
+        else:
+            stacks.setdefault(name[:m.start()] + ".experts." + name[m.end():], {})[int(m.group(1))] = x
+    for name, by_expert in stacks.items():
+        out[name] = np.stack([np.asarray(by_expert[e], np.float32) for e in range(len(by_expert))])
+    return out
+
+
 def _permute(x: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's q/k row order for the ``llama`` architecture (rows ``[heads, 2, d/heads/2]`` -> ``[heads,
     d/heads/2, 2]``); ``GGUFTensors`` undoes it."""
@@ -375,7 +403,8 @@ def _add(w: Any, name: str, x: np.ndarray, qtype: Any) -> None:
     import gguf
 
     t = qtype
-    if x.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith((".weight", ".lora_a", ".lora_b")):
+    if (x.ndim <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight"))  # (the router: F32, as the converter)
+            or not name.endswith((".weight", ".lora_a", ".lora_b"))):
         t = gguf.GGMLQuantizationType.F32
     try:
         data = gguf.quants.quantize(x, t)

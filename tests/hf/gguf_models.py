@@ -25,6 +25,12 @@ ARCHS = {
                                                             sliding_window=4)),
     "gemma3": lambda v: (T.Gemma3ForCausalLM, T.Gemma3TextConfig(vocab_size=v, **COMMON, head_dim=256,
                                                                 query_pre_attn_scalar=256, sliding_window=4)),
+    # mixture of experts: llama.cpp stacks each layer's experts into one tensor (Mixtral is written as llama)
+    "qwen3_moe": lambda v: (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
+        vocab_size=v, **COMMON, head_dim=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, tie_word_embeddings=False)),
+    "mixtral": lambda v: (T.MixtralForCausalLM, T.MixtralConfig(vocab_size=v, **COMMON, num_local_experts=4,
+                                                                num_experts_per_tok=2, tie_word_embeddings=False)),
 }
 CONVERTED = [a for a in ARCHS if a != "gemma2"]  # the converter writes Gemma 2 with a SentencePiece vocabulary only
-TARGETS = r"layers/(attn|mlp)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"
+TARGETS = r"layers/(attn|mlp|moe)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"  # (moe: the expert banks)

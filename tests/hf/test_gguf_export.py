@@ -23,6 +23,8 @@ import transformers as T
 
 import lorax_variants as lv
 from lorax_variants.hf import from_gguf, from_pretrained, save_gguf, save_gguf_lora, save_merged, save_peft
+from lorax_variants.hf.build import from_config
+from lorax_variants.hf.gguf import gguf_hf_config
 from tests.close import assert_close
 
 from tests.hf.gguf_models import ARCHS, CONVERTED, CONVERTER, SMOLLM, TARGETS  # noqa: F401 - SMOLLM: other tests' too
@@ -123,9 +125,14 @@ def test_transformers_reads_our_file_with_our_logits_and_tokenizer(gguf_bases, s
     path = save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d)
     ids = np.asarray([smol_tokenizer("The capital of France is Paris. 3 + 4 = 7")["input_ids"]])
     ours = _logits(model, tree, ids)
-    if arch != "llama31":  # transformers' GGUF loader drops rope_freqs (Llama 3.1's RoPE scaling): not comparable
+    if arch not in ("llama31", "mixtral"):
+        # transformers' GGUF loader drops rope_freqs (Llama 3.1's RoPE scaling) and reads llama.cpp's Mixtral (a
+        # llama file with experts) as a dense Llama: those two are not comparable. For Qwen3-MoE it leaves the
+        # expert width at its default: the config is given, with the width the file records.
+        config = gguf_hf_config(path) if arch == "qwen3_moe" else None
         with torch.no_grad():
-            hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+            hf = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                                        config=config).eval()
             ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
         assert_close(ours, ref, 1e-5)
     # our own GGUF import (Gemma: norms stored + 1, read - 1; Llama 3.1: its RoPE parameters from rope_freqs)
@@ -172,6 +179,10 @@ def test_bad_input_is_named(gguf_bases, tmp_path):
     m, p = from_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="gpt2: no GGUF export for this architecture"):
         save_gguf(tmp_path / "b.gguf", m, p, tokenizer=d)
+    moe = from_config(T.Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, num_experts=2, norm_topk_prob=False))
+    with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always renormalizes"):
+        save_gguf(tmp_path / "c.gguf", moe, {}, tokenizer=d)
 
 
 def test_llama31_rope_parameters_are_recovered_from_rope_freqs():
@@ -188,3 +199,29 @@ def test_llama31_rope_parameters_are_recovered_from_rope_freqs():
     assert abs(got["high_freq_factor"] - 4.0) < 1e-4 and abs(got["original_max_position_embeddings"] - 8192) < 1e-2
     with pytest.raises(ValueError, match="x.gguf: rope_freqs.weight is not Llama 3.1's RoPE scaling"):
         _llama3_rope(np.ones(64), 500000.0, 128, Path("x.gguf"))
+
+
+@pytest.mark.slow  # ~30 s: the converter and two GGUF parses of the 49k vocabulary per architecture
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_files_of_llama_cpps_converter_load_as_transformers_runs_them(smol_tokenizer, arch, tmp_path):
+    """Stacked expert tensors in: a tiny MoE checkpoint through llama.cpp's converter, read by us, gives
+    transformers' logits for the checkpoint; Qwen3-MoE also equals transformers' own GGUF loader (given the expert
+    width from the file). Mixtral comes back as Mixtral, though the file says ``llama``."""
+    cls, config = ARCHS[arch](len(smol_tokenizer))
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    smol_tokenizer.save_pretrained(tmp_path / "hf")
+    path = converted(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    ids = np.asarray([smol_tokenizer("The capital of France is Paris. 3 + 4 = 7")["input_ids"]])
+    model, params = from_gguf(path)
+    assert model.config.model_type == arch
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(ids)).logits.numpy()
+    ours = _logits(model, params, ids)
+    assert_close(ours, ref, 1e-5)
+    if arch == "qwen3_moe":
+        with torch.no_grad():
+            theirs = T.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                                            config=gguf_hf_config(path)).eval()
+            assert_close(ours, theirs(input_ids=torch.as_tensor(ids)).logits.numpy(), 1e-5)

@@ -93,3 +93,20 @@ def test_smollm2_135m_after_lora_runs_in_llama_cpp_with_our_logits(smol_tokenize
     model, params = from_gguf(SMOLLM)
     errors = _check(model, _moved_lora(model, params, scale=0.02), smol_tokenizer, tmp_path, tol=1e-4)
     print(f"SmolLM2-135M after LoRA, llama.cpp vs ours, max |diff| / max |logit|: {errors}")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_tiny_moe_runs_in_llama_cpp_with_our_logits(gguf_bases, smol_tokenizer, arch, tmp_path):
+    """Merged MoE files (adapters on attention and on every expert bank): llama.cpp's stacked-expert models give our
+    logits and greedy tokens (expert adapters are not written as GGUF LoRA: merged only)."""
+    d, model, tree = gguf_bases(arch)
+    text = smol_tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
+                                              add_generation_prompt=True)
+    ids = smol_tokenizer(text)["input_ids"]
+    ours = np.asarray(model.apply(tree, jnp.asarray([ids])))[0]
+    llm = _llama(save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d))
+    assert_close(_logits(llm, ids), ours, 1e-4)
+    want = np.asarray(model.generate(tree, jnp.asarray([ids]), max_new_tokens=8))[0, len(ids):].tolist()
+    assert _greedy(llm, ids, 8) == want
+    with pytest.raises(ValueError, match="layers/moe/.*expert-bank adapters are not written as GGUF LoRA"):
+        save_gguf_lora(tmp_path / "lora.gguf", model, tree)
