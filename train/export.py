@@ -3,6 +3,7 @@
     python -m train export --checkpoint runs/dora --format peft --out exports/dora-peft
     python -m train export --checkpoint runs/dylora --format merged --rank 4 --out exports/dylora-r4
     python -m train export --checkpoint runs/lora --format gguf --gguf-type q8_0 --out exports/lora.q8_0.gguf
+    python -m train export --checkpoint runs/moe --format peft --experts per_expert --out exports/moe-vllm
 
 The run is rebuilt from its ``config.json`` (base model re-read, re-quantized), its latest (or
 ``--step``) checkpoint restored and checked, then written with ``lorax_variants.hf.save_merged``,
@@ -23,7 +24,8 @@ __all__ = ["main", "export"]
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, rank: int | None = None,
            task: int | None = None, step: int | None = None, dtype: str | None = None,
-           adapter: str | None = None, force_base: bool = False, gguf_type: str = "f16") -> Path:
+           adapter: str | None = None, force_base: bool = False, gguf_type: str = "f16",
+           experts: str = "fused") -> Path:
     import lorax_variants as lv
     from lorax_variants import recipes
     from lorax_variants.hf import save_gguf, save_merged, save_peft
@@ -96,7 +98,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     variant = None if many else cfg.adapter.variant  # many adapters: each one's own (LoRA or DoRA, in the tree)
     path = save_peft(out, model, tree, base_model=str(model_dir(cfg)), rank=rank, variant=variant,
                      initial=initial if recipes.init_recipe(cfg.adapter.init).moves_base else None, modules_to_save=extra or None,
-                     overwrite=overwrite)
+                     experts=experts, overwrite=overwrite)
     _copy_tokenizer(model_dir(cfg), path)
     for name in many[0] if many and adapter is None else []:  # one PEFT adapter directory per adapter
         _copy_tokenizer(model_dir(cfg), path / name)
@@ -152,11 +154,14 @@ def main(argv: list[str]) -> Any:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged: weight dtype")
     ap.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
                     help="gguf: the weight matrices' type (vectors and norms stay f32)")
+    ap.add_argument("--experts", default="fused", choices=["fused", "per_expert"],
+                    help="peft, mixture-of-experts adapters: PEFT's target_parameters on the fused experts, or one LoRA "
+                         "module per expert (vLLM's MoE LoRA layout)")
     ap.add_argument("--force-base", action="store_true", help="export even if model.path now holds other weights "
                     "than the run was trained on")
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     a = ap.parse_args(argv)
     path = export(a.checkpoint, a.format, a.out, overwrite=a.overwrite, rank=a.rank, task=a.task, step=a.step,
-                  dtype=a.dtype, adapter=a.adapter, force_base=a.force_base, gguf_type=a.gguf_type)
+                  dtype=a.dtype, adapter=a.adapter, force_base=a.force_base, gguf_type=a.gguf_type, experts=a.experts)
     print(f"wrote {a.format} export to {path}")
     return path

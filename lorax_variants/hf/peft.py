@@ -33,7 +33,7 @@ import numpy as np
 
 from lorax_variants.codec import PREFIX, PeftCodec, Site, codec_of, layers, peft_alpha, peft_types
 from lorax_variants.hf import names
-from lorax_variants.hf.peft_experts import export_experts, is_expert_path
+from lorax_variants.hf.peft_experts import EXPERT_FORMS, export_experts, is_expert_path, per_expert
 from lorax_variants.hf.safetensors_io import atomic_dir, write_safetensors
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.quantized import QuantizedNode
@@ -75,9 +75,9 @@ def _module_list(model: Any, path: str, count: int) -> list[str]:
 
 
 def _peft_dict(model: Any, nodes: list[tuple[str, Node]], *, base: str | None,
-               initial: dict[str, Node] | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               initial: dict[str, Node] | None, experts_form: str = "fused") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     experts = {p: n for p, n in nodes if is_expert_path(p)}
-    if experts:  # expert banks: PEFT's target_parameters form (LoRA only)
+    if experts and experts_form == "fused":  # expert banks: PEFT's target_parameters form (LoRA only)
         expert_tensors, expert_config = export_experts(model, experts)
         nodes = [(p, n) for p, n in nodes if not is_expert_path(p)]
         if not nodes:
@@ -114,6 +114,12 @@ def _codec_dict(model: Any, nodes: list[tuple[str, Node]], codec: PeftCodec, bas
                          f"({nodes[0][0]}): export the merged model (save_merged / --format merged)")
     sites = []
     for path, n in nodes:
+        if is_expert_path(path):  # per-expert modules (the fused form never comes here)
+            if codec.peft_type != "LORA":
+                raise ValueError(f"{path}: expert-bank adapters are written as LoRA only, not {codec.peft_type}")
+            flat, modules = per_expert(path, n, module_names(model)[path][0])
+            sites.append(Site(path, modules, flat, 1))
+            continue
         lead = len(n.shape) - 2
         sites.append(Site(path, tuple(_module_list(model, path, n.shape[0] if lead else 1)), n, lead,
                           _is_embedding(path), initial.get(path)))
@@ -135,9 +141,14 @@ def _codec_dict(model: Any, nodes: list[tuple[str, Node]], codec: PeftCodec, bas
                 for key in codec.keys:
                     t = key.encode(*[fields[f][i] for f in key.fields])
                     tensors[f"{PREFIX}{m}.{key.suffix}"] = np.ascontiguousarray(np.asarray(t).astype(key.dtype))
+    targets: Any = "(" + "|".join(re.escape(m) for m in modules) + ")"
+    if any(is_expert_path(s.path) for s in sites):
+        # per-expert (vLLM's layout): the modules' names, as vLLM reads target_modules and as PEFT's conversion of
+        # per-expert adapters for transformers 5's fused experts recognizes them; a module named here without
+        # tensors in the file keeps PEFT's zero initial product
+        targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
     head = {"peft_type": codec.peft_type, "base_model_name_or_path": base, "task_type": None, "inference_mode": True,
-            "target_modules": "(" + "|".join(re.escape(m) for m in modules) + ")", "modules_to_save": None,
-            "revision": None}
+            "target_modules": targets, "modules_to_save": None, "revision": None}
     if "fan_in_fan_out" in codec.reads:
         head["fan_in_fan_out"] = conv1d
     return head | (config or {}), tensors
@@ -155,7 +166,7 @@ def _adapter_nodes(tree: Any) -> list[tuple[str, Node]]:
 def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: str | None = None,
               rank: int | None = None, initial: Any = None, variant: str | None = None,
               modules_to_save: list[str] | None = None, base: Any = None, init: str | None = None,
-              overwrite: bool = False) -> Path:
+              experts: str = "fused", overwrite: bool = False) -> Path:
     """Write the adapters of ``tree`` (the adapted params) as a PEFT adapter directory.
 
     ``rank``: DyLoRA's rank to export. ``initial``: the adapted tree at initialization, for PiSSA and
@@ -171,7 +182,12 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
     embedding as ``trainable_token_indices``, anything else as ``modules_to_save`` (whole modules, each
     layer's for stacked leaves, torch layout). Multi-task trees write one adapter per task in
     ``out_dir/task_<k>``; trees of many adapters (``lv.adapters``) one per adapter in ``out_dir/<name>``.
+    ``experts``: how adapters on mixture-of-experts banks are written: ``"fused"``, PEFT's ``target_parameters``
+    on transformers' stacked expert parameters, or ``"per_expert"``, one LoRA module per layer, expert and
+    projection (``...experts.<e>.gate_proj.lora_A.weight``, vLLM's MoE LoRA layout); ``load_peft`` reads both.
     """
+    if experts not in EXPERT_FORMS:
+        raise ValueError(f"save_peft: experts={experts!r}; expected one of {EXPERT_FORMS}")
     if variant is not None and variant in RECIPES and RECIPES[variant].moves_base:
         raise ValueError(f"{variant} changes the frozen base weights, which a PEFT adapter cannot carry: "
                          "export the merged model instead (save_merged / --format merged)")
@@ -185,7 +201,7 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
         def write_each(tmp: Path) -> None:
             for name in names_of_many:
                 save_peft(tmp / name, model, one_adapter(tree, name), base_model=base_model, modules_to_save=modules_to_save,
-                          base=base, overwrite=True)
+                          base=base, experts=experts, overwrite=True)
 
         return atomic_dir(out_dir, overwrite, write_each)
     n_tasks = max(getattr(n, "n_tasks", 0) for _, n in nodes)
@@ -194,13 +210,13 @@ def save_peft(out_dir: str | os.PathLike, model: Any, tree: Any, *, base_model: 
         def write_all(tmp: Path) -> None:
             for k in range(n_tasks):
                 save_peft(tmp / f"task_{k}", model, as_lora(tree, task=k), base_model=base_model,
-                          modules_to_save=modules_to_save, base=base, overwrite=True)
+                          modules_to_save=modules_to_save, base=base, experts=experts, overwrite=True)
 
         return atomic_dir(out_dir, overwrite, write_all)
     tree = as_lora(tree, rank=rank)  # every variant that reduces to LoRA, as LoRA
     nodes = _adapter_nodes(tree)
     init_nodes = dict(_adapter_nodes(initial)) if initial is not None else None
-    config, tensors = _peft_dict(model, nodes, base=base_model, initial=init_nodes)
+    config, tensors = _peft_dict(model, nodes, base=base_model, initial=init_nodes, experts_form=experts)
     reruns = sorted(n for n, r in INITS.items() if r.peft_reruns)
     if init is not None and (init not in INITS or INITS[init].moves_base and not INITS[init].peft_reruns):
         raise ValueError(f"save_peft: init={init!r}; expected one PEFT re-runs on the base ({', '.join(reruns)}), "

@@ -12,6 +12,13 @@ become one LoRA on the fused ``gate_up_proj`` of rank r_gate + r_up, ``A = [A_g,
 ``B = [[B_g, 0], [0, B_u]]`` (so ΔW = [ΔW_g, ΔW_u] exactly). Import: a fused LoRA becomes two LoRAs
 that share A (a copy each) with B split at f. Only LoRA-type nodes have this form (DoRA and the other
 variants on expert banks are refused by name).
+
+The per-expert form (``save_peft(..., experts="per_expert")``) is what vLLM's MoE LoRA loader reads and what
+PEFT makes of a model whose experts are separate ``nn.Linear`` modules: one plain LoRA module per layer,
+expert and projection, ``model.layers.<i>.mlp.experts.<e>.{gate,up,down}_proj`` (Mixtral:
+``block_sparse_moe.experts.<e>.{w1,w3,w2}``, its checkpoint names), ``lora_A.weight [r, in]`` and
+``lora_B.weight [out, r]``, in ``target_modules``. Both forms are read back; experts without tensors in the
+per-expert form (an adapter on some experts only) get zero adapters.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ import numpy as np
 
 from lorax_variants.codec import peft_alpha
 
-__all__ = ["EXPERT_PATHS", "is_expert_path", "export_experts", "import_experts", "check_target_parameters"]
+__all__ = ["EXPERT_PATHS", "EXPERT_FORMS", "is_expert_path", "export_experts", "import_experts", "check_target_parameters",
+           "per_expert", "from_per_expert"]
+
+EXPERT_FORMS = ("fused", "per_expert")
 
 PREFIX = "base_model.model."
 EXPERT_PATHS = ("layers/moe/gate_proj", "layers/moe/up_proj", "layers/moe/down_proj")
@@ -46,12 +56,34 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x), np.float32)
 
 
+def _lora_only(path: str, n: Any) -> None:
+    if getattr(type(n), "variant", None) != "lora":  # plain LoRA nodes only (not DoRA, not others)
+        raise ValueError(f"{path}: PEFT holds expert-bank adapters as LoRA only; a {type(n).__name__} there cannot be "
+                         "exported as a PEFT adapter (export it merged)")
+
+
+def per_expert(path: str, n: Any, template: str) -> tuple[Any, tuple[str, ...]]:
+    """The per-expert form (vLLM's MoE LoRA layout): a bank's node with its [L, E] axes as one of L·E modules,
+    ``template``'s ``{i}``/``{e}`` filled in (``model.layers.<i>.mlp.experts.<e>.gate_proj``; Mixtral's
+    ``block_sparse_moe.experts.<e>.w1``), layer-major as ``from_per_expert`` reads them."""
+    _lora_only(path, n)
+    L, E = n.lora_a.shape[:2]
+    flat = n.replace(lora_a=n.lora_a.reshape(L * E, *n.lora_a.shape[2:]), lora_b=n.lora_b.reshape(L * E, *n.lora_b.shape[2:]))
+    return flat, tuple(template.format(i=i, e=e) for i in range(L) for e in range(E))
+
+
+def from_per_expert(n: Any, fill: Any) -> Any:
+    """``fill(flat)`` on the bank's node with its [L, E] axes as one (see ``per_expert``), shaped back."""
+    L, E = n.lora_a.shape[:2]
+    flat = fill(n.replace(lora_a=n.lora_a.reshape(L * E, *n.lora_a.shape[2:]),
+                          lora_b=n.lora_b.reshape(L * E, *n.lora_b.shape[2:])))
+    return n.replace(lora_a=flat.lora_a.reshape(n.lora_a.shape), lora_b=flat.lora_b.reshape(n.lora_b.shape))
+
+
 def export_experts(model: Any, nodes: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """PEFT tensors and config fields (``target_parameters``, rank/alpha patterns) for the expert-bank nodes."""
     for path, n in nodes.items():
-        if getattr(type(n), "variant", None) != "lora":  # plain LoRA nodes only (not DoRA, not others)
-            raise ValueError(f"{path}: PEFT holds expert-bank adapters as LoRA only (target_parameters); a "
-                             f"{type(n).__name__} there cannot be exported as a PEFT adapter (export it merged)")
+        _lora_only(path, n)
     L, E = next(iter(nodes.values())).shape[:2]
     f = model.config.moe.intermediate_size
     fused: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}  # param -> (A [L, E, in, R], B [L, E, R, out], s)

@@ -45,7 +45,7 @@ import numpy as np
 from lorax_variants.adapt import adapt
 from lorax_variants.codec import PREFIX, Refusal, Site, codec_for, codec_of, fill_by_keys, peft_types
 from lorax_variants.hf import names
-from lorax_variants.hf.peft_experts import check_target_parameters, import_experts
+from lorax_variants.hf.peft_experts import check_target_parameters, from_per_expert, import_experts, is_expert_path
 from lorax_variants.hf.safetensors_io import SafetensorsFile
 from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.quantized import QuantizedNode
@@ -101,15 +101,20 @@ def _check_config(cfg: dict[str, Any], cfg_path: Path) -> str | None:
 
 
 def _matcher(templates: dict[str, str]) -> list[tuple[re.Pattern, str]]:
-    """(compiled HF-name regex, our path) for templates with ``{i}`` for the layer."""
-    return [(re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)")), p) for p, t in templates.items()]
+    """(compiled HF-name regex, our path) for templates with ``{i}`` for the layer (and ``{e}`` for the expert)."""
+    return [(re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)").replace(r"\{e\}", r"(\d+)")), p)
+            for p, t in templates.items()]
 
 
-def _locate(name: str, matchers: list[tuple[re.Pattern, str]]) -> tuple[str, int | None] | None:
+def _locate(name: str, matchers: list[tuple[re.Pattern, str]], experts: int = 0) -> tuple[str, int | None] | None:
+    """Our path and the stacked index of an HF name (an expert's module: layer · ``experts`` + expert)."""
     for rx, path in matchers:
         m = rx.fullmatch(name)
         if m:
-            return path, int(m.group(1)) if m.groups() else None
+            idx = [int(g) for g in m.groups()]
+            if len(idx) == 2 and idx[1] >= experts:
+                return None  # an expert this model does not have
+            return path, (idx[0] * experts + idx[1] if len(idx) == 2 else idx[0] if idx else None)
     return None
 
 
@@ -157,6 +162,7 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
     weights = {p: t[: -len(".weight")] for p, (t, _) in table.items() if t.endswith(".weight")}
     module_of, tensor_of = _matcher(weights), _matcher({p: t for p, (t, _) in table.items()})
     kinds = {p: k for p, (_, k) in table.items()}
+    n_experts = model.config.moe.num_experts if getattr(model.config, "moe", None) is not None else 0
     found: dict[str, dict[int, str]] = {}  # our path -> layer -> HF module
     base: dict[str, dict[int | None, np.ndarray]] = {}  # our path -> layer -> new value (torch layout)
     tokens: dict[str, tuple[str, np.ndarray]] = {}  # our path -> (module, rows)
@@ -171,7 +177,7 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
                 _refuse(cfg_path, field, f"tensor {k!r} is {why}")
         suffix = next((s for s in suffixes if name.endswith(s)), None)
         if suffix is not None:
-            hit = _locate(name[: -len(suffix)], module_of)
+            hit = _locate(name[: -len(suffix)], module_of, n_experts)
             if hit is None:
                 raise ValueError(f"{cfg_path}: adapter tensor {k!r} names module {name[: -len(suffix)]!r}, which "
                                  f"{model.config.model_type} does not have (an adapter for a different base model?)")
@@ -192,6 +198,11 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
         base.setdefault(hit[0], {})[hit[1]] = v
     if not found and not experts:
         raise ValueError(f"{d}: no {ptype} adapter tensors found")
+    per_expert_paths = [p for p in found if is_expert_path(p)]
+    if per_expert_paths and (ptype != "LORA" or cfg.get("use_dora")):
+        _refuse(cfg_path, "use_dora" if cfg.get("use_dora") else "peft_type",
+                f"per-expert {ptype}{' (DoRA)' if cfg.get('use_dora') else ''} adapters on {per_expert_paths[0]}: "
+                "expert banks take LoRA only")
     params = _with_base_changes(params, base, tokens, kinds, cfg, d)
     shapes = dict(leaves_with_paths(params, nodes_are_leaves=True))
     try:
@@ -213,6 +224,10 @@ def load_peft(adapter_dir: str | os.PathLike, model: Any, params: Any, key: Any 
             return n.replace(lora_a=jnp.asarray(a, n.lora_a.dtype), lora_b=jnp.asarray(b, n.lora_b.dtype))
         if path not in found:
             return n
+        if is_expert_path(path):  # per-expert modules: the bank's [L, E] axes as one
+            L, E = shapes[path].shape[:2]
+            modules = tuple(found[path].get(i) for i in range(L * E))
+            return from_per_expert(n, lambda flat: codec.fill(flat, Site(path, modules, flat, 1), tensors, cfg, ctx))
         lead = len(shapes[path].shape) - 2
         count = shapes[path].shape[0] if lead else 1
         site = Site(path, tuple(found[path].get(i) for i in range(count)), n, lead)

@@ -353,3 +353,101 @@ def test_expert_bank_adapters_in_peft_target_parameters_form(bases, base, tmp_pa
     dora = lv.adapt(params, lv.AdapterSpec(targets=r"layers/moe/\w+_proj", stacked=model.stacked, r=2, variant="dora"), 1)
     with pytest.raises(ValueError, match="layers/moe/down_proj: PEFT holds expert-bank adapters as LoRA only"):
         save_peft(tmp_path / "dora", model, dora)
+
+
+class _UnfusedExperts(torch.nn.ModuleList):
+    """transformers' stacked experts as one ``nn.Linear`` per expert and projection (``<e>.gate_proj``; the model
+    vLLM and PEFT see per-expert LoRA on), computing what the stacked module computes."""
+
+    def __init__(self, fused, names):
+        super().__init__()
+        E, f2, _ = fused.gate_up_proj.shape
+        f = f2 // 2
+        self.names = names
+        object.__setattr__(self, "act_fn", fused.act_fn)  # not an item of the list
+        for e in range(E):
+            m = torch.nn.Module()
+            for name, w in zip(names, (fused.gate_up_proj[e, :f], fused.gate_up_proj[e, f:], fused.down_proj[e])):
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data.copy_(w)
+                setattr(m, name, lin)
+            self.append(m)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        g, u, dn = self.names
+        out = torch.zeros_like(hidden_states)
+        for e, ex in enumerate(self):
+            token, pos = torch.where(top_k_index == e)
+            if token.numel():
+                x = hidden_states[token]
+                y = getattr(ex, dn)(self.act_fn(getattr(ex, g)(x)) * getattr(ex, u)(x))
+                out.index_add_(0, token, y * top_k_weights[token, pos, None])
+        return out
+
+
+def _unfused(d, arch):
+    """A transformers MoE model with per-expert Linear modules under the checkpoint's names (Mixtral:
+    ``block_sparse_moe.experts.<e>.w1``; Qwen3-MoE: ``mlp.experts.<e>.gate_proj``)."""
+    hf = T.AutoModelForCausalLM.from_pretrained(d).eval()
+    names = ("w1", "w3", "w2") if arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for layer in hf.model.layers:
+        moe = layer.mlp
+        moe.experts = _UnfusedExperts(moe.experts, names)
+        if arch == "mixtral":  # registered as block_sparse_moe; the layer's forward still calls self.mlp
+            del layer.mlp
+            layer.block_sparse_moe = moe
+            object.__setattr__(layer, "mlp", moe)
+    hf.config.model_type += "_unfused"  # not the model PEFT converts per-expert adapters for (transformers 5's fused one)
+    return hf
+
+
+@pytest.mark.parametrize("base", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_per_expert_adapters_vllms_layout_load_in_peft_on_an_unfused_model(bases, base, tmp_path):
+    """``save_peft(experts="per_expert")``: one LoRA module per layer, expert and projection (vLLM's MoE LoRA
+    keys). PEFT loads it on the same model with per-expert Linear modules, with our logits; its deltas equal
+    the fused form's; PEFT's own conversion of per-expert adapters for transformers 5's fused experts loads it on
+    the standard model with our logits too; both forms read back to the same model."""
+    import peft
+
+    d, model, params = bases[base]
+    spec = lv.AdapterSpec(targets=r"layers/(attn/q_proj|moe/\w+_proj)", stacked=model.stacked, r=2, alpha=4,
+                          rank_pattern={"layers/moe/up_proj": 3}, alpha_pattern={"layers/moe/gate_proj": 10})
+    tree = lv.adapt(params, spec, 1)
+    tree = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05) if isinstance(n, lv.LoraNode) else n, tree,
+                        is_leaf=lambda n: isinstance(n, lv.LoraNode))
+    ours = np.asarray(model.apply(tree, jnp.asarray(IDS)))
+    save_peft(tmp_path / "per_expert", model, tree, experts="per_expert")
+    unfused = _unfused(d, base)
+    assert_close(H.torch_out(unfused, IDS), np.asarray(model.apply(params, jnp.asarray(IDS))), 1e-5)  # the same model
+    back = peft.PeftModel.from_pretrained(unfused, tmp_path / "per_expert").eval()
+    assert_close(H.torch_out(back, IDS), ours, 5e-4)
+    moe = "block_sparse_moe" if base == "mixtral" else "mlp"
+    gate = "w1" if base == "mixtral" else "gate_proj"
+    assert f"base_model.model.model.layers.1.{moe}.experts.3.{gate}" in dict(back.named_modules())
+    # PEFT's conversion of per-expert adapters for transformers 5's fused experts (one rank and alpha for all: it
+    # drops per-module rank_pattern/alpha_pattern entries of the experts, which the unfused model above honours)
+    uniform = lv.adapt(params, lv.AdapterSpec(targets=spec.targets, stacked=model.stacked, r=2, alpha=4), 1)
+    uniform = jax.tree.map(lambda n: n.replace(lora_b=n.lora_b + 0.05) if isinstance(n, lv.LoraNode) else n, uniform,
+                           is_leaf=lambda n: isinstance(n, lv.LoraNode))
+    save_peft(tmp_path / "uniform", model, uniform, experts="per_expert")
+    converted = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(d), tmp_path / "uniform").eval()
+    assert_close(H.torch_out(converted, IDS), np.asarray(model.apply(uniform, jnp.asarray(IDS))), 5e-4)
+    # the per-expert deltas equal the fused form's: both merged by PEFT (target_parameters on transformers'
+    # stacked experts; per-expert Linear modules), expert by expert
+    save_peft(tmp_path / "fused", model, tree)
+    fused = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(d), tmp_path / "fused").eval()
+    merged_fused, merged_per = fused.merge_and_unload(), back.merge_and_unload()
+    g, u, dn = ("w1", "w3", "w2") if base == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    with torch.no_grad():
+        for lf, lp in zip(merged_fused.model.layers, merged_per.model.layers):
+            for e, m in enumerate(getattr(lp, moe).experts):
+                gu = torch.cat([getattr(m, g).weight, getattr(m, u).weight])
+                assert_close(gu.numpy(), lf.mlp.experts.gate_up_proj[e].numpy(), 1e-6)
+                assert_close(getattr(m, dn).weight.numpy(), lf.mlp.experts.down_proj[e].numpy(), 1e-6)
+    for form in ("per_expert", "fused"):
+        assert_close(np.asarray(model.apply(load_peft(tmp_path / form, model, params), jnp.asarray(IDS))), ours, 1e-5)
+    with pytest.raises(ValueError, match="experts='stacked'; expected one of"):
+        save_peft(tmp_path / "bad", model, tree, experts="stacked")
+    dora = lv.adapt(params, lv.AdapterSpec(targets=r"layers/moe/\w+_proj", stacked=model.stacked, r=2, variant="dora"), 1)
+    with pytest.raises(ValueError, match="layers/moe/down_proj: PEFT holds expert-bank adapters as LoRA only"):
+        save_peft(tmp_path / "dora", model, dora, experts="per_expert")

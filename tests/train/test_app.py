@@ -274,6 +274,20 @@ def test_todays_families_train_through_the_app(name, extra, assets, tmp_path):
         moe_t, moe_f = result.trainable["layers"]["moe"], result.frozen["layers"]["moe"]
         assert isinstance(moe_f["gate_proj"].weight, QuantizedNode) and moe_t["router"] is not None
         assert float(np.abs(np.asarray(moe_t["down_proj"].lora_b)).max()) > 0  # B left zero: the experts trained
+        # vLLM's per-expert layout from the app; it reads back onto the run's model
+        from safetensors import safe_open
+
+        from lorax_variants.hf import from_pretrained, load_peft
+        from train.export import main as export_main
+
+        out = export_main(["--checkpoint", str(tmp_path / "run"), "--format", "peft", "--experts", "per_expert",
+                           "--out", str(tmp_path / "vllm")])
+        keys = list(safe_open(str(out / "adapter_model.safetensors"), "np").keys())
+        assert "base_model.model.model.layers.1.mlp.experts.3.down_proj.lora_B.weight" in keys
+        model, params = from_pretrained(d)
+        back = load_peft(out, model, params)
+        np.testing.assert_allclose(np.asarray(back["layers"]["moe"]["down_proj"].lora_b),
+                                   np.asarray(moe_t["down_proj"].lora_b), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow  # multi-task through the app by default: tests/train/test_report.py's run (per-task metrics)
