@@ -24,7 +24,7 @@ LAYERS = [  # module name patterns (relative to lorax_variants), bottom first; a
     {"variants.*"},  # one module per variant; a variant may build on another (LoRA's node)
     {"variants", "diagnostics"},
     {"models", "models.*"},
-    {"hf", "hf.*"},
+    {"hf", "hf.*", "harness"},  # harness: lm-evaluation-harness over the models (imports lm_eval)
     {""},  # lorax_variants/__init__.py
 ]
 

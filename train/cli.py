@@ -1,7 +1,8 @@
 """Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]
 [--force-base]``;
 ``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``);
-``python -m train report RUN_DIR [RUN_DIR ...]`` (figures and a page, see ``train.report``).
+``python -m train report RUN_DIR [RUN_DIR ...]`` (figures and a page, see ``train.report``);
+``python -m train eval --checkpoint RUN_DIR --harness TASKS`` (lm-evaluation-harness, see ``train.evaluate``).
 
 Bad input (config, paths, data, checkpoints) and paths that cannot be written exit with status 2
 and one message naming the field or path at fault; ``--debug`` shows the Python traceback instead.
@@ -37,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("export", "report"):
-        sub = __import__(f"train.{argv[0]}", fromlist=["main"])
+    if argv and argv[0] in ("export", "report", "eval"):
+        sub = __import__(f"train.{'evaluate' if argv[0] == 'eval' else argv[0]}", fromlist=["main"])
         return _guarded(lambda: sub.main(argv[1:]), "--debug" in argv)
     args = _parser().parse_args(argv)
     from train.checkpoint import CheckpointMismatch

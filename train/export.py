@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "export"]
+__all__ = ["main", "export", "restored_run"]
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, rank: int | None = None,
@@ -29,43 +29,11 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     import lorax_variants as lv
     from lorax_variants import recipes
     from lorax_variants.hf import save_gguf, save_merged, save_peft
-    from train import checkpoint as ckpt
     from train.build import model_dir
-    from train.config import ConfigError, from_dict
-    from train.run import _prepare, restore
+    from train.config import ConfigError
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").is_dir():
-        raise ConfigError(f"--checkpoint: {run_dir} is not a run directory (no config.json, no checkpoints/)")
-    saver = ckpt.Checkpointer(run_dir, 1, read_only=True)
-    try:
-        which = step if step is not None else saver.latest()
-        if which is None:
-            raise ConfigError(f"--checkpoint: {saver.directory} has no checkpoint")
-        if step is not None and step not in saver.steps():
-            raise ConfigError(f"--step {step}: {saver.directory} has steps {saver.steps()}")
-        try:
-            note = saver.verify(which)
-            raw = _run_config(run_dir, saver, which)
-            raw.setdefault("train", {})["output_dir"] = str(run_dir)
-            cfg = from_dict(raw)
-            p = _prepare(cfg, abstract=False)
-            initial = lv.combine(p.built.trainable, p.built.frozen)
-            p, state = restore(p, saver, which, force_base=force_base)
-        except ckpt.CheckpointMismatch as e:
-            if "holds other weights" in str(e):  # the base model moved on: config.json is not at fault
-                raise
-            raise ckpt.CheckpointMismatch(f"{e} (export rebuilt the run from {run_dir / 'config.json'}; if that file "
-                                          "is wrong, remove it and the checkpoint's own copy of the config is used)") from None
-        except ckpt.CheckpointDamaged as e:
-            earlier = [s for s in saver.steps() if s < which]
-            raise ckpt.CheckpointDamaged(e.step, e.path, e.reason + (
-                f"; export an earlier step with --step {earlier[-1]} (resuming the run sets the damaged step aside)"
-                if earlier else "")) from None
-    finally:
-        saver.close()
-    for line in ([note] if note else []) + state.notes:
-        print(f"train export: {line}", file=sys.stderr)
+    cfg, p, state, initial = restored_run(run_dir, step, force_base=force_base, verb="export")
     tree = lv.combine(state.trainable, state.frozen)
     model = p.built.model
     many = [x.names for _, x in lv.leaves_with_paths(tree, nodes_are_leaves=True) if getattr(x, "names", None)]
@@ -103,6 +71,49 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = 
     for name in many[0] if many and adapter is None else []:  # one PEFT adapter directory per adapter
         _copy_tokenizer(model_dir(cfg), path / name)
     return path
+
+
+def restored_run(run_dir: str | Path, step: int | None, *, force_base: bool = False, verb: str = "export") -> Any:
+    """``(cfg, prepared, state, initial tree)`` of a run directory's checkpoint (``step``, default the latest),
+    rebuilt from its config and checked; notes on stderr as ``train <verb>: ...``."""
+    import lorax_variants as lv
+    from train import checkpoint as ckpt
+    from train.config import ConfigError, from_dict
+    from train.run import _prepare, restore
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").is_dir():
+        raise ConfigError(f"--checkpoint: {run_dir} is not a run directory (no config.json, no checkpoints/)")
+    saver = ckpt.Checkpointer(run_dir, 1, read_only=True)
+    try:
+        which = step if step is not None else saver.latest()
+        if which is None:
+            raise ConfigError(f"--checkpoint: {saver.directory} has no checkpoint")
+        if step is not None and step not in saver.steps():
+            raise ConfigError(f"--step {step}: {saver.directory} has steps {saver.steps()}")
+        try:
+            note = saver.verify(which)
+            raw = _run_config(run_dir, saver, which)
+            raw.setdefault("train", {})["output_dir"] = str(run_dir)
+            cfg = from_dict(raw)
+            p = _prepare(cfg, abstract=False)
+            initial = lv.combine(p.built.trainable, p.built.frozen)
+            p, state = restore(p, saver, which, force_base=force_base)
+        except ckpt.CheckpointMismatch as e:
+            if "holds other weights" in str(e):  # the base model moved on: config.json is not at fault
+                raise
+            raise ckpt.CheckpointMismatch(f"{e} ({verb} rebuilt the run from {run_dir / 'config.json'}; if that file "
+                                          "is wrong, remove it and the checkpoint's own copy of the config is used)") from None
+        except ckpt.CheckpointDamaged as e:
+            earlier = [s for s in saver.steps() if s < which]
+            raise ckpt.CheckpointDamaged(e.step, e.path, e.reason + (
+                f"; {verb} an earlier step with --step {earlier[-1]} (resuming the run sets the damaged step aside)"
+                if earlier else "")) from None
+    finally:
+        saver.close()
+    for line in ([note] if note else []) + state.notes:
+        print(f"train {verb}: {line}", file=sys.stderr)
+    return cfg, p, state, initial
 
 
 def _run_config(run_dir: Path, saver: Any, step: int) -> dict[str, Any]:

@@ -137,3 +137,40 @@ def test_a_gguf_file_as_model_path_trains_and_exports(assets, tmp_path, capsys):
         "the quick brown fox")["input_ids"] == tok("the quick brown fox")["input_ids"]
     code, err = main(lm_args(assets, run, f"model.path={gguf_file}", "train.steps=4"), capsys)  # the same base
     assert code == 0 and "resumed from step 3" in err, err[-2000:]
+
+
+@pytest.mark.slow  # ~1 min (CI's `make test-slow`): lm-eval against its own hf model on the run's merged export
+def test_eval_harness_on_a_run_scores_as_lm_evals_hf_model_on_its_export(assets, tmp_path, capsys, monkeypatch):
+    """``python -m train eval --harness``: local lm-eval tasks on a trained LoRA run score as lm-eval's ``hf``
+    model scores the run's merged export; the results JSON is written once (refused again without --overwrite)."""
+    import json
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from tests.harness_tasks import TASKS, local_tasks
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "run"
+    train(lm_args(assets, run, "train.steps=6"))
+    tasks = local_tasks(tmp_path)
+    code, err = main(["eval", "--checkpoint", str(run), "--harness", ",".join(TASKS), "--include-path", str(tasks),
+                      "--batch-size", "4"], capsys)
+    assert code == 0, err
+    ours = json.loads((run / "harness_step6.json").read_text())["results"]
+    code, err = main(["export", "--checkpoint", str(run), "--format", "merged", "--out", str(tmp_path / "merged")],
+                     capsys)
+    assert code == 0, err
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=str(tmp_path / "merged"), dtype="float32", batch_size=4,
+                                                device="cpu"), tasks=list(TASKS),
+                                     task_manager=TaskManager(include_path=str(tasks)))["results"]
+    for task, metric in (("local_mc", "acc,none"), ("local_mc", "acc_norm,none"), ("local_gen", "exact_match,none")):
+        assert ours[task][metric] == theirs[task][metric], (task, metric)
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert abs(ours["local_ppl"][metric] - theirs["local_ppl"][metric]) <= 1e-4 * theirs["local_ppl"][metric]
+    code, err = main(["eval", "--checkpoint", str(run), "--harness", "local_mc", "--include-path", str(tasks)], capsys)
+    assert code == 2 and "harness_step6.json exists; pass --overwrite" in err
+    code, err = main(["eval", "--checkpoint", str(run), "--harness", "local_mcq", "--include-path", str(tasks)], capsys)
+    assert code == 2 and "unknown task(s) ['local_mcq']" in err
