@@ -113,9 +113,25 @@ def save_gguf(path: str | os.PathLike, model: Any, tree: Any, *, file_type: str 
     if isinstance(source, Path) and source.suffix == ".gguf":
         _copy_tokenizer(w, source)
     else:
-        _bpe_tokenizer(w, Path(source), hp, arch, pre)
+        _directory_tokenizer(w, Path(source), hp, arch, pre)
+    if arch == "gemma3":  # the converter cuts the embedding to the tokenizer's real size (Gemma3Model.modify_tensors)
+        embed = tensors["model.embed_tokens.weight"]
+        tensors["model.embed_tokens.weight"] = embed[:_real_vocab(source, hp)]
     _tensors(w, arch, permute, hp, tensors, FILE_TYPES[file_type][0])
     return _write(w, out)
+
+
+def _real_vocab(source: Path, hp: dict[str, Any]) -> int:
+    """How many tokens the tokenizer has (the rows of Gemma 3's embedding llama.cpp keeps): the SentencePiece
+    vocabulary as written, ``tokenizer.json``'s vocabulary plus its added tokens, or a GGUF file's token list."""
+    if source.suffix == ".gguf":
+        import gguf
+
+        return len(gguf.GGUFReader(str(source)).fields["tokenizer.ggml.tokens"].data)
+    if (source / "tokenizer.model").is_file():
+        return len(_spm_vocab(source, hp)[0])
+    data = json.loads((source / "tokenizer.json").read_text())
+    return len(data["model"]["vocab"]) + len(data["added_tokens"])
 
 
 def save_gguf_lora(path: str | os.PathLike, model: Any, tree: Any, *, file_type: str = "f32",
@@ -225,9 +241,9 @@ def _tokenizer_source(model: Any, tokenizer: Any) -> Path:
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer {p}: no such GGUF file")
         return p
-    if not (p / "tokenizer.json").is_file():
-        raise ValueError(f"tokenizer {p}: no tokenizer.json there (a BPE tokenizer directory or a .gguf file is "
-                         "needed; SentencePiece-only tokenizers: pass the base model's GGUF file)")
+    if not (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file():
+        raise ValueError(f"tokenizer {p}: no tokenizer.json or tokenizer.model there (a transformers tokenizer "
+                         "directory or a .gguf file is needed)")
     return p
 
 
@@ -434,6 +450,87 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<｜") and token.endswith("｜>")) or (token.startswith("<unused") and token.endswith(">")))
 
 
+# GGUF architectures whose converter reads a SentencePiece ``tokenizer.model`` when the directory has one (Llama's,
+# Mistral's, Mixtral's, Qwen 2/3's and Gemma's converters; Gemma 2's reads nothing else; Qwen3-MoE's never does)
+_SPM_FIRST = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+
+
+def _directory_tokenizer(w: Any, directory: Path, hp: dict[str, Any], arch: str, pre: str | None) -> None:
+    """The tokenizer of a transformers directory as the converter's ``set_vocab`` writes it: SentencePiece
+    (``tokenizer.model``) where that architecture's converter reads it first, else BPE (``tokenizer.json``)."""
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if arch == "llama" and config.get("add_prefix_space") is not None:
+        w.add_add_space_prefix(config["add_prefix_space"])
+    spm = (directory / "tokenizer.model").is_file()
+    if arch == "gemma2" and not spm:
+        raise ValueError(f"tokenizer {directory}: no tokenizer.model; llama.cpp's gemma2 takes a SentencePiece "
+                         "vocabulary (pass the base model's GGUF file as tokenizer=)")
+    if spm and arch in _SPM_FIRST:
+        _spm_tokenizer(w, directory, hp)
+        if arch in ("gemma2", "gemma3"):
+            w.add_add_space_prefix(False)
+    else:
+        if not (directory / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer {directory}: no tokenizer.json there (a BPE tokenizer directory, a "
+                             "SentencePiece tokenizer.model or a .gguf file is needed)")
+        _bpe_tokenizer(w, directory, hp, arch, pre)
+    if arch == "llama" and hp.get("vocab_size") == 49152:
+        w.add_add_bos_token(False)  # the converter's rule for this vocabulary (Granite's and SmolLM's: no BOS)
+
+
+def _spm_vocab(directory: Path, hp: dict[str, Any]) -> tuple[list[bytes], list[float], list[int]]:
+    """convert_hf_to_gguf.py's _create_vocab_sentencepiece: pieces, scores and types of ``tokenizer.model``,
+    then ``added_tokens.json`` and ``tokenizer_config.json``'s ``added_tokens_decoder``, padded to vocab_size."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise ImportError(f"tokenizer {directory}: reading its SentencePiece tokenizer.model needs the sentencepiece "
+                          "package (pip install sentencepiece), or pass the base model's GGUF file") from None
+    T = gguf.TokenType  # (the converter's SentencePieceTokenTypes: the same values)
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(directory / "tokenizer.model"))
+    vocab_size = hp.get("vocab_size") or sp.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores, types = [-10000.0] * vocab_size, [T.UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        kind = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else T.UNUSED if sp.IsUnused(i)
+                else T.BYTE if sp.IsByte(i) else T.NORMAL)
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode(), sp.GetScore(i), kind
+    added_file = directory / "added_tokens.json"
+    for text, i in (json.loads(added_file.read_text()) if added_file.is_file() else {}).items():
+        if i < vocab_size:
+            tokens[i], scores[i], types[i] = text.encode(), -1000.0, T.USER_DEFINED
+    config_file = directory / "tokenizer_config.json"
+    decoder = json.loads(config_file.read_text()).get("added_tokens_decoder", {}) if config_file.is_file() else {}
+    for key, data in decoder.items():
+        i, text = int(key), data["content"]
+        if i >= vocab_size:
+            continue
+        if data.get("special") or _looks_special(text):
+            types[i] = T.CONTROL
+        else:
+            text = text.replace("\u2581", " ")
+            types[i] = T.USER_DEFINED
+        scores[i], tokens[i] = -1000.0, text.encode()
+    return tokens, scores, types
+
+
+def _spm_tokenizer(w: Any, directory: Path, hp: dict[str, Any]) -> None:
+    """convert_hf_to_gguf.py's _set_vocab_sentencepiece."""
+    import gguf
+
+    tokens, scores, types = _spm_vocab(directory, hp)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(directory, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
 def _bpe_tokenizer(w: Any, directory: Path, hp: dict[str, Any], arch: str, pre: str | None) -> None:
     """convert_hf_to_gguf.py's _set_vocab_gpt2 (get_vocab_base + SpecialVocab) for a transformers tokenizer."""
     import gguf
@@ -481,5 +578,3 @@ def _bpe_tokenizer(w: Any, directory: Path, hp: dict[str, Any], arch: str, pre: 
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(directory, load_merges=True).add_to_gguf(w, quiet=True)
-    if arch == "llama" and hp.get("vocab_size") == 49152:
-        w.add_add_bos_token(False)  # the converter's rule for this vocabulary (Granite's and SmolLM's: no BOS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import transformers as T
 
@@ -32,5 +33,34 @@ ARCHS = {
     "mixtral": lambda v: (T.MixtralForCausalLM, T.MixtralConfig(vocab_size=v, **COMMON, num_local_experts=4,
                                                                 num_experts_per_tok=2, tie_word_embeddings=False)),
 }
+# Gemma 3 with an embedding padded past its tokenizer (as Gemma 3's own: the converter cuts the extra rows)
+ARCHS["gemma3_padded"] = lambda v: ARCHS["gemma3"](v + 64)
 CONVERTED = [a for a in ARCHS if a != "gemma2"]  # the converter writes Gemma 2 with a SentencePiece vocabulary only
 TARGETS = r"layers/(attn|mlp|moe)/(q_proj|k_proj|v_proj|o_proj|gate_proj|down_proj)"  # (moe: the expert banks)
+
+
+SPM_TEXT = ["The quick brown fox jumps over the lazy dog. 3 + 4 = 7. Paris is the capital of France."] * 20 + [
+    f"hello world {i} apples and oranges, {i * 7} pears" for i in range(100)]
+
+
+def spm_tokenizer(directory: Path, kind: str) -> Any:
+    """A SentencePiece BPE tokenizer (byte fallback, 400 pieces) trained here, saved as transformers saves a
+    Llama or Gemma tokenizer plus its ``tokenizer.model`` (what llama.cpp's converter reads)."""
+    import shutil
+
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = directory / "spm.txt"
+    text.write_text("\n".join(SPM_TEXT))
+    ids = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1) if kind == "llama" else dict(pad_id=0, eos_id=1, bos_id=2,
+                                                                                       unk_id=3)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(directory / "spm"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1,
+                                   minloglevel=2, **ids)
+    shutil.copy(directory / "spm.model", directory / "tokenizer.model")
+    tok = (T.LlamaTokenizer if kind == "llama" else T.GemmaTokenizer).from_pretrained(str(directory))
+    tok.save_pretrained(directory)
+    for f in ("spm.txt", "spm.model", "spm.vocab"):
+        (directory / f).unlink()
+    return tok
