@@ -15,7 +15,9 @@ byte, and the same metadata):
 - tensor types as the converter chooses them: vectors, norms and MoE routers in F32, every other weight in the file type,
   a weight whose rows are not a whole number of quantization blocks in F16;
 - the tokenizer: copied field for field from a GGUF file (the base model's, when it was loaded from one),
-  or built from a transformers BPE tokenizer directory (``tokenizer.json``) as the converter builds it:
+  or built from a transformers tokenizer directory as the converter builds it: SentencePiece
+  (``tokenizer.model``: pieces, scores, types, added tokens; for the architectures whose converter reads it
+  first) or BPE (``tokenizer.json``):
   tokens and their types, merges, special token ids, ``add_bos_token``/``add_eos_token`` and the chat
   template (gguf's ``SpecialVocab``), and ``tokenizer.ggml.pre``, the pre-tokenizer llama.cpp must apply,
   recognized as the converter recognizes it (a hash of the tokenization of a fixed text; ``pre=`` names it
@@ -451,7 +453,8 @@ def _looks_special(token: str) -> bool:
 
 
 # GGUF architectures whose converter reads a SentencePiece ``tokenizer.model`` when the directory has one (Llama's,
-# Mistral's, Mixtral's, Qwen 2/3's and Gemma's converters; Gemma 2's reads nothing else; Qwen3-MoE's never does)
+# Mistral's, Mixtral's, Qwen 2/3's and Gemma's converters; Qwen3-MoE's never does). Gemma 2's converter reads nothing
+# else; we also write a Gemma 2 with a BPE tokenizer (llama.cpp takes any vocabulary with any architecture).
 _SPM_FIRST = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
@@ -463,9 +466,6 @@ def _directory_tokenizer(w: Any, directory: Path, hp: dict[str, Any], arch: str,
     if arch == "llama" and config.get("add_prefix_space") is not None:
         w.add_add_space_prefix(config["add_prefix_space"])
     spm = (directory / "tokenizer.model").is_file()
-    if arch == "gemma2" and not spm:
-        raise ValueError(f"tokenizer {directory}: no tokenizer.model; llama.cpp's gemma2 takes a SentencePiece "
-                         "vocabulary (pass the base model's GGUF file as tokenizer=)")
     if spm and arch in _SPM_FIRST:
         _spm_tokenizer(w, directory, hp)
         if arch in ("gemma2", "gemma3"):

@@ -110,3 +110,28 @@ def test_tiny_moe_runs_in_llama_cpp_with_our_logits(gguf_bases, smol_tokenizer, 
     assert _greedy(llm, ids, 8) == want
     with pytest.raises(ValueError, match="layers/moe/.*expert-bank adapters are not written as GGUF LoRA"):
         save_gguf_lora(tmp_path / "lora.gguf", model, tree)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_sentencepiece_vocabulary_tokenizes_in_llama_cpp_as_transformers(arch, tmp_path):
+    """A model with a SentencePiece tokenizer.model (Llama 2 style; Gemma 2, whose llama.cpp model takes nothing
+    else): llama.cpp tokenizes as transformers does and its logits of our F32 file equal ours."""
+    import torch
+
+    from lorax_variants.hf import from_pretrained
+    from tests.hf.gguf_models import ARCHS, spm_tokenizer
+
+    d = tmp_path / "hf"
+    tok = spm_tokenizer(d, "llama" if arch == "llama" else "gemma")
+    cls, config = ARCHS[arch](len(tok))
+    torch.manual_seed(0)
+    cls(config).save_pretrained(d)
+    model, params = from_pretrained(d)
+    tree = _moved_lora(model, params)
+    llm = _llama(save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d))
+    for text in ("The quick brown fox, 3 + 4 = 7.", "hello world 12 apples and oranges", "bytes: ünïcödé 日本"):
+        want = tok(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=tok.bos_token_id in want[:1], special=True) == want, text
+    ids = tok("Paris is the capital of France. The quick brown fox")["input_ids"]
+    # Gemma 2's GELU: ggml evaluates it from an fp16 table on CPU (~2e-4 from the first position on, window or not)
+    assert_close(_logits(llm, ids), np.asarray(model.apply(tree, jnp.asarray([ids])))[0], 1e-4 if arch == "llama" else 1e-3)
