@@ -114,9 +114,7 @@ def _codec_dict(model: Any, nodes: list[tuple[str, Node]], codec: PeftCodec, bas
                          f"({nodes[0][0]}): export the merged model (save_merged / --format merged)")
     sites = []
     for path, n in nodes:
-        if is_expert_path(path):  # per-expert modules (the fused form never comes here)
-            if codec.peft_type != "LORA":
-                raise ValueError(f"{path}: expert-bank adapters are written as LoRA only, not {codec.peft_type}")
+        if is_expert_path(path):  # per-expert modules (the fused form never comes here); LoRA nodes only
             flat, modules = per_expert(path, n, module_names(model)[path][0])
             sites.append(Site(path, modules, flat, 1))
             continue

@@ -61,8 +61,11 @@ def test_blockwise_equals_plain_in_values_and_gradients(b, t, extra, hkv, g, d, 
     out = np.asarray(out)
     assert_close(out[seen], np.asarray(ref)[seen], 2e-5)
     assert np.isfinite(out).all() and (out[~seen] == 0).all()  # nothing visible: 0, no NaN
+    # relative to the gradients' common scale: one visible key makes dq exactly 0 in the plain softmax, where the
+    # blockwise one leaves rounding (~1e-8)
+    scale = max(float(np.max(np.abs(np.asarray(r)), initial=0.0)) for r in g_plain)
     for ours, ref in zip(g_flash, g_plain):
-        assert_close(ours, ref, 2e-5)
+        assert np.max(np.abs(np.asarray(ours) - np.asarray(ref)), initial=0.0) <= 2e-5 * scale
 
 
 def _temp_bytes(fn, *shapes):
