@@ -67,6 +67,11 @@ class LoraxLM(TemplateLM):
                  batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, bucket: int = 64, seed: int = 0, **ignored: Any):
         super().__init__()
+        unknown = sorted(k for k in ignored if k not in ("device", "max_batch_size", "trust_remote_code", "parallelize"))
+        if unknown:
+            raise ValueError(f"LoraxLM: unknown model argument(s) {unknown}")
+        if ignored.get("trust_remote_code") not in (None, False, "False", "false"):
+            raise ValueError("LoraxLM: trust_remote_code is never used here")
         if model is None:
             if pretrained is None:
                 raise ValueError("LoraxLM: pass model, tree and tokenizer, or pretrained=<a transformers directory or "
@@ -78,11 +83,6 @@ class LoraxLM(TemplateLM):
             raise ValueError(f"LoraxLM: {model.config.model_type} is not a causal language model")
         if adapter is not None:
             tree = one_adapter(tree, adapter)
-        unknown = sorted(k for k in ignored if k not in ("device", "max_batch_size", "trust_remote_code", "parallelize"))
-        if unknown:
-            raise ValueError(f"LoraxLM: unknown model argument(s) {unknown}")
-        if ignored.get("trust_remote_code") not in (None, False, "False", "false"):
-            raise ValueError("LoraxLM: trust_remote_code is never used here")
         self.model, self.tree, self.tokenizer = model, tree, tokenizer
         # lm-eval bootstraps some metrics' stderr in a forked multiprocessing pool; a fork of a process running JAX's
         # threads can deadlock, so its single-process path is chosen (set DISABLE_MULTIPROC= "" to undo)

@@ -102,6 +102,7 @@ def test_every_quant_type_loads_as_transformers_loads_it(tmp_path, qtype):
     _same_logits(model, params, path)
 
 
+@pytest.mark.slow  # ~25 s (CI's `make test-slow`); the default run reads every quantization type above
 def test_qwen3_file_and_nf4_while_loading(tmp_path):
     # head_dim 128: transformers' own GGUF reader takes Qwen3's head_dim from its default (ours reads key_length)
     path = write_gguf(tmp_path / "qwen3.gguf", "qwen3", T.Qwen3ForCausalLM,

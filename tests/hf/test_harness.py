@@ -57,13 +57,14 @@ def test_our_model_class_scores_local_tasks_as_lm_evals_hf_model(gguf_bases, smo
     assert ours["samples"]["local_gen"][0]["resps"], "no generation ran"
 
 
-def test_bad_arguments_are_named(gguf_bases, smol_tokenizer):
+def test_bad_arguments_are_named():
     from lorax_variants.harness import LoraxLM
 
-    _, model, tree = gguf_bases("llama")
     with pytest.raises(ValueError, match="pass model, tree and tokenizer, or pretrained="):
         LoraxLM()
     with pytest.raises(ValueError, match=r"unknown model argument\(s\) \['temperatur'\]"):
-        LoraxLM(model, tree, smol_tokenizer, temperatur=1)
+        LoraxLM(temperatur=1)
     with pytest.raises(ValueError, match="trust_remote_code is never used"):
-        LoraxLM(model, tree, smol_tokenizer, trust_remote_code=True)
+        LoraxLM(trust_remote_code=True)
+    with pytest.raises(ValueError, match="model= needs tree="):
+        LoraxLM(model=object())

@@ -401,7 +401,8 @@ def _unfused(d, arch):
     return hf
 
 
-@pytest.mark.parametrize("base", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~16 s a case (CI's `make test-slow`); the fused form's test above runs by default
+@pytest.mark.parametrize("base", ["qwen3_moe", "mixtral"])
 def test_per_expert_adapters_vllms_layout_load_in_peft_on_an_unfused_model(bases, base, tmp_path):
     """``save_peft(experts="per_expert")``: one LoRA module per layer, expert and projection (vLLM's MoE LoRA
     keys). PEFT loads it on the same model with per-expert Linear modules, with our logits; its deltas equal
