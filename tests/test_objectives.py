@@ -266,7 +266,8 @@ def _batch(seed: int = 6):
     return {"input_ids": jnp.asarray(ids), "completion_mask": jnp.asarray(mask)}
 
 
-@pytest.mark.parametrize("quantized", [False, pytest.param(True, marks=pytest.mark.slow)])  # NF4: CI's test-slow
+@pytest.mark.slow  # ~30 s a case (CI's test-slow); the default run's DPO tests use the base-as-reference step
+@pytest.mark.parametrize("quantized", [False, True])
 def test_the_reference_is_the_base_with_adapters_off_and_costs_no_argument_bytes(quantized):
     """``reference="base"``: the reference log-probs are the unadapted model's (the same frozen arrays, NF4 too);
     the DPO step's compiled arguments are exactly an SFT step's on the same rows (no second weight tree); the

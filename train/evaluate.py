@@ -29,9 +29,11 @@ def evaluate(run_dir: str | Path, tasks: list[str], *, step: int | None = None, 
              force_base: bool = False, seed: int = 0) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
 
     import lorax_variants as lv
     from lorax_variants.harness import LoraxLM
+    from lorax_variants.hf.safetensors_io import atomic_file
     from train.config import ConfigError
     from train.export import restored_run
 
@@ -55,13 +57,9 @@ def evaluate(run_dir: str | Path, tasks: list[str], *, step: int | None = None, 
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                       num_fewshot=num_fewshot, random_seed=seed, numpy_random_seed=seed,
                                       torch_random_seed=seed, fewshot_random_seed=seed)
-    from lm_eval.utils import make_table
-
     print(make_table(results))
     record = {"run": str(run_dir), "step": which, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
               **{k: results.get(k) for k in ("results", "versions", "n-shot", "config")}}
-    from lorax_variants.hf.safetensors_io import atomic_file
-
     atomic_file(target, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str) + "\n"))
     print(f"wrote harness results to {target}", file=sys.stderr)
     return record

@@ -64,3 +64,17 @@ def spm_tokenizer(directory: Path, kind: str) -> Any:
     for f in ("spm.txt", "spm.model", "spm.vocab"):
         (directory / f).unlink()
     return tok
+
+
+def spm_model(directory: Path, arch: str) -> tuple[Any, Any, Any]:
+    """``(tokenizer, model, params)``: a tiny random ``arch`` model saved in ``directory`` with a SentencePiece
+    tokenizer (``spm_tokenizer``; Gemma's special ids for the Gemma architectures), read back with our loader."""
+    import torch
+
+    from lorax_variants.hf import from_pretrained
+
+    tok = spm_tokenizer(directory, "llama" if arch == "llama" else "gemma")
+    cls, config = ARCHS[arch](len(tok))
+    torch.manual_seed(0)
+    cls(config).save_pretrained(directory)
+    return (tok, *from_pretrained(directory))

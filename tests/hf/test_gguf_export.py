@@ -237,14 +237,10 @@ def test_sentencepiece_tokenizers_as_llama_cpps_converter_writes_them(arch, tmp_
     """A transformers directory with a SentencePiece ``tokenizer.model`` (Llama 2 / Mistral / Gemma style): pieces,
     scores, types, special ids and ``add_space_prefix`` as the converter writes them, so also Gemma 2 (whose
     converter reads nothing else) is checked byte for byte."""
-    from tests.hf.gguf_models import spm_tokenizer
+    from tests.hf.gguf_models import spm_model
 
     d = tmp_path / "hf"
-    tok = spm_tokenizer(d, "llama" if arch == "llama" else "gemma")
-    cls, config = ARCHS[arch](len(tok))
-    torch.manual_seed(0)
-    cls(config).save_pretrained(d)
-    model, params = from_pretrained(d)
+    _, model, params = spm_model(d, arch)
     tree = lv.adapt(params, lv.AdapterSpec(targets=TARGETS, stacked=model.stacked, r=2), jax.random.key(1))
     ours = save_gguf(tmp_path / "ours.gguf", model, tree, file_type="f16", tokenizer=d)
     merged = save_merged(tmp_path / "merged", model, tree, dtype=jnp.float32, tokenizer_from=d)

@@ -116,17 +116,10 @@ def test_tiny_moe_runs_in_llama_cpp_with_our_logits(gguf_bases, smol_tokenizer, 
 def test_sentencepiece_vocabulary_tokenizes_in_llama_cpp_as_transformers(arch, tmp_path):
     """A model with a SentencePiece tokenizer.model (Llama 2 style; Gemma 2, whose llama.cpp model takes nothing
     else): llama.cpp tokenizes as transformers does and its logits of our F32 file equal ours."""
-    import torch
-
-    from lorax_variants.hf import from_pretrained
-    from tests.hf.gguf_models import ARCHS, spm_tokenizer
+    from tests.hf.gguf_models import spm_model
 
     d = tmp_path / "hf"
-    tok = spm_tokenizer(d, "llama" if arch == "llama" else "gemma")
-    cls, config = ARCHS[arch](len(tok))
-    torch.manual_seed(0)
-    cls(config).save_pretrained(d)
-    model, params = from_pretrained(d)
+    tok, model, params = spm_model(d, arch)
     tree = _moved_lora(model, params)
     llm = _llama(save_gguf(tmp_path / "m.gguf", model, tree, file_type="f32", tokenizer=d))
     for text in ("The quick brown fox, 3 + 4 = 7.", "hello world 12 apples and oranges", "bytes: ünïcödé 日本"):

@@ -123,9 +123,10 @@ def test_splash_kernel_takes_segment_ids_in_interpret_mode():
 MODELS = ["llama3_rope_tied_bias", "qwen3_windows", "gemma3", "gpt2"]
 
 
-# Every model on the dense path in the default run; the blockwise path under slow (CI's `make test-slow`; the
+# Every model but Gemma 3 on the dense path in the default run; the blockwise path under slow (CI's `make test-slow`; the
 # layer-level tests above cover its masks on every option in the default run).
-CASES = [pytest.param(m, i, marks=pytest.mark.slow if i == "flash" else ()) for m in MODELS for i in ("dense", "flash")]
+CASES = [pytest.param(m, i, marks=pytest.mark.slow if i == "flash" or m == "gemma3" else ()) for m in MODELS
+         for i in ("dense", "flash")]  # (Gemma 3 under slow too: its windows are Qwen3's case, its packing Llama's)
 
 
 @pytest.fixture(scope="module")

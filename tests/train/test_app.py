@@ -50,7 +50,8 @@ VARIANTS = {
 # merge and PEFT export tests (tests/nodes/test_qalora.py, tests/hf/test_export.py).
 # VeRA: its node, stacked apply and PEFT codec (tests/nodes/test_vera.py, tests/hf), its app run under slow.
 # DyLoRA: its node and rank sampling (tests/nodes), its app run and resume under slow.
-ELSEWHERE = ("vera", "dylora", "rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
+# pissa_nf4 too (~40 s): PiSSA through the export CLI's default case, LoRA over NF4 through the app in tests/hf/test_bnb.py.
+ELSEWHERE = ("pissa_nf4", "vera", "dylora", "rslora", "pissa", "delta_lora", "hira", "miss", "miss_bat", "shira", "loraplus", "sora", "dora", "lora_fa",
              "lora", "adalora", "qlora", "loftq", "qalora", "lora_drop", "lora_ga", "eva")
 
 

@@ -160,6 +160,7 @@ def test_the_apps_held_out_dpo_metrics_equal_trls_on_the_exported_adapters(asset
     assert abs(ev["rewards_margin"]) > 1e-3  # the adapters moved: the comparison is not of zeros
 
 
+@pytest.mark.slow  # ~25 s (CI's test-slow); the default run compares the app's DPO metrics with TRL's
 def test_dpo_learns_the_preference_and_precomputed_reference_is_the_base(assets, tmp_path):
     """Held-out preference accuracy rises to 1 on a learnable preference; the cached reference (the initial
     model) gives the same run as the in-step one (every LoRA starts equal to the base)."""
