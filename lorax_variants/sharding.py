@@ -1,6 +1,8 @@
 """Meshes, partition rules and the shardings of adapted trees.
 
-A mesh has three axes, ``("data", "fsdp", "tensor")``. Batches split over ``data x fsdp``;
+A mesh has four axes, ``("data", "fsdp", "context", "tensor")``. Batches split over ``data x fsdp``; a
+causal LM's sequence over ``context`` (context parallelism, ``models.context``: every chip holds a slice of
+each row's tokens, attention gathers the keys and values);
 weights split their input/output dimensions over ``fsdp`` and ``tensor`` by path rules
 (Megatron-style: column-parallel projections put their output on ``tensor``, row-parallel ones
 their input), so frozen weights are stored once across a slice of the mesh (ZeRO-3 / FSDP).
@@ -32,7 +34,7 @@ from lorax_variants.tree import map_with_paths
 __all__ = ["AXES", "BATCH", "make_mesh", "RULES", "weight_spec", "tree_specs", "tree_shardings", "batch_sharding",
            "state_shardings", "to_host"]
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "context", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both
 
 # (path regex, spec of the last two dims [in, out]); first match wins. Covers every zoo model.
@@ -63,14 +65,16 @@ def expert_spec(path: str, shape: tuple[int, ...]) -> tuple[str | None, str | No
     return next((spec for pattern, spec in EXPERT_RULES if re.fullmatch(pattern, path)), None)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (all devices of all hosts by default).
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None, *,
+              context: int = 1) -> Mesh:
+    """A ``(data, fsdp, context, tensor)`` mesh over ``devices`` (all devices of all hosts by default).
 
     One size may be -1: it takes what the others leave. Devices are laid out data-major, so on
-    several hosts the data axis spans hosts and fsdp/tensor stay within one where they fit.
+    several hosts the data axis spans hosts and fsdp/context/tensor stay within one where they fit
+    (tensor, the chattiest, on the nearest devices).
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
     for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
             raise ValueError(f"mesh.{name} must be a positive integer or -1, got {v!r}")
@@ -84,9 +88,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
                              f"by the fixed axes' product {fixed}")
         sizes[free[0]] = len(devices) // fixed
     if int(np.prod(list(sizes.values()))) != len(devices):
-        raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} needs "
-                         f"{int(np.prod(list(sizes.values())))} devices; there are {len(devices)}")
-    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+        raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x context={sizes['context']} x "
+                         f"tensor={sizes['tensor']} needs {int(np.prod(list(sizes.values())))} devices; there are "
+                         f"{len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(*(sizes[a] for a in AXES))
     return Mesh(grid, AXES)
 
 

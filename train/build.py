@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import lorax_variants as lv
 from lorax_variants import recipes
 from lorax_variants.hf import auto
+from lorax_variants.models.context import ContextParallel
 from lorax_variants.sharding import make_mesh, tree_shardings
 from train.config import Config, ConfigError
 from train.data import resolve
@@ -141,9 +142,11 @@ def check_positions(cfg: Config, hf_config: Any) -> None:
                           f"model.path={cfg.model.path} ({hf_config.model_type} has learned position embeddings)")
 
 
-def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False, hf_config: Any = None) -> Built:
+def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False, hf_config: Any = None,
+          devices: Any = None) -> Built:
     """Load (or, ``abstract``, plan) the model, quantize, adapt, split and shard. ``hf_config``: the model's
-    config already read (``hf.load_hf_config``), so a run reads config.json once and builds the model once."""
+    config already read (``hf.load_hf_config``), so a run reads config.json once and builds the model once.
+    ``devices``: the mesh's (default: all of them; ``--plan``: a TPU slice's, compiled for without one)."""
     path = model_dir(cfg)
     hf_config = hf_config if hf_config is not None else auto.model_config(path)
     if num_labels is not None:
@@ -189,9 +192,14 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
         raise ConfigError("nothing trains: adapter.variant is none and adapter.train_extra matches no leaf")
     counts = lv.count_params(adapted, extra=extra or None)
     try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices, context=cfg.mesh.context)
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("mesh") else f"mesh: {e}") from None
+    if mesh.shape["context"] > 1:
+        if not model.supports_context:
+            raise ConfigError(f"mesh.context: context parallelism is implemented for the Llama family and Gemma, not "
+                              f"{type(model).__name__} ({hf_config.model_type})")
+        model.context = ContextParallel(mesh, balance=cfg.mesh.context_balance)
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
 
 

@@ -155,6 +155,10 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # context parallelism (a causal LM's sequence split over this many devices, lorax_variants.models.context);
+    # context_balance: two chunks per device, one early, one late, so the causal mask loads every device alike
+    context: int = 1
+    context_balance: bool = True
 
 
 @dataclasses.dataclass
@@ -521,6 +525,15 @@ def check(cfg: Config) -> None:
     need(cfg.data.loss_on != "completion" or bool(cfg.data.prompt_field), "data.loss_on",
          "completion needs prompt/response data (data.prompt_field, data.response_field)")
     need(cfg.data.seq_len >= 2, "data.seq_len", "must be at least 2")
+    if cfg.mesh.context != 1:
+        need(cfg.model.task == "causal_lm", "mesh.context", f"splits a causal LM's sequence; model.task is "
+             f"{cfg.model.task}")
+        need(cfg.train.objective != "grpo", "mesh.context", "is not supported with train.objective grpo (its "
+             "rollouts generate with a KV cache on whole rows)")
+        chunks = cfg.mesh.context * (2 if cfg.mesh.context_balance else 1)
+        need(cfg.mesh.context < 1 or cfg.data.seq_len % chunks == 0, "data.seq_len",
+             f"{cfg.data.seq_len} must be a multiple of {chunks} with mesh.context={cfg.mesh.context}"
+             + (" (balanced: two chunks per device; or mesh.context_balance: false)" if cfg.mesh.context_balance else ""))
     need(0 <= cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     need(cfg.data.max_examples is None or cfg.data.max_examples >= 1, "data.max_examples", "must be positive")
     need(cfg.quant.block_size in (32, 64, 128, 256), "quant.block_size", "must be 32, 64, 128 or 256")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -31,7 +32,7 @@ from lorax_variants.nodes.base import Node
 from lorax_variants.nodes.quantized import QuantizedNode
 from lorax_variants.sharding import BATCH
 
-__all__ = ["cast_tree", "task_loss", "lm_rows", "StepFns", "make_steps"]
+__all__ = ["cast_tree", "task_loss", "lm_rows", "next_token_ce", "StepFns", "make_steps"]
 
 
 def cast_tree(tree: Any, dtype: Any) -> Any:
@@ -76,6 +77,25 @@ def _lm_mask(batch: dict[str, jax.Array]) -> jax.Array:
     if "segment_ids" in batch:  # packed rows: a target in the next document is not predicted from this one
         mask = mask * (batch["segment_ids"][..., 1:] == batch["segment_ids"][..., :-1])
     return mask.astype(jnp.float32)
+
+
+def next_token_ce(model: Any, params: Any, batch: dict[str, jax.Array], chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Per next token ``(cross-entropy, argmax == target)`` [B, T-1] of a causal LM's rows (packed rows: their
+    ``segment_ids``), through the chunked loss. With context parallelism (``model.context``) the hidden states
+    stay in the devices' order and sharded: the targets are put in that order instead, and only the per-token
+    results [B, T] come back to sequence order."""
+    ids = batch["input_ids"]
+    packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+    cp = getattr(model, "context", None)
+    if cp is None:
+        h = model.hidden(params, ids, batch["attention_mask"], **packed)
+        return token_cross_entropy(model, params, h[:, :-1], ids[:, 1:], chunk=chunk)
+    order = cp.order(ids.shape[1])
+    h = model.hidden(params, ids, batch["attention_mask"], device_order=True, **packed)
+    targets = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)[:, order]  # the last one predicts nothing: dropped
+    ce, correct = token_cross_entropy(model, params, h, targets, chunk=chunk, splits=cp.size)
+    back = np.argsort(order)[:-1]
+    return ce[:, back], correct[:, back]
 
 
 @dataclasses.dataclass
@@ -129,12 +149,7 @@ def make_steps(
             if "task_ids" in batch:
                 tree = lv.route(tree, batch["task_ids"])
             if task == "causal_lm":  # logits per chunk of tokens only (models.loss)
-                params = lv.resolve_shared(tree)
-                packed = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
-                h = model.hidden(params, batch["input_ids"], batch["attention_mask"], **packed)
-                ce, correct = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:],
-                                                  chunk=loss_chunk)
-                rows = lm_rows(ce, correct, batch)
+                rows = lm_rows(*next_token_ce(model, lv.resolve_shared(tree), batch, loss_chunk), batch)
             else:
                 rows = task_loss(task, model.apply(tree, batch["input_ids"], batch["attention_mask"]), batch)
             rows = dict(zip(("loss_sum", "count", "correct"), rows))
@@ -155,10 +170,7 @@ def make_steps(
 
     def token_logps(tree: Any, batch: dict[str, jax.Array]) -> jax.Array:
         """log π of every next token [B, T-1] (the chunked cross-entropy's negative)."""
-        params = lv.resolve_shared(tree)
-        h = model.hidden(params, batch["input_ids"], batch["attention_mask"])
-        ce, _ = token_cross_entropy(model, params, h[:, :-1], batch["input_ids"][:, 1:], chunk=loss_chunk)
-        return -ce
+        return -next_token_ce(model, lv.resolve_shared(tree), batch, loss_chunk)[0]
 
     def grpo_rows(tree: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """This micro-batch's share of GRPO's loss over the whole generation batch (``share``: its rows' part of

@@ -36,9 +36,10 @@ _NEG = -1e30  # masked scores: finite, so that a row with nothing visible yet st
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool = False,
                     key_valid: jax.Array | None = None, window: Any = None, softcap: float | None = None,
                     q_offset: Any = 0, block_q: int = 512, block_k: int = 512,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
+                    segment_ids: jax.Array | None = None, key_segment_ids: jax.Array | None = None) -> jax.Array:
     """``q [B, T, H, D]``, ``k``/``v [B, S, Hkv, D]`` -> ``[B, T, H·D]`` (see the module docstring).
-    ``segment_ids [B, T]`` (packed rows, T == S): a query sees only keys of its own segment."""
+    ``segment_ids [B, T]`` (packed rows): a query sees only keys of its own segment; the keys' are
+    ``key_segment_ids [B, S]`` (default: the same array, T == S; a shard of queries against all keys passes both)."""
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     g = h // hkv
@@ -55,8 +56,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, c
     if segment_ids is None:
         seg = (jnp.zeros((b, tp), jnp.int32), jnp.zeros((b, sp), jnp.int32))  # unused
     else:
+        key_segment_ids = segment_ids if key_segment_ids is None else key_segment_ids
         seg = (jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t))),
-               jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s_len))))
+               jnp.pad(key_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s_len))))
     out = _flash(meta, qh, kh, vh, valid, win, jnp.asarray(q_offset, jnp.int32), seg)  # [B, Hkv, G, Tp, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h * d)[:, :t].astype(q.dtype)
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project,
                                           rope_inv_freq, rope_tables, run_layers, segment_positions,
-                                          self_attention, token_chunks)
+                                          token_chunks)
 from lorax_variants.nodes.base import embed
 from lorax_variants.shared import resolve_shared
 
@@ -124,6 +124,7 @@ class Gemma(ZooModel):
     """``init(key) -> params``; ``apply(params, input_ids, attention_mask=None) -> logits``."""
 
     causal = True
+    supports_context = True
 
     def __init__(self, config: GemmaConfig, *, remat: str = "none", scan: bool = True):
         activation(config.hidden_act, "hidden_activation")
@@ -164,6 +165,8 @@ class Gemma(ZooModel):
                cache: KVCache | None = None) -> Any:
         c = self.config
         p, window, is_global = layer[:3]
+        if self.context is not None and cache is None:
+            x = self.context.constrain(x)
         b, t, _ = x.shape
         eps = c.rms_norm_eps
         h = gemma_rms_norm(x, p["attn_norm"], eps)
@@ -180,32 +183,34 @@ class Gemma(ZooModel):
         if cache is not None:
             out, kv = cached_attention(q, k, v, layer[3], cache, window, scale, c.attn_softcap)
         else:
-            out = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid[0], window=window,
-                                 softcap=c.attn_softcap, impl=self.attention_impl, right_padded=self.right_padded,
-                                 segment_ids=key_valid[1])
+            out = self._attend(q, k, v, scale=scale, causal=True, key_valid=key_valid[0], window=window,
+                               softcap=c.attn_softcap, segment_ids=key_valid[1])
             kv = None
         x = x + gemma_rms_norm(project(out, a, "o_proj"), p["post_attn_norm"], eps)
         h = gemma_rms_norm(x, p["mlp_norm"], eps)
         m = p["mlp"]
         act = activation(c.hidden_act, "hidden_activation")
         y = token_chunks(lambda z: project(act(project(z, m, "gate_proj")) * project(z, m, "up_proj"), m, "down_proj"),
-                         h, self.mlp_chunk)
+                         h, self.mlp_chunk, self._splits)
         x = x + gemma_rms_norm(y, p["post_mlp_norm"], eps)
         return x if cache is None else (x, kv)
 
     def hidden(self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, cache: KVCache | None = None, *,
-               segment_ids: jax.Array | None = None) -> Any:
-        """Final hidden states; with a ``cache``, ``(hidden, cache')``; ``segment_ids``: packed rows (see
-        ``Llama.hidden``)."""
+               segment_ids: jax.Array | None = None, device_order: bool = False) -> Any:
+        """Final hidden states; with a ``cache``, ``(hidden, cache')``; ``segment_ids``: packed rows,
+        ``device_order``: context parallelism (see ``Llama.hidden``)."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
-        x = embed(input_ids, params["embed"])
-        x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)  # as transformers: the scale in the weights' dtype
         if position_ids is None:
             position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
                             else segment_positions(segment_ids))
+        if cache is None:
+            input_ids, attention_mask, position_ids, segment_ids = self._to_devices(
+                input_ids, attention_mask, position_ids, segment_ids)
+        x = embed(input_ids, params["embed"])
+        x = x * jnp.asarray(math.sqrt(c.hidden_size), x.dtype)  # as transformers: the scale in the weights' dtype
         ropes = tuple(rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(r))) for r in (c.rope_global, c.rope_local))
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         is_global = jnp.asarray([w is None for w in c.windows])
@@ -217,7 +222,7 @@ class Gemma(ZooModel):
         layer = lambda h, lp: self._layer(h, lp, (attention_mask, segment_ids), ropes)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows, is_global), c.num_hidden_layers, scan=self.scan,
                        remat=self.remat)
-        return gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps)
+        return self._from_devices(gemma_rms_norm(x, params["final_norm"], c.rms_norm_eps), device_order)
 
     def head(self, params: dict[str, Any], h: jax.Array) -> jax.Array:
         """Logits of hidden states: the head (``ZooModel.head``), then the final soft-cap where configured."""

@@ -315,11 +315,15 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, ca
     return attention(q, k, v, mask, scale, causal=square, softcap=softcap)
 
 
-def token_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
+def token_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None, splits: int = 1) -> jax.Array:
     """``fn`` over ``x [B, T, d]`` ``chunk`` tokens at a time, each chunk rematerialized: a position-wise block
     (the MLP) whose [T, ffn] intermediates then exist for one chunk at a time, in the forward and when the
-    backward recomputes it. ``None`` or a short sequence: ``fn(x)``."""
+    backward recomputes it. ``None`` or a short sequence: ``fn(x)``. ``splits``: the tokens are split over that
+    many devices (context parallelism); each chunks its own share (rows [B·splits, T/splits])."""
     b, t = x.shape[:2]
+    if splits > 1 and chunk is not None and t // splits > chunk:
+        y = token_chunks(fn, x.reshape(b * splits, t // splits, x.shape[-1]), chunk)
+        return y.reshape(b, t, y.shape[-1])
     if chunk is None or t <= chunk:
         return fn(x)
     pad = -t % chunk

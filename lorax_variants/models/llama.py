@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from lorax_variants.models.zoo import ZooModel
 from lorax_variants.models.layers import (KVCache, activation, apply_rope, cached_attention, project, rms_norm,
                                           rope_inv_freq, rope_tables, run_layers, segment_positions,
-                                          self_attention, token_chunks)
+                                          token_chunks)
 from lorax_variants.models.moe import MoeConfig, moe_mlp
 from lorax_variants.shared import resolve_shared
 from lorax_variants.nodes.base import embed
@@ -145,6 +145,7 @@ class Llama(ZooModel):
     """``init(key) -> params``; ``apply(params, input_ids, attention_mask=None) -> logits``."""
 
     causal = True
+    supports_context = True
 
     def __init__(self, config: LlamaConfig, *, remat: str = "none", scan: bool = True):
         activation(config.hidden_act)
@@ -189,6 +190,8 @@ class Llama(ZooModel):
         p, window = layer[0], layer[1]
         if len(set(c.windows)) == 1:  # every layer alike: a static window (or none), which fused kernels can take
             window = c.windows[0]
+        if self.context is not None and cache is None:
+            x = self.context.constrain(x)
         b, t, _ = x.shape
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         a = p["attn"]
@@ -202,9 +205,8 @@ class Llama(ZooModel):
         if cache is not None:
             attn, kv = cached_attention(q, k, v, layer[2], cache, window, scale)
         else:
-            attn = self_attention(q, k, v, scale=scale, causal=True, key_valid=key_valid[0], window=window,
-                                  impl=self.attention_impl, right_padded=self.right_padded,
-                                  segment_ids=key_valid[1])
+            attn = self._attend(q, k, v, scale=scale, causal=True, key_valid=key_valid[0], window=window,
+                                softcap=None, segment_ids=key_valid[1])
             kv = None
         x = x + project(attn, a, "o_proj")
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
@@ -214,26 +216,30 @@ class Llama(ZooModel):
         else:
             m = p["mlp"]
             mlp = lambda y: project(act(project(y, m, "gate_proj")) * project(y, m, "up_proj"), m, "down_proj")  # noqa: E731
-            x = x + token_chunks(mlp, h, self.mlp_chunk)
+            x = x + token_chunks(mlp, h, self.mlp_chunk, self._splits)
         return x if cache is None else (x, kv)
 
     def hidden(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None, cache: KVCache | None = None, *,
-        segment_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None, device_order: bool = False,
     ) -> Any:
         """Final hidden states [B, T, d]; with a ``cache`` (and ``position_ids``), ``(hidden, cache')``: the
         tokens are written at ``cache.index`` and attend to everything cached before them.
 
         ``segment_ids`` [B, T]: packed rows, the document of each token (0: padding); a token attends only to
-        its own document, and positions (unless given) restart at 0 for each document."""
+        its own document, and positions (unless given) restart at 0 for each document. ``device_order``: with
+        a ``context``, the states in its order (``ZooModel``)."""
         params = resolve_shared(params)
         c = self.config
         b, t = input_ids.shape
-        x = embed(input_ids, params["embed"])
         if position_ids is None:
             position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if segment_ids is None
                             else segment_positions(segment_ids))
+        if cache is None:
+            input_ids, attention_mask, position_ids, segment_ids = self._to_devices(
+                input_ids, attention_mask, position_ids, segment_ids)
+        x = embed(input_ids, params["embed"])
         rope = rope_tables(position_ids, rope_inv_freq(c.head_dim, dict(c.rope)))
         windows = jnp.asarray([_NO_WINDOW if w is None else w for w in c.windows], jnp.int32)
         if cache is not None:
@@ -243,7 +249,7 @@ class Llama(ZooModel):
             return rms_norm(x, params["final_norm"], c.rms_norm_eps), dataclasses.replace(cache, k=k, v=v)
         layer = lambda h, lp: self._layer(h, lp, (attention_mask, segment_ids), rope)  # noqa: E731
         x = run_layers(layer, x, (params["layers"], windows), c.num_hidden_layers, scan=self.scan, remat=self.remat)
-        return rms_norm(x, params["final_norm"], c.rms_norm_eps)
+        return self._from_devices(rms_norm(x, params["final_norm"], c.rms_norm_eps), device_order)
 
     def apply(
         self, params: dict[str, Any], input_ids: jax.Array, attention_mask: jax.Array | None = None,

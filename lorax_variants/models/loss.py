@@ -20,11 +20,25 @@ __all__ = ["token_cross_entropy"]
 
 
 def token_cross_entropy(model: Any, params: Any, hidden: jax.Array, targets: jax.Array,
-                        chunk: int = 2048) -> tuple[jax.Array, jax.Array]:
+                        chunk: int = 2048, splits: int = 1) -> tuple[jax.Array, jax.Array]:
     """Per token ``(cross-entropy float32, argmax == target)`` for ``hidden [..., d]`` and ``targets [...]``.
 
     ``params``: the resolved tree ``model.head`` reads. Equal to the plain computation on full logits in
-    value and gradient (to float32 rounding)."""
+    value and gradient (to float32 rounding). ``splits``: ``hidden [B, T, d]``'s tokens are split over that many
+    devices (context parallelism): each takes ``chunk`` of its own tokens per step (rows [B·splits, T/splits])."""
+    if splits > 1:
+        b, t = targets.shape
+        rows = b * splits
+        h = hidden.reshape(rows, t // splits, hidden.shape[-1])
+        y = targets.reshape(rows, t // splits)
+        k = min(chunk, t // splits)
+        pad = -(t // splits) % k
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(rows, -1, k, h.shape[-1]).transpose(1, 0, 2, 3)
+        y = jnp.pad(y, ((0, 0), (0, pad))).reshape(rows, -1, k).transpose(1, 0, 2)
+        one = jax.checkpoint(lambda h_c, y_c: _ce(model, params, h_c.reshape(-1, h_c.shape[-1]), y_c.reshape(-1)))
+        _, (ce, correct) = jax.lax.scan(lambda _, xs: (None, one(*xs)), None, (h, y))
+        back = lambda z: z.reshape(-1, rows, k).transpose(1, 0, 2).reshape(rows, -1)[:, :t // splits].reshape(b, t)  # noqa: E731
+        return back(ce), back(correct)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1).astype(jnp.int32)

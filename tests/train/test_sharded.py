@@ -17,13 +17,17 @@ def single(assets, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mesh", [("1", "8", "1"), pytest.param(("2", "2", "2"), marks=pytest.mark.slow), pytest.param(("1", "2", "4"), marks=pytest.mark.slow)],
-                         ids=["fsdp8", "dp2_fsdp2_tp2", "fsdp2_tp4"])
+@pytest.mark.parametrize("mesh", [("1", "2", "2", "2", "1"), pytest.param(("1", "8", "1", "1", "1"), marks=pytest.mark.slow),
+                                  pytest.param(("2", "2", "1", "2", "1"), marks=pytest.mark.slow),
+                                  pytest.param(("1", "2", "4", "1", "1"), marks=pytest.mark.slow)],
+                         ids=["fsdp2_context2_tp2", "fsdp8", "dp2_fsdp2_tp2", "fsdp2_tp4"])
 def test_sharded_run_equals_single_device(assets, single, tmp_path, mesh):
+    """The default run has the mesh with every kind of split: the sequence over context (packed rows of 16 tokens
+    in 4 chunks), the batch and the weights over fsdp, heads and MLP widths over tensor."""
     out = tmp_path / "run"
-    data, fsdp, tensor = mesh
-    cli(lm_args(assets, out, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
-                       "train.grad_accum=2", "adapter.variant=dora"), devices=8)
+    data, fsdp, tensor, context, balanced = mesh
+    cli(lm_args(assets, out, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"mesh.context={context}",
+                f"mesh.context_balance={bool(int(balanced))}", "train.grad_accum=2", "adapter.variant=dora"), devices=8)
     ref, got = losses(single), losses(out)
     assert len(ref) == len(got) == 6
     assert_close(got, ref, 2e-5)
