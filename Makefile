@@ -111,7 +111,7 @@ $(VENV)/.llama-cpp: | $(LCP_SDIST) $(VENV)/.test-deps
 llama-cpp: $(VENV)/.llama-cpp
 
 # XLA's TPU compiler (the libtpu wheel jax[tpu] pins), for TPU memory figures compiled on this machine
-# without a TPU (bench/bench_long_context.py --tpu); never imported by the library.
+# without a TPU (python -m train --plan, bench/bench_long_context.py --tpu); never imported by the library.
 LIBTPU     := .cache/libtpu
 LIBTPU_WHL := libtpu-0.0.42.1-cp311-cp311-manylinux_2_31_x86_64.whl
 LIBTPU_SHA := 4d9975c446f594b0b517510b3db2fc9df65acd9a08f253c638fff5eb6bce163e
@@ -147,10 +147,10 @@ test: $(VENV)/.test-deps assets
 
 # The slow tests alone (CI runs them after `make test`): every case of the matrices the default run samples,
 # the real-model and whole-pipeline runs.
-test-slow: $(VENV)/.test-deps assets $(SOTU) $(VENV)/.llama-cpp
+test-slow: $(VENV)/.test-deps assets $(SOTU) $(VENV)/.llama-cpp $(LIBTPU)/libtpu
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
-test-all: $(VENV)/.test-deps assets $(SOTU) $(VENV)/.llama-cpp
+test-all: $(VENV)/.test-deps assets $(SOTU) $(VENV)/.llama-cpp $(LIBTPU)/libtpu
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)/.demo-deps $(RT)

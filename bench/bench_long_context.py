@@ -14,7 +14,12 @@ libtpu`` fetches the pinned wheel into ``.cache/libtpu``): bf16 stays bf16 there
 and their temporaries to f32, so the CPU figures overstate an accelerator's), and ``remat="offload"``
 really moves the layer inputs to host memory.
 
+With ``--slice v5p-8`` the training app's own step is compiled for a whole slice (``python -m train --plan``'s
+function, ``train.topology.compile_plan``) with the sequence split over its chips (context parallelism), and the
+longest sequence that fits a chip's HBM is searched with and without offload.
+
     python bench/bench_long_context.py [--quick] [--budget-gib 80] [--tpu v5p] [--json out.json]
+    python bench/bench_long_context.py --slice v5p-8 [--lengths 262144,1048576] [--no-search] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import sys
 import time
 
 LIBTPU = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "libtpu"
-if "--tpu" in sys.argv:  # before jax is imported: the CPU stays the default backend, XLA:TPU only compiles
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the train app (--slice)
+if "--tpu" in sys.argv or "--slice" in sys.argv:  # before jax is imported: the CPU stays the default backend,
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # XLA:TPU only compiles
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     sys.path.insert(0, str(LIBTPU))
 
@@ -116,12 +122,16 @@ def _step_compiled(config: dict, variant: str, program: str, seq: int) -> tuple[
 
 
 def _longest(config: dict, variant: str, program: str, budget: int, lo: int, hi: int, step: int) -> int:
-    """The longest multiple of ``step`` whose step fits ``budget`` bytes: a bracketing search that guesses by
-    interpolation (the bytes are close to linear in the length), every other guess a halving, so a curve
-    that bends costs at most twice a binary search."""
-    size = lambda n: _step(config, variant, program, n)[0]  # noqa: E731
+    """The longest multiple of ``step`` whose step fits ``budget`` bytes (see ``_search``)."""
     # XLA:TPU aborts (a failed check, no exception) compiling arrays of 2^31 elements or more: [T, d] caps T.
     cap = ((2**31 - 1) // config["hidden_size"]) // step * step if DEVICE is not None else 1 << 40
+    return _search(lambda n: _step(config, variant, program, n)[0], budget, lo, hi, step, cap, f"{variant} {program}")
+
+
+def _search(size, budget: int, lo: int, hi: int, step: int, cap: int, what: str) -> int:
+    """The longest multiple of ``step`` up to ``cap`` whose ``size(n)`` fits ``budget`` bytes: a bracketing search
+    that guesses by interpolation (the bytes are close to linear in the length), every other guess a halving, so a
+    curve that bends costs at most twice a binary search."""
     lo, hi = min(lo, cap), min(hi, cap)
     b_lo = size(lo)
     if b_lo > budget:
@@ -129,7 +139,7 @@ def _longest(config: dict, variant: str, program: str, budget: int, lo: int, hi:
     b_hi = size(hi)
     while b_hi <= budget:  # extend the bracket by linear extrapolation, at least doubling
         if hi >= cap:
-            print(f"  {variant} {program}: fits at {hi:,} tokens, the longest XLA:TPU compiles ([T, d] < 2^31)")
+            print(f"  {what}: fits at {hi:,} tokens, the longest XLA:TPU compiles (arrays < 2^31 elements)")
             return hi
         guess = hi + (budget - b_hi) * (hi - lo) // max(b_hi - b_lo, 1)
         lo, b_lo, hi = hi, b_hi, min(cap, max(2 * hi, guess // step * step + step))
@@ -183,6 +193,56 @@ def _speed(rounds: int) -> list[tuple[int, float, float]]:
     return out
 
 
+def _slice(a: argparse.Namespace) -> None:
+    """``--slice v5p-8``: the training app's own step (``train --plan``'s ``compile_plan``) for Llama-3.1-8B's shape,
+    QLoRA r=32 on all 7 projections, batch 1, bf16, the sequence over all the slice's chips (``mesh.context``):
+    per-chip bytes at the table's lengths and the longest sequence that fits a chip's HBM, with and without
+    offloading the layer inputs."""
+    import tempfile
+
+    from train.config import load
+    from train.topology import compile_plan, topology
+
+    chip, _, chips = topology(a.slice)
+    d = pathlib.Path(tempfile.mkdtemp(prefix="llama8b-"))
+    transformers.LlamaConfig(**LLAMA_8B, rope_theta=500000.0, rms_norm_eps=1e-5).save_pretrained(d)
+    (d / "lm.jsonl").write_text('{"text": "unused: --plan reads no data"}\n')
+    base = [f"model.path={d}", f"data.source={d / 'lm.jsonl'}", "quant.kind=nf4", "quant.block_size=64", "adapter.r=32",
+            "adapter.alpha=64", r"adapter.targets=layers/(attn|mlp)/\w+_proj", "train.batch_size=1", "mesh.fsdp=1",
+            f"mesh.context={chips}", "model.compute_dtype=bfloat16", "model.param_dtype=bfloat16", "model.mlp_chunk=2048",
+            "model.loss_chunk=1024", "model.attention=flash"]
+    figures = {}
+
+    def plan(remat: str, seq: int) -> dict:
+        if (remat, seq) not in figures:
+            info = compile_plan(load(None, base + [f"model.remat={remat}", f"data.seq_len={seq}"]), a.slice)
+            figures[remat, seq] = info
+            dev = info["device_total"]
+            print(f"{a.slice} {remat:7s} {seq:>9,} tokens: "
+                  + (f"{dev / GIB:7.2f} GiB per chip" if dev is not None else "refused by XLA:TPU")
+                  + (f", {info['host'] / GIB:.2f} on host" if info.get("host") else "")
+                  + f" ({'fits' if info['fits'] else 'does not fit'} {chip.hbm / GIB:g} GiB)", flush=True)
+        info = figures[remat, seq]
+        return info["device_total"] if info["fits"] or info["device_total"] else 1 << 62
+
+    lengths = tuple(int(x) for x in a.lengths.split(",")) if a.lengths else (262144, 1048576)
+    for remat in ("nested", "offload"):
+        for seq in lengths:
+            plan(remat, seq)
+    step = 8 * 4096  # a multiple of 2 chunks per chip and of the attention blocks
+    cap = min(chips * (2**31 - 1) // LLAMA_8B["hidden_size"],  # each chip's [T/chips, d] and the gathered [T, kv heads x 128]
+              (2**31 - 1) // (LLAMA_8B["num_key_value_heads"] * 128)) // step * step
+    longest = {}
+    if not a.no_search:
+        for remat in ("nested", "offload"):
+            longest[remat] = _search(lambda n, r=remat: plan(r, n), chip.hbm, lengths[0], lengths[-1], step, cap,
+                                     f"{a.slice} {remat}")
+            print(f"{a.slice}, remat {remat}: the longest sequence that fits is {longest[remat]:,} tokens", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"plans": [v | {"remat": k[0]} for k, v in figures.items()], "longest": longest}, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 2-layer model of the same width, no binary search")
@@ -196,7 +256,11 @@ def main() -> None:
     ap.add_argument("--lengths", help="comma-separated sequence lengths of the table (default: 1k to 256k)")
     ap.add_argument("--variants", default="qlora,lora")
     ap.add_argument("--programs", help="comma-separated subset of " + ",".join(PROGRAMS))
+    ap.add_argument("--slice", help="the app's step (train --plan) on this TPU slice (v5p-8, ...), the sequence over "
+                    "its chips: per-chip bytes and the longest sequence that fits (needs make libtpu)")
     a = ap.parse_args()
+    if a.slice:
+        return _slice(a)
     global DEVICE
     if a.tpu:
         from jax.experimental import topologies

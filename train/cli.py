@@ -1,5 +1,5 @@
-"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--resume]
-[--force-base]``;
+"""Command line: ``python -m train --config configs/NAME.yaml [--set key=value ...] [--dry-run] [--plan TOPOLOGY]
+[--resume] [--force-base]``;
 ``python -m train export --checkpoint RUN_DIR --format merged|peft --out DIR`` (see ``train.export``);
 ``python -m train report RUN_DIR [RUN_DIR ...]`` (figures and a page, see ``train.report``);
 ``python -m train eval --checkpoint RUN_DIR --harness TASKS`` (lm-evaluation-harness, see ``train.evaluate``).
@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a config field, e.g. --set train.steps=10 --set adapter.r=4 (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (model, mesh, parameters, bytes per "
                     "device, steps, tokens) and exit without training")
+    ap.add_argument("--plan", metavar="TOPOLOGY", help="compile the run's train step for a TPU slice without one "
+                    "(v5p-8, v5e-16, v6e-8, ...: train.topology) and print per chip what it holds against the "
+                    "chip's memory, whether it fits, and the step's FLOPs; needs make libtpu")
     ap.add_argument("--resume", action="store_true", default=None,
                     help="continue from the output dir's latest checkpoint (automatic when one exists)")
     ap.add_argument("--fresh", dest="resume", action="store_false",
@@ -42,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         sub = __import__(f"train.{'evaluate' if argv[0] == 'eval' else argv[0]}", fromlist=["main"])
         return _guarded(lambda: sub.main(argv[1:]), "--debug" in argv)
     args = _parser().parse_args(argv)
+    if args.plan:
+        from train.topology import prepare_libtpu
+
+        prepare_libtpu()  # before jax is imported
     from train.checkpoint import CheckpointMismatch
     from train.config import ConfigError, load
     from train.plan import dry_run
@@ -49,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load(args.config, args.set)
+        if args.plan:
+            from train.topology import compile_plan, format_compile_plan
+
+            print(format_compile_plan(compile_plan(cfg, args.plan)), flush=True)
+            return 0
         if args.dry_run:
             dry_run(cfg)
             return 0

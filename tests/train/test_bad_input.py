@@ -205,6 +205,28 @@ def _case_eva_rslora(assets, tmp_path):
     return lm_args(assets, tmp_path / "o", "adapter.init=eva", "adapter.rslora=true"), r"adapter.rslora: eva with rsLoRA"
 
 
+def _case_plan_unknown_topology(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "--plan", "v5p-6"), r"--plan: unknown topology 'v5p-6'; known: v5p-8, .*v6e-8"
+
+
+def _case_plan_gpu(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "--plan", "h100-8"), r"unknown topology 'h100-8'.*GPUs are not offered"
+
+
+def _case_plan_mesh_larger_than_slice(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "--plan", "v5p-8", "mesh.fsdp=2", "mesh.context=4"), \
+        r"mesh: data=1 x fsdp=2 x context=4 x tensor=1 needs 8 chips; v5p-8 has 4"
+
+
+def _case_context_does_not_divide_the_sequence(assets, tmp_path):
+    return lm_args(assets, tmp_path / "o", "mesh.context=4", "data.seq_len=20"), \
+        r"data.seq_len: 20 must be a multiple of 8 with mesh.context=4 \(balanced"
+
+
+def _case_context_of_a_classifier(assets, tmp_path):
+    return cls_args(assets, tmp_path / "o", "mesh.context=2"), r"mesh.context: splits a causal LM's sequence"
+
+
 CASES = {k[6:]: v for k, v in globals().items() if k.startswith("_case_")}
 
 
