@@ -38,6 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the trai
 if "--tpu" in sys.argv or "--slice" in sys.argv:  # before jax is imported: the CPU stays the default backend,
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # XLA:TPU only compiles
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: processes may share libtpu
     sys.path.insert(0, str(LIBTPU))
 
 import jax

@@ -33,6 +33,7 @@ LIBTPU = Path(__file__).resolve().parents[1] / ".cache" / "libtpu"
 if "--tpu" in sys.argv:  # before jax is imported: the CPU stays the default backend, XLA:TPU only compiles
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: processes may share libtpu
     sys.path.insert(0, str(LIBTPU))
 
 import jax

@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorax_variants.hf.gguf_export import FILE_TYPES
+from lorax_variants.hf.peft_experts import EXPERT_FORMS
+
 __all__ = ["main", "export", "restored_run"]
 
 
@@ -163,9 +166,9 @@ def main(argv: list[str]) -> Any:
     ap.add_argument("--adapter", help="many adapters: the one to export (merged: required; peft: default all, "
                                       "one directory each)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="merged: weight dtype")
-    ap.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+    ap.add_argument("--gguf-type", default="f16", choices=list(FILE_TYPES),
                     help="gguf: the weight matrices' type (vectors and norms stay f32)")
-    ap.add_argument("--experts", default="fused", choices=["fused", "per_expert"],
+    ap.add_argument("--experts", default="fused", choices=list(EXPERT_FORMS),
                     help="peft, mixture-of-experts adapters: PEFT's target_parameters on the fused experts, or one LoRA "
                          "module per expert (vLLM's MoE LoRA layout)")
     ap.add_argument("--force-base", action="store_true", help="export even if model.path now holds other weights "

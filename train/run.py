@@ -351,7 +351,7 @@ def _eval(p: Prepared, fns: Any, trainable: Any, frozen: Any) -> dict[str, float
         out = jax.device_get(fns.eval(trainable, frozen, arrays))
         sums = {k: sums.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
 
-    pairs = cfg.train.objective != "sft"
+    pairs = cfg.train.objective in ("dpo", "ipo", "simpo")
 
     def metrics(loss_sum: Any, count: Any, correct: Any, chosen: Any = 0.0, rejected: Any = 0.0) -> dict[str, float]:
         n = max(float(count), 1.0)

@@ -84,6 +84,7 @@ def prepare_libtpu() -> None:
     (``make libtpu``'s ``.cache/libtpu``, else an installed ``libtpu``) is importable."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: not on a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to guard: compilers may run side by side
     if (LIBTPU / "libtpu").is_dir() and str(LIBTPU) not in sys.path:
         sys.path.insert(0, str(LIBTPU))
 
@@ -96,7 +97,12 @@ def _devices(chip: Chip, xla_name: str) -> list[Any]:
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError("--plan needs XLA's TPU compiler: run `make libtpu` (the pinned wheel into .cache/libtpu) "
                           "or pip install libtpu==0.0.42.1")
-    return list(topologies.get_topology_desc(topology_name=xla_name, platform="tpu").devices)
+    dims = [int(x) for x in xla_name.split(":")[1].split("x")]
+    dims += [1] * (3 - len(dims))
+    kw = {}
+    if dims[0] * dims[1] * dims[2] <= (4 if chip.generation == "v5p" else 8):  # one host holds the whole slice
+        kw["chips_per_host_bounds"] = tuple(dims)
+    return list(topologies.get_topology_desc(topology_name=xla_name, platform="tpu", **kw).devices)
 
 
 def _batch(cfg: Config, micro: int) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -165,11 +171,11 @@ def compile_plan(cfg: Config, name: str) -> dict[str, Any]:
         text = str(e)
         if "memory" not in text.lower() and "RESOURCE_EXHAUSTED" not in text:
             raise
-        m = re.search(r"([\d.]+)([GM])\b.*?(?:of|exceeds).*?([\d.]+)([GM])", text)
         info |= {"fits": False, "compiler_error": text.splitlines()[0][:500], "device_total": None}
-        if m:
-            unit = lambda v, u: float(v) * (GIB if u == "G" else 2**20)  # noqa: E731
-            info["device_total"] = int(unit(m[1], m[2]))
+        m = re.search(r"\(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)", text)
+        if m:  # XLA's own figures: what the program needs, what the chip offers it
+            unit = lambda v, u: int(float(v) * {"K": 2**10, "M": 2**20, "G": GIB}[u])  # noqa: E731
+            info |= {"device_total": unit(m[1], m[2]), "available": unit(m[3], m[4])}
         return info | {"suggestions": _suggest(cfg, info)}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -261,6 +267,7 @@ def format_compile_plan(info: dict[str, Any]) -> str:
     if info["fits"]:
         lines.append(f"fits: {g(info['hbm'] - info['device_total'])} to spare per chip")
     else:
-        over = "" if info["device_total"] is None else f" by {g(info['device_total'] - info['hbm'])}"
+        over = "" if info["device_total"] is None else \
+            f" by {g(info['device_total'] - info.get('available', info['hbm']))}"
         lines.append(f"does not fit{over}; try: " + "; ".join(info["suggestions"]))
     return "\n".join(lines)

@@ -184,7 +184,7 @@ class GGUFTensors(Mapping):
         for template in hf_names:
             for name in ([template.format(e=e) for e in range(c.moe.num_experts)] if "{e}" in template else [template]):
                 # an expert's weight is one slice of llama.cpp's stacked [E, out, in] tensor of the layer
-                stacked, e = re.sub(r"\.experts\.(\d+)\.", ".experts.", name), _expert_index(name)
+                stacked, e = expert_split(name)
                 theirs = tmap.get_name(stacked, try_suffixes=(".weight", ".bias"))
                 if theirs in by_name:
                     self._tensors[name] = (by_name[theirs], e)
@@ -224,9 +224,11 @@ class GGUFTensors(Mapping):
         return len(self._tensors)
 
 
-def _expert_index(name: str) -> int | None:
+def expert_split(name: str) -> tuple[str, int | None]:
+    """``...experts.<e>.<proj>.weight`` -> (``...experts.<proj>.weight``, e): an expert's name and the name of
+    llama.cpp's stacked tensor of its layer's experts; other names as they are, with None."""
     m = re.search(r"\.experts\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
+    return (name, None) if m is None else (name[:m.start()] + ".experts." + name[m.end():], int(m.group(1)))
 
 
 def from_gguf(path: str | os.PathLike, dtype: Any = None, *, remat: str = "none", scan: bool = True,

@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ import jax
 import numpy as np
 
 from lorax_variants.hf.convert import to_hf
-from lorax_variants.hf.gguf import ARCHITECTURES, NORM_SHIFT, tensor_name_map
+from lorax_variants.hf.gguf import ARCHITECTURES, NORM_SHIFT, expert_split, tensor_name_map
 from lorax_variants.hf.peft import _adapter_nodes, _module_list
 from lorax_variants.hf.safetensors_io import atomic_file
 from lorax_variants.ops import as_lora, merge, one_adapter
@@ -401,11 +400,11 @@ def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out: dict[str, Any] = {}
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, x in tensors.items():
-        m = re.search(r"\.experts\.(\d+)\.", name)
-        if m is None:
+        stacked, e = expert_split(name)
+        if e is None:
             out[name] = x
         else:
-            stacks.setdefault(name[:m.start()] + ".experts." + name[m.end():], {})[int(m.group(1))] = x
+            stacks.setdefault(stacked, {})[e] = x
     for name, by_expert in stacks.items():
         out[name] = np.stack([np.asarray(by_expert[e], np.float32) for e in range(len(by_expert))])
     return out

@@ -68,16 +68,19 @@ def per_expert(path: str, n: Any, template: str) -> tuple[Any, tuple[str, ...]]:
     ``block_sparse_moe.experts.<e>.w1``), layer-major as ``from_per_expert`` reads them."""
     _lora_only(path, n)
     L, E = n.lora_a.shape[:2]
-    flat = n.replace(lora_a=n.lora_a.reshape(L * E, *n.lora_a.shape[2:]), lora_b=n.lora_b.reshape(L * E, *n.lora_b.shape[2:]))
-    return flat, tuple(template.format(i=i, e=e) for i in range(L) for e in range(E))
+    return _flat(n), tuple(template.format(i=i, e=e) for i in range(L) for e in range(E))
 
 
 def from_per_expert(n: Any, fill: Any) -> Any:
     """``fill(flat)`` on the bank's node with its [L, E] axes as one (see ``per_expert``), shaped back."""
-    L, E = n.lora_a.shape[:2]
-    flat = fill(n.replace(lora_a=n.lora_a.reshape(L * E, *n.lora_a.shape[2:]),
-                          lora_b=n.lora_b.reshape(L * E, *n.lora_b.shape[2:])))
+    flat = fill(_flat(n))
     return n.replace(lora_a=flat.lora_a.reshape(n.lora_a.shape), lora_b=flat.lora_b.reshape(n.lora_b.shape))
+
+
+def _flat(n: Any) -> Any:
+    """A bank's LoRA node with its factors' [L, E] axes as one axis of L·E modules (layer-major)."""
+    L, E = n.lora_a.shape[:2]
+    return n.replace(lora_a=n.lora_a.reshape(L * E, *n.lora_a.shape[2:]), lora_b=n.lora_b.reshape(L * E, *n.lora_b.shape[2:]))
 
 
 def export_experts(model: Any, nodes: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
