@@ -203,6 +203,16 @@ def build(cfg: Config, *, num_labels: int | None = None, abstract: bool = False,
     return _place(model, spec, quant, mesh, mask, adapted, extra, counts, abstract)
 
 
+def micro_batch(cfg: Config, mesh: Any) -> int:
+    """Rows per micro-batch; refused unless they split over the mesh's data x fsdp devices."""
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % split:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} = {micro} "
+                          f"rows per micro-batch must be divisible by mesh data x fsdp = {split}")
+    return micro
+
+
 def _quant_split(model: Any, spec: lv.AdapterSpec | None, quant: lv.QuantSpec | None,
                        late: bool = False) -> tuple[lv.QuantSpec | None, lv.QuantSpec | None]:
     """``(quantized as read, quantized after adapting)``. An init that reads the full-precision weights

@@ -32,7 +32,8 @@ from lorax_variants.recipes import recipe
 from lorax_variants.sharding import state_shardings, to_host
 from lorax_variants.tree import leaves_with_paths
 from train import checkpoint as ckpt
-from train.build import Built, build, check_positions, init_distributed, load_tokenizer, model_dir, rebuild
+from train.build import (Built, build, check_positions, init_distributed, load_tokenizer, micro_batch, model_dir,
+                         rebuild)
 from train.config import Config, ConfigError, config_digest, import_function, to_dict
 from train.fingerprint import fingerprint
 from train.data import Batches, TokenData, eval_batches, load_data, load_routed, packing_efficiency
@@ -117,11 +118,7 @@ def _prepare(cfg: Config, abstract: bool) -> Prepared:
             raise ConfigError(f"model.num_labels={num_labels} but the data has {len(labels)} labels: {labels}")
     vocab = train.arrays["input_ids"].max()
     built = build(cfg, num_labels=num_labels, abstract=abstract, hf_config=hf_config)
-    split = built.mesh.shape["data"] * built.mesh.shape["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % split:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} = {micro} "
-                          f"rows per micro-batch must be divisible by mesh data x fsdp = {split}")
+    micro_batch(cfg, built.mesh)
     model_vocab = getattr(built.model.config, "vocab_size", None)
     if model_vocab is not None and vocab >= model_vocab:
         raise ConfigError(f"model.path: the tokenizer produced token id {vocab}, beyond the model's vocab_size "

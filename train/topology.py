@@ -129,7 +129,7 @@ def compile_plan(cfg: Config, name: str) -> dict[str, Any]:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from lorax_variants.hf.auto import model_config
-    from train.build import build, model_dir
+    from train.build import build, micro_batch, model_dir
     from train.plan import _device_bytes
     from train.run import Prepared, _steps, _with_optimizer
 
@@ -143,11 +143,7 @@ def compile_plan(cfg: Config, name: str) -> dict[str, Any]:
     hf_config = model_config(model_dir(cfg))
     devices = _devices(chip, xla_name)
     built = build(cfg, abstract=True, hf_config=hf_config, devices=devices)
-    split = built.mesh.shape["data"] * built.mesh.shape["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % split:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} = {micro} "
-                          f"rows per micro-batch must be divisible by mesh data x fsdp = {split}")
+    micro = micro_batch(cfg, built.mesh)
     p = _with_optimizer(Prepared(cfg, None, None, None, None, built, None, None, None), built)
     fns = _steps(p)
     mesh = built.mesh
