@@ -188,13 +188,15 @@ def test_every_shipped_config_plans(config, assets, tmp_path, capsys, monkeypatc
     text = config.read_text()
     if "models/llama" in text or "base: llama_example.yaml" in text:
         sets += [f"model.path={assets['llama']}", f"data.source={assets['lm']}", "data.prompt_field=null",
-                 "data.response_field=null", "data.seq_len=16", "mesh.data=1", "mesh.fsdp=1", "train.batch_size=8",
+                 "data.response_field=null", "data.seq_len=16", "mesh.data=1", "mesh.fsdp=1", "mesh.context=1", "train.batch_size=8",
                  "train.grad_accum=1", "quant.block_size=32"]
     elif "models/gpt2" in text:
         sets += [f"model.path={assets['gpt2']}", f"data.source={assets['lm']}", "data.format=auto", "data.seq_len=16"]
     elif "models/bert" in text or "base: bert_example.yaml" in text:
         sets += [f"model.path={assets['bert']}", f"data.source={assets['cls']}", "data.text_field=sentence",
                  "data.label_field=sentiment", "data.seq_len=12"]
+    if "r: 32" in text:  # the tiny Llama's k/v projections are 16 wide
+        sets += ["adapter.r=8"]
     if "objective: dpo" in text:  # preference pairs
         texts = H.lm_texts(120)
         rows = [{"prompt": texts[i], "chosen": " " + texts[i + 1], "rejected": " " + texts[i + 2]} for i in range(0, 120, 3)]
