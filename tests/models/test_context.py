@@ -1,5 +1,5 @@
 """Context parallelism (``models.context``): a sequence split over a ``context`` mesh axis, with fsdp and tensor
-axes beside it, gives the one-device loss and adapter gradients (packed rows, padding, sliding windows, GQA,
+axes beside it, gives the one-device loss, adapter gradients and logits (packed rows, padding, sliding windows, GQA,
 Qwen3's q/k norms, Gemma 3's local and global layers), and the tokens really are split over the devices."""
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ for name, meshes in cases.items():
         return jnp.sum(ce * keep)
 
     ref_l, ref_g = jax.jit(jax.value_and_grad(loss))(tr, fr)
+    real = seg != 0  # outputs at padding are not defined
+    logits = lambda: np.asarray(jax.jit(lambda t: model.apply(lv.combine(t, fr), ids, segment_ids=batch["segment_ids"]))(tr))[real]  # noqa: E731
+    ref_logits = logits()
     for m in meshes:
         shape = {k: v for k, v in m.items() if k != "balance"}
         model.context = ContextParallel(make_mesh(devices=jax.devices(), **shape), balance=m["balance"])
@@ -56,6 +59,7 @@ for name, meshes in cases.items():
             "loss": abs(float(l) - float(ref_l)) / abs(float(ref_l)),
             "grads": max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                          for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g))),
+            "logits": float(np.max(np.abs(logits() - ref_logits)) / np.max(np.abs(ref_logits))),  # in sequence order
             "nonzero": min(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(ref_g)),
             "local_tokens": h.sharding.shard_shape(h.shape)[1]}
         model.context = None
@@ -78,7 +82,7 @@ def _run(cases: dict) -> dict:
 
 def _check(got: dict) -> None:
     for case, r in got.items():
-        assert r["loss"] < 1e-5 and r["grads"] < 1e-5, (case, r)
+        assert r["loss"] < 1e-5 and r["grads"] < 1e-5 and r["logits"] < 1e-5, (case, r)
         assert r["nonzero"] > 0, case  # every adapter leaf has a gradient (the comparison is not of zeros)
         m = json.loads(case.split(" ", 1)[1].replace("'", '"').replace("True", "true").replace("False", "false"))
         assert r["local_tokens"] == 64 // m["context"], case  # each device holds its share of the tokens
