@@ -52,6 +52,7 @@ class ContextParallel:
         return 2 * self.size if self.balance else self.size
 
     def check(self, t: int, what: str = "sequence length") -> None:
+        """Refuse a length ``t`` that does not cut into this layout's chunks, naming ``what`` it is."""
         if t % self.chunks:
             raise ValueError(f"context parallelism over {self.size} devices (mesh axis {self.axis!r}"
                              + (", balanced: 2 chunks per device" if self.balance else "")
