@@ -342,6 +342,17 @@ def fig_long(a) -> None:
         for seq, before, after in got["speed"]:
             row("6 long", f"{where}: step at {seq} tokens, blockwise/chunked over dense", f"{after / before:.2f}x",
                 "<= 1.05", after / before <= 1.05)
+    if (ROOT / ".cache" / "libtpu" / "libtpu").is_dir() and not a.quick:  # the app's step on a slice (train --plan)
+        out = Path(tempfile.mkdtemp(prefix="slice-")) / "slice.json"
+        proc = subprocess.run([sys.executable, script, "--slice", "v5p-8", "--lengths", "1048576", "--no-search",
+                               "--json", str(out)], capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        for p in json.loads(out.read_text())["plans"]:
+            row("6 long", f"v5p-8, context 4, remat {p['remat']}: 1,048,576 tokens per chip",
+                "refused by XLA" if p["device_total"] is None else f"{p['device_total'] / 2**30:.1f} GiB", "<= 95 GiB",
+                bool(p["fits"]))
 
 
 FIGURES = ["peft", "flops", "memory", "fsdp", "compile", "merged", "long"]
