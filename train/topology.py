@@ -8,9 +8,9 @@ The mesh of the config (data x fsdp x context x tensor) is laid over the slice's
 program for the slice, from abstract shapes: nothing is read but config.json, nothing is allocated.
 
 Topologies: ``v5p-N`` (N TensorCores, N/2 chips, 95 GiB each), ``v5e-N`` and ``v6e-N`` (N chips, 16 and 32
-GiB), or XLA's own ``v5p:2x2x1`` form. GPUs: not offered. XLA:GPU compiles ahead of time only through the
-CUDA plugin, which needs CUDA's libraries and a device to initialize; the CPU machines this app is
-tested on have neither.
+GiB), or XLA's own ``v5p:2x2x1`` form. GPUs: not offered. XLA:GPU compiles only through JAX's CUDA plugin and
+CUDA's compiler libraries (gigabytes of nvidia wheels), which this app does not pin and the CPU machines it is
+tested on do not have; deviceless GPU compilation was not tried.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def topology(name: str) -> tuple[Chip, str, int]:
         return chip, name, chips
     gpu = re.fullmatch(r"(?i)(h100|h200|a100|b200|l4|gpu).*", name)
     raise ConfigError(f"--plan: unknown topology {name!r}; known: {_known()} (or XLA's form, e.g. v5p:2x2x1)"
-                      + ("; GPUs are not offered: XLA:GPU compiles only with CUDA's libraries and a device" if gpu else ""))
+                      + ("; GPUs are not offered: XLA:GPU compiles only with JAX's CUDA plugin and CUDA's libraries" if gpu else ""))
 
 
 def prepare_libtpu() -> None:
