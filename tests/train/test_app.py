@@ -130,6 +130,7 @@ def test_every_variant_trains(assets, tmp_path, variant):
         assert_close(model.apply(merged, ids), model.apply(tree, ids), 5e-4)
 
 
+@pytest.mark.slow  # CI's test-slow; the default run's Delta-LoRA run (test_export_cli.py) checks its base moved
 def test_delta_lora_changes_the_frozen_weights_and_lora_does_not(assets, tmp_path):
     from lorax_variants.hf import from_pretrained
 

@@ -48,8 +48,12 @@ def test_export_both_formats_from_a_run(assets, tmp_path, capsys, variant):
 
 
 def test_export_refusals(assets, tmp_path, capsys):
+    from lorax_variants.hf import from_pretrained
+
     run = tmp_path / "run"
-    train(lm_args(assets, run, "adapter.variant=delta_lora", "train.steps=2"))
+    res = train(lm_args(assets, run, "adapter.variant=delta_lora", "train.steps=2"))
+    w0 = np.asarray(from_pretrained(assets["llama"])[1]["layers"]["attn"]["q_proj"])
+    assert not np.allclose(np.asarray(res.frozen["layers"]["attn"]["q_proj"].weight), w0)  # Delta-LoRA moved W
     code, err = main(["export", "--checkpoint", str(run), "--format", "peft", "--out", str(tmp_path / "p")], capsys)
     assert code == 2 and "export the merged model instead" in err and "Traceback" not in err
     assert not (tmp_path / "p").exists()

@@ -27,8 +27,8 @@ VARIANTS = {"lora_dropout": ["adapter.dropout=0.1"], "dylora": ["adapter.variant
 
 # By default LoRA-drop (its selection resumed) and the SIGTERM case below (LoRA); dropout's RNG and the others in
 # CI's slow pass.
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=() if v == "lora_drop" else pytest.mark.slow)
-                                     for v in VARIANTS])
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])  # CI's test-slow; the
+# default run resumes after SIGTERM below
 def test_stop_and_resume_is_bit_identical(assets, tmp_path, variant, capsys):
     extra = ["train.steps=8", *(a.replace("LM_FILE", str(assets["lm"])) for a in VARIANTS[variant])]
     whole, split = tmp_path / "whole", tmp_path / "split"

@@ -39,6 +39,7 @@ def test_sharded_run_equals_single_device(assets, single, tmp_path, mesh):
         assert_close(b[k], a[k], 1e-4, err_msg=k)
 
 
+@pytest.mark.slow  # CI's test-slow; the default run shards frozen weights in tests/nodes/test_all_variants.py
 def test_frozen_weights_are_split_over_devices(assets, tmp_path):
     """The plan's per-device bytes (from eval_shape and the shardings, nothing allocated): frozen weights
     shrink 1/devices under FSDP, also when quantized; data parallelism replicates them."""
