@@ -88,12 +88,13 @@ def _check(got: dict) -> None:
         assert r["local_tokens"] == 64 // m["context"], case  # each device holds its share of the tokens
 
 
-def test_context_parallel_equals_one_device():
+@pytest.mark.slow  # CI's test-slow; the default run has context parallelism through the app (tests/train/test_sharded.py:
+def test_context_parallel_equals_one_device():  # Llama, packed rows, on fsdp 2 x context 2 x tensor 2)
     _check(_run({"gemma3": [MIXED]}))  # sliding and global layers, q/k norms, GQA, packed rows (remat and logits: slow)
 
 
-@pytest.mark.slow  # CI's test-slow; the default run has Gemma 3 on the mixed mesh here, Llama through the app
-def test_context_parallel_meshes():  # (tests/train/test_sharded.py)
+@pytest.mark.slow  # CI's test-slow
+def test_context_parallel_meshes():
     _check(_run({"llama_gqa_untied": [MIXED, ALL8, UNBALANCED], "qwen3_windows": [MIXED, ALL8, UNBALANCED],
                  "gemma3": [MIXED, ALL8, UNBALANCED], "mistral_window": [MIXED]}, full=True))
 

@@ -29,8 +29,9 @@ RUNS = {
 
 
 # The runs of the figure kinds only one variant draws (LoRA+'s rate groups, SoRA's active ranks, LoRA-drop's
-# importances): under `slow` (CI's `make test-slow`); the default run draws LoRA, DoRA, AdaLoRA and multi-task.
-SLOW = ("loraplus", "sora", "lora_drop")
+# importances, AdaLoRA's rank allocation): under `slow` (CI's `make test-slow`); the default run draws LoRA, DoRA and
+# multi-task.
+SLOW = ("loraplus", "sora", "lora_drop", "adalora")
 
 
 class _Runs(dict):
@@ -106,6 +107,7 @@ def test_loraplus_learning_rates_per_group(runs):
     assert rows[0]["lr"] < rows[-1]["lr"]  # the warmup the figure shows
 
 
+@pytest.mark.slow
 def test_adalora_rank_heatmap_and_budget(runs):
     run = runs["adalora"]
     assert {"rank_allocation.png", "rank_budget.png"} <= _figs(run)
@@ -180,7 +182,7 @@ def test_multitask_per_task_metrics(runs):
 
 
 def test_report_command_and_comparison_page(runs, tmp_path, capsys):
-    kinds = ("lora", "dora", "adalora")
+    kinds = ("lora", "dora")  # (AdaLoRA's run is under slow)
     dirs = [str(runs[k]) for k in kinds]
     code, err = main(["report", *dirs, "--out", str(tmp_path / "cmp")], capsys)
     assert code == 0, err
